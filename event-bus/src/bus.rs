@@ -1,0 +1,497 @@
+//! [`EventBus`]: the handle applications emit on, subscribe to and spawn
+//! listeners with.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::dead_letter::{DeadLetters, Store};
+use crate::envelope::Envelope;
+use crate::event::{Event, EventKind, KindSet};
+use crate::listener::{Listener, ListenerOptions};
+use crate::metrics::{BusExport, BusMetrics, KindCount};
+use crate::queue::{LagPolicy, Queue, WakeList, lock};
+use crate::runtime::{ListenerHandle, Runtime, ShutdownReport};
+use crate::subscription::Subscription;
+
+/// The default queue capacity of subscriptions and listeners.
+pub const DEFAULT_CAPACITY: usize = 1024;
+
+/// The default number of dead letters a bus keeps.
+pub const DEFAULT_DEAD_LETTER_CAPACITY: usize = 10_000;
+
+/// A typed domain-event bus.
+///
+/// `EventBus` is a cheap handle: clone it into every part of the application
+/// that emits. All clones share one bus. When the last handle is dropped the
+/// bus closes: subscriptions receive what is queued and then
+/// [`RecvError::Closed`](crate::RecvError::Closed), and listeners finish their
+/// queues and end.
+///
+/// See the [crate documentation](crate) for the delivery rules.
+pub struct EventBus<E: Event> {
+    shared: Arc<Shared<E>>,
+}
+
+/// Configures and builds an [`EventBus`].
+///
+/// # Examples
+///
+/// ```
+/// # use event_bus::{EventBus, Event, EventKind};
+/// # #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// # enum Kind { Ping }
+/// # impl EventKind for Kind {
+/// #     const ALL: &'static [Self] = &[Kind::Ping];
+/// #     fn index(self) -> usize { 0 }
+/// #     fn name(self) -> &'static str { "ping" }
+/// # }
+/// # #[derive(Debug)]
+/// # struct Ping;
+/// # impl Event for Ping { type Kind = Kind; fn kind(&self) -> Kind { Kind::Ping } }
+/// let bus = EventBus::<Ping>::builder()
+///     .capacity(4096)
+///     .dead_letter_capacity(100)
+///     .build();
+/// # drop(bus);
+/// ```
+pub struct Builder<E> {
+    capacity: usize,
+    dead_letter_capacity: usize,
+    _event: PhantomData<fn() -> E>,
+}
+
+impl<E: Event> Builder<E> {
+    /// The default queue capacity of every subscription and listener that
+    /// does not set its own. Default [`DEFAULT_CAPACITY`]; 0 is raised to 1.
+    #[must_use]
+    pub fn capacity(mut self, capacity: usize) -> Self {
+        self.capacity = capacity.max(1);
+        self
+    }
+
+    /// How many dead letters the bus keeps before evicting the oldest.
+    /// Default [`DEFAULT_DEAD_LETTER_CAPACITY`].
+    #[must_use]
+    pub fn dead_letter_capacity(mut self, capacity: usize) -> Self {
+        self.dead_letter_capacity = capacity;
+        self
+    }
+
+    /// Builds the bus.
+    pub fn build(self) -> EventBus<E> {
+        let kinds = E::Kind::ALL.len();
+        let names: Vec<&'static str> = E::Kind::ALL.iter().map(|k| k.name()).collect();
+        let shared = Shared {
+            router: Mutex::new(Router {
+                sequence: 0,
+                closed: false,
+                routes: (0..kinds).map(|_| Vec::new()).collect(),
+                queues: Vec::new(),
+            }),
+            interested: (0..kinds).map(|_| AtomicUsize::new(0)).collect(),
+            emitted: (0..kinds).map(|_| AtomicU64::new(0)).collect(),
+            rejected: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+            handles: AtomicUsize::new(1),
+            capacity: self.capacity,
+            next_queue_id: AtomicU64::new(0),
+            runtime: Runtime::new(),
+            dead_letters: Arc::new(Store::new(self.dead_letter_capacity)),
+            export: BusExport::new(&names),
+        };
+        EventBus {
+            shared: Arc::new(shared),
+        }
+    }
+}
+
+impl<E> Default for Builder<E> {
+    fn default() -> Self {
+        Self {
+            capacity: DEFAULT_CAPACITY,
+            dead_letter_capacity: DEFAULT_DEAD_LETTER_CAPACITY,
+            _event: PhantomData,
+        }
+    }
+}
+
+impl<E> Clone for Builder<E> {
+    fn clone(&self) -> Self {
+        Self {
+            capacity: self.capacity,
+            dead_letter_capacity: self.dead_letter_capacity,
+            _event: PhantomData,
+        }
+    }
+}
+
+impl<E> fmt::Debug for Builder<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Builder")
+            .field("capacity", &self.capacity)
+            .field("dead_letter_capacity", &self.dead_letter_capacity)
+            .finish()
+    }
+}
+
+impl<E: Event> EventBus<E> {
+    /// A bus with the default settings.
+    pub fn new() -> Self {
+        Builder::default().build()
+    }
+
+    /// A [`Builder`] to configure a bus.
+    pub fn builder() -> Builder<E> {
+        Builder::default()
+    }
+
+    /// Emits `event` to every subscription and listener interested in its
+    /// kind.
+    ///
+    /// Never blocks, never fails and never runs a handler on the caller's
+    /// stack: it queues one shared `Arc<Envelope<E>>` for each interested
+    /// subscriber and wakes those that wait, in O(interested subscribers).
+    /// An event nobody is interested in costs a counter increment.
+    ///
+    /// A full queue is handled by its [`LagPolicy`]: the oldest event is
+    /// dropped and counted, or, under `Backpressure`, the event is queued past
+    /// the capacity and counted as overflowed (use [`emit_wait`] to wait for
+    /// room instead). After [`shutdown`] the event is counted as rejected.
+    ///
+    /// [`emit_wait`]: EventBus::emit_wait
+    /// [`shutdown`]: EventBus::shutdown
+    pub fn emit(&self, event: E) {
+        let kind = event.kind().index();
+        if !self.shared.accept(kind) {
+            return;
+        }
+        let envelope = Arc::new(Envelope::new(event));
+        self.shared.deliver(kind, envelope, &[]);
+    }
+
+    /// Emits `event`, first waiting for room in every interested subscriber
+    /// whose policy is [`LagPolicy::Backpressure`].
+    ///
+    /// Subscribers under `DropOldest` are served as by [`emit`](EventBus::emit).
+    /// If the bus shuts down while this waits, the event is still delivered to
+    /// whoever remains open.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future before it completes emits nothing and releases any
+    /// room it had reserved.
+    pub async fn emit_wait(&self, event: E) {
+        let kind = event.kind().index();
+        if !self.shared.accept(kind) {
+            return;
+        }
+        let envelope = Arc::new(Envelope::new(event));
+        let waiting_on: Vec<Arc<Queue<E>>> = lock(&self.shared.router).routes[kind]
+            .iter()
+            .filter(|queue| queue.permits.is_some())
+            .cloned()
+            .collect();
+        // Queues are in id order, so concurrent callers reserve in the same
+        // order and cannot deadlock.
+        let mut reserved = Vec::with_capacity(waiting_on.len());
+        for queue in &waiting_on {
+            if let Some(permits) = &queue.permits {
+                // A closed queue has no room to wait for; skip it.
+                if let Ok(permit) = permits.acquire().await {
+                    reserved.push((queue.id, permit));
+                }
+            }
+        }
+        let reserved: Vec<u64> = reserved
+            .into_iter()
+            .map(|(id, permit)| {
+                permit.forget();
+                id
+            })
+            .collect();
+        self.shared.deliver(kind, envelope, &reserved);
+    }
+
+    /// Subscribes to the kinds in `interests`, with the bus's default
+    /// capacity and [`LagPolicy::DropOldest`].
+    ///
+    /// The subscription receives every event of those kinds emitted after
+    /// this call, in emit order. Dropping it unsubscribes.
+    pub fn subscribe(&self, interests: impl Into<KindSet<E::Kind>>) -> Subscription<E> {
+        self.subscribe_with(interests, self.shared.capacity, LagPolicy::DropOldest)
+    }
+
+    /// Subscribes with an explicit queue `capacity` (0 is raised to 1) and
+    /// lag `policy`.
+    pub fn subscribe_with(
+        &self,
+        interests: impl Into<KindSet<E::Kind>>,
+        capacity: usize,
+        policy: LagPolicy,
+    ) -> Subscription<E> {
+        let queue = self
+            .shared
+            .register(None, interests.into(), capacity, policy);
+        Subscription::new(queue, self.shared.clone())
+    }
+
+    /// Spawns `listener` on the current tokio runtime with default
+    /// [`ListenerOptions`].
+    ///
+    /// # Panics
+    ///
+    /// When called outside a tokio runtime, as [`tokio::spawn`] does.
+    pub fn spawn<L: Listener<E>>(&self, listener: L) -> ListenerHandle<E> {
+        self.spawn_with(listener, ListenerOptions::new())
+    }
+
+    /// Spawns `listener` with `options`.
+    ///
+    /// The listener's queue is registered before this returns, so it receives
+    /// every event of interest emitted afterwards.
+    ///
+    /// # Panics
+    ///
+    /// When called outside a tokio runtime, as [`tokio::spawn`] does.
+    pub fn spawn_with<L: Listener<E>>(
+        &self,
+        listener: L,
+        options: ListenerOptions,
+    ) -> ListenerHandle<E> {
+        let queue = self.shared.register(
+            Some(listener.name().into()),
+            listener.interests(),
+            options.capacity.unwrap_or(self.shared.capacity),
+            options.lag_policy,
+        );
+        crate::runtime::spawn(&self.shared, queue, listener, options)
+    }
+
+    /// Waits until every listener's queue is empty and no handler is running.
+    ///
+    /// Events that handlers emit while the bus settles are waited for too, so
+    /// a chain of listeners is followed to its end. Tests and demos wait on
+    /// this instead of sleeping. Subscriptions are not listeners and are not
+    /// waited for. A listener that never finishes its event keeps this
+    /// pending: wrap it in [`tokio::time::timeout`] to bound the wait.
+    pub async fn quiesce(&self) {
+        self.shared.quiesce().await;
+    }
+
+    /// Shuts the bus down: stops accepting events, lets every listener drain
+    /// its queue until `deadline` has passed, then stops the rest and reports.
+    ///
+    /// After this starts, `emit` counts events as rejected and subscriptions
+    /// end once their queues are empty. Calling it again reports again.
+    pub async fn shutdown(&self, deadline: Duration) -> ShutdownReport {
+        self.shared.shutdown(deadline).await
+    }
+
+    /// Whether the bus has been shut down.
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::Acquire)
+    }
+
+    /// A snapshot of the bus's counters.
+    pub fn metrics(&self) -> BusMetrics {
+        let emitted_by_kind: Vec<KindCount> = E::Kind::ALL
+            .iter()
+            .zip(self.shared.emitted.iter())
+            .map(|(kind, count)| KindCount {
+                event: kind.name(),
+                emitted: count.load(Ordering::Relaxed),
+            })
+            .collect();
+        BusMetrics {
+            emitted: emitted_by_kind.iter().map(|k| k.emitted).sum(),
+            emitted_by_kind,
+            rejected: self.shared.rejected(),
+            dead_letters_evicted: self.shared.dead_letters.evicted(),
+            listeners: self.shared.runtime.metrics(),
+        }
+    }
+
+    /// The dead letters of this bus's listeners.
+    pub fn dead_letters(&self) -> DeadLetters<E> {
+        DeadLetters::new(self.shared.dead_letters.clone())
+    }
+}
+
+impl<E: Event> Default for EventBus<E> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<E: Event> Clone for EventBus<E> {
+    fn clone(&self) -> Self {
+        self.shared.handles.fetch_add(1, Ordering::Relaxed);
+        Self {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<E: Event> Drop for EventBus<E> {
+    fn drop(&mut self) {
+        if self.shared.handles.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.shared.close();
+        }
+    }
+}
+
+impl<E: Event> fmt::Debug for EventBus<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventBus")
+            .field("capacity", &self.shared.capacity)
+            .field("closed", &self.is_closed())
+            .finish_non_exhaustive()
+    }
+}
+
+/// State shared by the bus handles, subscriptions and listener tasks.
+pub(crate) struct Shared<E: Event> {
+    pub(crate) router: Mutex<Router<E>>,
+    /// Per kind: how many queues want it. Read without the lock so that an
+    /// event nobody wants costs no lock and no allocation.
+    interested: Box<[AtomicUsize]>,
+    emitted: Box<[AtomicU64]>,
+    rejected: AtomicU64,
+    closed: AtomicBool,
+    handles: AtomicUsize,
+    capacity: usize,
+    next_queue_id: AtomicU64,
+    pub(crate) runtime: Runtime<E>,
+    pub(crate) dead_letters: Arc<Store<E>>,
+    export: BusExport,
+}
+
+/// Routing table and emit order, under one lock: holding it while an event is
+/// numbered and queued gives every queue the same order.
+pub(crate) struct Router<E: Event> {
+    pub(crate) sequence: u64,
+    closed: bool,
+    /// Per kind: the queues interested in it, in id order.
+    routes: Box<[Vec<Arc<Queue<E>>>]>,
+    queues: Vec<Arc<Queue<E>>>,
+}
+
+impl<E: Event> Shared<E> {
+    /// Counts an emit of `kind`; returns whether anyone may want it.
+    #[inline]
+    fn accept(&self, kind: usize) -> bool {
+        if self.closed.load(Ordering::Acquire) {
+            self.reject();
+            return false;
+        }
+        self.emitted[kind].fetch_add(1, Ordering::Relaxed);
+        self.export.emitted(kind);
+        self.interested[kind].load(Ordering::Relaxed) > 0
+    }
+
+    fn reject(&self) {
+        self.export.rejected();
+        if self.rejected.fetch_add(1, Ordering::Relaxed) == 0 {
+            tracing::warn!(
+                "event emitted after the bus shut down; it reached nobody (further ones are only counted)"
+            );
+        }
+    }
+
+    /// Numbers `envelope` and queues it for every queue interested in `kind`.
+    /// `reserved` lists the queues whose room the caller already holds.
+    fn deliver(&self, kind: usize, mut envelope: Arc<Envelope<E>>, reserved: &[u64]) {
+        let mut wakers = WakeList::new();
+        let mut router = lock(&self.router);
+        if router.closed {
+            drop(router);
+            self.reject();
+            return;
+        }
+        router.sequence += 1;
+        if let Some(unshared) = Arc::get_mut(&mut envelope) {
+            unshared.set_sequence(router.sequence);
+        }
+        for queue in &router.routes[kind] {
+            let holds_room = reserved.contains(&queue.id);
+            if let Some(waker) = queue.push(envelope.clone(), holds_room) {
+                wakers.push(waker);
+            }
+        }
+        drop(router);
+        wakers.wake_all();
+    }
+
+    /// Creates a queue and routes its kinds to it. On a closed bus the queue
+    /// is created closed. Unnamed queues are subscriptions.
+    pub(crate) fn register(
+        &self,
+        name: Option<Arc<str>>,
+        interests: KindSet<E::Kind>,
+        capacity: usize,
+        policy: LagPolicy,
+    ) -> Arc<Queue<E>> {
+        let id = self.next_queue_id.fetch_add(1, Ordering::Relaxed);
+        let name = name.unwrap_or_else(|| format!("subscription-{id}").into());
+        let queue = Arc::new(Queue::new(id, name, interests, capacity, policy));
+        let mut router = lock(&self.router);
+        if router.closed {
+            queue.close();
+            return queue;
+        }
+        for kind in queue.interests.iter() {
+            router.routes[kind.index()].push(queue.clone());
+            self.interested[kind.index()].fetch_add(1, Ordering::Relaxed);
+        }
+        router.queues.push(queue.clone());
+        queue
+    }
+
+    /// Removes a queue from routing and closes it.
+    pub(crate) fn unregister(&self, queue: &Queue<E>) {
+        {
+            let mut router = lock(&self.router);
+            for kind in queue.interests.iter() {
+                let route = &mut router.routes[kind.index()];
+                if let Some(at) = route.iter().position(|q| q.id == queue.id) {
+                    route.remove(at);
+                    self.interested[kind.index()].fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+            router.queues.retain(|q| q.id != queue.id);
+        }
+        queue.close();
+    }
+
+    /// Stops accepting events and closes every queue; queued events can
+    /// still be received.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        let queues = {
+            let mut router = lock(&self.router);
+            router.closed = true;
+            for route in router.routes.iter_mut() {
+                route.clear();
+            }
+            for interested in self.interested.iter() {
+                interested.store(0, Ordering::Relaxed);
+            }
+            std::mem::take(&mut router.queues)
+        };
+        for queue in queues {
+            queue.close();
+        }
+        self.runtime.closed(&self.dead_letters);
+    }
+
+    pub(crate) fn rejected(&self) -> u64 {
+        self.rejected.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn sequence(&self) -> u64 {
+        lock(&self.router).sequence
+    }
+}

@@ -1,0 +1,116 @@
+//! [`Envelope`]: an event and what the bus knows about its emission.
+
+use std::ops::Deref;
+use std::time::SystemTime;
+
+use tracing::Span;
+use uuid::Uuid;
+
+use crate::event::Event;
+
+/// An emitted event with its identity, position and origin.
+///
+/// Subscribers and listeners receive `Arc<Envelope<E>>`: one allocation per
+/// emitted event, shared by every receiver, so the payload is never cloned
+/// per subscriber. `Envelope<E>` dereferences to `E`.
+///
+/// # Examples
+///
+/// ```
+/// # use event_bus::{Envelope, Event, EventKind};
+/// # #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// # enum Kind { Ping }
+/// # impl EventKind for Kind {
+/// #     const ALL: &'static [Self] = &[Kind::Ping];
+/// #     fn index(self) -> usize { 0 }
+/// #     fn name(self) -> &'static str { "ping" }
+/// # }
+/// # #[derive(Debug)]
+/// # struct Ping(u32);
+/// # impl Event for Ping { type Kind = Kind; fn kind(&self) -> Kind { Kind::Ping } }
+/// let envelope = Envelope::new(Ping(7));
+/// assert_eq!(envelope.0, 7); // through `Deref`
+/// assert_eq!(envelope.name(), "ping");
+/// assert_eq!(envelope.id().get_version_num(), 7); // a UUID v7: time-ordered
+/// ```
+#[derive(Debug)]
+pub struct Envelope<E> {
+    event: E,
+    id: Uuid,
+    sequence: u64,
+    emitted_at: SystemTime,
+    span: Span,
+}
+
+impl<E: Event> Envelope<E> {
+    /// Wraps `event` as if it were emitted now, outside any bus: a fresh
+    /// UUID v7, sequence number 0 and the current span.
+    ///
+    /// The bus builds its own envelopes; this constructor is for tests and for
+    /// backends that carry events from elsewhere.
+    pub fn new(event: E) -> Self {
+        Self {
+            event,
+            id: Uuid::now_v7(),
+            sequence: 0,
+            emitted_at: SystemTime::now(),
+            span: Span::current(),
+        }
+    }
+
+    /// The event's name, such as `"user.created"`.
+    pub fn name(&self) -> &'static str {
+        self.event.name()
+    }
+
+    /// The event's kind.
+    pub fn kind(&self) -> E::Kind {
+        self.event.kind()
+    }
+}
+
+impl<E> Envelope<E> {
+    /// The event.
+    pub fn event(&self) -> &E {
+        &self.event
+    }
+
+    /// Unique id of this emission: a UUID v7, so ids sort by emit time.
+    pub fn id(&self) -> Uuid {
+        self.id
+    }
+
+    /// Position of this event in its bus's emit order.
+    ///
+    /// Strictly increasing across the bus: if `a.sequence() < b.sequence()`,
+    /// every subscriber interested in both received `a` before `b`. Events no
+    /// subscriber was interested in take no number, so there are gaps.
+    pub fn sequence(&self) -> u64 {
+        self.sequence
+    }
+
+    /// Wall-clock time of the emit.
+    pub fn emitted_at(&self) -> SystemTime {
+        self.emitted_at
+    }
+
+    /// The span that was current when the event was emitted.
+    ///
+    /// Handler spans [follow from](tracing::Span::follows_from) it, so a
+    /// request's trace reaches the listeners it caused to run.
+    pub fn span(&self) -> &Span {
+        &self.span
+    }
+
+    pub(crate) fn set_sequence(&mut self, sequence: u64) {
+        self.sequence = sequence;
+    }
+}
+
+impl<E> Deref for Envelope<E> {
+    type Target = E;
+
+    fn deref(&self) -> &E {
+        &self.event
+    }
+}

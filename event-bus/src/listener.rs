@@ -1,0 +1,267 @@
+//! The [`Listener`] trait and the options a listener runs with.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::envelope::Envelope;
+use crate::error::HandlerError;
+use crate::event::{Event, KindSet};
+use crate::queue::LagPolicy;
+
+/// A background consumer of events, run and supervised by the bus.
+///
+/// Spawn one with [`EventBus::spawn`](crate::EventBus::spawn). Each listener
+/// gets its own queue and its own task; its errors, panics and slowness never
+/// reach the emitter or another listener.
+///
+/// Implement `handle` with `async fn`. Return an error with `?` from any
+/// error type: the runtime logs it, counts it, retries per the listener's
+/// [`RetryPolicy`] and records a [`DeadLetter`](crate::DeadLetter) after the
+/// last attempt.
+///
+/// # Examples
+///
+/// ```
+/// use std::sync::Arc;
+/// use event_bus::{Envelope, Event, EventKind, HandlerError, KindSet, Listener};
+/// # #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// # enum AppEventKind { UserCreated, PostPublished }
+/// # impl EventKind for AppEventKind {
+/// #     const ALL: &'static [Self] = &[Self::UserCreated, Self::PostPublished];
+/// #     fn index(self) -> usize { self as usize }
+/// #     fn name(self) -> &'static str { "x" }
+/// # }
+/// # #[derive(Debug)]
+/// # enum AppEvent { UserCreated(u64), PostPublished(u64) }
+/// # impl Event for AppEvent {
+/// #     type Kind = AppEventKind;
+/// #     fn kind(&self) -> AppEventKind { match self {
+/// #         Self::UserCreated(_) => AppEventKind::UserCreated,
+/// #         Self::PostPublished(_) => AppEventKind::PostPublished } }
+/// # }
+///
+/// struct WelcomeMailer;
+///
+/// impl Listener<AppEvent> for WelcomeMailer {
+///     fn name(&self) -> &str {
+///         "welcome-mailer"
+///     }
+///
+///     fn interests(&self) -> KindSet<AppEventKind> {
+///         KindSet::from(AppEventKind::UserCreated)
+///     }
+///
+///     async fn handle(&self, event: Arc<Envelope<AppEvent>>) -> Result<(), HandlerError> {
+///         if let AppEvent::UserCreated(id) = **event {
+///             println!("welcome, user {id}");
+///         }
+///         Ok(())
+///     }
+/// }
+/// ```
+pub trait Listener<E: Event>: Send + Sync + 'static {
+    /// The name the listener has in logs, metrics, dead letters and reports.
+    ///
+    /// Defaults to the implementing type's name.
+    fn name(&self) -> &str {
+        let path = std::any::type_name::<Self>();
+        let path = path.split('<').next().unwrap_or(path);
+        path.rsplit("::").next().unwrap_or(path)
+    }
+
+    /// The kinds the listener receives. It is never woken for others.
+    ///
+    /// Read once, at spawn. Defaults to every kind.
+    fn interests(&self) -> KindSet<E::Kind> {
+        KindSet::all()
+    }
+
+    /// Handles one event.
+    ///
+    /// With the default concurrency of 1, calls are sequential and in emit
+    /// order. A retried event is handled again with the same envelope.
+    fn handle(
+        &self,
+        event: Arc<Envelope<E>>,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+}
+
+/// How a listener runs: its queue, its concurrency and its retries.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use event_bus::{LagPolicy, ListenerOptions, RetryPolicy};
+///
+/// let options = ListenerOptions::new()
+///     .capacity(4096)
+///     .lag_policy(LagPolicy::Backpressure)
+///     .concurrency(4)
+///     .retry(RetryPolicy::exponential(5).initial_backoff(Duration::from_millis(50)));
+/// # let _ = options;
+/// ```
+#[derive(Debug, Clone)]
+pub struct ListenerOptions {
+    pub(crate) capacity: Option<usize>,
+    pub(crate) lag_policy: LagPolicy,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) concurrency: usize,
+}
+
+impl ListenerOptions {
+    /// The defaults: the bus's queue capacity, [`LagPolicy::DropOldest`],
+    /// no retries, concurrency 1.
+    pub fn new() -> Self {
+        Self {
+            capacity: None,
+            lag_policy: LagPolicy::default(),
+            retry: RetryPolicy::none(),
+            concurrency: 1,
+        }
+    }
+
+    /// The listener's queue capacity (events). Defaults to the bus's
+    /// [capacity](crate::Builder::capacity); 0 is raised to 1.
+    #[must_use]
+    pub fn capacity(mut self, capacity: usize) -> Self {
+        self.capacity = Some(capacity.max(1));
+        self
+    }
+
+    /// What happens when the listener's queue is full.
+    #[must_use]
+    pub fn lag_policy(mut self, policy: LagPolicy) -> Self {
+        self.lag_policy = policy;
+        self
+    }
+
+    /// How failed events are retried before they become dead letters.
+    #[must_use]
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// How many events the listener handles at once; 0 is raised to 1.
+    ///
+    /// With 1 (the default) events are handled one at a time in emit order.
+    /// Above 1, up to that many handler calls run concurrently on the
+    /// listener's task, and they may finish in any order.
+    #[must_use]
+    pub fn concurrency(mut self, concurrency: usize) -> Self {
+        self.concurrency = concurrency.max(1);
+        self
+    }
+}
+
+impl Default for ListenerOptions {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// How a failed handler is retried.
+///
+/// The delay before retry `n` (1-based) is `initial_backoff * 2^(n-1)`,
+/// capped at `max_backoff`; with jitter (the default) it is a random value
+/// between half that delay and all of it, so retries of many events spread
+/// out instead of arriving together.
+///
+/// A listener with concurrency 1 waits out the backoff before its next
+/// event, which keeps its events in order; raise the concurrency to let
+/// other events pass a retrying one.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use event_bus::RetryPolicy;
+///
+/// // 1 attempt and 3 retries, 100ms, 200ms and 400ms apart, without jitter.
+/// let policy = RetryPolicy::exponential(4)
+///     .initial_backoff(Duration::from_millis(100))
+///     .jitter(false);
+/// assert_eq!(policy.backoff(3), Duration::from_millis(400));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    max_attempts: u32,
+    initial_backoff: Duration,
+    max_backoff: Duration,
+    jitter: bool,
+}
+
+impl RetryPolicy {
+    /// One attempt, no retry: a failed event becomes a dead letter at once.
+    /// The default.
+    pub fn none() -> Self {
+        Self::exponential(1)
+    }
+
+    /// Up to `max_attempts` attempts in all (0 is raised to 1), with
+    /// exponential backoff from 100ms up to 30s, jittered.
+    pub fn exponential(max_attempts: u32) -> Self {
+        Self {
+            max_attempts: max_attempts.max(1),
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(30),
+            jitter: true,
+        }
+    }
+
+    /// The delay before the first retry.
+    #[must_use]
+    pub fn initial_backoff(mut self, delay: Duration) -> Self {
+        self.initial_backoff = delay;
+        self
+    }
+
+    /// The longest delay between two attempts.
+    #[must_use]
+    pub fn max_backoff(mut self, delay: Duration) -> Self {
+        self.max_backoff = delay;
+        self
+    }
+
+    /// Whether delays are randomised (between half and all of the nominal
+    /// delay).
+    #[must_use]
+    pub fn jitter(mut self, jitter: bool) -> Self {
+        self.jitter = jitter;
+        self
+    }
+
+    /// The number of attempts, the first included.
+    pub fn max_attempts(&self) -> u32 {
+        self.max_attempts
+    }
+
+    /// The nominal delay before retry `retry` (1-based), without jitter.
+    pub fn backoff(&self, retry: u32) -> Duration {
+        let exponent = retry.saturating_sub(1).min(31);
+        self.initial_backoff
+            .saturating_mul(1 << exponent)
+            .min(self.max_backoff)
+    }
+
+    /// The delay actually waited before retry `retry`: [`backoff`] with
+    /// jitter applied.
+    ///
+    /// [`backoff`]: RetryPolicy::backoff
+    pub(crate) fn delay(&self, retry: u32) -> Duration {
+        let nominal = self.backoff(retry);
+        if !self.jitter {
+            return nominal;
+        }
+        let half = nominal / 2;
+        half + half.mul_f64(fastrand::f64())
+    }
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self::none()
+    }
+}

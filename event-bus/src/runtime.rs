@@ -1,0 +1,521 @@
+//! The listener runtime: one supervised task per listener, quiescence and
+//! draining shutdown.
+
+use std::any::Any;
+use std::fmt;
+use std::future::{Future, poll_fn};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures_util::FutureExt;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::Notify;
+use tokio::task::AbortHandle;
+use tracing::Instrument;
+
+use crate::bus::Shared;
+use crate::dead_letter::{DeadLetter, Store};
+use crate::envelope::Envelope;
+use crate::error::{RecvError, chain};
+use crate::event::Event;
+use crate::listener::{Listener, ListenerOptions, RetryPolicy};
+use crate::metrics::{Histogram, ListenerExport, ListenerMetrics};
+use crate::queue::{Queue, lock};
+
+/// The listeners of one bus, and what `quiesce` waits on.
+pub(crate) struct Runtime<E: Event> {
+    listeners: Mutex<Vec<Arc<ListenerState<E>>>>,
+    idle: Notify,
+    quiesce_waiters: AtomicUsize,
+    bus_closed: AtomicBool,
+}
+
+impl<E: Event> Runtime<E> {
+    pub(crate) fn new() -> Self {
+        Self {
+            listeners: Mutex::new(Vec::new()),
+            idle: Notify::new(),
+            quiesce_waiters: AtomicUsize::new(0),
+            bus_closed: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn metrics(&self) -> Vec<ListenerMetrics> {
+        self.listeners().iter().map(|l| l.metrics()).collect()
+    }
+
+    fn listeners(&self) -> Vec<Arc<ListenerState<E>>> {
+        lock(&self.listeners).clone()
+    }
+
+    fn all_idle(&self) -> bool {
+        lock(&self.listeners)
+            .iter()
+            .all(|l| l.is_finished() || l.queue.is_idle())
+    }
+
+    /// Wakes `quiesce` callers to check again; free when none waits.
+    fn notify_idle(&self) {
+        if self.quiesce_waiters.load(Ordering::SeqCst) > 0 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    /// The bus closed: once every listener has finished, no dead letter can
+    /// come any more.
+    pub(crate) fn closed(&self, dead_letters: &Store<E>) {
+        self.bus_closed.store(true, Ordering::SeqCst);
+        self.close_dead_letters_when_done(dead_letters);
+    }
+
+    fn close_dead_letters_when_done(&self, dead_letters: &Store<E>) {
+        let done = self.bus_closed.load(Ordering::SeqCst)
+            && lock(&self.listeners).iter().all(|l| l.is_finished());
+        if done {
+            dead_letters.close();
+        }
+    }
+}
+
+/// What a listener's task, its handle and the bus share.
+pub(crate) struct ListenerState<E: Event> {
+    queue: Arc<Queue<E>>,
+    handled: AtomicU64,
+    failed: AtomicU64,
+    retried: AtomicU64,
+    dead_lettered: AtomicU64,
+    panicked: AtomicU64,
+    queue_latency: Histogram,
+    handle_latency: Histogram,
+    finished: AtomicBool,
+    done: Notify,
+    abort: OnceLock<AbortHandle>,
+    export: ListenerExport,
+}
+
+impl<E: Event> ListenerState<E> {
+    fn new(queue: Arc<Queue<E>>) -> Self {
+        let export = ListenerExport::new(&queue.name);
+        Self {
+            queue,
+            handled: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
+            panicked: AtomicU64::new(0),
+            queue_latency: Histogram::new(),
+            handle_latency: Histogram::new(),
+            finished: AtomicBool::new(false),
+            done: Notify::new(),
+            abort: OnceLock::new(),
+            export,
+        }
+    }
+
+    fn is_finished(&self) -> bool {
+        self.finished.load(Ordering::SeqCst)
+    }
+
+    async fn wait_finished(&self) {
+        loop {
+            let notified = self.done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_finished() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn abort(&self) {
+        if let Some(abort) = self.abort.get() {
+            abort.abort();
+        }
+    }
+
+    fn metrics(&self) -> ListenerMetrics {
+        let counts = self.queue.counts();
+        ListenerMetrics {
+            name: self.queue.name.to_string(),
+            delivered: counts.delivered,
+            handled: self.handled.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            retried: self.retried.load(Ordering::Relaxed),
+            dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
+            panicked: self.panicked.load(Ordering::Relaxed),
+            dropped: counts.dropped,
+            overflowed: counts.overflowed,
+            queue_depth: counts.depth,
+            in_flight: counts.in_flight,
+            queue_latency: self.queue_latency.summary(),
+            handle_latency: self.handle_latency.summary(),
+            finished: self.is_finished(),
+        }
+    }
+
+    fn report(&self, drained: bool) -> ListenerReport {
+        let metrics = self.metrics();
+        ListenerReport {
+            undelivered: (metrics.queue_depth + metrics.in_flight) as u64,
+            name: metrics.name,
+            handled: metrics.handled,
+            failed: metrics.failed,
+            dead_lettered: metrics.dead_lettered,
+            dropped: metrics.dropped,
+            drained,
+        }
+    }
+}
+
+/// A handle to a spawned listener.
+///
+/// Dropping it does not stop the listener; the bus owns it.
+pub struct ListenerHandle<E: Event> {
+    state: Arc<ListenerState<E>>,
+}
+
+impl<E: Event> ListenerHandle<E> {
+    /// The listener's name.
+    pub fn name(&self) -> &str {
+        &self.state.queue.name
+    }
+
+    /// A snapshot of the listener's counters.
+    pub fn metrics(&self) -> ListenerMetrics {
+        self.state.metrics()
+    }
+
+    /// Whether the listener's task has ended.
+    pub fn is_finished(&self) -> bool {
+        self.state.is_finished()
+    }
+
+    /// Waits until the listener's task has ended: after the bus closed and
+    /// the listener drained its queue, or after [`abort`](Self::abort).
+    pub async fn finished(&self) {
+        self.state.wait_finished().await;
+    }
+
+    /// Stops the listener at its next await point. Events still queued or in
+    /// flight are not handled; they show as `queue_depth` and `in_flight` in
+    /// its metrics.
+    pub fn abort(&self) {
+        self.state.abort();
+    }
+}
+
+impl<E: Event> Clone for ListenerHandle<E> {
+    fn clone(&self) -> Self {
+        Self {
+            state: self.state.clone(),
+        }
+    }
+}
+
+impl<E: Event> fmt::Debug for ListenerHandle<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ListenerHandle")
+            .field("name", &self.name())
+            .field("finished", &self.is_finished())
+            .finish()
+    }
+}
+
+/// What [`EventBus::shutdown`](crate::EventBus::shutdown) did, per listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
+pub struct ShutdownReport {
+    /// One report per listener, in spawn order.
+    pub listeners: Vec<ListenerReport>,
+    /// Events emitted after shutdown began, which reached nobody.
+    pub rejected: u64,
+}
+
+impl ShutdownReport {
+    /// Whether every listener finished its queue before the deadline.
+    pub fn drained(&self) -> bool {
+        self.listeners.iter().all(|l| l.drained)
+    }
+
+    /// Events left unhandled in listener queues or in flight, over all
+    /// listeners.
+    pub fn undelivered(&self) -> u64 {
+        self.listeners.iter().map(|l| l.undelivered).sum()
+    }
+
+    /// The report of the listener named `name`.
+    pub fn listener(&self, name: &str) -> Option<&ListenerReport> {
+        self.listeners.iter().find(|l| l.name == name)
+    }
+}
+
+impl fmt::Display for ShutdownReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let drained = self.listeners.iter().filter(|l| l.drained).count();
+        write!(
+            f,
+            "{drained} of {} listeners drained, {} events undelivered, {} rejected",
+            self.listeners.len(),
+            self.undelivered(),
+            self.rejected
+        )
+    }
+}
+
+/// One listener's part of a [`ShutdownReport`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
+pub struct ListenerReport {
+    /// The listener's name.
+    pub name: String,
+    /// Events handled successfully over the listener's life.
+    pub handled: u64,
+    /// Failed handler attempts.
+    pub failed: u64,
+    /// Events recorded as dead letters.
+    pub dead_lettered: u64,
+    /// Events dropped from its full queue.
+    pub dropped: u64,
+    /// Events still queued or in flight when it was stopped.
+    pub undelivered: u64,
+    /// Whether it finished its queue before the deadline.
+    pub drained: bool,
+}
+
+pub(crate) fn spawn<E: Event, L: Listener<E>>(
+    shared: &Arc<Shared<E>>,
+    queue: Arc<Queue<E>>,
+    listener: L,
+    options: ListenerOptions,
+) -> ListenerHandle<E> {
+    let state = Arc::new(ListenerState::new(queue));
+    lock(&shared.runtime.listeners).push(state.clone());
+    let supervisor = Supervisor {
+        shared: shared.clone(),
+        state: state.clone(),
+        listener,
+        retry: options.retry,
+    };
+    let task = tokio::spawn(supervisor.run(options.concurrency));
+    // The task may already have ended; an abort handle to it is harmless.
+    let _ = state.abort.set(task.abort_handle());
+    ListenerHandle { state }
+}
+
+/// Runs one listener: takes its events, calls its handler, contains its
+/// failures.
+struct Supervisor<E: Event, L> {
+    shared: Arc<Shared<E>>,
+    state: Arc<ListenerState<E>>,
+    listener: L,
+    retry: RetryPolicy,
+}
+
+impl<E: Event, L: Listener<E>> Supervisor<E, L> {
+    async fn run(self, concurrency: usize) {
+        let _finished = FinishGuard {
+            shared: self.shared.clone(),
+            state: self.state.clone(),
+        };
+        if concurrency <= 1 {
+            loop {
+                match self.next().await {
+                    Ok(envelope) => self.process(envelope).await,
+                    // The queue logged and counted the drop.
+                    Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Closed) => break,
+                }
+            }
+        } else {
+            let mut running = FuturesUnordered::new();
+            loop {
+                tokio::select! {
+                    biased;
+                    Some(()) = running.next(), if !running.is_empty() => {}
+                    next = self.next(), if running.len() < concurrency => match next {
+                        Ok(envelope) => running.push(self.process(envelope)),
+                        Err(RecvError::Lagged(_)) => {}
+                        Err(RecvError::Closed) => break,
+                    },
+                }
+            }
+            while running.next().await.is_some() {}
+        }
+    }
+
+    fn next(&self) -> impl Future<Output = Result<Arc<Envelope<E>>, RecvError>> + '_ {
+        poll_fn(|cx| self.state.queue.poll_recv(cx, true))
+    }
+
+    async fn process(&self, envelope: Arc<Envelope<E>>) {
+        let span = tracing::info_span!(
+            "event_bus.handle",
+            listener = %self.state.queue.name,
+            event = envelope.name(),
+            event_id = %envelope.id(),
+            sequence = envelope.sequence(),
+        );
+        span.follows_from(envelope.span());
+        self.attempt_all(envelope).instrument(span).await;
+        self.state.queue.complete();
+        self.shared.runtime.notify_idle();
+    }
+
+    async fn attempt_all(&self, envelope: Arc<Envelope<E>>) {
+        let state = &*self.state;
+        if let Ok(waited) = SystemTime::now().duration_since(envelope.emitted_at()) {
+            state.queue_latency.record(waited);
+        }
+        let mut attempt = 1;
+        loop {
+            let started = Instant::now();
+            let outcome = AssertUnwindSafe(self.listener.handle(envelope.clone()))
+                .catch_unwind()
+                .await;
+            let took = started.elapsed();
+            state.handle_latency.record(took);
+            state.export.latency(took);
+            let (error, panicked) = match outcome {
+                Ok(Ok(())) => {
+                    state.handled.fetch_add(1, Ordering::Relaxed);
+                    state.export.handled();
+                    return;
+                }
+                Ok(Err(error)) => (chain(&*error), false),
+                Err(payload) => (format!("panicked: {}", panic_message(&*payload)), true),
+            };
+            state.failed.fetch_add(1, Ordering::Relaxed);
+            if panicked {
+                state.panicked.fetch_add(1, Ordering::Relaxed);
+            }
+            state.export.failed(panicked);
+            if attempt < self.retry.max_attempts() {
+                let delay = self.retry.delay(attempt);
+                tracing::warn!(
+                    listener = %state.queue.name,
+                    event = envelope.name(),
+                    event_id = %envelope.id(),
+                    attempt,
+                    retry_in = ?delay,
+                    error = %error,
+                    "handler failed; retrying",
+                );
+                state.retried.fetch_add(1, Ordering::Relaxed);
+                state.export.retried();
+                tokio::time::sleep(delay).await;
+                attempt += 1;
+                continue;
+            }
+            tracing::error!(
+                listener = %state.queue.name,
+                event = envelope.name(),
+                event_id = %envelope.id(),
+                attempts = attempt,
+                error = %error,
+                "handler failed; recorded a dead letter",
+            );
+            state.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            state.export.dead_lettered();
+            self.shared.dead_letters.record(DeadLetter {
+                envelope,
+                listener: state.queue.name.clone(),
+                error,
+                attempts: attempt,
+                failed_at: SystemTime::now(),
+            });
+            return;
+        }
+    }
+}
+
+fn panic_message(payload: &(dyn Any + Send)) -> &str {
+    if let Some(message) = payload.downcast_ref::<&'static str>() {
+        message
+    } else if let Some(message) = payload.downcast_ref::<String>() {
+        message
+    } else {
+        "non-string panic payload"
+    }
+}
+
+/// Marks the listener finished however its task ends: drained, aborted, or
+/// dropped with its runtime.
+struct FinishGuard<E: Event> {
+    shared: Arc<Shared<E>>,
+    state: Arc<ListenerState<E>>,
+}
+
+impl<E: Event> Drop for FinishGuard<E> {
+    fn drop(&mut self) {
+        self.state.finished.store(true, Ordering::SeqCst);
+        self.state.done.notify_waiters();
+        let runtime = &self.shared.runtime;
+        runtime.notify_idle();
+        runtime.close_dead_letters_when_done(&self.shared.dead_letters);
+    }
+}
+
+impl<E: Event> Shared<E> {
+    pub(crate) async fn quiesce(&self) {
+        let runtime = &self.runtime;
+        runtime.quiesce_waiters.fetch_add(1, Ordering::SeqCst);
+        let _waiting = DecrementOnDrop(&runtime.quiesce_waiters);
+        loop {
+            let notified = runtime.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            // Emitting numbers and queues an event under one lock, so an
+            // unchanged sequence across the scan means no listener was handed
+            // new work while it was being checked: a chain of listeners that
+            // emit to each other cannot slip past.
+            let before = self.sequence();
+            if runtime.all_idle() && self.sequence() == before {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    pub(crate) async fn shutdown(&self, deadline: Duration) -> ShutdownReport {
+        self.close();
+        let listeners = self.runtime.listeners();
+        let all_finished = async {
+            for listener in &listeners {
+                listener.wait_finished().await;
+            }
+        };
+        let _ = tokio::time::timeout(deadline, all_finished).await;
+        let report = ShutdownReport {
+            listeners: listeners
+                .iter()
+                .map(|listener| {
+                    let drained = listener.is_finished();
+                    if !drained {
+                        listener.abort();
+                    }
+                    listener.report(drained)
+                })
+                .collect(),
+            rejected: self.rejected(),
+        };
+        if report.drained() {
+            tracing::info!(%report, "event bus shut down");
+        } else {
+            tracing::warn!(%report, "event bus shut down before every listener drained");
+        }
+        report
+    }
+}
+
+struct DecrementOnDrop<'a>(&'a AtomicUsize);
+
+impl Drop for DecrementOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
