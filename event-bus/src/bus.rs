@@ -176,8 +176,8 @@ impl<E: Event> EventBus<E> {
     /// whose policy is [`LagPolicy::Backpressure`].
     ///
     /// Subscribers under `DropOldest` are served as by [`emit`](EventBus::emit).
-    /// If the bus shuts down while this waits, the event is still delivered to
-    /// whoever remains open.
+    /// If the bus shuts down while this waits, it returns at once and the
+    /// event is counted as rejected.
     ///
     /// # Cancel safety
     ///

@@ -301,7 +301,13 @@ pub(crate) fn spawn<E: Event, L: Listener<E>>(
         listener,
         retry: options.retry,
     };
-    let task = tokio::spawn(supervisor.run(options.concurrency));
+    // The guard moves into the task's future, so it runs even when the task
+    // is aborted before its first poll.
+    let finished = FinishGuard {
+        shared: shared.clone(),
+        state: state.clone(),
+    };
+    let task = tokio::spawn(supervisor.run(options.concurrency, finished));
     // The task may already have ended; an abort handle to it is harmless.
     let _ = state.abort.set(task.abort_handle());
     ListenerHandle { state }
@@ -317,11 +323,7 @@ struct Supervisor<E: Event, L> {
 }
 
 impl<E: Event, L: Listener<E>> Supervisor<E, L> {
-    async fn run(self, concurrency: usize) {
-        let _finished = FinishGuard {
-            shared: self.shared.clone(),
-            state: self.state.clone(),
-        };
+    async fn run(self, concurrency: usize, _finished: FinishGuard<E>) {
         if concurrency <= 1 {
             loop {
                 match self.next().await {

@@ -1,0 +1,135 @@
+//! The backpressure policy never drops: `emit_wait` waits for room, `emit`
+//! queues past capacity and counts it.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+
+use event_bus::{
+    Envelope, EventBus, HandlerError, KindSet, LagPolicy, Listener, ListenerOptions, RecvError,
+};
+use futures::FutureExt;
+use support::{TestEvent, TestKind, within};
+
+/// Yields before each event so the emitter keeps finding the queue full.
+#[derive(Clone, Default)]
+struct SlowSum(Arc<Mutex<Vec<u64>>>);
+
+impl Listener<TestEvent> for SlowSum {
+    async fn handle(&self, event: Arc<Envelope<TestEvent>>) -> Result<(), HandlerError> {
+        tokio::task::yield_now().await;
+        self.0.lock().unwrap().push(event.value());
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backpressure_loses_nothing_with_a_slow_listener_and_100_000_events() {
+    const EVENTS: u64 = 100_000;
+    let bus = EventBus::new();
+    let seen = SlowSum::default();
+    let listener = bus.spawn_with(
+        seen.clone(),
+        ListenerOptions::new()
+            .capacity(16)
+            .lag_policy(LagPolicy::Backpressure),
+    );
+
+    let emitter = tokio::spawn({
+        let bus = bus.clone();
+        async move {
+            for i in 0..EVENTS {
+                bus.emit_wait(TestEvent::A(i)).await;
+            }
+        }
+    });
+    within("emitter", emitter).await.unwrap();
+    within("quiesce", bus.quiesce()).await;
+
+    let metrics = listener.metrics();
+    assert_eq!(
+        (metrics.handled, metrics.dropped, metrics.overflowed),
+        (EVENTS, 0, 0)
+    );
+    assert_eq!(*seen.0.lock().unwrap(), (0..EVENTS).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn emit_wait_waits_for_room() {
+    let bus = EventBus::new();
+    let mut subscription = bus.subscribe_with(TestKind::A, 2, LagPolicy::Backpressure);
+    bus.emit_wait(TestEvent::A(0)).await;
+    bus.emit_wait(TestEvent::A(1)).await;
+
+    let mut third = Box::pin(bus.emit_wait(TestEvent::A(2)));
+    assert!((&mut third).now_or_never().is_none(), "queue is full");
+    assert_eq!(**subscription.recv().await.unwrap(), TestEvent::A(0));
+    within("emit_wait after room", third).await;
+
+    assert_eq!(**subscription.recv().await.unwrap(), TestEvent::A(1));
+    assert_eq!(**subscription.recv().await.unwrap(), TestEvent::A(2));
+    assert_eq!((subscription.dropped(), subscription.overflowed()), (0, 0));
+}
+
+#[tokio::test]
+async fn emit_never_blocks_and_counts_overflow_past_capacity() {
+    let bus = EventBus::new();
+    let mut subscription = bus.subscribe_with(TestKind::A, 2, LagPolicy::Backpressure);
+    for i in 0..5 {
+        bus.emit(TestEvent::A(i));
+    }
+    assert_eq!(subscription.len(), 5);
+    assert_eq!((subscription.dropped(), subscription.overflowed()), (0, 3));
+    for i in 0..5 {
+        assert_eq!(**subscription.recv().await.unwrap(), TestEvent::A(i));
+    }
+}
+
+#[tokio::test]
+async fn cancelled_emit_wait_emits_nothing_and_releases_its_room() {
+    let bus = EventBus::new();
+    let mut roomy = bus.subscribe_with(TestKind::A, 1, LagPolicy::Backpressure);
+    let mut full = bus.subscribe_with(TestKind::A, 1, LagPolicy::Backpressure);
+    bus.emit_wait(TestEvent::A(0)).await;
+    assert_eq!(**roomy.recv().await.unwrap(), TestEvent::A(0));
+
+    // Reserves `roomy`'s only place, then waits on `full`; then is dropped.
+    let mut cancelled = Box::pin(bus.emit_wait(TestEvent::A(1)));
+    assert!((&mut cancelled).now_or_never().is_none());
+    drop(cancelled);
+
+    assert_eq!(**full.recv().await.unwrap(), TestEvent::A(0));
+    within(
+        "emit_wait into released room",
+        bus.emit_wait(TestEvent::A(2)),
+    )
+    .await;
+    assert_eq!(**roomy.recv().await.unwrap(), TestEvent::A(2));
+    assert_eq!(**full.recv().await.unwrap(), TestEvent::A(2));
+}
+
+#[tokio::test]
+async fn emit_wait_does_not_wait_for_drop_oldest_subscribers() {
+    let bus = EventBus::new();
+    let mut lossy = bus.subscribe_with(KindSet::all(), 1, LagPolicy::DropOldest);
+    for i in 0..3 {
+        within("emit_wait", bus.emit_wait(TestEvent::B(i))).await;
+    }
+    assert_eq!(lossy.recv().await.unwrap_err(), RecvError::Lagged(2));
+}
+
+#[tokio::test]
+async fn shutdown_releases_a_waiting_emitter() {
+    let bus = EventBus::new();
+    let _full = bus.subscribe_with(TestKind::A, 1, LagPolicy::Backpressure);
+    bus.emit_wait(TestEvent::A(0)).await;
+
+    let waiting = tokio::spawn({
+        let bus = bus.clone();
+        async move { bus.emit_wait(TestEvent::A(1)).await }
+    });
+    tokio::task::yield_now().await;
+    assert!(!waiting.is_finished());
+    bus.shutdown(support::DEADLINE).await;
+    within("released emitter", waiting).await.unwrap();
+}

@@ -1,0 +1,77 @@
+//! Rule 2: a full queue drops its oldest events under the default policy, and
+//! never silently: the consumer is told the exact count, it is logged as a
+//! warning, and it is counted.
+
+mod support;
+
+use event_bus::{EventBus, LagPolicy, ListenerOptions, RecvError};
+use support::{Gate, Gated, TestEvent, TestKind, capture_logs, within};
+
+#[tokio::test]
+async fn drop_oldest_reports_the_exact_lag_then_the_newest_events() {
+    let bus = EventBus::new();
+    let mut subscription = bus.subscribe_with(TestKind::A, 4, LagPolicy::DropOldest);
+    for i in 0..10 {
+        bus.emit(TestEvent::A(i));
+    }
+
+    assert_eq!(subscription.recv().await.unwrap_err(), RecvError::Lagged(6));
+    for i in 6..10 {
+        assert_eq!(**subscription.recv().await.unwrap(), TestEvent::A(i));
+    }
+    assert_eq!((subscription.delivered(), subscription.dropped()), (4, 6));
+}
+
+#[tokio::test]
+async fn each_gap_is_reported_before_the_events_after_it() {
+    let bus = EventBus::new();
+    let mut subscription = bus.subscribe_with(TestKind::A, 2, LagPolicy::DropOldest);
+    for i in 0..3 {
+        bus.emit(TestEvent::A(i));
+    }
+    assert_eq!(subscription.recv().await.unwrap_err(), RecvError::Lagged(1));
+    assert_eq!(**subscription.recv().await.unwrap(), TestEvent::A(1));
+    for i in 3..6 {
+        bus.emit(TestEvent::A(i));
+    }
+    // Queue held [2]; 3, 4, 5 arrived: 2 and 3 were dropped.
+    assert_eq!(subscription.recv().await.unwrap_err(), RecvError::Lagged(2));
+    assert_eq!(**subscription.recv().await.unwrap(), TestEvent::A(4));
+    assert_eq!(**subscription.recv().await.unwrap(), TestEvent::A(5));
+    assert_eq!(subscription.delivered() + subscription.dropped(), 6);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn lag_is_logged_as_a_warning_with_the_count() {
+    let (logs, _guard) = capture_logs();
+    let bus = EventBus::new();
+    let mut subscription = bus.subscribe_with(TestKind::A, 1, LagPolicy::DropOldest);
+    for i in 0..4 {
+        bus.emit(TestEvent::A(i));
+    }
+    assert_eq!(subscription.recv().await.unwrap_err(), RecvError::Lagged(3));
+
+    let warnings = logs.find(tracing::Level::WARN, "lagged");
+    assert_eq!(warnings.len(), 1);
+    assert!(warnings[0].contains(&("dropped".into(), "3".into())));
+}
+
+#[tokio::test]
+async fn slow_listener_accounts_for_every_event() {
+    let bus = EventBus::new();
+    let gate = Gate::closed();
+    let listener = bus.spawn_with(Gated(gate.clone()), ListenerOptions::new().capacity(8));
+
+    for i in 0..1_000 {
+        bus.emit(TestEvent::A(i));
+    }
+    gate.open();
+    within("quiesce", bus.quiesce()).await;
+
+    let metrics = listener.metrics();
+    assert_eq!(metrics.delivered + metrics.dropped, 1_000);
+    assert_eq!(metrics.handled, metrics.delivered);
+    // At most the queue and the one event in the handler survive the burst.
+    assert!(metrics.delivered <= 9, "{metrics:?}");
+    assert_eq!(metrics.queue_depth, 0);
+}

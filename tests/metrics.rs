@@ -1,0 +1,179 @@
+//! `bus.metrics()` counts every outcome, and the `metrics` feature exports
+//! the same numbers through the `metrics` facade.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use event_bus::{
+    Envelope, EventBus, HandlerError, LagPolicy, Listener, ListenerOptions, RetryPolicy,
+};
+use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+use support::{Gate, Gated, TestEvent, TestKind, within};
+
+/// `A` succeeds; `B` fails once then succeeds; `C` always fails; `D` panics.
+#[derive(Default)]
+struct Mixed {
+    b_attempts: std::sync::Mutex<u32>,
+}
+
+impl Listener<TestEvent> for Mixed {
+    fn name(&self) -> &str {
+        "mixed"
+    }
+
+    async fn handle(&self, event: Arc<Envelope<TestEvent>>) -> Result<(), HandlerError> {
+        match **event {
+            TestEvent::A(_) => Ok(()),
+            TestEvent::B(_) => {
+                let mut attempts = self.b_attempts.lock().unwrap();
+                *attempts += 1;
+                if *attempts == 1 {
+                    Err("first try".into())
+                } else {
+                    Ok(())
+                }
+            }
+            TestEvent::C(_) => Err("always".into()),
+            TestEvent::D(_) => panic!("boom"),
+        }
+    }
+}
+
+fn emit_one_of_each(bus: &EventBus<TestEvent>) {
+    for (i, kind) in TestKind::ALL_KINDS.into_iter().enumerate() {
+        bus.emit(TestEvent::of(kind, i as u64));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn metrics_count_every_outcome() {
+    let bus = EventBus::new();
+    let retry = RetryPolicy::exponential(2).initial_backoff(Duration::from_millis(5));
+    bus.spawn_with(Mixed::default(), ListenerOptions::new().retry(retry));
+    emit_one_of_each(&bus);
+    bus.emit(TestEvent::A(9));
+    within("quiesce", bus.quiesce()).await;
+
+    let metrics = bus.metrics();
+    assert_eq!(metrics.emitted, 5);
+    assert_eq!(metrics.emitted_of("test.a"), 2);
+    assert_eq!(metrics.emitted_of("test.d"), 1);
+    let mixed = metrics.listener("mixed").unwrap();
+    assert_eq!(mixed.delivered, 5);
+    assert_eq!(mixed.handled, 3); // A, A, B on its retry
+    assert_eq!(mixed.failed, 5); // B once, C twice, D twice
+    assert_eq!(mixed.retried, 3); // B, C, D once each
+    assert_eq!(mixed.dead_lettered, 2); // C, D
+    assert_eq!(mixed.panicked, 2);
+    assert_eq!(mixed.failed, mixed.retried + mixed.dead_lettered);
+    assert_eq!(mixed.handled + mixed.dead_lettered, mixed.delivered);
+    assert_eq!(mixed.handle_latency.count, 8); // one sample per attempt
+    assert_eq!(mixed.queue_latency.count, 5); // one sample per event
+    assert_eq!((mixed.queue_depth, mixed.in_flight), (0, 0));
+}
+
+#[tokio::test]
+async fn metrics_show_queue_depth_drops_and_overflow() {
+    let bus = EventBus::new();
+    let lossy = bus.spawn_with(Gated(Gate::closed()), ListenerOptions::new().capacity(3));
+    let lossless = bus.spawn_with(
+        Gated(Gate::closed()),
+        ListenerOptions::new()
+            .capacity(3)
+            .lag_policy(LagPolicy::Backpressure),
+    );
+    for i in 0..10 {
+        bus.emit(TestEvent::A(i));
+    }
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+
+    // Ten events reached full queues of 3 before either listener ran; then
+    // each took one into its (stuck) handler.
+    let lossy = lossy.metrics();
+    assert_eq!((lossy.in_flight, lossy.queue_depth), (1, 2));
+    assert_eq!(lossy.dropped, 7);
+    assert_eq!(
+        lossy.delivered + lossy.dropped + lossy.queue_depth as u64,
+        10
+    );
+    let lossless = lossless.metrics();
+    assert_eq!((lossless.in_flight, lossless.queue_depth), (1, 9));
+    assert_eq!((lossless.dropped, lossless.overflowed), (0, 7));
+}
+
+#[tokio::test(start_paused = true)]
+async fn metrics_are_exported_through_the_metrics_facade() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    // The bus registers its counters when it and its listeners are made.
+    let bus = metrics::with_local_recorder(&recorder, || {
+        let bus = EventBus::new();
+        let retry = RetryPolicy::exponential(2).initial_backoff(Duration::from_millis(5));
+        bus.spawn_with(Mixed::default(), ListenerOptions::new().retry(retry));
+        bus
+    });
+    emit_one_of_each(&bus);
+    within("quiesce", bus.quiesce()).await;
+
+    let exported: Vec<(String, support::Fields, DebugValue)> = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .map(|(key, _, _, value)| {
+            let labels = key
+                .key()
+                .labels()
+                .map(|l| (l.key().to_owned(), l.value().to_owned()))
+                .collect();
+            (key.key().name().to_owned(), labels, value)
+        })
+        .collect();
+    let counter = |name: &str, label: (&str, &str)| {
+        exported
+            .iter()
+            .find(|(n, labels, _)| {
+                n == name && labels.contains(&(label.0.to_owned(), label.1.to_owned()))
+            })
+            .map(|(_, _, value)| value)
+    };
+
+    assert_eq!(
+        counter("event_bus_emitted_total", ("event", "test.b")),
+        Some(&DebugValue::Counter(1))
+    );
+    for (name, value) in [
+        ("event_bus_handled_total", 2),
+        ("event_bus_failed_total", 5),
+        ("event_bus_retried_total", 3),
+        ("event_bus_dead_lettered_total", 2),
+        ("event_bus_panicked_total", 2),
+    ] {
+        assert_eq!(
+            counter(name, ("listener", "mixed")),
+            Some(&DebugValue::Counter(value)),
+            "{name}"
+        );
+    }
+    match counter("event_bus_handle_seconds", ("listener", "mixed")) {
+        Some(DebugValue::Histogram(samples)) => assert_eq!(samples.len(), 7),
+        other => panic!("no handle latency histogram: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn metrics_serialize_to_json() {
+    let bus = EventBus::new();
+    bus.spawn(Mixed::default());
+    bus.emit(TestEvent::A(1));
+    within("quiesce", bus.quiesce()).await;
+
+    let json = serde_json::to_value(bus.metrics()).unwrap();
+    assert_eq!(json["emitted"], 1);
+    assert_eq!(json["listeners"][0]["name"], "mixed");
+    assert_eq!(json["listeners"][0]["handled"], 1);
+    assert!(json["listeners"][0]["handle_latency"]["p99"].is_f64());
+}

@@ -1,0 +1,251 @@
+//! What the behaviour tests share: a small event type, written by hand as a
+//! user of the public API would, and listeners that record what they see.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use event_bus::{Envelope, Event, EventKind, HandlerError, KindSet, Listener};
+use tokio::sync::watch;
+
+/// How long any test waits for something that should happen at once.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TestEvent {
+    A(u64),
+    B(u64),
+    C(u64),
+    D(u64),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TestKind {
+    A,
+    B,
+    C,
+    D,
+}
+
+impl TestKind {
+    pub const ALL_KINDS: [Self; 4] = [Self::A, Self::B, Self::C, Self::D];
+}
+
+impl EventKind for TestKind {
+    const ALL: &'static [Self] = &Self::ALL_KINDS;
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::A => "test.a",
+            Self::B => "test.b",
+            Self::C => "test.c",
+            Self::D => "test.d",
+        }
+    }
+}
+
+impl Event for TestEvent {
+    type Kind = TestKind;
+
+    fn kind(&self) -> TestKind {
+        match self {
+            Self::A(_) => TestKind::A,
+            Self::B(_) => TestKind::B,
+            Self::C(_) => TestKind::C,
+            Self::D(_) => TestKind::D,
+        }
+    }
+}
+
+impl TestEvent {
+    pub fn of(kind: TestKind, value: u64) -> Self {
+        match kind {
+            TestKind::A => Self::A(value),
+            TestKind::B => Self::B(value),
+            TestKind::C => Self::C(value),
+            TestKind::D => Self::D(value),
+        }
+    }
+
+    pub fn value(&self) -> u64 {
+        match *self {
+            Self::A(v) | Self::B(v) | Self::C(v) | Self::D(v) => v,
+        }
+    }
+}
+
+/// A gate handlers wait at until the test opens it.
+#[derive(Clone)]
+pub struct Gate(Arc<tokio::sync::Semaphore>);
+
+impl Gate {
+    pub fn closed() -> Self {
+        Self(Arc::new(tokio::sync::Semaphore::new(0)))
+    }
+
+    pub fn open(&self) {
+        self.0.add_permits(tokio::sync::Semaphore::MAX_PERMITS / 2);
+    }
+
+    pub async fn pass(&self) {
+        let _ = self.0.acquire().await.map(|permit| permit.forget());
+    }
+}
+
+/// A listener whose handler waits at a [`Gate`] for every event.
+pub struct Gated(pub Gate);
+
+impl Listener<TestEvent> for Gated {
+    async fn handle(&self, _: Arc<Envelope<TestEvent>>) -> Result<(), HandlerError> {
+        self.0.pass().await;
+        Ok(())
+    }
+}
+
+/// Runs `future` to completion or panics after [`DEADLINE`].
+pub async fn within<F: std::future::Future>(what: &str, future: F) -> F::Output {
+    match tokio::time::timeout(DEADLINE, future).await {
+        Ok(output) => output,
+        Err(_) => panic!("{what} did not happen within {DEADLINE:?}"),
+    }
+}
+
+/// A listener that records every event it handles, in handling order.
+#[derive(Clone)]
+pub struct Recorder {
+    pub name: &'static str,
+    pub interests: KindSet<TestKind>,
+    pub seen: Arc<Mutex<Vec<Arc<Envelope<TestEvent>>>>>,
+    handled: Arc<watch::Sender<usize>>,
+}
+
+impl Recorder {
+    pub fn new(name: &'static str, interests: impl Into<KindSet<TestKind>>) -> Self {
+        Self {
+            name,
+            interests: interests.into(),
+            seen: Arc::default(),
+            handled: Arc::new(watch::channel(0).0),
+        }
+    }
+
+    /// Waits until the recorder has handled at least `count` events.
+    ///
+    /// # Panics
+    ///
+    /// After [`DEADLINE`].
+    pub async fn wait_for(&self, count: usize) {
+        let mut handled = self.handled.subscribe();
+        let reached = tokio::time::timeout(DEADLINE, handled.wait_for(|&n| n >= count))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        assert!(
+            reached,
+            "{} handled {} events, not {count}, within {DEADLINE:?}",
+            self.name,
+            *handled.borrow()
+        );
+    }
+
+    pub fn events(&self) -> Vec<TestEvent> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| e.event().clone())
+            .collect()
+    }
+
+    pub fn sequences(&self) -> Vec<u64> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| e.sequence())
+            .collect()
+    }
+}
+
+impl Listener<TestEvent> for Recorder {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn interests(&self) -> KindSet<TestKind> {
+        self.interests.clone()
+    }
+
+    async fn handle(&self, event: Arc<Envelope<TestEvent>>) -> Result<(), HandlerError> {
+        self.seen.lock().unwrap().push(event);
+        self.handled.send_modify(|n| *n += 1);
+        Ok(())
+    }
+}
+
+/// The fields of a span or event, `message` included, as text.
+pub type Fields = Vec<(String, String)>;
+
+/// Tracing events captured by [`capture_logs`]: level and fields.
+#[derive(Clone, Default)]
+pub struct Logs(Arc<Mutex<Vec<(tracing::Level, Fields)>>>);
+
+impl Logs {
+    /// The captured events at `level` whose message contains `text`, as
+    /// their fields.
+    pub fn find(&self, level: tracing::Level, text: &str) -> Vec<Fields> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(l, fields)| {
+                *l == level
+                    && fields
+                        .iter()
+                        .any(|(k, v)| k == "message" && v.contains(text))
+            })
+            .map(|(_, fields)| fields.clone())
+            .collect()
+    }
+}
+
+/// Collects fields as text.
+pub struct FieldsVisitor<'a>(pub &'a mut Fields);
+
+impl tracing::field::Visit for FieldsVisitor<'_> {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0.push((field.name().to_owned(), format!("{value:?}")));
+    }
+
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.0.push((field.name().to_owned(), value.to_owned()));
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Logs {
+    fn on_event(
+        &self,
+        event: &tracing::Event<'_>,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let mut fields = Vec::new();
+        event.record(&mut FieldsVisitor(&mut fields));
+        self.0
+            .lock()
+            .unwrap()
+            .push((*event.metadata().level(), fields));
+    }
+}
+
+/// Captures the tracing events of this thread until the guard is dropped.
+/// Use with a current-thread runtime, so every task logs on this thread.
+pub fn capture_logs() -> (Logs, tracing::subscriber::DefaultGuard) {
+    use tracing_subscriber::layer::SubscriberExt;
+    let logs = Logs::default();
+    let subscriber = tracing_subscriber::registry().with(logs.clone());
+    (logs, tracing::subscriber::set_default(subscriber))
+}
