@@ -326,6 +326,15 @@ impl<E: Event> Default for EventBus<E> {
     }
 }
 
+/// Lets the derive's emit helpers (`bus.emit_user_created(…)`) work on the bus
+/// itself, as they do on any application state that implements
+/// `AsRef<EventBus<E>>`.
+impl<E: Event> AsRef<EventBus<E>> for EventBus<E> {
+    fn as_ref(&self) -> &EventBus<E> {
+        self
+    }
+}
+
 impl<E: Event> Clone for EventBus<E> {
     fn clone(&self) -> Self {
         self.shared.handles.fetch_add(1, Ordering::Relaxed);

@@ -10,50 +10,24 @@
 //! # Examples
 //!
 //! ```
-//! use std::sync::Arc;
 //! use std::time::Duration;
-//! use event_bus::{Envelope, Event, EventBus, EventKind, HandlerError, KindSet, Listener};
+//! use event_bus::{DomainEvent, EventBus, HandlerError, listener};
 //!
-//! // The event model. `#[derive(DomainEvent)]` writes these two impls.
-//! #[derive(Debug)]
+//! // The application's events. The derive writes the kind enum, the emit
+//! // helpers (`emit_post_published`) and the handler trait (`AppEventHandler`).
+//! #[derive(Debug, DomainEvent)]
 //! enum AppEvent {
 //!     UserCreated { id: u64 },
 //!     PostPublished { id: u64 },
 //! }
 //!
-//! #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-//! enum AppEventKind { UserCreated, PostPublished }
-//!
-//! impl EventKind for AppEventKind {
-//!     const ALL: &'static [Self] = &[Self::UserCreated, Self::PostPublished];
-//!     fn index(self) -> usize { self as usize }
-//!     fn name(self) -> &'static str {
-//!         match self { Self::UserCreated => "user.created", Self::PostPublished => "post.published" }
-//!     }
-//! }
-//!
-//! impl Event for AppEvent {
-//!     type Kind = AppEventKind;
-//!     fn kind(&self) -> AppEventKind {
-//!         match self {
-//!             Self::UserCreated { .. } => AppEventKind::UserCreated,
-//!             Self::PostPublished { .. } => AppEventKind::PostPublished,
-//!         }
-//!     }
-//! }
-//!
-//! // A listener: woken only for the kinds it names.
+//! // A listener: subscribed to exactly the events whose methods it implements.
 //! struct SearchIndexer;
 //!
-//! impl Listener<AppEvent> for SearchIndexer {
-//!     fn interests(&self) -> KindSet<AppEventKind> {
-//!         KindSet::from(AppEventKind::PostPublished)
-//!     }
-//!
-//!     async fn handle(&self, event: Arc<Envelope<AppEvent>>) -> Result<(), HandlerError> {
-//!         if let AppEvent::PostPublished { id } = **event {
-//!             println!("indexing post {id}");
-//!         }
+//! #[listener]
+//! impl AppEventHandler for SearchIndexer {
+//!     async fn on_post_published(&self, id: &u64) -> Result<(), HandlerError> {
+//!         println!("indexing post {id}");
 //!         Ok(())
 //!     }
 //! }
@@ -63,8 +37,8 @@
 //! let bus = EventBus::new();
 //! bus.spawn(SearchIndexer);
 //!
-//! bus.emit(AppEvent::UserCreated { id: 1 });   // nobody listens: costs a counter
-//! bus.emit(AppEvent::PostPublished { id: 2 }); // queued for SearchIndexer
+//! bus.emit_user_created(1);   // nobody listens: costs a counter
+//! bus.emit_post_published(2); // queued for SearchIndexer
 //!
 //! bus.quiesce().await; // every listener idle: no sleeps in tests
 //! assert_eq!(bus.metrics().listener("SearchIndexer").unwrap().handled, 1);
@@ -74,28 +48,17 @@
 //! # }
 //! ```
 //!
+//! [`Event`] and [`Listener`] can also be implemented by hand; see their
+//! documentation.
+//!
 //! The rest of this page states the delivery rules; the tests in the
 //! repository prove each one. The examples below share this event type:
 //!
 //! ```
-//! # use event_bus::{Event, EventKind};
-//! #[derive(Debug, PartialEq)]
-//! enum Tick { Fast(u64), Slow(u64) }
-//!
-//! #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-//! enum TickKind { Fast, Slow }
-//!
-//! impl EventKind for TickKind {
-//!     const ALL: &'static [Self] = &[Self::Fast, Self::Slow];
-//!     fn index(self) -> usize { self as usize }
-//!     fn name(self) -> &'static str { ["tick.fast", "tick.slow"][self as usize] }
-//! }
-//!
-//! impl Event for Tick {
-//!     type Kind = TickKind;
-//!     fn kind(&self) -> TickKind {
-//!         match self { Tick::Fast(_) => TickKind::Fast, Tick::Slow(_) => TickKind::Slow }
-//!     }
+//! #[derive(Debug, PartialEq, event_bus::DomainEvent)]
+//! enum Tick {
+//!     Fast(u64),
+//!     Slow(u64),
 //! }
 //! ```
 //!
@@ -110,13 +73,8 @@
 //! may finish in any order.
 //!
 //! ```
-//! # use event_bus::{Event, EventKind, EventBus};
-//! # #[derive(Debug, PartialEq)] enum Tick { Fast(u64), Slow(u64) }
-//! # #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)] enum TickKind { Fast, Slow }
-//! # impl EventKind for TickKind { const ALL: &'static [Self] = &[Self::Fast, Self::Slow];
-//! #     fn index(self) -> usize { self as usize } fn name(self) -> &'static str { ["tick.fast", "tick.slow"][self as usize] } }
-//! # impl Event for Tick { type Kind = TickKind;
-//! #     fn kind(&self) -> TickKind { match self { Tick::Fast(_) => TickKind::Fast, Tick::Slow(_) => TickKind::Slow } } }
+//! # use event_bus::EventBus;
+//! # #[derive(Debug, PartialEq, event_bus::DomainEvent)] enum Tick { Fast(u64), Slow(u64) }
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() {
 //! let bus = EventBus::new();
@@ -143,13 +101,8 @@
 //! the events of interest emitted since it subscribed.
 //!
 //! ```
-//! # use event_bus::{Event, EventKind, EventBus, LagPolicy, RecvError};
-//! # #[derive(Debug, PartialEq)] enum Tick { Fast(u64), Slow(u64) }
-//! # #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)] enum TickKind { Fast, Slow }
-//! # impl EventKind for TickKind { const ALL: &'static [Self] = &[Self::Fast, Self::Slow];
-//! #     fn index(self) -> usize { self as usize } fn name(self) -> &'static str { ["tick.fast", "tick.slow"][self as usize] } }
-//! # impl Event for Tick { type Kind = TickKind;
-//! #     fn kind(&self) -> TickKind { match self { Tick::Fast(_) => TickKind::Fast, Tick::Slow(_) => TickKind::Slow } } }
+//! # use event_bus::{EventBus, LagPolicy, RecvError};
+//! # #[derive(Debug, PartialEq, event_bus::DomainEvent)] enum Tick { Fast(u64), Slow(u64) }
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() {
 //! let bus = EventBus::new();
@@ -175,13 +128,8 @@
 //! block, queues past the capacity and counts the event as overflowed.
 //!
 //! ```
-//! # use event_bus::{Event, EventKind, EventBus, LagPolicy};
-//! # #[derive(Debug, PartialEq)] enum Tick { Fast(u64), Slow(u64) }
-//! # #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)] enum TickKind { Fast, Slow }
-//! # impl EventKind for TickKind { const ALL: &'static [Self] = &[Self::Fast, Self::Slow];
-//! #     fn index(self) -> usize { self as usize } fn name(self) -> &'static str { ["tick.fast", "tick.slow"][self as usize] } }
-//! # impl Event for Tick { type Kind = TickKind;
-//! #     fn kind(&self) -> TickKind { match self { Tick::Fast(_) => TickKind::Fast, Tick::Slow(_) => TickKind::Slow } } }
+//! # use event_bus::{EventBus, LagPolicy};
+//! # #[derive(Debug, PartialEq, event_bus::DomainEvent)] enum Tick { Fast(u64), Slow(u64) }
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() {
 //! let bus = EventBus::new();
@@ -215,15 +163,10 @@
 //! [read or subscribe to](EventBus::dead_letters).
 //!
 //! ```
-//! # use event_bus::{Event, EventKind, EventBus, Envelope, HandlerError, Listener, ListenerOptions, RetryPolicy};
+//! # use event_bus::{EventBus, Envelope, HandlerError, Listener, ListenerOptions, RetryPolicy};
 //! # use std::sync::Arc;
 //! # use std::time::Duration;
-//! # #[derive(Debug, PartialEq)] enum Tick { Fast(u64), Slow(u64) }
-//! # #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)] enum TickKind { Fast, Slow }
-//! # impl EventKind for TickKind { const ALL: &'static [Self] = &[Self::Fast, Self::Slow];
-//! #     fn index(self) -> usize { self as usize } fn name(self) -> &'static str { ["tick.fast", "tick.slow"][self as usize] } }
-//! # impl Event for Tick { type Kind = TickKind;
-//! #     fn kind(&self) -> TickKind { match self { Tick::Fast(_) => TickKind::Fast, Tick::Slow(_) => TickKind::Slow } } }
+//! # #[derive(Debug, PartialEq, event_bus::DomainEvent)] enum Tick { Fast(u64), Slow(u64) }
 //! struct Flaky;
 //!
 //! impl Listener<Tick> for Flaky {
@@ -269,15 +212,10 @@
 //! handle to emit follow-up events keeps the bus open; call `shutdown`.)
 //!
 //! ```
-//! # use event_bus::{Event, EventKind, EventBus, Envelope, HandlerError, Listener};
+//! # use event_bus::{EventBus, Envelope, HandlerError, Listener};
 //! # use std::sync::Arc;
 //! # use std::time::Duration;
-//! # #[derive(Debug, PartialEq)] enum Tick { Fast(u64), Slow(u64) }
-//! # #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)] enum TickKind { Fast, Slow }
-//! # impl EventKind for TickKind { const ALL: &'static [Self] = &[Self::Fast, Self::Slow];
-//! #     fn index(self) -> usize { self as usize } fn name(self) -> &'static str { ["tick.fast", "tick.slow"][self as usize] } }
-//! # impl Event for Tick { type Kind = TickKind;
-//! #     fn kind(&self) -> TickKind { match self { Tick::Fast(_) => TickKind::Fast, Tick::Slow(_) => TickKind::Slow } } }
+//! # #[derive(Debug, PartialEq, event_bus::DomainEvent)] enum Tick { Fast(u64), Slow(u64) }
 //! struct Archiver;
 //!
 //! impl Listener<Tick> for Archiver {
@@ -308,8 +246,8 @@
 //!
 //! # Feature flags
 //!
-//! - `derive` (default): re-exports the `DomainEvent` derive from
-//!   `event-bus-derive`.
+//! - `derive` (default): [`DomainEvent`](derive@DomainEvent) and
+//!   [`listener`](macro@listener), from `event-bus-derive`.
 //! - `metrics`: exports the bus's counters through the
 //!   [`metrics`](https://docs.rs/metrics) facade; see [`mod@metrics`].
 //! - `serde`: `Serialize` for metrics snapshots and shutdown reports.
@@ -319,6 +257,7 @@ mod dead_letter;
 mod envelope;
 pub mod error;
 mod event;
+mod handler;
 mod listener;
 pub mod metrics;
 mod queue;
@@ -331,8 +270,312 @@ pub use dead_letter::{DeadLetter, DeadLetterSubscription, DeadLetters};
 pub use envelope::Envelope;
 pub use error::{HandlerError, Lagged, RecvError, TryRecvError};
 pub use event::{Event, EventKind, KindSet, KindSetIter};
+pub use handler::Routes;
 pub use listener::{Listener, ListenerOptions, RetryPolicy};
 pub use metrics::{BusMetrics, KindCount, LatencySummary, ListenerMetrics};
 pub use queue::LagPolicy;
 pub use runtime::{ListenerHandle, ListenerReport, ShutdownReport};
 pub use subscription::Subscription;
+
+/// Derives [`Event`] for an enum, and writes the code around it: the kind
+/// enum, an emit helper per variant, and a handler trait with one method per
+/// variant plus the `match` that routes to them.
+///
+/// # Examples
+///
+/// ```
+/// use std::sync::Arc;
+/// use event_bus::{DomainEvent, EventBus, HandlerError, listener};
+///
+/// #[derive(Debug, Clone)]
+/// pub struct UserEventData {
+///     pub id: i64,
+///     pub username: String,
+/// }
+///
+/// #[derive(Debug, DomainEvent)]
+/// pub enum AppEvent {
+///     UserCreated(UserEventData),          // newtype: the payload
+///     UserDeleted { id: i64 },              // struct: its fields
+///     #[event(name = "cache.purged")]
+///     CacheFlushed,                         // unit: nothing
+/// }
+///
+/// // The row the handler has; listeners get the lighter payload.
+/// pub struct User { pub id: i64, pub username: String, pub password_hash: String }
+///
+/// impl From<&User> for UserEventData {
+///     fn from(user: &User) -> Self {
+///         Self { id: user.id, username: user.username.clone() }
+///     }
+/// }
+///
+/// // The application's state exposes its bus, so the helpers work on it.
+/// pub struct AppState { events: EventBus<AppEvent> }
+///
+/// impl AsRef<EventBus<AppEvent>> for AppState {
+///     fn as_ref(&self) -> &EventBus<AppEvent> { &self.events }
+/// }
+///
+/// // A listener implements the methods of the events it wants, and is
+/// // subscribed to exactly those.
+/// struct SearchIndexer;
+///
+/// #[listener]
+/// impl AppEventHandler for SearchIndexer {
+///     async fn on_user_created(&self, user: &UserEventData) -> Result<(), HandlerError> {
+///         println!("indexing {}", user.username);
+///         Ok(())
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let state = Arc::new(AppState { events: EventBus::new() });
+/// let indexer = state.events.spawn(SearchIndexer);
+///
+/// let user = User { id: 1, username: "ada".into(), password_hash: "…".into() };
+/// state.emit_user_created(&user); // a request handler's one line
+/// state.emit_user_deleted(1);
+/// state.emit_cache_flushed();
+///
+/// state.events.quiesce().await;
+/// assert_eq!(indexer.metrics().delivered, 1); // never woken for the others
+/// # }
+/// ```
+///
+/// # What it generates
+///
+/// For `AppEvent` above, with the visibility of the enum:
+///
+/// ```text
+/// enum AppEventKind { UserCreated, UserDeleted, CacheFlushed }   // Copy, Eq, Ord, Hash, Debug
+/// impl EventKind for AppEventKind { … }   // "user.created", "user.deleted", "cache.purged"
+/// impl Event for AppEvent { type Kind = AppEventKind; … }
+///
+/// trait EmitAppEvent: AsRef<EventBus<AppEvent>> {            // for every such type
+///     fn emit_user_created(&self, data: impl Into<UserEventData>);
+///     fn emit_user_created_wait(&self, data: impl Into<UserEventData>) -> impl Future<Output = ()> + Send;
+///     fn emit_user_deleted(&self, id: i64);
+///     fn emit_user_deleted_wait(&self, id: i64) -> impl Future<Output = ()> + Send;
+///     fn emit_cache_flushed(&self);
+///     fn emit_cache_flushed_wait(&self) -> impl Future<Output = ()> + Send;
+/// }
+///
+/// trait AppEventHandler: Send + Sync + 'static {               // every method defaults to Ok(())
+///     async fn on_user_created(&self, data: &UserEventData) -> Result<(), HandlerError>;
+///     async fn on_user_deleted(&self, id: &i64) -> Result<(), HandlerError>;
+///     async fn on_cache_flushed(&self) -> Result<(), HandlerError>;
+///     async fn dispatch(&self, event: &AppEvent) -> Result<(), HandlerError>; // the match
+/// }
+///
+/// impl<H: AppEventHandler> Routes<H> for AppEvent { … }       // what #[listener] builds on
+/// ```
+///
+/// The handler methods are declared as `fn … -> impl Future<…> + Send`;
+/// implement them with `async fn`. The `_wait` helpers call
+/// [`EventBus::emit_wait`]; the others [`EventBus::emit`].
+///
+/// # Attributes
+///
+/// On the enum, `#[event(...)]` names the generated items and the crate path:
+///
+/// | key | default | example |
+/// |---|---|---|
+/// | `kind` | `{Enum}Kind` | `#[event(kind = "Topic")]` |
+/// | `handler` | `{Enum}Handler` | `#[event(handler = "Handles")]` |
+/// | `emitter` | `Emit{Enum}` | `#[event(emitter = "Emits")]` |
+/// | `crate` | `::event_bus` | `#[event(crate = "::my_app::event_bus")]`, for a crate that re-exports `event_bus` |
+///
+/// On a variant:
+///
+/// | key | effect | example |
+/// |---|---|---|
+/// | `name` | the event name, instead of the dotted snake case of the variant (`UserCreated` → `"user.created"`); lowercase words separated by dots | `#[event(name = "user.signed_up")]` |
+/// | `skip_emit` | no emit helpers for this variant (it can still be emitted with `bus.emit(…)`) | `#[event(skip_emit)]` |
+///
+/// ```
+/// use event_bus::{DomainEvent, EventKind};
+///
+/// #[derive(DomainEvent)]
+/// #[event(kind = "Topic", handler = "Handles", emitter = "Emits")]
+/// enum Signal {
+///     #[event(name = "signal.up")]
+///     Started,
+///     #[event(skip_emit)]
+///     Internal(u8),
+/// }
+///
+/// assert_eq!(Topic::Started.name(), "signal.up");
+/// assert_eq!(Topic::Internal.name(), "internal");
+/// ```
+///
+/// # Errors
+///
+/// Every misuse is a compile error on your own tokens, all of them at once.
+/// The three most common:
+///
+/// Deriving on a struct:
+///
+/// ```text
+/// error: `DomainEvent` can only be derived for enums; wrap the struct in an enum variant, like `enum AppEvent { UserCreated(UserCreated) }`
+///  --> src/events.rs:4:1
+///   |
+/// 4 | struct UserCreated {
+///   | ^^^^^^
+/// ```
+///
+/// ```compile_fail
+/// #[derive(event_bus::DomainEvent)]
+/// struct UserCreated {
+///     id: u64,
+/// }
+/// ```
+///
+/// A misspelled key:
+///
+/// ```text
+/// error: unknown `event` attribute key `nmae`; expected one of `name`, `skip_emit`
+///  --> src/events.rs:6:13
+///   |
+/// 6 |     #[event(nmae = "user.created")]
+///   |             ^^^^
+/// ```
+///
+/// ```compile_fail
+/// #[derive(event_bus::DomainEvent)]
+/// enum AppEvent {
+///     #[event(nmae = "user.created")]
+///     UserCreated,
+/// }
+/// ```
+///
+/// Two variants with one event name:
+///
+/// ```text
+/// error: event name `user.created` is already used by variant `UserCreated`; give one of them another name with `#[event(name = "…")]`
+///  --> src/events.rs:6:20
+///   |
+/// 6 |     #[event(name = "user.created")]
+///   |                    ^^^^^^^^^^^^^^
+/// ```
+///
+/// ```compile_fail
+/// #[derive(event_bus::DomainEvent)]
+/// enum AppEvent {
+///     UserCreated,
+///     #[event(name = "user.created")]
+///     UserRegistered,
+/// }
+/// ```
+///
+/// Also rejected: unions, empty and generic enums, tuple variants of more than
+/// one field, duplicate keys, invalid names.
+#[cfg(feature = "derive")]
+#[doc(inline)]
+pub use event_bus_derive::DomainEvent;
+
+/// Makes an `impl` of a handler trait generated by
+/// [`DomainEvent`](derive@DomainEvent) a [`Listener`], subscribed to exactly
+/// the kinds whose `on_*` methods the block defines.
+///
+/// The listener is never queued for or woken by the other kinds. Its name
+/// is the type's name unless `name` is given; `crate` is the path of
+/// `event_bus` for crates that re-export it.
+///
+/// # Examples
+///
+/// ```
+/// use event_bus::{DomainEvent, EventBus, HandlerError, Listener, listener};
+///
+/// #[derive(DomainEvent)]
+/// enum AppEvent {
+///     UserCreated(u64),
+///     PostPublished(u64),
+///     PostDeleted(u64),
+/// }
+///
+/// struct Cache;
+///
+/// #[listener(name = "cache")]
+/// impl AppEventHandler for Cache {
+///     async fn on_post_published(&self, id: &u64) -> Result<(), HandlerError> {
+///         println!("invalidate post {id}");
+///         Ok(())
+///     }
+///
+///     async fn on_post_deleted(&self, id: &u64) -> Result<(), HandlerError> {
+///         println!("invalidate post {id}");
+///         Ok(())
+///     }
+/// }
+///
+/// assert_eq!(
+///     Listener::<AppEvent>::interests(&Cache),
+///     [AppEventKind::PostPublished, AppEventKind::PostDeleted].into(),
+/// );
+/// assert_eq!(Listener::<AppEvent>::name(&Cache), "cache");
+/// ```
+///
+/// # Errors
+///
+/// A method that matches no variant is not a member of the trait, and the
+/// compiler suggests the closest:
+///
+/// ```text
+/// error[E0407]: method `on_user_craeted` is not a member of trait `AppEventHandler`
+///   --> src/listeners.rs:13:5
+///    |
+/// 13 |     async fn on_user_craeted(&self, id: &u64) -> Result<(), HandlerError> {
+///    |     ^        --------------- help: there is an associated function with a similar name: `on_user_created`
+/// ```
+///
+/// ```compile_fail,E0407
+/// # use event_bus::{DomainEvent, HandlerError, listener};
+/// # #[derive(DomainEvent)]
+/// # enum AppEvent { UserCreated(u64) }
+/// struct Mailer;
+///
+/// #[listener]
+/// impl AppEventHandler for Mailer {
+///     async fn on_user_craeted(&self, id: &u64) -> Result<(), HandlerError> {
+///         Ok(())
+///     }
+/// }
+/// ```
+///
+/// A block with no `on_*` method, or the attribute on anything but a trait
+/// `impl`, is rejected with a message that says what to write instead.
+#[cfg(feature = "derive")]
+#[doc(inline)]
+pub use event_bus_derive::listener;
+
+/// What the code generated by `#[derive(DomainEvent)]` and `#[listener]`
+/// names. Not public API: it may change in any release.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::{
+        Envelope, Event, EventBus, EventKind, HandlerError, KindSet, Listener, Routes,
+    };
+    pub use core::future::Future;
+    pub use core::option::Option;
+    pub use core::result::Result;
+    pub use std::sync::Arc;
+
+    /// The kind type of an input the derive rejected, so that the
+    /// `Event` impl it still emits keeps follow-on errors away.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub enum StubKind {}
+
+    impl EventKind for StubKind {
+        const ALL: &'static [Self] = &[];
+
+        fn index(self) -> usize {
+            match self {}
+        }
+
+        fn name(self) -> &'static str {
+            match self {}
+        }
+    }
+}

@@ -1,0 +1,359 @@
+//! Code generation for `#[derive(DomainEvent)]`.
+
+use proc_macro2::{Span, TokenStream};
+use quote::{format_ident, quote, quote_spanned};
+use syn::{DeriveInput, Ident, Path};
+
+use crate::ast::{Input, Shape, Variant};
+use crate::ctxt::Ctxt;
+use crate::valid;
+
+pub(crate) fn derive(input: &DeriveInput) -> TokenStream {
+    let cx = Ctxt::default();
+    let expanded = match Input::from_syn(&cx, input) {
+        Some(ast) => {
+            valid::check(&cx, &ast);
+            if ast.original.generics.params.is_empty() {
+                expand(&ast)
+            } else {
+                // Every generated item would need the enum's parameters;
+                // the error alone says what to change.
+                TokenStream::new()
+            }
+        }
+        None => stub(input),
+    };
+    match cx.check() {
+        Ok(()) => expanded,
+        Err(errors) => {
+            let errors = errors.to_compile_error();
+            quote!(#errors #expanded)
+        }
+    }
+}
+
+/// For a struct or union: an `Event` impl that keeps the user's other uses of
+/// the type from failing too, beside the error that says what to fix.
+fn stub(input: &DeriveInput) -> TokenStream {
+    let ident = &input.ident;
+    let private = private_path(&default_crate());
+    let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
+    quote! {
+        #[automatically_derived]
+        impl #impl_generics #private::Event for #ident #ty_generics #where_clause {
+            type Kind = #private::StubKind;
+
+            fn kind(&self) -> #private::StubKind {
+                ::core::panic!("`DomainEvent` was derived for a type that is not an enum")
+            }
+        }
+    }
+}
+
+fn default_crate() -> Path {
+    syn::parse_quote!(::event_bus)
+}
+
+fn private_path(krate: &Path) -> TokenStream {
+    quote!(#krate::__private)
+}
+
+/// Everything the derive generates for a valid (or mostly valid) enum.
+struct Expander<'a> {
+    input: &'a Input<'a>,
+    private: TokenStream,
+    event: &'a Ident,
+    kind: Ident,
+}
+
+fn expand(input: &Input<'_>) -> TokenStream {
+    let krate = input.attrs.krate.clone().unwrap_or_else(default_crate);
+    let expander = Expander {
+        input,
+        private: private_path(&krate),
+        event: input.ident,
+        kind: input.kind_ident(),
+    };
+    let kind_enum = expander.kind_enum();
+    let event_impl = expander.event_impl();
+    let emitter = expander.emitter();
+    let handler = expander.handler();
+    let routes = expander.routes();
+    quote! {
+        #kind_enum
+        #event_impl
+        #emitter
+        #handler
+        #routes
+    }
+}
+
+impl Expander<'_> {
+    fn kind_enum(&self) -> TokenStream {
+        let Self {
+            private,
+            event,
+            kind,
+            ..
+        } = self;
+        let vis = self.input.vis;
+        let variants = &self.input.variants;
+        let idents: Vec<&Ident> = variants.iter().map(|v| v.ident).collect();
+        let names: Vec<String> = variants.iter().map(Variant::name).collect();
+        let indices = 0..variants.len();
+        let enum_doc = format!("The kind of each [`{event}`]: one fieldless variant per event.");
+        let variant_docs = variants
+            .iter()
+            .map(|v| format!("`{}`: the kind of [`{event}::{}`].", v.name(), v.ident));
+        quote! {
+            #[doc = #enum_doc]
+            #[derive(
+                ::core::fmt::Debug,
+                ::core::clone::Clone,
+                ::core::marker::Copy,
+                ::core::cmp::PartialEq,
+                ::core::cmp::Eq,
+                ::core::cmp::PartialOrd,
+                ::core::cmp::Ord,
+                ::core::hash::Hash,
+            )]
+            #vis enum #kind {
+                #(
+                    #[doc = #variant_docs]
+                    #idents,
+                )*
+            }
+
+            #[automatically_derived]
+            impl #private::EventKind for #kind {
+                const ALL: &'static [Self] = &[#(Self::#idents),*];
+
+                #[inline]
+                fn index(self) -> usize {
+                    match self {
+                        #(Self::#idents => #indices,)*
+                    }
+                }
+
+                fn name(self) -> &'static str {
+                    match self {
+                        #(Self::#idents => #names,)*
+                    }
+                }
+            }
+        }
+    }
+
+    fn event_impl(&self) -> TokenStream {
+        let Self {
+            private,
+            event,
+            kind,
+            ..
+        } = self;
+        let arms = self.input.variants.iter().map(|v| {
+            let ident = v.ident;
+            let pattern = match v.shape {
+                Shape::Unit => quote!(Self::#ident),
+                Shape::Newtype(_) | Shape::Tuple(_) => quote!(Self::#ident(..)),
+                Shape::Struct(_) => quote!(Self::#ident { .. }),
+            };
+            quote!(#pattern => #kind::#ident)
+        });
+        quote! {
+            #[automatically_derived]
+            impl #private::Event for #event {
+                type Kind = #kind;
+
+                #[inline]
+                fn kind(&self) -> #kind {
+                    match *self {
+                        #(#arms,)*
+                    }
+                }
+            }
+        }
+    }
+
+    fn emitter(&self) -> TokenStream {
+        let Self { private, event, .. } = self;
+        let vis = self.input.vis;
+        let emitter = self.input.emitter_ident();
+        let bus = quote!(#private::EventBus<#event>);
+        let as_bus = quote!(<Self as ::core::convert::AsRef<#bus>>::as_ref(self));
+        let helpers = self
+            .input
+            .variants
+            .iter()
+            .filter(|v| v.attrs.skip_emit.is_none())
+            .filter_map(|v| {
+                let ident = v.ident;
+                let span = ident.span();
+                let emit = format_ident!("emit_{}", v.snake(), span = span);
+                let emit_wait = format_ident!("emit_{}_wait", v.snake(), span = span);
+                let (params, construct) = match &v.shape {
+                    Shape::Unit => (quote!(), quote!(#event::#ident)),
+                    Shape::Newtype(ty) => (
+                        quote!(data: impl ::core::convert::Into<#ty>),
+                        quote!(#event::#ident(::core::convert::Into::into(data))),
+                    ),
+                    Shape::Struct(fields) => {
+                        let names = fields.iter().map(|(name, _)| name);
+                        let params = fields.iter().map(|(name, ty)| quote!(#name: #ty));
+                        (quote!(#(#params),*), quote!(#event::#ident { #(#names),* }))
+                    }
+                    Shape::Tuple(_) => return None,
+                };
+                let doc = format!(
+                    "Emits [`{event}::{ident}`] (`{}`): never blocks, never fails. See `EventBus::emit`.",
+                    v.name(),
+                );
+                let wait_doc = format!(
+                    "Emits [`{event}::{ident}`] (`{}`), first waiting for room in backpressure subscribers. See `EventBus::emit_wait`.",
+                    v.name(),
+                );
+                Some(quote_spanned! {span=>
+                    #[doc = #doc]
+                    fn #emit(&self, #params) {
+                        #as_bus.emit(#construct)
+                    }
+
+                    #[doc = #wait_doc]
+                    fn #emit_wait(&self, #params) -> impl #private::Future<Output = ()> + ::core::marker::Send {
+                        let event = #construct;
+                        #as_bus.emit_wait(event)
+                    }
+                })
+            });
+        let doc = format!(
+            "Emit helpers for [`{event}`], one per variant, on anything that implements `AsRef<EventBus<{event}>>`: the bus itself, or the application's state once it has that one-method impl."
+        );
+        // A helper the application does not call is not dead code it wrote.
+        quote! {
+            #[doc = #doc]
+            #[allow(dead_code, clippy::too_many_arguments)]
+            #vis trait #emitter: ::core::convert::AsRef<#bus> {
+                #(#helpers)*
+            }
+
+            #[automatically_derived]
+            impl<__T: ::core::convert::AsRef<#bus> + ?::core::marker::Sized> #emitter for __T {}
+        }
+    }
+
+    fn handler(&self) -> TokenStream {
+        let Self { private, event, .. } = self;
+        let vis = self.input.vis;
+        let handler = self.input.handler_ident();
+        let result = quote!(#private::Result<(), #private::HandlerError>);
+        let output = quote!(impl #private::Future<Output = #result> + ::core::marker::Send);
+        let methods = self.input.variants.iter().filter_map(|v| {
+            let ident = v.ident;
+            let method = on_method(v);
+            let params = match &v.shape {
+                Shape::Unit => quote!(),
+                Shape::Newtype(ty) => quote!(data: &#ty),
+                Shape::Struct(fields) => {
+                    let params = fields.iter().map(|(name, ty)| quote!(#name: &#ty));
+                    quote!(#(#params),*)
+                }
+                Shape::Tuple(_) => return None,
+            };
+            let doc = format!(
+                "Handles `{}` ([`{event}::{ident}`]). Unless implemented, does nothing, and a `#[listener]` is not subscribed to it.",
+                v.name()
+            );
+            Some(quote_spanned! {ident.span()=>
+                #[doc = #doc]
+                #[allow(unused_variables)]
+                fn #method(&self, #params) -> #output {
+                    async { #private::Result::Ok(()) }
+                }
+            })
+        });
+        let arms = self.input.variants.iter().map(|v| {
+            let ident = v.ident;
+            let method = on_method(v);
+            match &v.shape {
+                Shape::Unit => quote!(#event::#ident => self.#method().await),
+                Shape::Newtype(_) => quote!(#event::#ident(ref data) => self.#method(data).await),
+                Shape::Struct(fields) => {
+                    let names: Vec<_> = fields.iter().map(|(name, _)| name).collect();
+                    quote!(#event::#ident { #(ref #names),* } => self.#method(#(#names),*).await)
+                }
+                Shape::Tuple(_) => quote!(#event::#ident(..) => #private::Result::Ok(())),
+            }
+        });
+        let doc = format!(
+            "Handles [`{event}`]s: one `on_*` method per variant, each doing nothing until implemented.\n\n\
+             Implement the methods for the events a listener wants in an `impl` block marked \
+             `#[event_bus::listener]`; the listener is then subscribed to exactly those kinds \
+             and can be spawned with `EventBus::spawn`."
+        );
+        quote! {
+            #[doc = #doc]
+            // Fields are passed as they are declared (`&String`, many of them).
+            #[allow(dead_code, clippy::ptr_arg, clippy::too_many_arguments)]
+            #vis trait #handler: ::core::marker::Send + ::core::marker::Sync + 'static {
+                #(#methods)*
+
+                /// Calls the method of `event`'s variant: the exhaustive `match`
+                /// the derive writes.
+                fn dispatch(&self, event: &#event) -> #output {
+                    async move {
+                        // On the place, not the reference, so that an enum
+                        // without variants still matches exhaustively.
+                        match *event {
+                            #(#arms,)*
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn routes(&self) -> TokenStream {
+        let Self {
+            private,
+            event,
+            kind,
+            ..
+        } = self;
+        let handler = self.input.handler_ident();
+        let (methods, idents): (Vec<String>, Vec<&Ident>) = self
+            .input
+            .variants
+            .iter()
+            .map(|v| (on_method(v).to_string(), v.ident))
+            .unzip();
+        quote! {
+            #[automatically_derived]
+            impl<__H: #handler + ?::core::marker::Sized> #private::Routes<__H> for #event {
+                fn kind_of(method: &str) -> #private::Option<#kind> {
+                    match method {
+                        #(#methods => #private::Option::Some(#kind::#idents),)*
+                        _ => #private::Option::None,
+                    }
+                }
+
+                fn route<'a>(
+                    handler: &'a __H,
+                    event: &'a Self,
+                ) -> impl #private::Future<Output = #private::Result<(), #private::HandlerError>>
+                       + ::core::marker::Send
+                       + 'a {
+                    #handler::dispatch(handler, event)
+                }
+            }
+        }
+    }
+}
+
+/// `on_user_created`, spanned at the variant so errors in generated handler
+/// code point at it.
+fn on_method(variant: &Variant<'_>) -> Ident {
+    Ident::new(
+        &format!("on_{}", variant.snake()),
+        variant.ident.span().resolved_at(Span::call_site()),
+    )
+}

@@ -1,0 +1,8 @@
+use event_bus::DomainEvent;
+
+#[derive(DomainEvent)]
+struct UserCreated {
+    id: u64,
+}
+
+fn main() {}

@@ -1,0 +1,6 @@
+use event_bus::DomainEvent;
+
+#[derive(DomainEvent)]
+enum AppEvent {}
+
+fn main() {}

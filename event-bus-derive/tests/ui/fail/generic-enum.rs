@@ -1,0 +1,8 @@
+use event_bus::DomainEvent;
+
+#[derive(DomainEvent)]
+enum AppEvent<T> {
+    Created(T),
+}
+
+fn main() {}

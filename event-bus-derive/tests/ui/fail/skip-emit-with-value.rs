@@ -1,0 +1,9 @@
+use event_bus::DomainEvent;
+
+#[derive(DomainEvent)]
+enum AppEvent {
+    #[event(skip_emit = true)]
+    UserCreated,
+}
+
+fn main() {}

@@ -1,0 +1,18 @@
+use event_bus::{DomainEvent, HandlerError, listener};
+
+#[derive(DomainEvent)]
+enum AppEvent {
+    UserCreated(u64),
+}
+
+struct Mailer;
+
+#[listener]
+impl AppEventHandler for Mailer {
+    async fn on_user_created(&self, id: u64) -> Result<(), HandlerError> {
+        println!("{id}");
+        Ok(())
+    }
+}
+
+fn main() {}
