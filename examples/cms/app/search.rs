@@ -1,0 +1,317 @@
+//! Full-text search (feature `search`): a tantivy index in the data
+//! directory, kept in step with the database by a listener that re-reads each
+//! row it is told about. Without the feature, `GET /search` answers 501; the
+//! handlers are the same.
+
+use serde::Serialize;
+
+use super::AppState;
+use super::error::ApiError;
+
+/// One search result.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub(crate) struct Hit {
+    pub(crate) kind: &'static str,
+    pub(crate) id: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) title: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) username: Option<String>,
+    pub(crate) score: f32,
+}
+
+/// What to search.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Scope {
+    All,
+    Users,
+    Posts,
+}
+
+impl AppState {
+    /// Searches users and published posts.
+    ///
+    /// # Errors
+    ///
+    /// 400 for a query the parser rejects; 501 without the `search` feature.
+    pub(crate) async fn search(&self, query: &str, scope: Scope) -> Result<Vec<Hit>, ApiError> {
+        #[cfg(feature = "search")]
+        return self.search.search(query, scope).await;
+        #[cfg(not(feature = "search"))]
+        {
+            let _ = (query, scope);
+            Err(ApiError::SearchDisabled)
+        }
+    }
+}
+
+#[cfg(feature = "search")]
+pub(crate) use enabled::{SearchIndex, SearchIndexer};
+
+#[cfg(feature = "search")]
+mod enabled {
+    use std::path::Path;
+    use std::sync::{Arc, Mutex};
+
+    use event_bus::{HandlerError, listener};
+    use sqlx::AnyPool;
+    use tantivy::collector::TopDocs;
+    use tantivy::query::{BooleanQuery, Occur, Query, QueryParser, TermQuery};
+    use tantivy::schema::{Field, INDEXED, IndexRecordOption, STORED, STRING, Schema, TEXT, Value};
+    use tantivy::{Index, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term, doc};
+
+    use super::*;
+    use crate::app::db::{self, Post, User};
+    use crate::app::events::{AppEventHandler, PostEventData, UserEventData};
+
+    const LIMIT: usize = 20;
+
+    struct Fields {
+        key: Field,
+        kind: Field,
+        id: Field,
+        title: Field,
+        body: Field,
+        username: Field,
+    }
+
+    /// The index: a writer behind a lock (tantivy allows one), and a reader
+    /// reloaded after every commit so a search right after `quiesce` sees it.
+    pub(crate) struct SearchIndex {
+        index: Index,
+        reader: IndexReader,
+        writer: Mutex<IndexWriter>,
+        fields: Fields,
+    }
+
+    fn internal(error: impl std::error::Error + Send + Sync + 'static) -> ApiError {
+        ApiError::Internal(Box::new(error))
+    }
+
+    impl SearchIndex {
+        pub(crate) fn open(dir: &Path) -> tantivy::Result<Self> {
+            let mut schema = Schema::builder();
+            let fields = Fields {
+                key: schema.add_text_field("key", STRING),
+                kind: schema.add_text_field("kind", STRING | STORED),
+                id: schema.add_i64_field("id", INDEXED | STORED),
+                title: schema.add_text_field("title", TEXT | STORED),
+                body: schema.add_text_field("body", TEXT),
+                username: schema.add_text_field("username", TEXT | STORED),
+            };
+            std::fs::create_dir_all(dir)?;
+            let directory = tantivy::directory::MmapDirectory::open(dir)?;
+            let index = Index::open_or_create(directory, schema.build())?;
+            let reader = index
+                .reader_builder()
+                .reload_policy(ReloadPolicy::Manual)
+                .try_into()?;
+            let writer = index.writer_with_num_threads(1, 32_000_000)?;
+            Ok(Self {
+                index,
+                reader,
+                writer: Mutex::new(writer),
+                fields,
+            })
+        }
+
+        /// Runs `change` on the writer, commits, and reloads the reader, off
+        /// the async threads.
+        async fn write(
+            self: &Arc<Self>,
+            change: impl FnOnce(&IndexWriter, &Fields) -> tantivy::Result<()> + Send + 'static,
+        ) -> tantivy::Result<()> {
+            let this = self.clone();
+            let task = tokio::task::spawn_blocking(move || {
+                let mut writer = this.writer.lock().unwrap_or_else(|e| e.into_inner());
+                change(&writer, &this.fields)?;
+                writer.commit()?;
+                this.reader.reload()
+            });
+            match task.await {
+                Ok(result) => result,
+                Err(join) => Err(tantivy::TantivyError::InternalError(join.to_string())),
+            }
+        }
+
+        async fn put_user(self: &Arc<Self>, user: User) -> tantivy::Result<()> {
+            self.write(move |writer, f| {
+                let key = format!("user:{}", user.id);
+                writer.delete_term(Term::from_field_text(f.key, &key));
+                writer.add_document(doc!(
+                    f.key => key,
+                    f.kind => "user",
+                    f.id => user.id,
+                    f.username => user.username,
+                ))?;
+                Ok(())
+            })
+            .await
+        }
+
+        async fn put_post(self: &Arc<Self>, post: Post) -> tantivy::Result<()> {
+            self.write(move |writer, f| {
+                let key = format!("post:{}", post.id);
+                writer.delete_term(Term::from_field_text(f.key, &key));
+                writer.add_document(doc!(
+                    f.key => key,
+                    f.kind => "post",
+                    f.id => post.id,
+                    f.title => post.title,
+                    f.body => post.body,
+                ))?;
+                Ok(())
+            })
+            .await
+        }
+
+        async fn remove(self: &Arc<Self>, key: String) -> tantivy::Result<()> {
+            self.write(move |writer, f| {
+                writer.delete_term(Term::from_field_text(f.key, &key));
+                Ok(())
+            })
+            .await
+        }
+
+        pub(crate) async fn search(&self, text: &str, scope: Scope) -> Result<Vec<Hit>, ApiError> {
+            let f = &self.fields;
+            let parser = QueryParser::for_index(&self.index, vec![f.title, f.body, f.username]);
+            let query = parser
+                .parse_query(text)
+                .map_err(|e| ApiError::BadRequest(format!("cannot parse search query: {e}")))?;
+            let kind = match scope {
+                Scope::All => None,
+                Scope::Users => Some("user"),
+                Scope::Posts => Some("post"),
+            };
+            let query: Box<dyn Query> = match kind {
+                None => query,
+                Some(kind) => Box::new(BooleanQuery::new(vec![
+                    (Occur::Must, query),
+                    (
+                        Occur::Must,
+                        Box::new(TermQuery::new(
+                            Term::from_field_text(f.kind, kind),
+                            IndexRecordOption::Basic,
+                        )),
+                    ),
+                ])),
+            };
+            let searcher = self.reader.searcher();
+            let top = searcher
+                .search(&query, &TopDocs::with_limit(LIMIT).order_by_score())
+                .map_err(internal)?;
+            let mut hits = Vec::with_capacity(top.len());
+            for (score, address) in top {
+                let doc: TantivyDocument = searcher.doc(address).map_err(internal)?;
+                let text = |field| {
+                    doc.get_first(field)
+                        .and_then(|v| v.as_str())
+                        .map(str::to_owned)
+                };
+                let kind = match text(f.kind).as_deref() {
+                    Some("user") => "user",
+                    _ => "post",
+                };
+                hits.push(Hit {
+                    kind,
+                    id: doc
+                        .get_first(f.id)
+                        .and_then(|v| v.as_i64())
+                        .unwrap_or_default(),
+                    title: text(f.title),
+                    username: text(f.username),
+                    score,
+                });
+            }
+            Ok(hits)
+        }
+
+        /// Brings the index in line with every row: what the bus could not
+        /// deliver before a crash is repaired at start.
+        pub(crate) async fn rebuild(self: &Arc<Self>, db: &AnyPool) -> Result<(), HandlerError> {
+            let users = db::users(db).await?;
+            let posts: Vec<Post> = db::posts(db)
+                .await?
+                .into_iter()
+                .filter(|p| p.published)
+                .collect();
+            self.write(move |writer, f| {
+                writer.delete_all_documents()?;
+                for user in users {
+                    writer.add_document(doc!(
+                        f.key => format!("user:{}", user.id),
+                        f.kind => "user",
+                        f.id => user.id,
+                        f.username => user.username,
+                    ))?;
+                }
+                for post in posts {
+                    writer.add_document(doc!(
+                        f.key => format!("post:{}", post.id),
+                        f.kind => "post",
+                        f.id => post.id,
+                        f.title => post.title,
+                        f.body => post.body,
+                    ))?;
+                }
+                Ok(())
+            })
+            .await?;
+            Ok(())
+        }
+    }
+
+    /// Keeps the index in step: each event re-reads its row, so a stale or
+    /// repeated event indexes the current state, and a deleted or unpublished
+    /// row leaves the index.
+    pub(crate) struct SearchIndexer {
+        pub(crate) db: AnyPool,
+        pub(crate) index: Arc<SearchIndex>,
+    }
+
+    impl SearchIndexer {
+        async fn sync_user(&self, id: i64) -> Result<(), HandlerError> {
+            match db::user(&self.db, id).await? {
+                Some(user) => self.index.put_user(user).await?,
+                None => self.index.remove(format!("user:{id}")).await?,
+            }
+            Ok(())
+        }
+
+        async fn sync_post(&self, id: i64) -> Result<(), HandlerError> {
+            match db::post(&self.db, id).await? {
+                Some(post) if post.published => self.index.put_post(post).await?,
+                _ => self.index.remove(format!("post:{id}")).await?,
+            }
+            Ok(())
+        }
+    }
+
+    #[listener(name = "search")]
+    impl AppEventHandler for SearchIndexer {
+        async fn on_user_created(&self, user: &UserEventData) -> Result<(), HandlerError> {
+            self.sync_user(user.id).await
+        }
+
+        async fn on_user_updated(&self, user: &UserEventData) -> Result<(), HandlerError> {
+            self.sync_user(user.id).await
+        }
+
+        async fn on_user_deleted(&self, user: &UserEventData) -> Result<(), HandlerError> {
+            self.sync_user(user.id).await
+        }
+
+        async fn on_post_updated(&self, post: &PostEventData) -> Result<(), HandlerError> {
+            self.sync_post(post.id).await
+        }
+
+        async fn on_post_published(&self, post: &PostEventData) -> Result<(), HandlerError> {
+            self.sync_post(post.id).await
+        }
+
+        async fn on_post_deleted(&self, post: &PostEventData) -> Result<(), HandlerError> {
+            self.sync_post(post.id).await
+        }
+    }
+}
