@@ -204,27 +204,51 @@ mod enabled {
             let mut hits = Vec::with_capacity(top.len());
             for (score, address) in top {
                 let doc: TantivyDocument = searcher.doc(address).map_err(internal)?;
-                let text = |field| {
-                    doc.get_first(field)
-                        .and_then(|v| v.as_str())
-                        .map(str::to_owned)
-                };
-                let kind = match text(f.kind).as_deref() {
-                    Some("user") => "user",
-                    _ => "post",
-                };
-                hits.push(Hit {
-                    kind,
-                    id: doc
-                        .get_first(f.id)
-                        .and_then(|v| v.as_i64())
-                        .unwrap_or_default(),
-                    title: text(f.title),
-                    username: text(f.username),
-                    score,
-                });
+                hits.push(self.hit(&doc, score));
             }
             Ok(hits)
+        }
+
+        /// Every document in the index, for the consistency tests.
+        #[allow(dead_code)]
+        pub(crate) fn all(&self) -> Result<Vec<Hit>, ApiError> {
+            let searcher = self.reader.searcher();
+            let everything = tantivy::query::AllQuery;
+            let total = searcher.num_docs() as usize;
+            let top = searcher
+                .search(
+                    &everything,
+                    &TopDocs::with_limit(total.max(1)).order_by_score(),
+                )
+                .map_err(internal)?;
+            top.into_iter()
+                .map(|(score, address)| {
+                    let doc: TantivyDocument = searcher.doc(address).map_err(internal)?;
+                    Ok(self.hit(&doc, score))
+                })
+                .collect()
+        }
+
+        fn hit(&self, doc: &TantivyDocument, score: f32) -> Hit {
+            let f = &self.fields;
+            let text = |field| {
+                doc.get_first(field)
+                    .and_then(|v| v.as_str())
+                    .map(str::to_owned)
+            };
+            Hit {
+                kind: match text(f.kind).as_deref() {
+                    Some("user") => "user",
+                    _ => "post",
+                },
+                id: doc
+                    .get_first(f.id)
+                    .and_then(|v| v.as_i64())
+                    .unwrap_or_default(),
+                title: text(f.title),
+                username: text(f.username),
+                score,
+            }
         }
 
         /// Brings the index in line with every row: what the bus could not
