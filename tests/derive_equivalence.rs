@@ -71,8 +71,10 @@ mod manual {
     }
 
     pub(crate) trait EmitManual: AsRef<EventBus<Manual>> {
-        fn emit_user_created(&self, data: impl Into<u64>) {
-            self.as_ref().emit(Manual::UserCreated(data.into()))
+        // A primitive payload is taken as it is; other payloads as
+        // `impl Into<Payload>`.
+        fn emit_user_created(&self, data: u64) {
+            self.as_ref().emit(Manual::UserCreated(data))
         }
 
         fn emit_user_deleted(&self, id: u64, reason: String) {
@@ -276,10 +278,10 @@ fn same_emit_helpers() {
     let mut derived_events = event_bus::testing::EventRecorder::new(&derived);
     let mut manual_events = event_bus::testing::EventRecorder::new(&manual);
 
-    derived.emit_user_created(1u64);
+    derived.emit_user_created(1);
     derived.emit_user_deleted(2, "spam".into());
     derived.emit_cache_flushed();
-    manual.emit_user_created(1u64);
+    manual.emit_user_created(1);
     manual.emit_user_deleted(2, "spam".into());
     manual.emit_cache_flushed();
 

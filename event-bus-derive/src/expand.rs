@@ -193,6 +193,11 @@ impl Expander<'_> {
                 let emit_wait = format_ident!("emit_{}_wait", v.snake(), span = span);
                 let (params, construct) = match &v.shape {
                     Shape::Unit => (quote!(), quote!(#event::#ident)),
+                    // A literal cannot pick among `impl Into<u64>`'s sources,
+                    // so primitives are taken as they are: `emit_x(1)` works.
+                    Shape::Newtype(ty) if is_primitive(ty) => {
+                        (quote!(data: #ty), quote!(#event::#ident(data)))
+                    }
                     Shape::Newtype(ty) => (
                         quote!(data: impl ::core::convert::Into<#ty>),
                         quote!(#event::#ident(::core::convert::Into::into(data))),
@@ -356,4 +361,19 @@ fn on_method(variant: &Variant<'_>) -> Ident {
         &format!("on_{}", variant.snake()),
         variant.ident.span().resolved_at(Span::call_site()),
     )
+}
+
+/// Whether `ty` is a primitive number, `bool` or `char`.
+fn is_primitive(ty: &syn::Type) -> bool {
+    const PRIMITIVES: &[&str] = &[
+        "u8", "u16", "u32", "u64", "u128", "usize", "i8", "i16", "i32", "i64", "i128", "isize",
+        "f32", "f64", "bool", "char",
+    ];
+    match ty {
+        syn::Type::Path(path) if path.qself.is_none() => path
+            .path
+            .get_ident()
+            .is_some_and(|ident| PRIMITIVES.contains(&ident.to_string().as_str())),
+        _ => false,
+    }
 }

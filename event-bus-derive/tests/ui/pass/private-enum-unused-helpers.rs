@@ -12,5 +12,5 @@ enum AppEvent {
 }
 
 fn main() {
-    EventBus::<AppEvent>::new().emit_user_created(1u64);
+    EventBus::<AppEvent>::new().emit_user_created(1);
 }
