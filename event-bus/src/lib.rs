@@ -372,6 +372,11 @@ pub use subscription::Subscription;
 /// impl<H: AppEventHandler> Routes<H> for AppEvent { … }       // what #[listener] builds on
 /// ```
 ///
+/// A newtype variant's helper takes `impl Into<Payload>`, so
+/// `emit_user_created(&user)` works once `From<&User> for UserEventData`
+/// exists; a primitive payload (`UserDeleted(u64)`) is taken as it is, so an
+/// integer literal needs no suffix.
+///
 /// The handler methods are declared as `fn … -> impl Future<…> + Send`;
 /// implement them with `async fn`. The `_wait` helpers call
 /// [`EventBus::emit_wait`]; the others [`EventBus::emit`].
