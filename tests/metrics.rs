@@ -9,7 +9,6 @@ use std::time::Duration;
 use event_bus::{
     Envelope, EventBus, HandlerError, LagPolicy, Listener, ListenerOptions, RetryPolicy,
 };
-use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use support::{Gate, Gated, TestEvent, TestKind, within};
 
 /// `A` succeeds; `B` fails once then succeeds; `C` always fails; `D` panics.
@@ -103,65 +102,6 @@ async fn metrics_show_queue_depth_drops_and_overflow() {
     let lossless = lossless.metrics();
     assert_eq!((lossless.in_flight, lossless.queue_depth), (1, 9));
     assert_eq!((lossless.dropped, lossless.overflowed), (0, 7));
-}
-
-#[tokio::test(start_paused = true)]
-async fn metrics_are_exported_through_the_metrics_facade() {
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    // The bus registers its counters when it and its listeners are made.
-    let bus = metrics::with_local_recorder(&recorder, || {
-        let bus = EventBus::new();
-        let retry = RetryPolicy::exponential(2).initial_backoff(Duration::from_millis(5));
-        bus.spawn_with(Mixed::default(), ListenerOptions::new().retry(retry));
-        bus
-    });
-    emit_one_of_each(&bus);
-    within("quiesce", bus.quiesce()).await;
-
-    let exported: Vec<(String, support::Fields, DebugValue)> = snapshotter
-        .snapshot()
-        .into_vec()
-        .into_iter()
-        .map(|(key, _, _, value)| {
-            let labels = key
-                .key()
-                .labels()
-                .map(|l| (l.key().to_owned(), l.value().to_owned()))
-                .collect();
-            (key.key().name().to_owned(), labels, value)
-        })
-        .collect();
-    let counter = |name: &str, label: (&str, &str)| {
-        exported
-            .iter()
-            .find(|(n, labels, _)| {
-                n == name && labels.contains(&(label.0.to_owned(), label.1.to_owned()))
-            })
-            .map(|(_, _, value)| value)
-    };
-
-    assert_eq!(
-        counter("event_bus_emitted_total", ("event", "test.b")),
-        Some(&DebugValue::Counter(1))
-    );
-    for (name, value) in [
-        ("event_bus_handled_total", 2),
-        ("event_bus_failed_total", 5),
-        ("event_bus_retried_total", 3),
-        ("event_bus_dead_lettered_total", 2),
-        ("event_bus_panicked_total", 2),
-    ] {
-        assert_eq!(
-            counter(name, ("listener", "mixed")),
-            Some(&DebugValue::Counter(value)),
-            "{name}"
-        );
-    }
-    match counter("event_bus_handle_seconds", ("listener", "mixed")) {
-        Some(DebugValue::Histogram(samples)) => assert_eq!(samples.len(), 7),
-        other => panic!("no handle latency histogram: {other:?}"),
-    }
 }
 
 #[tokio::test]
