@@ -133,3 +133,34 @@ async fn shutdown_releases_a_waiting_emitter() {
     bus.shutdown(support::DEADLINE).await;
     within("released emitter", waiting).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_emit_wait_callers_never_take_a_queue_past_its_capacity() {
+    const CAPACITY: usize = 4;
+    let bus = EventBus::new();
+    let mut subscription = bus.subscribe_with(TestKind::A, CAPACITY, LagPolicy::Backpressure);
+    let emitters: Vec<_> = (0..4)
+        .map(|e| {
+            let bus = bus.clone();
+            tokio::spawn(async move {
+                for i in 0..2_000 {
+                    bus.emit_wait(TestEvent::A(e * 10_000 + i)).await;
+                }
+            })
+        })
+        .collect();
+
+    let mut most_queued = 0;
+    for _ in 0..8_000 {
+        most_queued = most_queued.max(subscription.len());
+        within("an event", subscription.recv()).await.unwrap();
+        if most_queued == CAPACITY {
+            tokio::task::yield_now().await;
+        }
+    }
+    for emitter in emitters {
+        emitter.await.unwrap();
+    }
+    assert!(most_queued <= CAPACITY, "{most_queued} queued");
+    assert_eq!((subscription.dropped(), subscription.overflowed()), (0, 0));
+}

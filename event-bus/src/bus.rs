@@ -4,7 +4,7 @@
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::dead_letter::{DeadLetters, Store};
@@ -12,7 +12,7 @@ use crate::envelope::Envelope;
 use crate::event::{Event, EventKind, KindSet};
 use crate::listener::{Listener, ListenerOptions};
 use crate::metrics::{BusExport, BusMetrics, KindCount};
-use crate::queue::{LagPolicy, Queue, WakeList, lock};
+use crate::queue::{LagPolicy, Queue, Reserve, WakeList, lock};
 use crate::runtime::{ListenerHandle, Runtime, ShutdownReport};
 use crate::subscription::Subscription;
 
@@ -189,30 +189,12 @@ impl<E: Event> EventBus<E> {
             return;
         }
         let envelope = Arc::new(Envelope::new(event));
-        let waiting_on: Vec<Arc<Queue<E>>> = lock(&self.shared.router).routes[kind]
-            .iter()
-            .filter(|queue| queue.permits.is_some())
-            .cloned()
-            .collect();
-        // Queues are in id order, so concurrent callers reserve in the same
-        // order and cannot deadlock.
-        let mut reserved = Vec::with_capacity(waiting_on.len());
-        for queue in &waiting_on {
-            if let Some(permits) = &queue.permits {
-                // A closed queue has no room to wait for; skip it.
-                if let Ok(permit) = permits.acquire().await {
-                    reserved.push((queue.id, permit));
-                }
-            }
-        }
-        let reserved: Vec<u64> = reserved
-            .into_iter()
-            .map(|(id, permit)| {
-                permit.forget();
-                id
-            })
-            .collect();
-        self.shared.deliver(kind, envelope, &reserved);
+        // Nearly always every queue has room: deliver at once, as `emit`.
+        let Err(envelope) = self.shared.deliver_if_room(kind, envelope) else {
+            return;
+        };
+        let reservations = self.shared.reserve_room(kind).await;
+        self.shared.deliver(kind, envelope, &reservations);
     }
 
     /// Subscribes to the kinds in `interests`, with the bus's default
@@ -411,27 +393,92 @@ impl<E: Event> Shared<E> {
     }
 
     /// Numbers `envelope` and queues it for every queue interested in `kind`.
-    /// `reserved` lists the queues whose room the caller already holds.
-    fn deliver(&self, kind: usize, mut envelope: Arc<Envelope<E>>, reserved: &[u64]) {
-        let mut wakers = WakeList::new();
-        let mut router = lock(&self.router);
+    /// `reserved` holds the places the caller reserved in some of them.
+    fn deliver(&self, kind: usize, envelope: Arc<Envelope<E>>, reserved: &[Reservation<E>]) {
+        let router = lock(&self.router);
         if router.closed {
             drop(router);
             self.reject();
             return;
         }
+        self.deliver_locked(router, kind, envelope, reserved);
+    }
+
+    /// As [`deliver`](Self::deliver) if every backpressure queue interested
+    /// in `kind` has room; otherwise gives `envelope` back, delivering nothing.
+    fn deliver_if_room(
+        &self,
+        kind: usize,
+        envelope: Arc<Envelope<E>>,
+    ) -> Result<(), Arc<Envelope<E>>> {
+        let router = lock(&self.router);
+        if router.closed {
+            drop(router);
+            self.reject();
+            return Ok(());
+        }
+        if !router.routes[kind].iter().all(|queue| queue.has_room()) {
+            return Err(envelope);
+        }
+        self.deliver_locked(router, kind, envelope, &[]);
+        Ok(())
+    }
+
+    fn deliver_locked(
+        &self,
+        mut router: MutexGuard<'_, Router<E>>,
+        kind: usize,
+        mut envelope: Arc<Envelope<E>>,
+        reserved: &[Reservation<E>],
+    ) {
+        let mut wakers = WakeList::new();
         router.sequence += 1;
         if let Some(unshared) = Arc::get_mut(&mut envelope) {
             unshared.set_sequence(router.sequence);
         }
         for queue in &router.routes[kind] {
-            let holds_room = reserved.contains(&queue.id);
+            let holds_room = reserved.iter().any(|r| r.take(queue.id));
             if let Some(waker) = queue.push(envelope.clone(), holds_room) {
                 wakers.push(waker);
             }
         }
         drop(router);
         wakers.wake_all();
+    }
+
+    /// Reserves a place in every backpressure queue interested in `kind`,
+    /// waiting for room, in queue id order so that concurrent callers cannot
+    /// deadlock. Reservations are made under the emit lock, as pushes are, so
+    /// `emit_wait` never takes a queue past its capacity.
+    async fn reserve_room(&self, kind: usize) -> Vec<Reservation<E>> {
+        let queues: Vec<Arc<Queue<E>>> = lock(&self.router).routes[kind]
+            .iter()
+            .filter(|queue| queue.policy == LagPolicy::Backpressure)
+            .cloned()
+            .collect();
+        let mut reservations = Vec::with_capacity(queues.len());
+        for queue in queues {
+            loop {
+                let mut outcome = Reserve::Full;
+                queue
+                    .room_freed(|| {
+                        let _router = lock(&self.router);
+                        outcome = queue.try_reserve();
+                        outcome == Reserve::Full
+                    })
+                    .await;
+                match outcome {
+                    Reserve::Reserved => {
+                        reservations.push(Reservation::new(queue));
+                        break;
+                    }
+                    // A closed queue has no room to wait for.
+                    Reserve::Closed => break,
+                    Reserve::Full => {}
+                }
+            }
+        }
+        reservations
     }
 
     /// Creates a queue and routes its kinds to it. On a closed bus the queue
@@ -502,5 +549,39 @@ impl<E: Event> Shared<E> {
 
     pub(crate) fn sequence(&self) -> u64 {
         lock(&self.router).sequence
+    }
+}
+
+/// A place reserved in a queue by `emit_wait`: used by the push, or given
+/// back when the push does not happen (the future was dropped, or the queue
+/// left the route).
+struct Reservation<E: Event> {
+    queue: Arc<Queue<E>>,
+    used: std::cell::Cell<bool>,
+}
+
+impl<E: Event> Reservation<E> {
+    fn new(queue: Arc<Queue<E>>) -> Self {
+        Self {
+            queue,
+            used: std::cell::Cell::new(false),
+        }
+    }
+
+    /// Whether this reserves a place in queue `id`; if so it is now used.
+    fn take(&self, id: u64) -> bool {
+        let matches = self.queue.id == id && !self.used.get();
+        if matches {
+            self.used.set(true);
+        }
+        matches
+    }
+}
+
+impl<E: Event> Drop for Reservation<E> {
+    fn drop(&mut self) {
+        if !self.used.get() {
+            self.queue.release();
+        }
     }
 }

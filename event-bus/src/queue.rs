@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 
-use tokio::sync::Semaphore;
+use tokio::sync::Notify;
 
 use crate::envelope::Envelope;
 use crate::error::{RecvError, TryRecvError};
@@ -48,9 +48,11 @@ pub(crate) struct Queue<E: Event> {
     pub(crate) interests: KindSet<E::Kind>,
     pub(crate) capacity: usize,
     pub(crate) policy: LagPolicy,
-    /// Free places for `emit_wait`; `Some` only under `Backpressure`.
-    pub(crate) permits: Option<Semaphore>,
     state: Mutex<State<E>>,
+    /// `emit_wait` callers waiting for room (backpressure only); a pop
+    /// notifies `room` only when there are some.
+    room_waiters: AtomicUsize,
+    room: Notify,
     /// Events a listener has taken but not finished. Raised under the state
     /// lock as the event is popped, so an idle check that holds the lock sees
     /// the event either queued or in flight, never neither.
@@ -65,8 +67,10 @@ struct State<E> {
     delivered: u64,
     dropped: u64,
     overflowed: u64,
-    /// Queued events that hold a `permits` place.
-    permits_held: usize,
+    /// Places promised to `emit_wait` callers that waited for room and have
+    /// not pushed yet. Reserved and pushed under the bus's emit lock, so
+    /// `emit_wait` never takes the queue past its capacity.
+    reserved: usize,
     closed: bool,
     waker: Option<Waker>,
 }
@@ -89,7 +93,7 @@ impl<E: Event> Queue<E> {
         capacity: usize,
         policy: LagPolicy,
     ) -> Self {
-        let capacity = capacity.clamp(1, Semaphore::MAX_PERMITS);
+        let capacity = capacity.max(1);
         let export = QueueExport::new(&name);
         Self {
             id,
@@ -97,14 +101,15 @@ impl<E: Event> Queue<E> {
             interests,
             capacity,
             policy,
-            permits: (policy == LagPolicy::Backpressure).then(|| Semaphore::new(capacity)),
+            room_waiters: AtomicUsize::new(0),
+            room: Notify::new(),
             state: Mutex::new(State {
                 buffer: VecDeque::with_capacity(capacity.min(1024)),
                 unreported_lag: 0,
                 delivered: 0,
                 dropped: 0,
                 overflowed: 0,
-                permits_held: 0,
+                reserved: 0,
                 closed: false,
                 waker: None,
             }),
@@ -115,11 +120,13 @@ impl<E: Event> Queue<E> {
 
     /// Queues `envelope`; returns the consumer's waker if it is waiting.
     ///
-    /// `reserved` says the caller already took a `permits` place for it
-    /// (`emit_wait`). Called only under the bus's emit lock.
+    /// `reserved` says the caller holds a place it reserved with
+    /// [`Queue::try_reserve`]. Called only under the bus's emit lock.
     pub(crate) fn push(&self, envelope: Arc<Envelope<E>>, reserved: bool) -> Option<Waker> {
-        let reserved = reserved || self.try_reserve();
         let mut state = lock(&self.state);
+        if reserved {
+            state.reserved -= 1;
+        }
         if state.closed {
             return None;
         }
@@ -131,24 +138,64 @@ impl<E: Event> Queue<E> {
                     state.unreported_lag += 1;
                     self.export.dropped();
                 }
-                LagPolicy::Backpressure => {
+                LagPolicy::Backpressure if !reserved => {
                     state.overflowed += 1;
                     self.export.overflowed();
                 }
+                LagPolicy::Backpressure => {}
             }
-        }
-        if reserved {
-            state.permits_held += 1;
         }
         state.buffer.push_back(envelope);
         self.export.depth(state.buffer.len());
         state.waker.take()
     }
 
-    fn try_reserve(&self) -> bool {
-        match &self.permits {
-            Some(permits) => permits.try_acquire().map(|p| p.forget()).is_ok(),
-            None => false,
+    /// Whether `emit_wait` may push without waiting: a backpressure queue
+    /// with a free place, or any other queue. Called under the emit lock.
+    pub(crate) fn has_room(&self) -> bool {
+        if self.policy != LagPolicy::Backpressure {
+            return true;
+        }
+        let state = lock(&self.state);
+        state.closed || state.buffer.len() + state.reserved < self.capacity
+    }
+
+    /// Reserves a place for a later [`push`](Queue::push). Called under the
+    /// emit lock.
+    pub(crate) fn try_reserve(&self) -> Reserve {
+        let mut state = lock(&self.state);
+        if state.closed {
+            Reserve::Closed
+        } else if state.buffer.len() + state.reserved < self.capacity {
+            state.reserved += 1;
+            Reserve::Reserved
+        } else {
+            Reserve::Full
+        }
+    }
+
+    /// Gives back a reserved place that will not be pushed.
+    pub(crate) fn release(&self) {
+        lock(&self.state).reserved -= 1;
+        self.notify_room();
+    }
+
+    /// Waits until a place may have freed up; `register` runs once the
+    /// waiter is registered, so a place freed after it is not missed.
+    pub(crate) async fn room_freed(&self, register: impl FnOnce() -> bool) {
+        self.room_waiters.fetch_add(1, Ordering::SeqCst);
+        let _waiting = DecrementOnDrop(&self.room_waiters);
+        let notified = self.room.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if register() {
+            notified.await;
+        }
+    }
+
+    fn notify_room(&self) {
+        if self.room_waiters.load(Ordering::SeqCst) > 0 {
+            self.room.notify_waiters();
         }
     }
 
@@ -200,13 +247,10 @@ impl<E: Event> Queue<E> {
         if track {
             self.in_flight.fetch_add(1, Ordering::SeqCst);
         }
-        if state.permits_held > 0 {
-            state.permits_held -= 1;
-            if let Some(permits) = &self.permits {
-                permits.add_permits(1);
-            }
-        }
         self.export.depth(state.buffer.len());
+        if self.policy == LagPolicy::Backpressure {
+            self.notify_room();
+        }
         Ok(envelope)
     }
 
@@ -229,9 +273,7 @@ impl<E: Event> Queue<E> {
             state.closed = true;
             state.waker.take()
         };
-        if let Some(permits) = &self.permits {
-            permits.close();
-        }
+        self.room.notify_waiters();
         if let Some(waker) = waker {
             waker.wake();
         }
@@ -259,6 +301,22 @@ impl<E: Event> std::fmt::Debug for Queue<E> {
             .field("policy", &self.policy)
             .field("counts", &self.counts())
             .finish_non_exhaustive()
+    }
+}
+
+/// The outcome of [`Queue::try_reserve`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reserve {
+    Reserved,
+    Full,
+    Closed,
+}
+
+struct DecrementOnDrop<'a>(&'a AtomicUsize);
+
+impl Drop for DecrementOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
