@@ -46,10 +46,13 @@ fn subscriber_spec() -> impl Strategy<Value = SubscriberSpec> {
         })
 }
 
-/// What one subscriber's queue must hold, by the documented rules.
+/// What one subscriber's queue must hold, by the documented rules: a
+/// bounded queue, from which the receiver takes batches of up to 32 (and at
+/// most its capacity) that can no longer be dropped.
 #[derive(Default)]
 struct Model {
     queue: VecDeque<u64>,
+    batch: VecDeque<u64>,
     unreported: u64,
     delivered: u64,
     dropped: u64,
@@ -71,11 +74,15 @@ impl Model {
         self.queue.push_back(value);
     }
 
-    fn recv(&mut self) -> Result<u64, TryRecvError> {
-        if self.unreported > 0 {
-            return Err(TryRecvError::Lagged(std::mem::take(&mut self.unreported)));
+    fn recv(&mut self, spec: &SubscriberSpec) -> Result<u64, TryRecvError> {
+        if self.batch.is_empty() {
+            if self.unreported > 0 {
+                return Err(TryRecvError::Lagged(std::mem::take(&mut self.unreported)));
+            }
+            let take = self.queue.len().min(32).min(spec.capacity);
+            self.batch.extend(self.queue.drain(..take));
         }
-        let value = self.queue.pop_front().ok_or(TryRecvError::Empty)?;
+        let value = self.batch.pop_front().ok_or(TryRecvError::Empty)?;
         self.delivered += 1;
         Ok(value)
     }
@@ -114,7 +121,11 @@ proptest! {
                 }
                 Op::Recv(i) if i < specs.len() => {
                     let got = subscriptions[i].try_recv().map(|e| e.value());
-                    prop_assert_eq!(got, models[i].recv());
+                    prop_assert_eq!(got, models[i].recv(&specs[i]));
+                    prop_assert_eq!(
+                        subscriptions[i].len(),
+                        models[i].queue.len() + models[i].batch.len()
+                    );
                 }
                 Op::Recv(_) => {}
             }
@@ -125,7 +136,7 @@ proptest! {
             let mut lagged = 0;
             loop {
                 let got = subscription.try_recv().map(|e| e.value());
-                let expected = models[i].recv();
+                let expected = models[i].recv(&specs[i]);
                 match got {
                     Err(TryRecvError::Closed) => {
                         prop_assert_eq!(expected, Err(TryRecvError::Empty));

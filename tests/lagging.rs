@@ -23,19 +23,23 @@ async fn drop_oldest_reports_the_exact_lag_then_the_newest_events() {
 }
 
 #[tokio::test]
-async fn each_gap_is_reported_before_the_events_after_it() {
+async fn each_gap_is_reported_where_it_is() {
     let bus = EventBus::new();
     let mut subscription = bus.subscribe_with(TestKind::A, 2, LagPolicy::DropOldest);
     for i in 0..3 {
         bus.emit(TestEvent::A(i));
     }
     assert_eq!(subscription.recv().await.unwrap_err(), RecvError::Lagged(1));
+    // The receive takes the queued [1, 2] as its batch; they can no longer
+    // be dropped.
     assert_eq!(**subscription.recv().await.unwrap(), TestEvent::A(1));
     for i in 3..6 {
         bus.emit(TestEvent::A(i));
     }
-    // Queue held [2]; 3, 4, 5 arrived: 2 and 3 were dropped.
-    assert_eq!(subscription.recv().await.unwrap_err(), RecvError::Lagged(2));
+    // The queue held [3, 4] when 5 arrived: 3 was dropped. The gap lies
+    // between the batch's 2 and the queue's 4.
+    assert_eq!(**subscription.recv().await.unwrap(), TestEvent::A(2));
+    assert_eq!(subscription.recv().await.unwrap_err(), RecvError::Lagged(1));
     assert_eq!(**subscription.recv().await.unwrap(), TestEvent::A(4));
     assert_eq!(**subscription.recv().await.unwrap(), TestEvent::A(5));
     assert_eq!(subscription.delivered() + subscription.dropped(), 6);

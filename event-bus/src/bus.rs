@@ -89,10 +89,11 @@ impl<E: Event> Builder<E> {
                 sequence: 0,
                 closed: false,
                 routes: (0..kinds).map(|_| Vec::new()).collect(),
+                emitted: vec![0; kinds].into_boxed_slice(),
                 queues: Vec::new(),
             }),
             interested: (0..kinds).map(|_| AtomicUsize::new(0)).collect(),
-            emitted: (0..kinds).map(|_| AtomicU64::new(0)).collect(),
+            unrouted: (0..kinds).map(|_| AtomicU64::new(0)).collect(),
             rejected: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             handles: AtomicUsize::new(1),
@@ -279,12 +280,13 @@ impl<E: Event> EventBus<E> {
 
     /// A snapshot of the bus's counters.
     pub fn metrics(&self) -> BusMetrics {
+        let routed = lock(&self.shared.router).emitted.clone();
         let emitted_by_kind: Vec<KindCount> = E::Kind::ALL
             .iter()
-            .zip(self.shared.emitted.iter())
-            .map(|(kind, count)| KindCount {
+            .zip(self.shared.unrouted.iter().zip(routed.iter()))
+            .map(|(kind, (unrouted, routed))| KindCount {
                 event: kind.name(),
-                emitted: count.load(Ordering::Relaxed),
+                emitted: unrouted.load(Ordering::Relaxed) + routed,
             })
             .collect();
         BusMetrics {
@@ -349,7 +351,8 @@ pub(crate) struct Shared<E: Event> {
     /// Per kind: how many queues want it. Read without the lock so that an
     /// event nobody wants costs no lock and no allocation.
     interested: Box<[AtomicUsize]>,
-    emitted: Box<[AtomicU64]>,
+    /// Per kind: emits that no queue wanted.
+    unrouted: Box<[AtomicU64]>,
     rejected: AtomicU64,
     closed: AtomicBool,
     handles: AtomicUsize,
@@ -367,20 +370,27 @@ pub(crate) struct Router<E: Event> {
     closed: bool,
     /// Per kind: the queues interested in it, in id order.
     routes: Box<[Vec<Arc<Queue<E>>>]>,
+    /// Per kind: emits delivered to at least one queue.
+    emitted: Box<[u64]>,
     queues: Vec<Arc<Queue<E>>>,
 }
 
 impl<E: Event> Shared<E> {
-    /// Counts an emit of `kind`; returns whether anyone may want it.
+    /// Whether an emit of `kind` must be delivered. One nobody wants is
+    /// counted here; one that is delivered is counted under the emit lock,
+    /// which its delivery takes anyway.
     #[inline]
     fn accept(&self, kind: usize) -> bool {
         if self.closed.load(Ordering::Acquire) {
             self.reject();
             return false;
         }
-        self.emitted[kind].fetch_add(1, Ordering::Relaxed);
+        if self.interested[kind].load(Ordering::Relaxed) > 0 {
+            return true;
+        }
+        self.unrouted[kind].fetch_add(1, Ordering::Relaxed);
         self.export.emitted(kind);
-        self.interested[kind].load(Ordering::Relaxed) > 0
+        false
     }
 
     fn reject(&self) {
@@ -432,6 +442,8 @@ impl<E: Event> Shared<E> {
         reserved: &[Reservation<E>],
     ) {
         let mut wakers = WakeList::new();
+        router.emitted[kind] += 1;
+        self.export.emitted(kind);
         router.sequence += 1;
         if let Some(unshared) = Arc::get_mut(&mut envelope) {
             unshared.set_sequence(router.sequence);

@@ -1,12 +1,15 @@
 //! The bounded queue behind every subscription and listener.
 //!
 //! The bus pushes into a queue only while it holds its emit lock, so pushes
-//! are serialized and every queue sees events in sequence order. The consumer
-//! pops concurrently; the queue's own mutex covers both ends and keeps the lag
-//! accounting exact.
+//! are serialized and every queue sees events in sequence order. The
+//! consumer, a [`Receiver`], takes events out in batches of up to
+//! [`BATCH`] under the queue's mutex and hands them out one by one without
+//! it, so producer and consumer rarely meet on the lock. Events a receiver
+//! has taken cannot be dropped any more; the lag it reports is exactly the
+//! gap between its batch and what remains queued.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 
@@ -49,13 +52,24 @@ pub(crate) struct Queue<E: Event> {
     pub(crate) capacity: usize,
     pub(crate) policy: LagPolicy,
     state: Mutex<State<E>>,
+    /// Places promised to `emit_wait` callers that waited for room and have
+    /// not pushed yet. Reserved and pushed under the bus's emit lock, so
+    /// `emit_wait` never takes the queue past its capacity.
+    reserved: AtomicUsize,
     /// `emit_wait` callers waiting for room (backpressure only); a pop
     /// notifies `room` only when there are some.
     room_waiters: AtomicUsize,
     room: Notify,
-    /// Events a listener has taken but not finished. Raised under the state
-    /// lock as the event is popped, so an idle check that holds the lock sees
-    /// the event either queued or in flight, never neither.
+    /// `state.buffer.len()`, mirrored for [`Queue::has_room`], which reads
+    /// it without the lock (written under it).
+    queued: AtomicUsize,
+    /// Events handed to the consumer so far (written by the receiver only).
+    delivered: AtomicU64,
+    /// Events the receiver has taken in its batch but not handed out yet.
+    taken: AtomicUsize,
+    /// Events a listener has been handed but not finished. Raised before
+    /// `taken` falls, so an idle check that reads `taken` and then
+    /// `in_flight` sees every event somewhere.
     in_flight: AtomicUsize,
     export: QueueExport,
 }
@@ -64,13 +78,8 @@ struct State<E> {
     buffer: VecDeque<Arc<Envelope<E>>>,
     /// Dropped events not yet reported to the consumer.
     unreported_lag: u64,
-    delivered: u64,
     dropped: u64,
     overflowed: u64,
-    /// Places promised to `emit_wait` callers that waited for room and have
-    /// not pushed yet. Reserved and pushed under the bus's emit lock, so
-    /// `emit_wait` never takes the queue past its capacity.
-    reserved: usize,
     closed: bool,
     waker: Option<Waker>,
 }
@@ -101,18 +110,20 @@ impl<E: Event> Queue<E> {
             interests,
             capacity,
             policy,
+            reserved: AtomicUsize::new(0),
             room_waiters: AtomicUsize::new(0),
             room: Notify::new(),
             state: Mutex::new(State {
                 buffer: VecDeque::with_capacity(capacity.min(1024)),
                 unreported_lag: 0,
-                delivered: 0,
                 dropped: 0,
                 overflowed: 0,
-                reserved: 0,
                 closed: false,
                 waker: None,
             }),
+            queued: AtomicUsize::new(0),
+            delivered: AtomicU64::new(0),
+            taken: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             export,
         }
@@ -125,7 +136,7 @@ impl<E: Event> Queue<E> {
     pub(crate) fn push(&self, envelope: Arc<Envelope<E>>, reserved: bool) -> Option<Waker> {
         let mut state = lock(&self.state);
         if reserved {
-            state.reserved -= 1;
+            self.reserved.fetch_sub(1, Ordering::Relaxed);
         }
         if state.closed {
             return None;
@@ -146,28 +157,40 @@ impl<E: Event> Queue<E> {
             }
         }
         state.buffer.push_back(envelope);
+        self.queued.store(state.buffer.len(), Ordering::Relaxed);
         self.export.depth(state.buffer.len());
         state.waker.take()
     }
 
     /// Whether `emit_wait` may push without waiting: a backpressure queue
-    /// with a free place, or any other queue. Called under the emit lock.
+    /// with a free place, or any other queue. Called under the emit lock,
+    /// without the queue's: pushes and reservations happen only under the
+    /// emit lock, and the receiver only frees places, so a stale read can
+    /// only under-count the room.
     pub(crate) fn has_room(&self) -> bool {
-        if self.policy != LagPolicy::Backpressure {
-            return true;
-        }
-        let state = lock(&self.state);
-        state.closed || state.buffer.len() + state.reserved < self.capacity
+        self.policy != LagPolicy::Backpressure
+            || self.queued.load(Ordering::Acquire)
+                + self.taken.load(Ordering::Acquire)
+                + self.reserved.load(Ordering::Relaxed)
+                < self.capacity
+    }
+
+    /// Places a backpressure queue counts against its capacity: queued,
+    /// taken by the receiver but not handed out, and reserved.
+    fn occupied(&self, state: &State<E>) -> usize {
+        state.buffer.len()
+            + self.taken.load(Ordering::Acquire)
+            + self.reserved.load(Ordering::Relaxed)
     }
 
     /// Reserves a place for a later [`push`](Queue::push). Called under the
     /// emit lock.
     pub(crate) fn try_reserve(&self) -> Reserve {
-        let mut state = lock(&self.state);
+        let state = lock(&self.state);
         if state.closed {
             Reserve::Closed
-        } else if state.buffer.len() + state.reserved < self.capacity {
-            state.reserved += 1;
+        } else if self.occupied(&state) < self.capacity {
+            self.reserved.fetch_add(1, Ordering::Relaxed);
             Reserve::Reserved
         } else {
             Reserve::Full
@@ -176,7 +199,7 @@ impl<E: Event> Queue<E> {
 
     /// Gives back a reserved place that will not be pushed.
     pub(crate) fn release(&self) {
-        lock(&self.state).reserved -= 1;
+        self.reserved.fetch_sub(1, Ordering::Relaxed);
         self.notify_room();
     }
 
@@ -199,35 +222,17 @@ impl<E: Event> Queue<E> {
         }
     }
 
-    /// Polls for the next event. `track` marks a popped event as in flight
-    /// until [`Queue::complete`] (the listener runtime's bookkeeping).
-    pub(crate) fn poll_recv(
+    /// Moves up to [`BATCH`] events into `batch`, or says why it cannot:
+    /// a gap to report, nothing queued (registering `waker`), or closed.
+    fn refill(
         &self,
-        cx: &mut Context<'_>,
-        track: bool,
-    ) -> Poll<Result<Arc<Envelope<E>>, RecvError>> {
+        batch: &mut VecDeque<Arc<Envelope<E>>>,
+        waker: Option<&Waker>,
+    ) -> Result<(), TryRecvError> {
         let mut state = lock(&self.state);
-        match self.pop(&mut state, track) {
-            Ok(envelope) => Poll::Ready(Ok(envelope)),
-            Err(TryRecvError::Lagged(count)) => Poll::Ready(Err(RecvError::Lagged(count))),
-            Err(TryRecvError::Closed) => Poll::Ready(Err(RecvError::Closed)),
-            Err(TryRecvError::Empty) => {
-                match &mut state.waker {
-                    Some(waker) if waker.will_wake(cx.waker()) => {}
-                    slot => *slot = Some(cx.waker().clone()),
-                }
-                Poll::Pending
-            }
-        }
-    }
-
-    pub(crate) fn try_recv(&self) -> Result<Arc<Envelope<E>>, TryRecvError> {
-        self.pop(&mut lock(&self.state), false)
-    }
-
-    fn pop(&self, state: &mut State<E>, track: bool) -> Result<Arc<Envelope<E>>, TryRecvError> {
         if state.unreported_lag > 0 {
             let count = std::mem::take(&mut state.unreported_lag);
+            drop(state);
             tracing::warn!(
                 queue = %self.name,
                 dropped = count,
@@ -236,22 +241,47 @@ impl<E: Event> Queue<E> {
             );
             return Err(TryRecvError::Lagged(count));
         }
-        let Some(envelope) = state.buffer.pop_front() else {
-            return Err(if state.closed {
-                TryRecvError::Closed
-            } else {
-                TryRecvError::Empty
-            });
-        };
-        state.delivered += 1;
+        if state.buffer.is_empty() {
+            if state.closed {
+                return Err(TryRecvError::Closed);
+            }
+            if let Some(waker) = waker {
+                match &mut state.waker {
+                    Some(current) if current.will_wake(waker) => {}
+                    slot => *slot = Some(waker.clone()),
+                }
+            }
+            return Err(TryRecvError::Empty);
+        }
+        let count = state.buffer.len().min(BATCH).min(self.capacity);
+        batch.extend(state.buffer.drain(..count));
+        // Under the lock, so an idle check never sees the batch in neither
+        // place; `taken` first, so `has_room` never sees the batch in neither.
+        self.taken.store(batch.len(), Ordering::Release);
+        self.queued.store(state.buffer.len(), Ordering::Release);
+        self.export.depth(state.buffer.len());
+        Ok(())
+    }
+
+    /// Hands out the next event of `batch`.
+    fn hand_out(
+        &self,
+        batch: &mut VecDeque<Arc<Envelope<E>>>,
+        track: bool,
+    ) -> Option<Arc<Envelope<E>>> {
+        let envelope = batch.pop_front()?;
         if track {
             self.in_flight.fetch_add(1, Ordering::SeqCst);
         }
-        self.export.depth(state.buffer.len());
+        // After `in_flight` rises: whoever sees `taken` fall sees that too.
+        self.taken.store(batch.len(), Ordering::Release);
+        // Only the receiver writes this counter.
+        let delivered = self.delivered.load(Ordering::Relaxed);
+        self.delivered.store(delivered + 1, Ordering::Relaxed);
         if self.policy == LagPolicy::Backpressure {
             self.notify_room();
         }
-        Ok(envelope)
+        Some(envelope)
     }
 
     /// Marks one tracked event as finished; returns how many remain in flight.
@@ -259,10 +289,12 @@ impl<E: Event> Queue<E> {
         self.in_flight.fetch_sub(1, Ordering::SeqCst) - 1
     }
 
-    /// No event queued and none in flight.
+    /// No event queued, taken or in flight.
     pub(crate) fn is_idle(&self) -> bool {
         let state = lock(&self.state);
-        state.buffer.is_empty() && self.in_flight.load(Ordering::SeqCst) == 0
+        state.buffer.is_empty()
+            && self.taken.load(Ordering::Acquire) == 0
+            && self.in_flight.load(Ordering::SeqCst) == 0
     }
 
     /// Stops accepting events and wakes the consumer and any `emit_wait`
@@ -282,10 +314,10 @@ impl<E: Event> Queue<E> {
     pub(crate) fn counts(&self) -> QueueCounts {
         let state = lock(&self.state);
         QueueCounts {
-            delivered: state.delivered,
+            delivered: self.delivered.load(Ordering::Relaxed),
             dropped: state.dropped,
             overflowed: state.overflowed,
-            depth: state.buffer.len(),
+            depth: state.buffer.len() + self.taken.load(Ordering::Acquire),
             in_flight: self.in_flight.load(Ordering::SeqCst),
         }
     }
@@ -301,6 +333,70 @@ impl<E: Event> std::fmt::Debug for Queue<E> {
             .field("policy", &self.policy)
             .field("counts", &self.counts())
             .finish_non_exhaustive()
+    }
+}
+
+/// The most events a receiver takes from its queue at once.
+pub(crate) const BATCH: usize = 32;
+
+/// The consuming end of a queue: what a subscription or a listener task
+/// receives through.
+pub(crate) struct Receiver<E: Event> {
+    pub(crate) queue: Arc<Queue<E>>,
+    batch: VecDeque<Arc<Envelope<E>>>,
+}
+
+impl<E: Event> Receiver<E> {
+    pub(crate) fn new(queue: Arc<Queue<E>>) -> Self {
+        Self {
+            batch: VecDeque::with_capacity(BATCH.min(queue.capacity)),
+            queue,
+        }
+    }
+
+    /// Polls for the next event. `track` marks it as in flight until
+    /// [`Queue::complete`] (the listener runtime's bookkeeping).
+    pub(crate) fn poll_recv(
+        &mut self,
+        cx: &mut Context<'_>,
+        track: bool,
+    ) -> Poll<Result<Arc<Envelope<E>>, RecvError>> {
+        match self.next(Some(cx.waker()), track) {
+            Ok(envelope) => Poll::Ready(Ok(envelope)),
+            Err(TryRecvError::Lagged(count)) => Poll::Ready(Err(RecvError::Lagged(count))),
+            Err(TryRecvError::Closed) => Poll::Ready(Err(RecvError::Closed)),
+            Err(TryRecvError::Empty) => Poll::Pending,
+        }
+    }
+
+    pub(crate) async fn recv(&mut self, track: bool) -> Result<Arc<Envelope<E>>, RecvError> {
+        std::future::poll_fn(|cx| self.poll_recv(cx, track)).await
+    }
+
+    pub(crate) fn try_recv(&mut self) -> Result<Arc<Envelope<E>>, TryRecvError> {
+        self.next(None, false)
+    }
+
+    fn next(
+        &mut self,
+        waker: Option<&Waker>,
+        track: bool,
+    ) -> Result<Arc<Envelope<E>>, TryRecvError> {
+        loop {
+            if let Some(envelope) = self.queue.hand_out(&mut self.batch, track) {
+                return Ok(envelope);
+            }
+            self.queue.refill(&mut self.batch, waker)?;
+        }
+    }
+}
+
+impl<E: Event> std::fmt::Debug for Receiver<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Receiver")
+            .field("queue", &self.queue)
+            .field("batch", &self.batch.len())
+            .finish()
     }
 }
 
@@ -329,7 +425,9 @@ pub(crate) struct WakeList {
 }
 
 impl WakeList {
-    const CAPACITY: usize = 32;
+    /// Small, because the list is made and dropped on every emit; a fan-out
+    /// to more parked consumers than this wakes them in groups.
+    const CAPACITY: usize = 8;
 
     pub(crate) fn new() -> Self {
         Self {

@@ -3,7 +3,7 @@
 
 use std::any::Any;
 use std::fmt;
-use std::future::{Future, poll_fn};
+
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -22,7 +22,7 @@ use crate::error::{RecvError, chain};
 use crate::event::Event;
 use crate::listener::{Listener, ListenerOptions, RetryPolicy};
 use crate::metrics::{Histogram, ListenerExport, ListenerMetrics};
-use crate::queue::{Queue, lock};
+use crate::queue::{Queue, Receiver, lock};
 
 /// The listeners of one bus, and what `quiesce` waits on.
 pub(crate) struct Runtime<E: Event> {
@@ -307,7 +307,8 @@ pub(crate) fn spawn<E: Event, L: Listener<E>>(
         shared: shared.clone(),
         state: state.clone(),
     };
-    let task = tokio::spawn(supervisor.run(options.concurrency, finished));
+    let receiver = Receiver::new(state.queue.clone());
+    let task = tokio::spawn(supervisor.run(receiver, options.concurrency, finished));
     // The task may already have ended; an abort handle to it is harmless.
     let _ = state.abort.set(task.abort_handle());
     ListenerHandle { state }
@@ -323,10 +324,10 @@ struct Supervisor<E: Event, L> {
 }
 
 impl<E: Event, L: Listener<E>> Supervisor<E, L> {
-    async fn run(self, concurrency: usize, _finished: FinishGuard<E>) {
+    async fn run(self, mut receiver: Receiver<E>, concurrency: usize, _finished: FinishGuard<E>) {
         if concurrency <= 1 {
             loop {
-                match self.next().await {
+                match receiver.recv(true).await {
                     Ok(envelope) => self.process(envelope).await,
                     // The queue logged and counted the drop.
                     Err(RecvError::Lagged(_)) => {}
@@ -339,7 +340,7 @@ impl<E: Event, L: Listener<E>> Supervisor<E, L> {
                 tokio::select! {
                     biased;
                     Some(()) = running.next(), if !running.is_empty() => {}
-                    next = self.next(), if running.len() < concurrency => match next {
+                    next = receiver.recv(true), if running.len() < concurrency => match next {
                         Ok(envelope) => running.push(self.process(envelope)),
                         Err(RecvError::Lagged(_)) => {}
                         Err(RecvError::Closed) => break,
@@ -348,10 +349,6 @@ impl<E: Event, L: Listener<E>> Supervisor<E, L> {
             }
             while running.next().await.is_some() {}
         }
-    }
-
-    fn next(&self) -> impl Future<Output = Result<Arc<Envelope<E>>, RecvError>> + '_ {
-        poll_fn(|cx| self.state.queue.poll_recv(cx, true))
     }
 
     async fn process(&self, envelope: Arc<Envelope<E>>) {

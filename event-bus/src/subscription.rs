@@ -1,7 +1,6 @@
 //! [`Subscription`]: a queue of the events a consumer is interested in.
 
 use std::fmt;
-use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -12,7 +11,7 @@ use crate::bus::Shared;
 use crate::envelope::Envelope;
 use crate::error::{Lagged, RecvError, TryRecvError};
 use crate::event::{Event, KindSet};
-use crate::queue::{LagPolicy, Queue};
+use crate::queue::{LagPolicy, Queue, Receiver};
 
 /// Receives the events of the kinds it subscribed to, in emit order.
 ///
@@ -51,13 +50,20 @@ use crate::queue::{LagPolicy, Queue};
 /// # }
 /// ```
 pub struct Subscription<E: Event> {
-    queue: Arc<Queue<E>>,
+    receiver: Receiver<E>,
     shared: Arc<Shared<E>>,
 }
 
 impl<E: Event> Subscription<E> {
     pub(crate) fn new(queue: Arc<Queue<E>>, shared: Arc<Shared<E>>) -> Self {
-        Self { queue, shared }
+        Self {
+            receiver: Receiver::new(queue),
+            shared,
+        }
+    }
+
+    fn queue(&self) -> &Queue<E> {
+        &self.receiver.queue
     }
 
     /// Receives the next event.
@@ -73,7 +79,7 @@ impl<E: Event> Subscription<E> {
     ///
     /// Cancel safe: an event is taken from the queue only when this returns.
     pub async fn recv(&mut self) -> Result<Arc<Envelope<E>>, RecvError> {
-        poll_fn(|cx| self.queue.poll_recv(cx, false)).await
+        self.receiver.recv(false).await
     }
 
     /// Receives the next event if one is queued, without waiting.
@@ -83,27 +89,28 @@ impl<E: Event> Subscription<E> {
     /// [`TryRecvError::Empty`] when nothing is queued, otherwise as
     /// [`recv`](Self::recv).
     pub fn try_recv(&mut self) -> Result<Arc<Envelope<E>>, TryRecvError> {
-        self.queue.try_recv()
+        self.receiver.try_recv()
     }
 
     /// The kinds this subscription receives.
     pub fn interests(&self) -> &KindSet<E::Kind> {
-        &self.queue.interests
+        &self.queue().interests
     }
 
     /// The queue's capacity.
     pub fn capacity(&self) -> usize {
-        self.queue.capacity
+        self.queue().capacity
     }
 
     /// The queue's lag policy.
     pub fn lag_policy(&self) -> LagPolicy {
-        self.queue.policy
+        self.queue().policy
     }
 
-    /// The number of events queued.
+    /// The number of events queued: waiting in the queue, or taken from it
+    /// in the batch the next receives hand out.
     pub fn len(&self) -> usize {
-        self.queue.counts().depth
+        self.queue().counts().depth
     }
 
     /// Whether no event is queued.
@@ -113,7 +120,7 @@ impl<E: Event> Subscription<E> {
 
     /// Events received so far.
     pub fn delivered(&self) -> u64 {
-        self.queue.counts().delivered
+        self.queue().counts().delivered
     }
 
     /// Events dropped from the full queue so far ([`LagPolicy::DropOldest`]).
@@ -121,13 +128,13 @@ impl<E: Event> Subscription<E> {
     /// `delivered() + dropped() + len()` is the number of events of interest
     /// emitted since the subscription was made.
     pub fn dropped(&self) -> u64 {
-        self.queue.counts().dropped
+        self.queue().counts().dropped
     }
 
     /// Events queued past capacity by `emit` so far
     /// ([`LagPolicy::Backpressure`]).
     pub fn overflowed(&self) -> u64 {
-        self.queue.counts().overflowed
+        self.queue().counts().overflowed
     }
 }
 
@@ -135,24 +142,27 @@ impl<E: Event> Stream for Subscription<E> {
     type Item = Result<Arc<Envelope<E>>, Lagged>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.queue.poll_recv(cx, false).map(|result| match result {
-            Ok(envelope) => Some(Ok(envelope)),
-            Err(RecvError::Lagged(count)) => Some(Err(Lagged(count))),
-            Err(RecvError::Closed) => None,
-        })
+        self.get_mut()
+            .receiver
+            .poll_recv(cx, false)
+            .map(|result| match result {
+                Ok(envelope) => Some(Ok(envelope)),
+                Err(RecvError::Lagged(count)) => Some(Err(Lagged(count))),
+                Err(RecvError::Closed) => None,
+            })
     }
 }
 
 impl<E: Event> Drop for Subscription<E> {
     fn drop(&mut self) {
-        self.shared.unregister(&self.queue);
+        self.shared.unregister(&self.receiver.queue);
     }
 }
 
 impl<E: Event> fmt::Debug for Subscription<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Subscription")
-            .field("queue", &self.queue)
+            .field("receiver", &self.receiver)
             .finish()
     }
 }
