@@ -116,4 +116,3 @@ async fn metrics_are_exported_through_the_metrics_facade() {
         other => panic!("no handle latency histogram: {other:?}"),
     }
 }
-

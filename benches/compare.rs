@@ -1,0 +1,255 @@
+//! The headline comparisons in one run, printed as a markdown table of
+//! ratios (bus / best peer) with the absolute numbers beside them.
+//!
+//! ```text
+//! cargo bench --bench compare -- --quick    # about a minute
+//! cargo bench --bench compare               # ten times the events
+//! ```
+
+mod common;
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use common::{BenchEvent, BenchEventKind, EmitBenchEvent, FanOut, Run};
+use event_bus::{EventBus, KindSet, LagPolicy};
+
+#[global_allocator]
+static ALLOCATOR: cap::Cap<std::alloc::System> = cap::Cap::new(std::alloc::System, usize::MAX);
+
+/// How many times each case runs; the median is reported.
+const REPEATS: usize = 3;
+
+struct Row {
+    case: String,
+    bus: String,
+    peer: String,
+    ratio: f64,
+    target: &'static str,
+    met: bool,
+}
+
+fn main() {
+    let quick = std::env::args().any(|arg| arg == "--quick");
+    let events: u64 = if quick { 200_000 } else { 2_000_000 };
+    let ops: u64 = if quick { 2_000_000 } else { 20_000_000 };
+    let runtime = common::runtime();
+    let mut rows = Vec::new();
+
+    for subscribers in [1, 4, 16] {
+        let per_subscriber = events;
+        let runs: Vec<(FanOut, Run)> = FanOut::ALL
+            .iter()
+            .map(|&c| {
+                let run = median_run(|| {
+                    runtime.block_on(common::fan_out(c, subscribers, per_subscriber))
+                });
+                (c, run)
+            })
+            .collect();
+        for (contender, run) in &runs {
+            eprintln!(
+                "fan-out N={subscribers:<2} {:<24} {:>7.2} M delivered/s, {} dropped",
+                contender.name(),
+                run.per_second() / 1e6,
+                run.dropped
+            );
+        }
+        let bus = runs
+            .iter()
+            .find(|(c, _)| *c == FanOut::BusBackpressure)
+            .unwrap()
+            .1;
+        let (peer, best) = runs
+            .iter()
+            .filter(|(c, run)| !c.is_bus() && run.dropped == 0)
+            .max_by(|a, b| a.1.per_second().total_cmp(&b.1.per_second()))
+            .unwrap();
+        let ratio = bus.per_second() / best.per_second();
+        rows.push(Row {
+            case: format!("lossless fan-out, N = {subscribers}"),
+            bus: format!("{:.1} M/s", bus.per_second() / 1e6),
+            peer: format!("{:.1} M/s ({})", best.per_second() / 1e6, peer.name()),
+            ratio,
+            target: "≥ 1.0",
+            met: ratio >= 1.0,
+        });
+        let lossy = runs
+            .iter()
+            .find(|(c, _)| *c == FanOut::BusDropOldest)
+            .unwrap()
+            .1;
+        eprintln!(
+            "  (bus drop-oldest, unthrottled: {:.1} M/s delivered, {} dropped: not lossless)",
+            lossy.per_second() / 1e6,
+            lossy.dropped
+        );
+    }
+
+    let selective_bus = median_run(|| runtime.block_on(common::selective(true, events)));
+    let selective_peer = median_run(|| runtime.block_on(common::selective(false, events)));
+    let ratio = selective_bus.per_second() / selective_peer.per_second();
+    rows.push(Row {
+        case: "selective, 16 listeners × 1 of 16 kinds".into(),
+        bus: format!("{:.1} M/s", selective_bus.per_second() / 1e6),
+        peer: format!(
+            "{:.1} M/s (broadcast, filter on receive)",
+            selective_peer.per_second() / 1e6
+        ),
+        ratio,
+        target: "≥ 4.0",
+        met: ratio >= 4.0,
+    });
+
+    // Emitting with nobody interested, against a raw send with no receiver.
+    let data = common::payload(1);
+    let bus = EventBus::<BenchEvent>::new();
+    let _other_kind = bus.subscribe(BenchEventKind::K01);
+    let bus_ns = median_ns(ops, || bus.emit(BenchEvent::K00(data.clone())));
+    let (sender, _) = tokio::sync::broadcast::channel::<BenchEvent>(common::CAPACITY);
+    let peer_ns = median_ns(ops, || {
+        let _ = black_box(sender.send(BenchEvent::K00(data.clone())));
+    });
+    let ratio = bus_ns / peer_ns;
+    rows.push(Row {
+        case: "emit, no interested subscriber (time)".into(),
+        bus: format!("{bus_ns:.1} ns"),
+        peer: format!("{peer_ns:.1} ns (broadcast send, no receiver)"),
+        ratio,
+        target: "≤ 1.5",
+        met: ratio <= 1.5,
+    });
+
+    // The derive's helper against the hand-written emit it stands for, on a
+    // bus with one interested (never read, drop-oldest) subscriber.
+    let bus = EventBus::<BenchEvent>::new();
+    let _sink = bus.subscribe_with(KindSet::all(), common::CAPACITY, LagPolicy::DropOldest);
+    let helper_ns = median_ns(ops / 4, || bus.emit_k00(data.clone()));
+    let manual_ns = median_ns(ops / 4, || bus.emit(BenchEvent::K00(data.clone())));
+    let ratio = helper_ns / manual_ns;
+    rows.push(Row {
+        case: "derive emit helper vs hand-written (time)".into(),
+        bus: format!("{helper_ns:.1} ns"),
+        peer: format!("{manual_ns:.1} ns (bus.emit(BenchEvent::K00(…)))"),
+        ratio,
+        target: "≤ 1.05",
+        met: ratio <= 1.05,
+    });
+    drop(bus);
+
+    let supervised = median_run(|| runtime.block_on(common::runtime_overhead(true, events)));
+    let bare = median_run(|| runtime.block_on(common::runtime_overhead(false, events)));
+    let ratio = supervised.per_second() / bare.per_second();
+    rows.push(Row {
+        case: "supervised listener vs bare receive loop".into(),
+        bus: format!("{:.1} M/s", supervised.per_second() / 1e6),
+        peer: format!(
+            "{:.1} M/s (recv loop, same handler)",
+            bare.per_second() / 1e6
+        ),
+        ratio,
+        target: "≥ 0.8",
+        met: ratio >= 0.8,
+    });
+
+    let samples = if quick { 2_000 } else { 20_000 };
+    let bus_latency = runtime.block_on(common::latencies(true, samples));
+    let mpsc_latency = runtime.block_on(common::latencies(false, samples));
+    for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
+        let bus = common::quantile(&bus_latency, q);
+        let peer = common::quantile(&mpsc_latency, q);
+        rows.push(Row {
+            case: format!("emit → handler start, {name}, low load (time)"),
+            bus: format!("{:.1} µs", bus.as_secs_f64() * 1e6),
+            peer: format!("{:.1} µs (tokio mpsc recv loop)", peer.as_secs_f64() * 1e6),
+            ratio: bus.as_secs_f64() / peer.as_secs_f64(),
+            target: "—",
+            met: true,
+        });
+    }
+
+    for subscribers in [1, 16] {
+        let bus = bus_bytes_per_event(subscribers);
+        let peer = broadcast_bytes_per_event(subscribers);
+        rows.push(Row {
+            case: format!("memory per queued event, N = {subscribers}"),
+            bus: format!("{bus:.0} B"),
+            peer: format!("{peer:.0} B (broadcast<Arc<T>>)"),
+            ratio: bus / peer,
+            target: "—",
+            met: true,
+        });
+    }
+
+    println!(
+        "\n{} events per throughput case, median of {REPEATS}; {} cores\n",
+        events,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!("| case | bus | best peer | bus / peer | target | met |");
+    println!("|---|---|---|---|---|---|");
+    for row in &rows {
+        println!(
+            "| {} | {} | {} | {:.2} | {} | {} |",
+            row.case,
+            row.bus,
+            row.peer,
+            row.ratio,
+            row.target,
+            if row.met { "yes" } else { "**no**" }
+        );
+    }
+}
+
+fn median_run(mut run: impl FnMut() -> Run) -> Run {
+    let mut runs: Vec<Run> = (0..REPEATS).map(|_| run()).collect();
+    runs.sort_by(|a, b| a.per_second().total_cmp(&b.per_second()));
+    runs[REPEATS / 2]
+}
+
+/// Median nanoseconds per call of `op`, over `REPEATS` timed loops.
+fn median_ns(ops: u64, mut op: impl FnMut()) -> f64 {
+    let mut samples: Vec<f64> = (0..REPEATS)
+        .map(|_| {
+            let started = Instant::now();
+            for _ in 0..ops {
+                op();
+            }
+            started.elapsed().as_nanos() as f64 / ops as f64
+        })
+        .collect();
+    samples.sort_by(f64::total_cmp);
+    samples[REPEATS / 2]
+}
+
+const QUEUED: usize = common::CAPACITY;
+
+/// Heap bytes per event with `QUEUED` events waiting in each of
+/// `subscribers` full queues, counting the queues themselves.
+fn bus_bytes_per_event(subscribers: usize) -> f64 {
+    let before = ALLOCATOR.allocated();
+    let bus = EventBus::<BenchEvent>::new();
+    let subscriptions: Vec<_> = (0..subscribers)
+        .map(|_| bus.subscribe_with(KindSet::all(), QUEUED, LagPolicy::Backpressure))
+        .collect();
+    for i in 0..QUEUED {
+        bus.emit(BenchEvent::K00(common::payload(i as i64)));
+    }
+    let bytes = ALLOCATOR.allocated() - before;
+    black_box((bus, subscriptions));
+    bytes as f64 / QUEUED as f64
+}
+
+fn broadcast_bytes_per_event(subscribers: usize) -> f64 {
+    let before = ALLOCATOR.allocated();
+    let (sender, receiver) = tokio::sync::broadcast::channel::<std::sync::Arc<BenchEvent>>(QUEUED);
+    let receivers: Vec<_> = (1..subscribers).map(|_| sender.subscribe()).collect();
+    for i in 0..QUEUED {
+        let _ = sender.send(std::sync::Arc::new(BenchEvent::K00(common::payload(
+            i as i64,
+        ))));
+    }
+    let bytes = ALLOCATOR.allocated() - before;
+    black_box((sender, receiver, receivers));
+    bytes as f64 / QUEUED as f64
+}
