@@ -1,7 +1,8 @@
 //! [`Envelope`]: an event and what the bus knows about its emission.
 
 use std::ops::Deref;
-use std::time::SystemTime;
+use std::sync::OnceLock;
+use std::time::{Instant, SystemTime};
 
 use tracing::Span;
 use uuid::Uuid;
@@ -38,7 +39,7 @@ pub struct Envelope<E> {
     event: E,
     id: Uuid,
     sequence: u64,
-    emitted_at: SystemTime,
+    emitted: Instant,
     span: Span,
 }
 
@@ -49,12 +50,12 @@ impl<E: Event> Envelope<E> {
     /// The bus builds its own envelopes; this constructor is for tests and for
     /// backends that carry events from elsewhere.
     pub fn new(event: E) -> Self {
-        let emitted_at = SystemTime::now();
+        let emitted = Instant::now();
         Self {
             event,
-            id: uuid_v7(emitted_at),
+            id: uuid_v7(wall_clock(emitted)),
             sequence: 0,
-            emitted_at,
+            emitted,
             span: Span::current(),
         }
     }
@@ -93,8 +94,18 @@ impl<E> Envelope<E> {
     }
 
     /// Wall-clock time of the emit.
+    ///
+    /// Read from the monotonic clock and placed on the wall clock by an
+    /// anchor the process takes once, so that an emit reads one clock, not
+    /// two; it can differ from `SystemTime::now()` at the emit by however
+    /// far the wall clock has been adjusted since.
     pub fn emitted_at(&self) -> SystemTime {
-        self.emitted_at
+        wall_clock(self.emitted)
+    }
+
+    /// Monotonic time of the emit.
+    pub(crate) fn emitted(&self) -> Instant {
+        self.emitted
     }
 
     /// The span that was current when the event was emitted.
@@ -107,6 +118,17 @@ impl<E> Envelope<E> {
 
     pub(crate) fn set_sequence(&mut self, sequence: u64) {
         self.sequence = sequence;
+    }
+}
+
+/// The wall-clock time of the monotonic instant `at`, through a process-wide
+/// anchor: both clocks read once, at the first call.
+fn wall_clock(at: Instant) -> SystemTime {
+    static ANCHOR: OnceLock<(Instant, SystemTime)> = OnceLock::new();
+    let &(instant, system) = ANCHOR.get_or_init(|| (Instant::now(), SystemTime::now()));
+    match at.checked_duration_since(instant) {
+        Some(after) => system + after,
+        None => system - instant.saturating_duration_since(at),
     }
 }
 

@@ -103,8 +103,7 @@ pub struct ListenerMetrics {
     pub queue_depth: usize,
     /// Events taken but not yet finished (at most the listener's concurrency).
     pub in_flight: usize,
-    /// Time from emit to the start of the event's first handler attempt
-    /// (wall clock).
+    /// Time from emit to the start of the event's first handler attempt.
     pub queue_latency: LatencySummary,
     /// Duration of handler attempts.
     pub handle_latency: LatencySummary,
@@ -167,12 +166,17 @@ impl Histogram {
         }
     }
 
+    /// Records a sample. One writer at a time (a listener's task records
+    /// into its own histograms), so plain loads and stores do; readers may
+    /// see a sample half recorded, which a summary tolerates.
     pub(crate) fn record(&self, sample: Duration) {
         let nanos = u64::try_from(sample.as_nanos()).unwrap_or(u64::MAX);
-        self.buckets[bucket_of(nanos)].fetch_add(1, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum.fetch_add(nanos, Ordering::Relaxed);
-        self.max.fetch_max(nanos, Ordering::Relaxed);
+        bump(&self.buckets[bucket_of(nanos)], 1);
+        bump(&self.count, 1);
+        bump(&self.sum, nanos);
+        if nanos > self.max.load(Ordering::Relaxed) {
+            self.max.store(nanos, Ordering::Relaxed);
+        }
     }
 
     pub(crate) fn summary(&self) -> LatencySummary {
@@ -207,6 +211,15 @@ impl Histogram {
             max: Duration::from_nanos(max),
         }
     }
+}
+
+/// Adds to a counter that only one thread writes: a load and a store,
+/// without the cost of an atomic read-modify-write on the hot path.
+pub(crate) fn bump(counter: &AtomicU64, by: u64) {
+    counter.store(
+        counter.load(Ordering::Relaxed).wrapping_add(by),
+        Ordering::Relaxed,
+    );
 }
 
 /// Values below `SUB` get a bucket each; above, each power of two is split

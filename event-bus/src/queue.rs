@@ -222,6 +222,22 @@ impl<E: Event> Queue<E> {
         }
     }
 
+    /// As [`notify_room`](Self::notify_room), but only once the queue has
+    /// drained to its low watermark: a waiting emitter then fills a batch of
+    /// places at once instead of waking for every place freed.
+    fn notify_room_drained(&self) {
+        if self.room_waiters.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        let slack = (self.capacity / 2).clamp(1, BATCH);
+        let occupied = self.queued.load(Ordering::Acquire)
+            + self.taken.load(Ordering::Acquire)
+            + self.reserved.load(Ordering::Relaxed);
+        if occupied + slack <= self.capacity {
+            self.room.notify_waiters();
+        }
+    }
+
     /// Moves up to [`BATCH`] events into `batch`, or says why it cannot:
     /// a gap to report, nothing queued (registering `waker`), or closed.
     fn refill(
@@ -274,12 +290,19 @@ impl<E: Event> Queue<E> {
             self.in_flight.fetch_add(1, Ordering::SeqCst);
         }
         // After `in_flight` rises: whoever sees `taken` fall sees that too.
-        self.taken.store(batch.len(), Ordering::Release);
-        // Only the receiver writes this counter.
-        let delivered = self.delivered.load(Ordering::Relaxed);
-        self.delivered.store(delivered + 1, Ordering::Relaxed);
+        // Under backpressure, sequentially consistent: with the waiters'
+        // count, it forms the pair (a waiter counts itself, then reads
+        // `taken`; this writes `taken`, then reads the count) in which one
+        // side must see the other, so no waiter misses the room freed.
+        let order = if self.policy == LagPolicy::Backpressure {
+            Ordering::SeqCst
+        } else {
+            Ordering::Release
+        };
+        self.taken.store(batch.len(), order);
+        crate::metrics::bump(&self.delivered, 1);
         if self.policy == LagPolicy::Backpressure {
-            self.notify_room();
+            self.notify_room_drained();
         }
         Some(envelope)
     }

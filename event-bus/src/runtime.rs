@@ -21,7 +21,7 @@ use crate::envelope::Envelope;
 use crate::error::{RecvError, chain};
 use crate::event::Event;
 use crate::listener::{Listener, ListenerOptions, RetryPolicy};
-use crate::metrics::{Histogram, ListenerExport, ListenerMetrics};
+use crate::metrics::{Histogram, ListenerExport, ListenerMetrics, bump};
 use crate::queue::{Queue, Receiver, lock};
 
 /// The listeners of one bus, and what `quiesce` waits on.
@@ -79,7 +79,8 @@ impl<E: Event> Runtime<E> {
     }
 }
 
-/// What a listener's task, its handle and the bus share.
+/// What a listener's task, its handle and the bus share. Only the task
+/// writes the counters and histograms.
 pub(crate) struct ListenerState<E: Event> {
     queue: Arc<Queue<E>>,
     handled: AtomicU64,
@@ -367,30 +368,31 @@ impl<E: Event, L: Listener<E>> Supervisor<E, L> {
 
     async fn attempt_all(&self, envelope: Arc<Envelope<E>>) {
         let state = &*self.state;
-        if let Ok(waited) = SystemTime::now().duration_since(envelope.emitted_at()) {
-            state.queue_latency.record(waited);
-        }
+        let mut started = Instant::now();
+        state
+            .queue_latency
+            .record(started.saturating_duration_since(envelope.emitted()));
         let mut attempt = 1;
         loop {
-            let started = Instant::now();
             let outcome = AssertUnwindSafe(self.listener.handle(envelope.clone()))
                 .catch_unwind()
                 .await;
-            let took = started.elapsed();
+            let finished = Instant::now();
+            let took = finished - started;
             state.handle_latency.record(took);
             state.export.latency(took);
             let (error, panicked) = match outcome {
                 Ok(Ok(())) => {
-                    state.handled.fetch_add(1, Ordering::Relaxed);
+                    bump(&state.handled, 1);
                     state.export.handled();
                     return;
                 }
                 Ok(Err(error)) => (chain(&*error), false),
                 Err(payload) => (format!("panicked: {}", panic_message(&*payload)), true),
             };
-            state.failed.fetch_add(1, Ordering::Relaxed);
+            bump(&state.failed, 1);
             if panicked {
-                state.panicked.fetch_add(1, Ordering::Relaxed);
+                bump(&state.panicked, 1);
             }
             state.export.failed(panicked);
             if attempt < self.retry.max_attempts() {
@@ -404,10 +406,11 @@ impl<E: Event, L: Listener<E>> Supervisor<E, L> {
                     error = %error,
                     "handler failed; retrying",
                 );
-                state.retried.fetch_add(1, Ordering::Relaxed);
+                bump(&state.retried, 1);
                 state.export.retried();
                 tokio::time::sleep(delay).await;
                 attempt += 1;
+                started = Instant::now();
                 continue;
             }
             tracing::error!(
@@ -418,7 +421,7 @@ impl<E: Event, L: Listener<E>> Supervisor<E, L> {
                 error = %error,
                 "handler failed; recorded a dead letter",
             );
-            state.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            bump(&state.dead_lettered, 1);
             state.export.dead_lettered();
             self.shared.dead_letters.record(DeadLetter {
                 envelope,
