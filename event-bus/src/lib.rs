@@ -95,10 +95,15 @@
 //! Each subscriber has a bounded queue ([`Builder::capacity`], 1024 by
 //! default). Under the default [`LagPolicy::DropOldest`], an event that
 //! arrives at a full queue evicts the oldest one. Nothing is lost silently:
-//! the consumer's next receive returns [`RecvError::Lagged(n)`] with the
-//! exact number dropped, a warning is logged, and the drop is counted. For
-//! every subscriber, at every moment, `delivered + dropped + queued` equals
-//! the events of interest emitted since it subscribed.
+//! the consumer is told [`RecvError::Lagged(n)`] with the exact number
+//! dropped, at the place of the gap, a warning is logged, and the drop is
+//! counted. For every subscriber, at every moment, `delivered + dropped +
+//! queued` equals the events of interest emitted since it subscribed.
+//!
+//! A consumer takes events from its queue in batches of up to 32 (never more
+//! than the capacity), so that it and the emitters rarely meet on the
+//! queue's lock; events it has taken are no longer dropped, and
+//! [`Subscription::len`] counts them as queued.
 //!
 //! ```
 //! # use event_bus::{EventBus, LagPolicy, RecvError};
@@ -124,8 +129,11 @@
 //! A subscriber that must not lose events in memory uses
 //! [`LagPolicy::Backpressure`]. It never drops: [`EventBus::emit_wait`] waits
 //! until every interested backpressure subscriber has room, so a slow
-//! consumer slows the emitter instead. [`EventBus::emit`], which must never
-//! block, queues past the capacity and counts the event as overflowed.
+//! consumer slows the emitter instead, and never holds more than its
+//! capacity. A waiting emitter is woken once the queue has drained by
+//! `min(capacity / 2, 32)` places, and fills them in one go.
+//! [`EventBus::emit`], which must never block, queues past the capacity and
+//! counts the event as overflowed.
 //!
 //! ```
 //! # use event_bus::{EventBus, LagPolicy};
