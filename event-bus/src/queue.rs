@@ -84,7 +84,7 @@ struct State<E> {
     waker: Option<Waker>,
 }
 
-/// Counters of one queue, read together under its lock.
+/// Counters of one queue, as one snapshot.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct QueueCounts {
     pub(crate) delivered: u64,
@@ -176,10 +176,11 @@ impl<E: Event> Queue<E> {
     }
 
     /// Places a backpressure queue counts against its capacity: queued,
-    /// taken by the receiver but not handed out, and reserved.
+    /// taken by the receiver but not handed out, and reserved. `taken` is
+    /// read sequentially consistent: see [`Receiver`]'s hand-out.
     fn occupied(&self, state: &State<E>) -> usize {
         state.buffer.len()
-            + self.taken.load(Ordering::Acquire)
+            + self.taken.load(Ordering::SeqCst)
             + self.reserved.load(Ordering::Relaxed)
     }
 
@@ -307,9 +308,9 @@ impl<E: Event> Queue<E> {
         Some(envelope)
     }
 
-    /// Marks one tracked event as finished; returns how many remain in flight.
-    pub(crate) fn complete(&self) -> usize {
-        self.in_flight.fetch_sub(1, Ordering::SeqCst) - 1
+    /// Marks one tracked event as finished.
+    pub(crate) fn complete(&self) {
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// No event queued, taken or in flight.
