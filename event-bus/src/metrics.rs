@@ -20,7 +20,7 @@
 //!
 //! A listener's queue is labelled with the listener's name.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// A point-in-time view of a bus's counters.
@@ -216,6 +216,14 @@ impl Histogram {
 /// Adds to a counter that only one thread writes: a load and a store,
 /// without the cost of an atomic read-modify-write on the hot path.
 pub(crate) fn bump(counter: &AtomicU64, by: u64) {
+    counter.store(
+        counter.load(Ordering::Relaxed).wrapping_add(by),
+        Ordering::Relaxed,
+    );
+}
+
+/// As [`bump`], for a count of events.
+pub(crate) fn bump_usize(counter: &AtomicUsize, by: usize) {
     counter.store(
         counter.load(Ordering::Relaxed).wrapping_add(by),
         Ordering::Relaxed,

@@ -68,8 +68,8 @@ pub(crate) struct Queue<E: Event> {
     /// Events the receiver has taken in its batch but not handed out yet.
     taken: AtomicUsize,
     /// Events a listener has been handed but not finished. Raised before
-    /// `taken` falls, so an idle check that reads `taken` and then
-    /// `in_flight` sees every event somewhere.
+    /// `taken` falls (which releases it), so an idle check that reads `taken`
+    /// and then `in_flight` sees every event somewhere.
     in_flight: AtomicUsize,
     export: QueueExport,
 }
@@ -288,7 +288,9 @@ impl<E: Event> Queue<E> {
     ) -> Option<Arc<Envelope<E>>> {
         let envelope = batch.pop_front()?;
         if track {
-            self.in_flight.fetch_add(1, Ordering::SeqCst);
+            // Only the listener's task raises it; the store of `taken` below
+            // publishes it.
+            crate::metrics::bump_usize(&self.in_flight, 1);
         }
         // After `in_flight` rises: whoever sees `taken` fall sees that too.
         // Under backpressure, sequentially consistent: with the waiters'
