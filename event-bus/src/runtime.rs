@@ -382,8 +382,7 @@ impl<E: Event, L: Listener<E>> Supervisor<E, L> {
             let outcome = AssertUnwindSafe(self.listener.handle(envelope.clone()))
                 .catch_unwind()
                 .await;
-            let finished = Instant::now();
-            let took = finished - started;
+            let took = started.elapsed();
             state.handle_latency.record(took);
             state.export.latency(took);
             let (error, panicked) = match outcome {

@@ -75,6 +75,35 @@ mod enabled {
         username: Field,
     }
 
+    fn user_key(id: i64) -> String {
+        format!("user:{id}")
+    }
+
+    fn post_key(id: i64) -> String {
+        format!("post:{id}")
+    }
+
+    impl Fields {
+        fn user(&self, user: User) -> TantivyDocument {
+            doc!(
+                self.key => user_key(user.id),
+                self.kind => "user",
+                self.id => user.id,
+                self.username => user.username,
+            )
+        }
+
+        fn post(&self, post: Post) -> TantivyDocument {
+            doc!(
+                self.key => post_key(post.id),
+                self.kind => "post",
+                self.id => post.id,
+                self.title => post.title,
+                self.body => post.body,
+            )
+        }
+    }
+
     /// The index: a writer behind a lock (tantivy allows one), and a reader
     /// reloaded after every commit so a search right after `quiesce` sees it.
     pub(crate) struct SearchIndex {
@@ -136,14 +165,8 @@ mod enabled {
 
         async fn put_user(self: &Arc<Self>, user: User) -> tantivy::Result<()> {
             self.write(move |writer, f| {
-                let key = format!("user:{}", user.id);
-                writer.delete_term(Term::from_field_text(f.key, &key));
-                writer.add_document(doc!(
-                    f.key => key,
-                    f.kind => "user",
-                    f.id => user.id,
-                    f.username => user.username,
-                ))?;
+                writer.delete_term(Term::from_field_text(f.key, &user_key(user.id)));
+                writer.add_document(f.user(user))?;
                 Ok(())
             })
             .await
@@ -151,15 +174,8 @@ mod enabled {
 
         async fn put_post(self: &Arc<Self>, post: Post) -> tantivy::Result<()> {
             self.write(move |writer, f| {
-                let key = format!("post:{}", post.id);
-                writer.delete_term(Term::from_field_text(f.key, &key));
-                writer.add_document(doc!(
-                    f.key => key,
-                    f.kind => "post",
-                    f.id => post.id,
-                    f.title => post.title,
-                    f.body => post.body,
-                ))?;
+                writer.delete_term(Term::from_field_text(f.key, &post_key(post.id)));
+                writer.add_document(f.post(post))?;
                 Ok(())
             })
             .await
@@ -263,21 +279,10 @@ mod enabled {
             self.write(move |writer, f| {
                 writer.delete_all_documents()?;
                 for user in users {
-                    writer.add_document(doc!(
-                        f.key => format!("user:{}", user.id),
-                        f.kind => "user",
-                        f.id => user.id,
-                        f.username => user.username,
-                    ))?;
+                    writer.add_document(f.user(user))?;
                 }
                 for post in posts {
-                    writer.add_document(doc!(
-                        f.key => format!("post:{}", post.id),
-                        f.kind => "post",
-                        f.id => post.id,
-                        f.title => post.title,
-                        f.body => post.body,
-                    ))?;
+                    writer.add_document(f.post(post))?;
                 }
                 Ok(())
             })
@@ -298,7 +303,7 @@ mod enabled {
         async fn sync_user(&self, id: i64) -> Result<(), HandlerError> {
             match db::user(&self.db, id).await? {
                 Some(user) => self.index.put_user(user).await?,
-                None => self.index.remove(format!("user:{id}")).await?,
+                None => self.index.remove(user_key(id)).await?,
             }
             Ok(())
         }
@@ -306,7 +311,7 @@ mod enabled {
         async fn sync_post(&self, id: i64) -> Result<(), HandlerError> {
             match db::post(&self.db, id).await? {
                 Some(post) if post.published => self.index.put_post(post).await?,
-                _ => self.index.remove(format!("post:{id}")).await?,
+                _ => self.index.remove(post_key(id)).await?,
             }
             Ok(())
         }
