@@ -164,3 +164,27 @@ async fn concurrent_emit_wait_callers_never_take_a_queue_past_its_capacity() {
     assert!(most_queued <= CAPACITY, "{most_queued} queued");
     assert_eq!((subscription.dropped(), subscription.overflowed()), (0, 0));
 }
+
+#[tokio::test]
+async fn an_aborted_backpressure_listener_does_not_hold_emitters() {
+    let bus = EventBus::new();
+    let stuck = bus.spawn_with(
+        support::Gated(support::Gate::closed()),
+        ListenerOptions::new()
+            .capacity(2)
+            .lag_policy(LagPolicy::Backpressure),
+    );
+    for i in 0..3 {
+        within("emit_wait", bus.emit_wait(TestEvent::A(i))).await;
+    }
+    let mut blocked = Box::pin(bus.emit_wait(TestEvent::A(3)));
+    assert!((&mut blocked).now_or_never().is_none(), "the queue is full");
+
+    stuck.abort();
+    within("aborted listener to end", stuck.finished()).await;
+    within("emit_wait after the abort", blocked).await;
+    within("emit_wait to nobody", bus.emit_wait(TestEvent::A(4))).await;
+    let metrics = stuck.metrics();
+    assert_eq!(metrics.handled, 0);
+    assert_eq!(metrics.queue_depth + metrics.in_flight, 3);
+}

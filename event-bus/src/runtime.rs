@@ -458,6 +458,10 @@ struct FinishGuard<E: Event> {
 
 impl<E: Event> Drop for FinishGuard<E> {
     fn drop(&mut self) {
+        // Nobody will drain the queue any more: stop routing to it, so that
+        // an aborted backpressure listener cannot hold `emit_wait` forever.
+        // What it held stays counted as undelivered.
+        self.shared.unregister(&self.state.queue);
         self.state.finished.store(true, Ordering::SeqCst);
         self.state.done.notify_waiters();
         let runtime = &self.shared.runtime;
