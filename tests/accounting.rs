@@ -1,13 +1,14 @@
-//! The accounting invariant, for random interest sets, capacities, policies
-//! and interleavings of emits and receives: every subscriber gets exactly what
-//! a model of its bounded queue predicts, so delivered + dropped == emitted of
-//! interest, always.
+//! The accounting invariant, for random interest sets, capacities, policies,
+//! priorities, fairness bounds and interleavings of emits and receives: every
+//! subscriber gets exactly what a model of its bounded priority lanes
+//! predicts, so delivered + dropped == emitted of interest, in every lane,
+//! always.
 
 mod support;
 
 use std::collections::VecDeque;
 
-use event_bus::{EventBus, KindSet, LagPolicy, ListenerOptions, TryRecvError};
+use event_bus::{EventBus, KindSet, LagPolicy, ListenerOptions, Priority, TryRecvError};
 use proptest::prelude::*;
 use support::{Recorder, TestEvent, TestKind};
 
@@ -20,8 +21,16 @@ struct SubscriberSpec {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Emit(usize),
+    Emit(usize, Priority),
     Recv(usize),
+}
+
+fn priority() -> impl Strategy<Value = Priority> {
+    prop_oneof![
+        3 => Just(Priority::Normal),
+        1 => Just(Priority::High),
+        1 => Just(Priority::Low),
+    ]
 }
 
 fn kinds(mask: u8) -> KindSet<TestKind> {
@@ -46,45 +55,88 @@ fn subscriber_spec() -> impl Strategy<Value = SubscriberSpec> {
         })
 }
 
+const LANES: usize = Priority::ALL.len();
+
+fn lane(priority: Priority) -> usize {
+    Priority::ALL.iter().position(|&p| p == priority).unwrap()
+}
+
 /// What one subscriber's queue must hold, by the documented rules: a
-/// bounded queue, from which the receiver takes batches of up to 32 (and at
-/// most its capacity) that can no longer be dropped.
+/// bounded lane per priority, from which the receiver takes batches of up to
+/// 32 (and at most the capacity) that can no longer be dropped; it hands out
+/// the oldest event of the highest lane with events, unless a lower lane
+/// with events has been passed `fairness` times, in which case the lowest
+/// such lane goes once.
 #[derive(Default)]
 struct Model {
-    queue: VecDeque<u64>,
-    batch: VecDeque<u64>,
+    queue: [VecDeque<u64>; LANES],
+    taken: [VecDeque<u64>; LANES],
+    passed: [usize; LANES],
     unreported: u64,
-    delivered: u64,
-    dropped: u64,
-    overflowed: u64,
+    delivered: [u64; LANES],
+    dropped: [u64; LANES],
+    overflowed: [u64; LANES],
 }
 
 impl Model {
-    fn push(&mut self, spec: &SubscriberSpec, value: u64) {
-        if self.queue.len() >= spec.capacity {
+    fn push(&mut self, spec: &SubscriberSpec, priority: Priority, value: u64) {
+        let lane = lane(priority);
+        if self.queue[lane].len() >= spec.capacity {
             match spec.policy {
                 LagPolicy::DropOldest => {
-                    self.queue.pop_front();
-                    self.dropped += 1;
+                    self.queue[lane].pop_front();
+                    self.dropped[lane] += 1;
                     self.unreported += 1;
                 }
-                LagPolicy::Backpressure => self.overflowed += 1,
+                LagPolicy::Backpressure => self.overflowed[lane] += 1,
             }
         }
-        self.queue.push_back(value);
+        self.queue[lane].push_back(value);
     }
 
-    fn recv(&mut self, spec: &SubscriberSpec) -> Result<u64, TryRecvError> {
-        if self.batch.is_empty() {
-            if self.unreported > 0 {
-                return Err(TryRecvError::Lagged(std::mem::take(&mut self.unreported)));
+    fn recv(&mut self, spec: &SubscriberSpec, fairness: usize) -> Result<u64, TryRecvError> {
+        loop {
+            let waiting: Vec<bool> = (0..LANES)
+                .map(|l| !self.taken[l].is_empty() || !self.queue[l].is_empty())
+                .collect();
+            let starved = (0..LANES)
+                .rev()
+                .find(|&l| waiting[l] && self.passed[l] >= fairness);
+            let Some(lane) = starved.or_else(|| (0..LANES).find(|&l| waiting[l])) else {
+                if self.unreported > 0 {
+                    return Err(TryRecvError::Lagged(std::mem::take(&mut self.unreported)));
+                }
+                return Err(TryRecvError::Empty);
+            };
+            if self.taken[lane].is_empty() {
+                if self.unreported > 0 {
+                    return Err(TryRecvError::Lagged(std::mem::take(&mut self.unreported)));
+                }
+                let take = self.queue[lane].len().min(32).min(spec.capacity);
+                let batch: Vec<u64> = self.queue[lane].drain(..take).collect();
+                self.taken[lane].extend(batch);
+                continue;
             }
-            let take = self.queue.len().min(32).min(spec.capacity);
-            self.batch.extend(self.queue.drain(..take));
+            let value = self.taken[lane].pop_front().unwrap();
+            for (passed, _) in self
+                .passed
+                .iter_mut()
+                .zip(&waiting)
+                .skip(lane + 1)
+                .filter(|(_, w)| **w)
+            {
+                *passed += 1;
+            }
+            self.passed[lane] = 0;
+            self.delivered[lane] += 1;
+            return Ok(value);
         }
-        let value = self.batch.pop_front().ok_or(TryRecvError::Empty)?;
-        self.delivered += 1;
-        Ok(value)
+    }
+
+    fn len(&self) -> usize {
+        (0..LANES)
+            .map(|l| self.queue[l].len() + self.taken[l].len())
+            .sum()
     }
 }
 
@@ -92,40 +144,39 @@ proptest! {
     #[test]
     fn subscriptions_match_the_queue_model(
         specs in prop::collection::vec(subscriber_spec(), 1..5),
+        fairness in 1usize..6,
         ops in prop::collection::vec(
             prop_oneof![
-                3 => (0usize..4).prop_map(Op::Emit),
+                3 => (0usize..4, priority()).prop_map(|(kind, p)| Op::Emit(kind, p)),
                 2 => (0usize..5).prop_map(Op::Recv),
             ],
             0..300,
         ),
     ) {
-        let bus = EventBus::new();
+        let bus = EventBus::builder().fairness(fairness).build();
         let mut subscriptions: Vec<_> = specs
             .iter()
             .map(|s| bus.subscribe_with(kinds(s.interests), s.capacity, s.policy))
             .collect();
         let mut models: Vec<Model> = specs.iter().map(|_| Model::default()).collect();
-        let mut emitted_of_interest = vec![0u64; specs.len()];
+        let mut emitted_of_interest = vec![[0u64; LANES]; specs.len()];
 
         for (value, op) in ops.into_iter().enumerate() {
             match op {
-                Op::Emit(kind) => {
-                    bus.emit(TestEvent::of(TestKind::ALL_KINDS[kind], value as u64));
+                Op::Emit(kind, priority) => {
+                    let event = TestEvent::of(TestKind::ALL_KINDS[kind], value as u64);
+                    bus.emit_with_priority(event, priority);
                     for (i, spec) in specs.iter().enumerate() {
                         if spec.interests & (1 << kind) != 0 {
-                            models[i].push(spec, value as u64);
-                            emitted_of_interest[i] += 1;
+                            models[i].push(spec, priority, value as u64);
+                            emitted_of_interest[i][lane(priority)] += 1;
                         }
                     }
                 }
                 Op::Recv(i) if i < specs.len() => {
                     let got = subscriptions[i].try_recv().map(|e| e.value());
-                    prop_assert_eq!(got, models[i].recv(&specs[i]));
-                    prop_assert_eq!(
-                        subscriptions[i].len(),
-                        models[i].queue.len() + models[i].batch.len()
-                    );
+                    prop_assert_eq!(got, models[i].recv(&specs[i], fairness));
+                    prop_assert_eq!(subscriptions[i].len(), models[i].len());
                 }
                 Op::Recv(_) => {}
             }
@@ -136,7 +187,7 @@ proptest! {
             let mut lagged = 0;
             loop {
                 let got = subscription.try_recv().map(|e| e.value());
-                let expected = models[i].recv(&specs[i]);
+                let expected = models[i].recv(&specs[i], fairness);
                 match got {
                     Err(TryRecvError::Closed) => {
                         prop_assert_eq!(expected, Err(TryRecvError::Empty));
@@ -148,11 +199,17 @@ proptest! {
                 prop_assert_eq!(got, expected);
             }
             let model = &models[i];
-            prop_assert_eq!(subscription.delivered(), model.delivered);
-            prop_assert_eq!(subscription.dropped(), model.dropped);
-            prop_assert_eq!(subscription.overflowed(), model.overflowed);
-            prop_assert_eq!(subscription.delivered() + subscription.dropped(), emitted_of_interest[i]);
-            prop_assert!(lagged <= model.dropped);
+            for (l, &priority) in Priority::ALL.iter().enumerate() {
+                let counts = subscription.lane(priority);
+                prop_assert_eq!(counts.delivered, model.delivered[l]);
+                prop_assert_eq!(counts.dropped, model.dropped[l]);
+                prop_assert_eq!(counts.overflowed, model.overflowed[l]);
+                // Every lane accounts for every event of its priority.
+                prop_assert_eq!(counts.delivered + counts.dropped, emitted_of_interest[i][l]);
+            }
+            let dropped: u64 = model.dropped.iter().sum();
+            prop_assert_eq!(subscription.dropped(), dropped);
+            prop_assert!(lagged <= dropped);
         }
     }
 }
@@ -163,7 +220,10 @@ proptest! {
     #[test]
     fn listeners_account_for_every_event_of_interest(
         specs in prop::collection::vec(subscriber_spec(), 1..4),
-        bursts in prop::collection::vec(prop::collection::vec(0usize..4, 0..40), 1..8),
+        bursts in prop::collection::vec(
+            prop::collection::vec((0usize..4, priority()), 0..40),
+            1..8,
+        ),
     ) {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -183,13 +243,13 @@ proptest! {
                 })
                 .collect();
 
-            let mut emitted_of_interest = vec![0u64; specs.len()];
+            let mut emitted_of_interest = vec![[0u64; LANES]; specs.len()];
             for burst in &bursts {
-                for &kind in burst {
-                    bus.emit(TestEvent::of(TestKind::ALL_KINDS[kind], 0));
+                for &(kind, priority) in burst {
+                    bus.emit_with_priority(TestEvent::of(TestKind::ALL_KINDS[kind], 0), priority);
                     for (i, spec) in specs.iter().enumerate() {
                         if spec.interests & (1 << kind) != 0 {
-                            emitted_of_interest[i] += 1;
+                            emitted_of_interest[i][lane(priority)] += 1;
                         }
                     }
                 }
@@ -200,7 +260,11 @@ proptest! {
 
             for (handle, expected) in handles.iter().zip(emitted_of_interest) {
                 let m = handle.metrics();
-                prop_assert_eq!(m.delivered + m.dropped, expected, "{}", handle.name());
+                for (l, &priority) in Priority::ALL.iter().enumerate() {
+                    let lane = m.lane(priority);
+                    prop_assert_eq!(lane.delivered + lane.dropped, expected[l], "{} {}", handle.name(), priority);
+                }
+                prop_assert_eq!(m.delivered + m.dropped, expected.iter().sum::<u64>(), "{}", handle.name());
                 prop_assert_eq!(m.handled, m.delivered);
                 prop_assert_eq!(m.queue_depth, 0);
             }

@@ -85,6 +85,13 @@ impl<'a> Input<'a> {
             .unwrap_or_else(|| self.suffixed("Handler"))
     }
 
+    pub(crate) fn batch_handler_ident(&self) -> Ident {
+        self.attrs
+            .batch_handler
+            .clone()
+            .unwrap_or_else(|| self.suffixed("BatchHandler"))
+    }
+
     pub(crate) fn emitter_ident(&self) -> Ident {
         self.attrs
             .emitter

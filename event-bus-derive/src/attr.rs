@@ -8,9 +8,11 @@ use syn::{Ident, LitStr, Path, Token};
 use crate::ctxt::Ctxt;
 
 /// Keys of the enum's `#[event(...)]`.
-pub(crate) const ENUM_KEYS: &[&str] = &["kind", "handler", "emitter", "crate"];
+pub(crate) const ENUM_KEYS: &[&str] = &["kind", "handler", "batch_handler", "emitter", "crate"];
 /// Keys of a variant's `#[event(...)]`.
-pub(crate) const VARIANT_KEYS: &[&str] = &["name", "skip_emit"];
+pub(crate) const VARIANT_KEYS: &[&str] = &["name", "priority", "skip_emit"];
+/// The values of a variant's `priority`: the names of `Priority`'s variants.
+const PRIORITIES: &[(&str, &str)] = &[("high", "High"), ("normal", "Normal"), ("low", "Low")];
 
 /// The enum-level options.
 #[derive(Default)]
@@ -19,6 +21,8 @@ pub(crate) struct EnumAttrs {
     pub(crate) kind: Option<Ident>,
     /// Name of the generated handler trait.
     pub(crate) handler: Option<Ident>,
+    /// Name of the generated batch handler trait.
+    pub(crate) batch_handler: Option<Ident>,
     /// Name of the generated emit-helper trait.
     pub(crate) emitter: Option<Ident>,
     /// Path of the `event_bus` crate.
@@ -30,6 +34,8 @@ pub(crate) struct EnumAttrs {
 pub(crate) struct VariantAttrs {
     /// The event name, replacing the dotted snake case default.
     pub(crate) name: Option<LitStr>,
+    /// The kind's priority: the `Priority` variant, spanned at the value.
+    pub(crate) priority: Option<Ident>,
     /// Leave the variant out of the emit helpers.
     pub(crate) skip_emit: Option<Span>,
 }
@@ -64,6 +70,7 @@ impl<'c, T> Once<'c, T> {
 pub(crate) fn enum_attrs(cx: &Ctxt, attrs: &[syn::Attribute]) -> EnumAttrs {
     let mut kind = Once::new(cx, "kind");
     let mut handler = Once::new(cx, "handler");
+    let mut batch_handler = Once::new(cx, "batch_handler");
     let mut emitter = Once::new(cx, "emitter");
     let mut krate = Once::new(cx, "crate");
     each_key(cx, attrs, |meta| {
@@ -73,6 +80,11 @@ pub(crate) fn enum_attrs(cx: &Ctxt, attrs: &[syn::Attribute]) -> EnumAttrs {
             handler.set(
                 &meta.path,
                 ident_value(&meta, "handler", "AppEventHandler")?,
+            );
+        } else if meta.path.is_ident("batch_handler") {
+            batch_handler.set(
+                &meta.path,
+                ident_value(&meta, "batch_handler", "AppEventBatchHandler")?,
             );
         } else if meta.path.is_ident("emitter") {
             emitter.set(&meta.path, ident_value(&meta, "emitter", "EmitAppEvent")?);
@@ -93,6 +105,7 @@ pub(crate) fn enum_attrs(cx: &Ctxt, attrs: &[syn::Attribute]) -> EnumAttrs {
     EnumAttrs {
         kind: kind.value,
         handler: handler.value,
+        batch_handler: batch_handler.value,
         emitter: emitter.value,
         krate: krate.value,
     }
@@ -100,10 +113,18 @@ pub(crate) fn enum_attrs(cx: &Ctxt, attrs: &[syn::Attribute]) -> EnumAttrs {
 
 pub(crate) fn variant_attrs(cx: &Ctxt, attrs: &[syn::Attribute]) -> VariantAttrs {
     let mut name = Once::new(cx, "name");
+    let mut priority = Once::new(cx, "priority");
     let mut skip_emit = Once::new(cx, "skip_emit");
     each_key(cx, attrs, |meta| {
         if meta.path.is_ident("name") {
             name.set(&meta.path, string_value(&meta, "name", "user.created")?);
+        } else if meta.path.is_ident("priority") {
+            let lit = string_value(&meta, "priority", "high")?;
+            match PRIORITIES.iter().find(|(value, _)| lit.value() == *value) {
+                Some((_, variant)) => priority.set(&meta.path, Ident::new(variant, lit.span())),
+                None => cx
+                    .error_spanned_by(&lit, "`priority` is one of \"high\", \"normal\" or \"low\""),
+            }
         } else if meta.path.is_ident("skip_emit") {
             if meta.input.peek(Token![=]) {
                 return Err(meta.error("`skip_emit` takes no value; write `#[event(skip_emit)]`"));
@@ -116,6 +137,7 @@ pub(crate) fn variant_attrs(cx: &Ctxt, attrs: &[syn::Attribute]) -> VariantAttrs
     });
     VariantAttrs {
         name: name.value,
+        priority: priority.value,
         skip_emit: skip_emit.value,
     }
 }

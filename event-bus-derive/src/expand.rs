@@ -79,12 +79,16 @@ fn expand(input: &Input<'_>) -> TokenStream {
     let emitter = expander.emitter();
     let handler = expander.handler();
     let routes = expander.routes();
+    let batch_handler = expander.batch_handler();
+    let batch_routes = expander.batch_routes();
     quote! {
         #kind_enum
         #event_impl
         #emitter
         #handler
         #routes
+        #batch_handler
+        #batch_routes
     }
 }
 
@@ -105,6 +109,26 @@ impl Expander<'_> {
         let variant_docs = variants
             .iter()
             .map(|v| format!("`{}`: the kind of [`{event}::{}`].", v.name(), v.ident));
+        // Written only when a variant sets one, so the common case keeps the
+        // trait's default.
+        let priority = variants
+            .iter()
+            .any(|v| v.attrs.priority.is_some())
+            .then(|| {
+                let levels = variants.iter().map(|v| {
+                    v.attrs
+                        .priority
+                        .clone()
+                        .unwrap_or_else(|| Ident::new("Normal", Span::call_site()))
+                });
+                quote! {
+                    fn priority(self) -> #private::Priority {
+                        match self {
+                            #(Self::#idents => #private::Priority::#levels,)*
+                        }
+                    }
+                }
+            });
         quote! {
             #[doc = #enum_doc]
             #[derive(
@@ -140,6 +164,8 @@ impl Expander<'_> {
                         #(Self::#idents => #names,)*
                     }
                 }
+
+                #priority
             }
         }
     }
@@ -317,14 +343,10 @@ impl Expander<'_> {
         }
     }
 
-    fn routes(&self) -> TokenStream {
-        let Self {
-            private,
-            event,
-            kind,
-            ..
-        } = self;
-        let handler = self.input.handler_ident();
+    /// `kind_of`, shared by the `Routes` and `BatchRoutes` impls: the kind
+    /// of each `on_*` method name.
+    fn kind_of(&self) -> TokenStream {
+        let Self { private, kind, .. } = self;
         let (methods, idents): (Vec<String>, Vec<&Ident>) = self
             .input
             .variants
@@ -332,14 +354,23 @@ impl Expander<'_> {
             .map(|v| (on_method(v).to_string(), v.ident))
             .unzip();
         quote! {
+            fn kind_of(method: &str) -> #private::Option<#kind> {
+                match method {
+                    #(#methods => #private::Option::Some(#kind::#idents),)*
+                    _ => #private::Option::None,
+                }
+            }
+        }
+    }
+
+    fn routes(&self) -> TokenStream {
+        let Self { private, event, .. } = self;
+        let handler = self.input.handler_ident();
+        let kind_of = self.kind_of();
+        quote! {
             #[automatically_derived]
             impl<__H: #handler + ?::core::marker::Sized> #private::Routes<__H> for #event {
-                fn kind_of(method: &str) -> #private::Option<#kind> {
-                    match method {
-                        #(#methods => #private::Option::Some(#kind::#idents),)*
-                        _ => #private::Option::None,
-                    }
-                }
+                #kind_of
 
                 fn route<'a>(
                     handler: &'a __H,
@@ -348,6 +379,169 @@ impl Expander<'_> {
                        + ::core::marker::Send
                        + 'a {
                     #handler::dispatch(handler, event)
+                }
+            }
+        }
+    }
+}
+
+impl Expander<'_> {
+    /// The batch handler trait: one `on_*` method per variant, taking every
+    /// payload of that kind in a batch, and `dispatch_batch`, which splits a
+    /// batch by kind.
+    fn batch_handler(&self) -> TokenStream {
+        let Self { private, event, .. } = self;
+        let vis = self.input.vis;
+        let batch_handler = self.input.batch_handler_ident();
+        let result = quote!(#private::Result<(), #private::BatchError>);
+        let output = quote!(impl #private::Future<Output = #result> + ::core::marker::Send);
+        let kinds = self.input.variants.len();
+        let methods = self.input.variants.iter().filter_map(|v| {
+            let ident = v.ident;
+            let method = on_method(v);
+            let param = match &v.shape {
+                Shape::Unit => quote!(count: usize),
+                Shape::Newtype(ty) => quote!(batch: &[&#ty]),
+                Shape::Struct(fields) if fields.len() == 1 => {
+                    let ty = &fields[0].1;
+                    quote!(batch: &[&#ty])
+                }
+                Shape::Struct(fields) => {
+                    let types = fields.iter().map(|(_, ty)| quote!(&#ty));
+                    quote!(batch: &[(#(#types),*)])
+                }
+                Shape::Tuple(_) => return None,
+            };
+            let doc = match &v.shape {
+                Shape::Unit => format!(
+                    "Handles the `count` events `{}` ([`{event}::{ident}`]) of a batch. Unless implemented, does nothing, and a `#[listener]` is not subscribed to it.",
+                    v.name()
+                ),
+                _ => format!(
+                    "Handles the payloads of the events `{}` ([`{event}::{ident}`]) of a batch, in order; a `BatchError` names failed ones by their index in `batch`. Unless implemented, does nothing, and a `#[listener]` is not subscribed to it.",
+                    v.name()
+                ),
+            };
+            Some(quote_spanned! {ident.span()=>
+                #[doc = #doc]
+                #[allow(unused_variables)]
+                fn #method(&self, #param) -> #output {
+                    async { #private::Result::Ok(()) }
+                }
+            })
+        });
+        let arms = self.input.variants.iter().map(|v| {
+            let ident = v.ident;
+            let method = on_method(v);
+            let (pattern, item, call) = match &v.shape {
+                Shape::Unit => (
+                    quote!(#event::#ident),
+                    quote!(()),
+                    quote!(self.#method(positions.len()).await),
+                ),
+                Shape::Newtype(_) => (
+                    quote!(#event::#ident(ref data)),
+                    quote!(data),
+                    quote!(self.#method(&items).await),
+                ),
+                Shape::Struct(fields) => {
+                    let names: Vec<_> = fields.iter().map(|(name, _)| name).collect();
+                    let item = if names.len() == 1 {
+                        quote!(#(#names)*)
+                    } else {
+                        quote!((#(#names),*))
+                    };
+                    (
+                        quote!(#event::#ident { #(ref #names),* }),
+                        item,
+                        quote!(self.#method(&items).await),
+                    )
+                }
+                Shape::Tuple(_) => {
+                    return quote!(#event::#ident(..) => #private::Result::Ok(()));
+                }
+            };
+            quote! {
+                #event::#ident { .. } => {
+                    let (positions, items): (#private::Vec<usize>, #private::Vec<_>) = batch
+                        .iter()
+                        .enumerate()
+                        .skip(first)
+                        .filter_map(|(position, envelope)| match *envelope.event() {
+                            #pattern => #private::Option::Some((position, #item)),
+                            _ => #private::Option::None,
+                        })
+                        .unzip();
+                    let _ = &items;
+                    #call.map_err(|error| error.within(&positions))
+                }
+            }
+        });
+        let doc = format!(
+            "Handles [`{event}`]s in batches: one `on_*` method per variant, each taking that kind's payloads of a batch and doing nothing until implemented.\n\n\
+             Implement the methods for the events a listener wants in an `impl` block marked \
+             `#[event_bus::listener]`; the listener is then a `BatchListener` subscribed to \
+             exactly those kinds, to be spawned with `EventBus::spawn_batch`."
+        );
+        quote! {
+            #[doc = #doc]
+            #[allow(dead_code, clippy::type_complexity, clippy::too_many_arguments)]
+            #vis trait #batch_handler: ::core::marker::Send + ::core::marker::Sync + 'static {
+                #(#methods)*
+
+                /// Splits `batch` by kind, in the order kinds first appear,
+                /// and calls each kind's method with its payloads; the
+                /// failures they report are mapped back to `batch`.
+                // An enum without variants (already an error) matches nothing.
+                #[allow(unreachable_code)]
+                fn dispatch_batch(
+                    &self,
+                    batch: &[#private::Arc<#private::Envelope<#event>>],
+                ) -> #output {
+                    async move {
+                        let mut seen = [false; #kinds];
+                        let mut failures: #private::Option<#private::BatchError> = #private::Option::None;
+                        for (first, envelope) in batch.iter().enumerate() {
+                            let kind = #private::EventKind::index(#private::Event::kind(envelope.event()));
+                            if ::core::mem::replace(&mut seen[kind], true) {
+                                continue;
+                            }
+                            let outcome: #result = match *envelope.event() {
+                                #(#arms,)*
+                            };
+                            if let #private::Result::Err(error) = outcome {
+                                failures = #private::Option::Some(match failures {
+                                    #private::Option::Some(earlier) => earlier.and(error),
+                                    #private::Option::None => error,
+                                });
+                            }
+                        }
+                        match failures {
+                            #private::Option::Some(error) => #private::Result::Err(error),
+                            #private::Option::None => #private::Result::Ok(()),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn batch_routes(&self) -> TokenStream {
+        let Self { private, event, .. } = self;
+        let batch_handler = self.input.batch_handler_ident();
+        let kind_of = self.kind_of();
+        quote! {
+            #[automatically_derived]
+            impl<__H: #batch_handler + ?::core::marker::Sized> #private::BatchRoutes<__H> for #event {
+                #kind_of
+
+                fn route_batch<'a>(
+                    handler: &'a __H,
+                    batch: &'a [#private::Arc<#private::Envelope<Self>>],
+                ) -> impl #private::Future<Output = #private::Result<(), #private::BatchError>>
+                       + ::core::marker::Send
+                       + 'a {
+                    #batch_handler::dispatch_batch(handler, batch)
                 }
             }
         }

@@ -1,5 +1,6 @@
 //! The `#[listener]` attribute: turns an `impl AppEventHandler for T` block
-//! into a `Listener` whose interests are the methods the block defines.
+//! into a `Listener`, or an `impl AppEventBatchHandler for T` block into a
+//! `BatchListener`, whose interests are the methods the block defines.
 
 use proc_macro2::TokenStream;
 use quote::{ToTokens, quote};
@@ -105,13 +106,33 @@ fn expand_impl(cx: &Ctxt, args: &Args, block: &ItemImpl) -> TokenStream {
         .unwrap_or_else(|| syn::parse_quote!(::event_bus));
     let private = quote!(#krate::__private);
     let self_ty = &block.self_ty;
-    let mut generics = block.generics.clone();
-    generics.params.push(syn::parse_quote!(__E));
-    generics
-        .make_where_clause()
-        .predicates
-        .push(syn::parse_quote!(__E: #private::Routes<#self_ty>));
+    // One impl per trait the block may implement; only the one whose routes
+    // exist for the event type can ever hold.
+    let bounded = |routes: TokenStream| {
+        let mut generics = block.generics.clone();
+        generics.params.push(syn::parse_quote!(__E));
+        generics
+            .make_where_clause()
+            .predicates
+            .push(syn::parse_quote!(__E: #private::#routes<#self_ty>));
+        generics
+    };
+    let generics = bounded(quote!(Routes));
     let (impl_generics, _, where_clause) = generics.split_for_impl();
+    let batch_generics = bounded(quote!(BatchRoutes));
+    let (batch_impl_generics, _, batch_where_clause) = batch_generics.split_for_impl();
+    let interests = |routes: TokenStream| {
+        quote! {
+            fn interests(&self) -> #private::KindSet<<__E as #private::Event>::Kind> {
+                [#(#methods),*]
+                    .into_iter()
+                    .filter_map(<__E as #private::#routes<Self>>::kind_of)
+                    .collect()
+            }
+        }
+    };
+    let listener_interests = interests(quote!(Routes));
+    let batch_interests = interests(quote!(BatchRoutes));
     let name = args.name.as_ref().map(|name| {
         quote! {
             fn name(&self) -> &str {
@@ -126,18 +147,27 @@ fn expand_impl(cx: &Ctxt, args: &Args, block: &ItemImpl) -> TokenStream {
         impl #impl_generics #private::Listener<__E> for #self_ty #where_clause {
             #name
 
-            fn interests(&self) -> #private::KindSet<<__E as #private::Event>::Kind> {
-                [#(#methods),*]
-                    .into_iter()
-                    .filter_map(<__E as #private::Routes<Self>>::kind_of)
-                    .collect()
-            }
+            #listener_interests
 
             async fn handle(
                 &self,
                 event: #private::Arc<#private::Envelope<__E>>,
             ) -> #private::Result<(), #private::HandlerError> {
                 <__E as #private::Routes<Self>>::route(self, event.event()).await
+            }
+        }
+
+        #[automatically_derived]
+        impl #batch_impl_generics #private::BatchListener<__E> for #self_ty #batch_where_clause {
+            #name
+
+            #batch_interests
+
+            async fn handle_batch(
+                &self,
+                batch: &#private::Batch<__E>,
+            ) -> #private::Result<(), #private::BatchError> {
+                <__E as #private::BatchRoutes<Self>>::route_batch(self, batch).await
             }
         }
     }

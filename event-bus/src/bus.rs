@@ -7,12 +7,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use crate::batch::BatchListener;
 use crate::dead_letter::{DeadLetters, Store};
 use crate::envelope::Envelope;
-use crate::event::{Event, EventKind, KindSet};
+use crate::event::{Event, EventKind, KindSet, Priority};
 use crate::listener::{Listener, ListenerOptions};
 use crate::metrics::{BusExport, BusMetrics, KindCount};
-use crate::queue::{LagPolicy, Queue, Reserve, WakeList, lock};
+use crate::queue::{LagPolicy, Queue, QueueConfig, Reserve, WakeList, lock};
 use crate::runtime::{ListenerHandle, Runtime, ShutdownReport};
 use crate::subscription::Subscription;
 
@@ -21,6 +22,10 @@ pub const DEFAULT_CAPACITY: usize = 1024;
 
 /// The default number of dead letters a bus keeps.
 pub const DEFAULT_DEAD_LETTER_CAPACITY: usize = 10_000;
+
+/// The default fairness bound: the most higher-priority events a queue hands
+/// out while a lower-priority event waits.
+pub const DEFAULT_FAIRNESS: usize = 32;
 
 /// A typed domain-event bus.
 ///
@@ -53,12 +58,14 @@ pub struct EventBus<E: Event> {
 /// # impl Event for Ping { type Kind = Kind; fn kind(&self) -> Kind { Kind::Ping } }
 /// let bus = EventBus::<Ping>::builder()
 ///     .capacity(4096)
+///     .fairness(8)
 ///     .dead_letter_capacity(100)
 ///     .build();
 /// # drop(bus);
 /// ```
 pub struct Builder<E> {
     capacity: usize,
+    fairness: usize,
     dead_letter_capacity: usize,
     _event: PhantomData<fn() -> E>,
 }
@@ -69,6 +76,18 @@ impl<E: Event> Builder<E> {
     #[must_use]
     pub fn capacity(mut self, capacity: usize) -> Self {
         self.capacity = capacity.max(1);
+        self
+    }
+
+    /// The default fairness bound of every subscription and listener that
+    /// does not set its own: while an event waits in a queue, at most this
+    /// many events of higher priority are handed out before it. Default
+    /// [`DEFAULT_FAIRNESS`]; 0 is raised to 1, and `usize::MAX` serves
+    /// strictly by priority. See the crate's [Priority](crate#priority)
+    /// section.
+    #[must_use]
+    pub fn fairness(mut self, bound: usize) -> Self {
+        self.fairness = bound.max(1);
         self
     }
 
@@ -98,6 +117,7 @@ impl<E: Event> Builder<E> {
             closed: AtomicBool::new(false),
             handles: AtomicUsize::new(1),
             capacity: self.capacity,
+            fairness: self.fairness,
             next_queue_id: AtomicU64::new(0),
             runtime: Runtime::new(),
             dead_letters: Arc::new(Store::new(self.dead_letter_capacity)),
@@ -113,6 +133,7 @@ impl<E> Default for Builder<E> {
     fn default() -> Self {
         Self {
             capacity: DEFAULT_CAPACITY,
+            fairness: DEFAULT_FAIRNESS,
             dead_letter_capacity: DEFAULT_DEAD_LETTER_CAPACITY,
             _event: PhantomData,
         }
@@ -123,6 +144,7 @@ impl<E> Clone for Builder<E> {
     fn clone(&self) -> Self {
         Self {
             capacity: self.capacity,
+            fairness: self.fairness,
             dead_letter_capacity: self.dead_letter_capacity,
             _event: PhantomData,
         }
@@ -133,6 +155,7 @@ impl<E> fmt::Debug for Builder<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Builder")
             .field("capacity", &self.capacity)
+            .field("fairness", &self.fairness)
             .field("dead_letter_capacity", &self.dead_letter_capacity)
             .finish()
     }
@@ -165,11 +188,40 @@ impl<E: Event> EventBus<E> {
     /// [`emit_wait`]: EventBus::emit_wait
     /// [`shutdown`]: EventBus::shutdown
     pub fn emit(&self, event: E) {
+        let kind = event.kind();
+        self.emit_with_priority(event, kind.priority());
+    }
+
+    /// As [`emit`](EventBus::emit), with `priority` instead of the priority
+    /// of the event's kind.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use event_bus::{DomainEvent, EventBus, Priority};
+    /// #[derive(Debug, DomainEvent)]
+    /// enum Job {
+    ///     Thumbnail(u64),
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let bus = EventBus::new();
+    /// let mut jobs = bus.subscribe(JobKind::Thumbnail);
+    /// bus.emit(Job::Thumbnail(1));
+    /// bus.emit_with_priority(Job::Thumbnail(2), Priority::High); // the one a user waits for
+    ///
+    /// let first = jobs.recv().await.unwrap();
+    /// assert_eq!(first.priority(), Priority::High);
+    /// assert!(matches!(**first, Job::Thumbnail(2)));
+    /// # }
+    /// ```
+    pub fn emit_with_priority(&self, event: E, priority: Priority) {
         let kind = event.kind().index();
         if !self.shared.accept(kind) {
             return;
         }
-        let envelope = Arc::new(Envelope::new(event));
+        let envelope = Arc::new(Envelope::with_priority(event, priority));
         self.shared.deliver(kind, envelope, &[]);
     }
 
@@ -185,21 +237,29 @@ impl<E: Event> EventBus<E> {
     /// Dropping the future before it completes emits nothing and releases any
     /// room it had reserved.
     pub async fn emit_wait(&self, event: E) {
+        let kind = event.kind();
+        self.emit_wait_with_priority(event, kind.priority()).await;
+    }
+
+    /// As [`emit_wait`](EventBus::emit_wait), with `priority` instead of the
+    /// priority of the event's kind. It waits for room in that priority's
+    /// lane only: a flood of normal events does not hold up a high one.
+    pub async fn emit_wait_with_priority(&self, event: E, priority: Priority) {
         let kind = event.kind().index();
         if !self.shared.accept(kind) {
             return;
         }
-        let envelope = Arc::new(Envelope::new(event));
+        let envelope = Arc::new(Envelope::with_priority(event, priority));
         // Nearly always every queue has room: deliver at once, as `emit`.
         let Err(envelope) = self.shared.deliver_if_room(kind, envelope) else {
             return;
         };
-        let reservations = self.shared.reserve_room(kind).await;
+        let reservations = self.shared.reserve_room(kind, priority.lane()).await;
         self.shared.deliver(kind, envelope, &reservations);
     }
 
     /// Subscribes to the kinds in `interests`, with the bus's default
-    /// capacity and [`LagPolicy::DropOldest`].
+    /// capacity and fairness bound and [`LagPolicy::DropOldest`].
     ///
     /// The subscription receives every event of those kinds emitted after
     /// this call, in emit order. Dropping it unsubscribes.
@@ -207,17 +267,20 @@ impl<E: Event> EventBus<E> {
         self.subscribe_with(interests, self.shared.capacity, LagPolicy::DropOldest)
     }
 
-    /// Subscribes with an explicit queue `capacity` (0 is raised to 1) and
-    /// lag `policy`.
+    /// Subscribes with an explicit queue `capacity` (per priority lane; 0 is
+    /// raised to 1) and lag `policy`.
     pub fn subscribe_with(
         &self,
         interests: impl Into<KindSet<E::Kind>>,
         capacity: usize,
         policy: LagPolicy,
     ) -> Subscription<E> {
-        let queue = self
-            .shared
-            .register(None, interests.into(), capacity, policy);
+        let config = QueueConfig {
+            capacity,
+            policy,
+            fairness: self.shared.fairness,
+        };
+        let queue = self.shared.register(None, interests.into(), config);
         Subscription::new(queue, self.shared.clone())
     }
 
@@ -244,13 +307,51 @@ impl<E: Event> EventBus<E> {
         listener: L,
         options: ListenerOptions,
     ) -> ListenerHandle<E> {
-        let queue = self.shared.register(
-            Some(listener.name().into()),
-            listener.interests(),
-            options.capacity.unwrap_or(self.shared.capacity),
-            options.lag_policy,
-        );
+        let queue = self
+            .shared
+            .register_listener(listener.name(), listener.interests(), &options);
         crate::runtime::spawn(&self.shared, queue, listener, options)
+    }
+
+    /// Spawns a [`BatchListener`] on the current tokio runtime with default
+    /// [`ListenerOptions`]: batches of what is queued when it is free, up to
+    /// [`DEFAULT_MAX_BATCH`](crate::DEFAULT_MAX_BATCH) events.
+    ///
+    /// # Panics
+    ///
+    /// When called outside a tokio runtime, as [`tokio::spawn`] does.
+    pub fn spawn_batch<L: BatchListener<E>>(&self, listener: L) -> ListenerHandle<E> {
+        self.spawn_batch_with(listener, ListenerOptions::new())
+    }
+
+    /// Spawns a [`BatchListener`] with `options`, whose
+    /// [`max_batch`](ListenerOptions::max_batch) and
+    /// [`max_wait`](ListenerOptions::max_wait) shape its batches.
+    ///
+    /// The listener's queue is registered before this returns, so it receives
+    /// every event of interest emitted afterwards.
+    ///
+    /// # Panics
+    ///
+    /// When called outside a tokio runtime, as [`tokio::spawn`] does.
+    pub fn spawn_batch_with<L: BatchListener<E>>(
+        &self,
+        listener: L,
+        options: ListenerOptions,
+    ) -> ListenerHandle<E> {
+        let queue = self
+            .shared
+            .register_listener(listener.name(), listener.interests(), &options);
+        crate::runtime::spawn_task(
+            &self.shared,
+            queue,
+            options.retry,
+            |supervisor, receiver, finished| {
+                supervisor
+                    .with(listener)
+                    .run_batches(receiver, options, finished)
+            },
+        )
     }
 
     /// Waits until every listener's queue is empty and no handler is running.
@@ -357,6 +458,7 @@ pub(crate) struct Shared<E: Event> {
     closed: AtomicBool,
     handles: AtomicUsize,
     capacity: usize,
+    fairness: usize,
     next_queue_id: AtomicU64,
     pub(crate) runtime: Runtime<E>,
     pub(crate) dead_letters: Arc<Store<E>>,
@@ -427,7 +529,8 @@ impl<E: Event> Shared<E> {
             self.reject();
             return Ok(());
         }
-        if !router.routes[kind].iter().all(|queue| queue.has_room()) {
+        let lane = envelope.priority().lane();
+        if !router.routes[kind].iter().all(|queue| queue.has_room(lane)) {
             return Err(envelope);
         }
         self.deliver_locked(router, kind, envelope, &[]);
@@ -458,11 +561,11 @@ impl<E: Event> Shared<E> {
         wakers.wake_all();
     }
 
-    /// Reserves a place in every backpressure queue interested in `kind`,
-    /// waiting for room, in queue id order so that concurrent callers cannot
-    /// deadlock. Reservations are made under the emit lock, as pushes are, so
-    /// `emit_wait` never takes a queue past its capacity.
-    async fn reserve_room(&self, kind: usize) -> Vec<Reservation<E>> {
+    /// Reserves a place in `lane` of every backpressure queue interested in
+    /// `kind`, waiting for room, in queue id order so that concurrent callers
+    /// cannot deadlock. Reservations are made under the emit lock, as pushes
+    /// are, so `emit_wait` never takes a lane past its capacity.
+    async fn reserve_room(&self, kind: usize, lane: usize) -> Vec<Reservation<E>> {
         let queues: Vec<Arc<Queue<E>>> = lock(&self.router).routes[kind]
             .iter()
             .filter(|queue| queue.policy == LagPolicy::Backpressure)
@@ -475,13 +578,13 @@ impl<E: Event> Shared<E> {
                 queue
                     .room_freed(|| {
                         let _router = lock(&self.router);
-                        outcome = queue.try_reserve();
+                        outcome = queue.try_reserve(lane);
                         outcome == Reserve::Full
                     })
                     .await;
                 match outcome {
                     Reserve::Reserved => {
-                        reservations.push(Reservation::new(queue));
+                        reservations.push(Reservation::new(queue, lane));
                         break;
                     }
                     // A closed queue has no room to wait for.
@@ -499,12 +602,11 @@ impl<E: Event> Shared<E> {
         &self,
         name: Option<Arc<str>>,
         interests: KindSet<E::Kind>,
-        capacity: usize,
-        policy: LagPolicy,
+        config: QueueConfig,
     ) -> Arc<Queue<E>> {
         let id = self.next_queue_id.fetch_add(1, Ordering::Relaxed);
         let name = name.unwrap_or_else(|| format!("subscription-{id}").into());
-        let queue = Arc::new(Queue::new(id, name, interests, capacity, policy));
+        let queue = Arc::new(Queue::new(id, name, interests, config));
         let mut router = lock(&self.router);
         if router.closed {
             queue.close();
@@ -555,6 +657,22 @@ impl<E: Event> Shared<E> {
         self.runtime.closed(&self.dead_letters);
     }
 
+    /// Registers the queue of a listener named `name`, with the settings of
+    /// its `options`, or else the bus's.
+    fn register_listener(
+        &self,
+        name: &str,
+        interests: KindSet<E::Kind>,
+        options: &ListenerOptions,
+    ) -> Arc<Queue<E>> {
+        let config = QueueConfig {
+            capacity: options.capacity.unwrap_or(self.capacity),
+            policy: options.lag_policy,
+            fairness: options.fairness.unwrap_or(self.fairness),
+        };
+        self.register(Some(name.into()), interests, config)
+    }
+
     pub(crate) fn rejected(&self) -> u64 {
         self.rejected.load(Ordering::Relaxed)
     }
@@ -569,13 +687,15 @@ impl<E: Event> Shared<E> {
 /// left the route).
 struct Reservation<E: Event> {
     queue: Arc<Queue<E>>,
+    lane: usize,
     used: std::cell::Cell<bool>,
 }
 
 impl<E: Event> Reservation<E> {
-    fn new(queue: Arc<Queue<E>>) -> Self {
+    fn new(queue: Arc<Queue<E>>, lane: usize) -> Self {
         Self {
             queue,
+            lane,
             used: std::cell::Cell::new(false),
         }
     }
@@ -593,7 +713,7 @@ impl<E: Event> Reservation<E> {
 impl<E: Event> Drop for Reservation<E> {
     fn drop(&mut self) {
         if !self.used.get() {
-            self.queue.release();
+            self.queue.release(self.lane);
         }
     }
 }

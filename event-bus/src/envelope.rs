@@ -7,7 +7,7 @@ use std::time::{Instant, SystemTime};
 use tracing::Span;
 use uuid::Uuid;
 
-use crate::event::Event;
+use crate::event::{Event, EventKind, Priority};
 
 /// An emitted event with its identity, position and origin.
 ///
@@ -39,22 +39,31 @@ pub struct Envelope<E> {
     event: E,
     id: Uuid,
     sequence: u64,
+    priority: Priority,
     emitted: Instant,
     span: Span,
 }
 
 impl<E: Event> Envelope<E> {
     /// Wraps `event` as if it were emitted now, outside any bus: a fresh
-    /// UUID v7, sequence number 0 and the current span.
+    /// UUID v7, sequence number 0, its kind's [priority](EventKind::priority)
+    /// and the current span.
     ///
     /// The bus builds its own envelopes; this constructor is for tests and for
     /// backends that carry events from elsewhere.
     pub fn new(event: E) -> Self {
+        let priority = event.kind().priority();
+        Self::with_priority(event, priority)
+    }
+
+    /// As [`new`](Self::new), with `priority` instead of the kind's.
+    pub fn with_priority(event: E, priority: Priority) -> Self {
         let emitted = Instant::now();
         Self {
             event,
             id: uuid_v7(wall_clock(emitted)),
             sequence: 0,
+            priority,
             emitted,
             span: Span::current(),
         }
@@ -86,11 +95,18 @@ impl<E> Envelope<E> {
 
     /// Position of this event in its bus's emit order.
     ///
-    /// Strictly increasing across the bus: if `a.sequence() < b.sequence()`,
-    /// every subscriber interested in both received `a` before `b`. Events no
-    /// subscriber was interested in take no number, so there are gaps.
+    /// Strictly increasing across the bus: if `a.sequence() < b.sequence()`
+    /// and both have the same [priority](Self::priority), every subscriber
+    /// interested in both received `a` before `b`. Events no subscriber was
+    /// interested in take no number, so there are gaps.
     pub fn sequence(&self) -> u64 {
         self.sequence
+    }
+
+    /// The priority the event was emitted with: its kind's, unless the emit
+    /// overrode it.
+    pub fn priority(&self) -> Priority {
+        self.priority
     }
 
     /// Wall-clock time of the emit.

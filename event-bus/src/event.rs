@@ -101,6 +101,79 @@ pub trait EventKind: Copy + Eq + Hash + fmt::Debug + Send + Sync + 'static {
     fn from_name(name: &str) -> Option<Self> {
         Self::ALL.iter().copied().find(|kind| kind.name() == name)
     }
+
+    /// The priority events of this kind are emitted with, unless the emit
+    /// overrides it. Defaults to [`Priority::Normal`]; the derive sets it
+    /// from `#[event(priority = "high")]` or `"low"` on the variant.
+    fn priority(self) -> Priority {
+        Priority::Normal
+    }
+}
+
+/// How urgently subscribers are served an event.
+///
+/// Every subscription and listener queue has one lane per priority. It hands
+/// out the oldest event of the highest non-empty lane, so a high-priority
+/// event overtakes every normal and low one still queued, while events of one
+/// priority keep their emit order. A fairness bound keeps a steady stream of
+/// higher-priority events from starving the rest: see the crate's
+/// [Priority](crate#priority) section.
+///
+/// # Examples
+///
+/// ```
+/// use event_bus::Priority;
+///
+/// assert!(Priority::High > Priority::Normal);
+/// assert_eq!(Priority::default(), Priority::Normal);
+/// assert_eq!(Priority::ALL, [Priority::High, Priority::Normal, Priority::Low]);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum Priority {
+    /// Served only when nothing of higher priority is queued (or by the
+    /// fairness bound).
+    Low,
+    /// The default.
+    #[default]
+    Normal,
+    /// Served before every normal and low event still queued.
+    High,
+}
+
+impl Priority {
+    /// Every priority, in the order queues serve them: highest first.
+    pub const ALL: [Self; 3] = [Self::High, Self::Normal, Self::Low];
+
+    /// The number of lanes a queue has: one per priority.
+    pub(crate) const LANES: usize = Self::ALL.len();
+
+    /// The priority's lowercase name, as `#[event(priority = "...")]` spells
+    /// it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::High => "high",
+            Self::Normal => "normal",
+            Self::Low => "low",
+        }
+    }
+
+    /// The index of the queue lane of this priority: 0 is served first.
+    #[inline]
+    pub(crate) fn lane(self) -> usize {
+        match self {
+            Self::High => 0,
+            Self::Normal => 1,
+            Self::Low => 2,
+        }
+    }
+}
+
+impl fmt::Display for Priority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 const WORD: usize = u64::BITS as usize;

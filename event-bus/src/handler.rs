@@ -1,9 +1,14 @@
-//! [`Routes`]: how an event type hands each event to the method of a handler
-//! written for it. `#[derive(DomainEvent)]` implements it; `#[listener]`
-//! turns a handler into a [`Listener`](crate::Listener) through it.
+//! [`Routes`] and [`BatchRoutes`]: how an event type hands each event, or
+//! each kind's part of a batch, to the method of a handler written for it.
+//! `#[derive(DomainEvent)]` implements them; `#[listener]` turns a handler
+//! into a [`Listener`](crate::Listener) or a
+//! [`BatchListener`](crate::BatchListener) through them.
 
 use std::future::Future;
+use std::sync::Arc;
 
+use crate::batch::BatchError;
+use crate::envelope::Envelope;
 use crate::error::HandlerError;
 use crate::event::Event;
 
@@ -31,4 +36,26 @@ pub trait Routes<H: ?Sized>: Event {
         handler: &'a H,
         event: &'a Self,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send + 'a;
+}
+
+/// An event type that splits a batch of its events by kind and hands each
+/// kind's payloads to the matching method of a batch handler `H`.
+///
+/// `#[derive(DomainEvent)]` implements `BatchRoutes<H>` for every `H` that
+/// implements the generated batch handler trait (`AppEventBatchHandler` for
+/// `AppEvent`). The `#[listener]` attribute on an
+/// `impl AppEventBatchHandler for MyIndexer` block then implements
+/// [`BatchListener`](crate::BatchListener) for `MyIndexer`, with the kinds
+/// of the methods that block defines as its interests.
+pub trait BatchRoutes<H: ?Sized>: Event + Sized {
+    /// The kind whose events go to the batch handler method named `method`,
+    /// such as `"on_post_published"`; `None` for a name that is not one.
+    fn kind_of(method: &str) -> Option<Self::Kind>;
+
+    /// Calls `handler`'s method of each kind in `batch` with that kind's
+    /// payloads, and maps the failures they report back to `batch`.
+    fn route_batch<'a>(
+        handler: &'a H,
+        batch: &'a [Arc<Envelope<Self>>],
+    ) -> impl Future<Output = Result<(), BatchError>> + Send + 'a;
 }

@@ -260,6 +260,7 @@
 //!   [`metrics`](https://docs.rs/metrics) facade; see [`mod@metrics`].
 //! - `serde`: `Serialize` for metrics snapshots and shutdown reports.
 
+mod batch;
 mod bus;
 mod dead_letter;
 mod envelope;
@@ -273,14 +274,17 @@ mod runtime;
 mod subscription;
 pub mod testing;
 
-pub use bus::{Builder, DEFAULT_CAPACITY, DEFAULT_DEAD_LETTER_CAPACITY, EventBus};
+pub use batch::{Batch, BatchError, BatchListener};
+pub use bus::{
+    Builder, DEFAULT_CAPACITY, DEFAULT_DEAD_LETTER_CAPACITY, DEFAULT_FAIRNESS, EventBus,
+};
 pub use dead_letter::{DeadLetter, DeadLetterSubscription, DeadLetters};
 pub use envelope::Envelope;
 pub use error::{HandlerError, Lagged, RecvError, TryRecvError};
-pub use event::{Event, EventKind, KindSet, KindSetIter};
-pub use handler::Routes;
-pub use listener::{Listener, ListenerOptions, RetryPolicy};
-pub use metrics::{BusMetrics, KindCount, LatencySummary, ListenerMetrics};
+pub use event::{Event, EventKind, KindSet, KindSetIter, Priority};
+pub use handler::{BatchRoutes, Routes};
+pub use listener::{DEFAULT_MAX_BATCH, Listener, ListenerOptions, RetryPolicy};
+pub use metrics::{BusMetrics, KindCount, LaneMetrics, LatencySummary, ListenerMetrics};
 pub use queue::LagPolicy;
 pub use runtime::{ListenerHandle, ListenerReport, ShutdownReport};
 pub use subscription::Subscription;
@@ -568,12 +572,14 @@ pub use event_bus_derive::listener;
 #[doc(hidden)]
 pub mod __private {
     pub use crate::{
-        Envelope, Event, EventBus, EventKind, HandlerError, KindSet, Listener, Routes,
+        Batch, BatchError, BatchListener, BatchRoutes, Envelope, Event, EventBus, EventKind,
+        HandlerError, KindSet, Listener, Priority, Routes,
     };
     pub use core::future::Future;
     pub use core::option::Option;
     pub use core::result::Result;
     pub use std::sync::Arc;
+    pub use std::vec::Vec;
 
     /// The kind type of an input the derive rejected, so that the
     /// `Event` impl it still emits keeps follow-on errors away.

@@ -65,9 +65,7 @@ pub trait Listener<E: Event>: Send + Sync + 'static {
     ///
     /// Defaults to the implementing type's name.
     fn name(&self) -> &str {
-        let path = std::any::type_name::<Self>();
-        let path = path.split('<').next().unwrap_or(path);
-        path.rsplit("::").next().unwrap_or(path)
+        type_name::<Self>()
     }
 
     /// The kinds the listener receives. It is never woken for others.
@@ -85,6 +83,14 @@ pub trait Listener<E: Event>: Send + Sync + 'static {
         &self,
         event: Arc<Envelope<E>>,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+}
+
+/// The last segment of `T`'s path, without generic arguments: a listener's
+/// default name.
+pub(crate) fn type_name<T: ?Sized>() -> &'static str {
+    let path = std::any::type_name::<T>();
+    let path = path.split('<').next().unwrap_or(path);
+    path.rsplit("::").next().unwrap_or(path)
 }
 
 /// How a listener runs: its queue, its concurrency and its retries.
@@ -106,24 +112,32 @@ pub trait Listener<E: Event>: Send + Sync + 'static {
 pub struct ListenerOptions {
     pub(crate) capacity: Option<usize>,
     pub(crate) lag_policy: LagPolicy,
+    pub(crate) fairness: Option<usize>,
     pub(crate) retry: RetryPolicy,
     pub(crate) concurrency: usize,
+    pub(crate) max_batch: usize,
+    pub(crate) max_wait: Duration,
 }
 
 impl ListenerOptions {
-    /// The defaults: the bus's queue capacity, [`LagPolicy::DropOldest`],
-    /// no retries, concurrency 1.
+    /// The defaults: the bus's queue capacity and fairness bound,
+    /// [`LagPolicy::DropOldest`], no retries, concurrency 1, and for a
+    /// [`BatchListener`] batches of up to [`DEFAULT_MAX_BATCH`] events that do
+    /// not wait for more.
     pub fn new() -> Self {
         Self {
             capacity: None,
             lag_policy: LagPolicy::default(),
+            fairness: None,
             retry: RetryPolicy::none(),
             concurrency: 1,
+            max_batch: DEFAULT_MAX_BATCH,
+            max_wait: Duration::ZERO,
         }
     }
 
-    /// The listener's queue capacity (events). Defaults to the bus's
-    /// [capacity](crate::Builder::capacity); 0 is raised to 1.
+    /// The capacity of each of the listener's queue lanes (events). Defaults
+    /// to the bus's [capacity](crate::Builder::capacity); 0 is raised to 1.
     #[must_use]
     pub fn capacity(mut self, capacity: usize) -> Self {
         self.capacity = Some(capacity.max(1));
@@ -137,6 +151,16 @@ impl ListenerOptions {
         self
     }
 
+    /// The listener's fairness bound: while an event waits in its queue, at
+    /// most this many events of higher priority are handed out before it.
+    /// Defaults to the bus's [fairness](crate::Builder::fairness); 0 is
+    /// raised to 1.
+    #[must_use]
+    pub fn fairness(mut self, bound: usize) -> Self {
+        self.fairness = Some(bound.max(1));
+        self
+    }
+
     /// How failed events are retried before they become dead letters.
     #[must_use]
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
@@ -144,17 +168,40 @@ impl ListenerOptions {
         self
     }
 
-    /// How many events the listener handles at once; 0 is raised to 1.
+    /// How many handler calls (events, or batches for a [`BatchListener`])
+    /// the listener runs at once; 0 is raised to 1.
     ///
-    /// With 1 (the default) events are handled one at a time in emit order.
-    /// Above 1, up to that many handler calls run concurrently on the
+    /// With 1 (the default) they run one at a time in the order the queue
+    /// hands events out. Above 1, up to that many run concurrently on the
     /// listener's task, and they may finish in any order.
     #[must_use]
     pub fn concurrency(mut self, concurrency: usize) -> Self {
         self.concurrency = concurrency.max(1);
         self
     }
+
+    /// The most events in one batch of a [`BatchListener`]. Default
+    /// [`DEFAULT_MAX_BATCH`]; 0 is raised to 1. Ignored by a [`Listener`].
+    #[must_use]
+    pub fn max_batch(mut self, max_batch: usize) -> Self {
+        self.max_batch = max_batch.max(1);
+        self
+    }
+
+    /// How long a [`BatchListener`]'s batch waits for more events after its
+    /// first, unless it fills up or takes a high-priority event first.
+    /// Default zero: a batch is what is queued when the listener is free, so
+    /// batching adds no latency and batches grow only under load. Ignored by
+    /// a [`Listener`].
+    #[must_use]
+    pub fn max_wait(mut self, max_wait: Duration) -> Self {
+        self.max_wait = max_wait;
+        self
+    }
 }
+
+/// The default [`ListenerOptions::max_batch`].
+pub const DEFAULT_MAX_BATCH: usize = 256;
 
 impl Default for ListenerOptions {
     fn default() -> Self {

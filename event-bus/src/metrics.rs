@@ -23,6 +23,9 @@
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use crate::event::Priority;
+use crate::queue::QueueCounts;
+
 /// A point-in-time view of a bus's counters.
 ///
 /// Counters only grow; take two snapshots and subtract for rates.
@@ -101,14 +104,66 @@ pub struct ListenerMetrics {
     pub overflowed: u64,
     /// Events waiting in the queue.
     pub queue_depth: usize,
-    /// Events taken but not yet finished (at most the listener's concurrency).
+    /// Events taken but not yet finished (at most the listener's
+    /// concurrency, times its batch size for a batch listener).
     pub in_flight: usize,
+    /// The queue's counters per priority lane, highest first (as
+    /// [`Priority::ALL`]); `delivered`, `dropped`, `overflowed` and
+    /// `queue_depth` above are their sums.
+    pub lanes: Vec<LaneMetrics>,
     /// Time from emit to the start of the event's first handler attempt.
     pub queue_latency: LatencySummary,
     /// Duration of handler attempts.
     pub handle_latency: LatencySummary,
     /// Whether the listener's task has ended.
     pub finished: bool,
+}
+
+impl ListenerMetrics {
+    /// The counters of the `priority` lane of the listener's queue.
+    pub fn lane(&self, priority: Priority) -> &LaneMetrics {
+        &self.lanes[priority.lane()]
+    }
+}
+
+/// Counters of one priority lane of a subscription's or listener's queue.
+///
+/// Each lane is accounted for on its own: `delivered + dropped + queue_depth`
+/// is the number of events of that priority queued for the subscriber.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
+pub struct LaneMetrics {
+    /// The lane's priority.
+    pub priority: Priority,
+    /// Events of this priority handed to the consumer.
+    pub delivered: u64,
+    /// Events dropped from the full lane under
+    /// [`LagPolicy::DropOldest`](crate::LagPolicy).
+    pub dropped: u64,
+    /// Events queued past the lane's capacity by `emit` under
+    /// [`LagPolicy::Backpressure`](crate::LagPolicy).
+    pub overflowed: u64,
+    /// Events waiting in the lane.
+    pub queue_depth: usize,
+}
+
+impl LaneMetrics {
+    pub(crate) fn from_counts(counts: &QueueCounts) -> Vec<Self> {
+        Priority::ALL
+            .iter()
+            .map(|&priority| {
+                let lane = counts.lane(priority);
+                Self {
+                    priority,
+                    delivered: lane.delivered,
+                    dropped: lane.dropped,
+                    overflowed: lane.overflowed,
+                    queue_depth: lane.depth,
+                }
+            })
+            .collect()
+    }
 }
 
 /// Summary of a latency distribution.
@@ -308,23 +363,23 @@ mod export {
             }
         }
 
-        pub(crate) fn handled(&self) {
-            self.handled.increment(1);
+        pub(crate) fn handled(&self, events: u64) {
+            self.handled.increment(events);
         }
 
-        pub(crate) fn failed(&self, panicked: bool) {
-            self.failed.increment(1);
+        pub(crate) fn failed(&self, events: u64, panicked: bool) {
+            self.failed.increment(events);
             if panicked {
-                self.panicked.increment(1);
+                self.panicked.increment(events);
             }
         }
 
-        pub(crate) fn retried(&self) {
-            self.retried.increment(1);
+        pub(crate) fn retried(&self, events: u64) {
+            self.retried.increment(events);
         }
 
-        pub(crate) fn dead_lettered(&self) {
-            self.dead_lettered.increment(1);
+        pub(crate) fn dead_lettered(&self, events: u64) {
+            self.dead_lettered.increment(events);
         }
 
         pub(crate) fn latency(&self, sample: Duration) {
@@ -380,10 +435,10 @@ mod export {
         pub(crate) fn new(_listener: &str) -> Self {
             Self
         }
-        pub(crate) fn handled(&self) {}
-        pub(crate) fn failed(&self, _panicked: bool) {}
-        pub(crate) fn retried(&self) {}
-        pub(crate) fn dead_lettered(&self) {}
+        pub(crate) fn handled(&self, _events: u64) {}
+        pub(crate) fn failed(&self, _events: u64, _panicked: bool) {}
+        pub(crate) fn retried(&self, _events: u64) {}
+        pub(crate) fn dead_lettered(&self, _events: u64) {}
         pub(crate) fn latency(&self, _sample: Duration) {}
     }
 

@@ -1,12 +1,15 @@
 //! The bounded queue behind every subscription and listener.
 //!
-//! The bus pushes into a queue only while it holds its emit lock, so pushes
-//! are serialized and every queue sees events in sequence order. The
-//! consumer, a [`Receiver`], takes events out in batches of up to
-//! [`BATCH`] under the queue's mutex and hands them out one by one without
-//! it, so producer and consumer rarely meet on the lock. Events a receiver
-//! has taken cannot be dropped any more; the lag it reports is exactly the
-//! gap between its batch and what remains queued.
+//! A queue has one lane per [`Priority`], each bounded by the queue's
+//! capacity. The bus pushes into a queue only while it holds its emit lock,
+//! so pushes are serialized and every lane sees its events in sequence
+//! order. The consumer, a [`Receiver`], takes events out of a lane in
+//! batches of up to [`BATCH`] under the queue's mutex and hands them out one
+//! by one without it, so producer and consumer rarely meet on the lock; it
+//! picks the lane for every event from a word of "lane has events" bits, so
+//! a high-priority event pushed behind a taken batch is still handed out
+//! next. Events a receiver has taken cannot be dropped any more; the lag it
+//! reports is exactly the gap between what it took and what remains queued.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -17,7 +20,7 @@ use tokio::sync::Notify;
 
 use crate::envelope::Envelope;
 use crate::error::{RecvError, TryRecvError};
-use crate::event::{Event, KindSet};
+use crate::event::{Event, KindSet, Priority};
 use crate::metrics::QueueExport;
 
 /// What a subscription's queue does when an event arrives and it is full.
@@ -49,24 +52,23 @@ pub(crate) struct Queue<E: Event> {
     pub(crate) id: u64,
     pub(crate) name: Arc<str>,
     pub(crate) interests: KindSet<E::Kind>,
+    /// The capacity of each lane.
     pub(crate) capacity: usize,
     pub(crate) policy: LagPolicy,
+    /// The most events of higher lanes handed out while an event of a lower
+    /// lane waits.
+    pub(crate) fairness: usize,
     state: Mutex<State<E>>,
-    /// Places promised to `emit_wait` callers that waited for room and have
-    /// not pushed yet. Reserved and pushed under the bus's emit lock, so
-    /// `emit_wait` never takes the queue past its capacity.
-    reserved: AtomicUsize,
-    /// `emit_wait` callers waiting for room (backpressure only); a pop
+    /// The counters of each lane, by [`Priority::lane`].
+    lanes: [Lane; Priority::LANES],
+    /// Bit `l` is set while lane `l` has events queued (not taken). Written
+    /// under the lock; the receiver reads it without, to see that a higher
+    /// lane has something for it.
+    waiting: AtomicUsize,
+    /// `emit_wait` callers waiting for room (backpressure only); a hand-out
     /// notifies `room` only when there are some.
     room_waiters: AtomicUsize,
     room: Notify,
-    /// `state.buffer.len()`, mirrored for [`Queue::has_room`], which reads
-    /// it without the lock (written under it).
-    queued: AtomicUsize,
-    /// Events handed to the consumer so far (written by the receiver only).
-    delivered: AtomicU64,
-    /// Events the receiver has taken in its batch but not handed out yet.
-    taken: AtomicUsize,
     /// Events a listener has been handed but not finished. Raised before
     /// `taken` falls (which releases it), so an idle check that reads `taken`
     /// and then `in_flight` sees every event somewhere.
@@ -74,12 +76,28 @@ pub(crate) struct Queue<E: Event> {
     export: QueueExport,
 }
 
+/// What one lane counts outside the lock.
+#[derive(Default)]
+struct Lane {
+    /// The lane's buffer length, mirrored for [`Queue::has_room`], which
+    /// reads it without the lock (written under it).
+    queued: AtomicUsize,
+    /// Events the receiver has taken from the lane but not handed out yet.
+    taken: AtomicUsize,
+    /// Places promised to `emit_wait` callers that waited for room and have
+    /// not pushed yet. Reserved and pushed under the bus's emit lock, so
+    /// `emit_wait` never takes the lane past its capacity.
+    reserved: AtomicUsize,
+    /// Events handed to the consumer so far (written by the receiver only).
+    delivered: AtomicU64,
+}
+
 struct State<E> {
-    buffer: VecDeque<Arc<Envelope<E>>>,
+    lanes: [VecDeque<Arc<Envelope<E>>>; Priority::LANES],
     /// Dropped events not yet reported to the consumer.
     unreported_lag: u64,
-    dropped: u64,
-    overflowed: u64,
+    dropped: [u64; Priority::LANES],
+    overflowed: [u64; Priority::LANES],
     closed: bool,
     waker: Option<Waker>,
 }
@@ -87,11 +105,48 @@ struct State<E> {
 /// Counters of one queue, as one snapshot.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct QueueCounts {
+    pub(crate) lanes: [LaneCounts; Priority::LANES],
+    pub(crate) in_flight: usize,
+}
+
+/// Counters of one lane.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct LaneCounts {
     pub(crate) delivered: u64,
     pub(crate) dropped: u64,
     pub(crate) overflowed: u64,
     pub(crate) depth: usize,
-    pub(crate) in_flight: usize,
+}
+
+impl QueueCounts {
+    pub(crate) fn delivered(&self) -> u64 {
+        self.lanes.iter().map(|l| l.delivered).sum()
+    }
+
+    pub(crate) fn dropped(&self) -> u64 {
+        self.lanes.iter().map(|l| l.dropped).sum()
+    }
+
+    pub(crate) fn overflowed(&self) -> u64 {
+        self.lanes.iter().map(|l| l.overflowed).sum()
+    }
+
+    pub(crate) fn depth(&self) -> usize {
+        self.lanes.iter().map(|l| l.depth).sum()
+    }
+
+    /// The counts of `priority`'s lane.
+    pub(crate) fn lane(&self, priority: Priority) -> LaneCounts {
+        self.lanes[priority.lane()]
+    }
+}
+
+/// A queue's settings, as the bus registers it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QueueConfig {
+    pub(crate) capacity: usize,
+    pub(crate) policy: LagPolicy,
+    pub(crate) fairness: usize,
 }
 
 impl<E: Event> Queue<E> {
@@ -99,108 +154,120 @@ impl<E: Event> Queue<E> {
         id: u64,
         name: Arc<str>,
         interests: KindSet<E::Kind>,
-        capacity: usize,
-        policy: LagPolicy,
+        config: QueueConfig,
     ) -> Self {
-        let capacity = capacity.max(1);
+        let capacity = config.capacity.max(1);
         let export = QueueExport::new(&name);
         Self {
             id,
             name,
             interests,
             capacity,
-            policy,
-            reserved: AtomicUsize::new(0),
+            policy: config.policy,
+            fairness: config.fairness.max(1),
             room_waiters: AtomicUsize::new(0),
             room: Notify::new(),
             state: Mutex::new(State {
-                buffer: VecDeque::with_capacity(capacity.min(1024)),
+                lanes: std::array::from_fn(|lane| {
+                    // Most events are normal: size that lane for a burst.
+                    let normal = lane == Priority::Normal.lane();
+                    VecDeque::with_capacity(if normal { capacity.min(1024) } else { 0 })
+                }),
                 unreported_lag: 0,
-                dropped: 0,
-                overflowed: 0,
+                dropped: [0; Priority::LANES],
+                overflowed: [0; Priority::LANES],
                 closed: false,
                 waker: None,
             }),
-            queued: AtomicUsize::new(0),
-            delivered: AtomicU64::new(0),
-            taken: AtomicUsize::new(0),
+            lanes: Default::default(),
+            waiting: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             export,
         }
     }
 
-    /// Queues `envelope`; returns the consumer's waker if it is waiting.
+    /// Queues `envelope` in its priority's lane; returns the consumer's
+    /// waker if it is waiting.
     ///
     /// `reserved` says the caller holds a place it reserved with
     /// [`Queue::try_reserve`]. Called only under the bus's emit lock.
     pub(crate) fn push(&self, envelope: Arc<Envelope<E>>, reserved: bool) -> Option<Waker> {
+        let lane = envelope.priority().lane();
+        let counters = &self.lanes[lane];
         let mut state = lock(&self.state);
         if reserved {
-            self.reserved.fetch_sub(1, Ordering::Relaxed);
+            counters.reserved.fetch_sub(1, Ordering::Relaxed);
         }
         if state.closed {
             return None;
         }
-        if state.buffer.len() >= self.capacity {
+        let state = &mut *state;
+        let buffer = &mut state.lanes[lane];
+        if buffer.len() >= self.capacity {
             match self.policy {
                 LagPolicy::DropOldest => {
-                    state.buffer.pop_front();
-                    state.dropped += 1;
+                    buffer.pop_front();
+                    state.dropped[lane] += 1;
                     state.unreported_lag += 1;
                     self.export.dropped();
                 }
                 LagPolicy::Backpressure if !reserved => {
-                    state.overflowed += 1;
+                    state.overflowed[lane] += 1;
                     self.export.overflowed();
                 }
                 LagPolicy::Backpressure => {}
             }
         }
-        state.buffer.push_back(envelope);
-        self.queued.store(state.buffer.len(), Ordering::Relaxed);
-        self.export.depth(state.buffer.len());
+        if buffer.is_empty() {
+            self.waiting.fetch_or(1 << lane, Ordering::Release);
+        }
+        buffer.push_back(envelope);
+        counters.queued.store(buffer.len(), Ordering::Relaxed);
+        self.export.depth(state.depth());
         state.waker.take()
     }
 
-    /// Whether `emit_wait` may push without waiting: a backpressure queue
-    /// with a free place, or any other queue. Called under the emit lock,
-    /// without the queue's: pushes and reservations happen only under the
-    /// emit lock, and the receiver only frees places, so a stale read can
-    /// only under-count the room.
-    pub(crate) fn has_room(&self) -> bool {
+    /// Whether `emit_wait` may push into `lane` without waiting: a
+    /// backpressure lane with a free place, or any other lane. Called under
+    /// the emit lock, without the queue's: pushes and reservations happen
+    /// only under the emit lock, and the receiver only frees places, so a
+    /// stale read can only under-count the room.
+    pub(crate) fn has_room(&self, lane: usize) -> bool {
+        let counters = &self.lanes[lane];
         self.policy != LagPolicy::Backpressure
-            || self.queued.load(Ordering::Acquire)
-                + self.taken.load(Ordering::Acquire)
-                + self.reserved.load(Ordering::Relaxed)
+            || counters.queued.load(Ordering::Acquire)
+                + counters.taken.load(Ordering::Acquire)
+                + counters.reserved.load(Ordering::Relaxed)
                 < self.capacity
     }
 
-    /// Places a backpressure queue counts against its capacity: queued,
+    /// Places a backpressure lane counts against its capacity: queued,
     /// taken by the receiver but not handed out, and reserved. `taken` is
-    /// read sequentially consistent: see [`Receiver`]'s hand-out.
-    fn occupied(&self, state: &State<E>) -> usize {
-        state.buffer.len()
-            + self.taken.load(Ordering::SeqCst)
-            + self.reserved.load(Ordering::Relaxed)
+    /// read sequentially consistent: see [`Queue::handed_out`].
+    fn occupied(&self, state: &State<E>, lane: usize) -> usize {
+        let counters = &self.lanes[lane];
+        state.lanes[lane].len()
+            + counters.taken.load(Ordering::SeqCst)
+            + counters.reserved.load(Ordering::Relaxed)
     }
 
-    /// Reserves a place for a later [`push`](Queue::push). Called under the
-    /// emit lock.
-    pub(crate) fn try_reserve(&self) -> Reserve {
+    /// Reserves a place in `lane` for a later [`push`](Queue::push). Called
+    /// under the emit lock.
+    pub(crate) fn try_reserve(&self, lane: usize) -> Reserve {
         let state = lock(&self.state);
         if state.closed {
             Reserve::Closed
-        } else if self.occupied(&state) < self.capacity {
-            self.reserved.fetch_add(1, Ordering::Relaxed);
+        } else if self.occupied(&state, lane) < self.capacity {
+            self.lanes[lane].reserved.fetch_add(1, Ordering::Relaxed);
             Reserve::Reserved
         } else {
             Reserve::Full
         }
     }
 
-    /// Gives back a reserved place that will not be pushed.
-    pub(crate) fn release(&self) {
-        self.reserved.fetch_sub(1, Ordering::Relaxed);
+    /// Gives back a place reserved in `lane` that will not be pushed.
+    pub(crate) fn release(&self, lane: usize) {
+        self.lanes[lane].reserved.fetch_sub(1, Ordering::Relaxed);
         self.notify_room();
     }
 
@@ -223,75 +290,97 @@ impl<E: Event> Queue<E> {
         }
     }
 
-    /// As [`notify_room`](Self::notify_room), but only once the queue has
+    /// As [`notify_room`](Self::notify_room), but only once `lane` has
     /// drained to its low watermark: a waiting emitter then fills a batch of
     /// places at once instead of waking for every place freed.
-    fn notify_room_drained(&self) {
+    fn notify_room_drained(&self, lane: usize) {
         if self.room_waiters.load(Ordering::SeqCst) == 0 {
             return;
         }
+        let counters = &self.lanes[lane];
         let slack = (self.capacity / 2).clamp(1, BATCH);
-        let occupied = self.queued.load(Ordering::Acquire)
-            + self.taken.load(Ordering::Acquire)
-            + self.reserved.load(Ordering::Relaxed);
+        let occupied = counters.queued.load(Ordering::Acquire)
+            + counters.taken.load(Ordering::Acquire)
+            + counters.reserved.load(Ordering::Relaxed);
         if occupied + slack <= self.capacity {
             self.room.notify_waiters();
         }
     }
 
-    /// Moves up to [`BATCH`] events into `batch`, or says why it cannot:
-    /// a gap to report, nothing queued (registering `waker`), or closed.
-    fn refill(
+    /// The lanes with events queued (not taken), as bits; read without the
+    /// lock, so it may lag a push by a moment.
+    fn waiting_lanes(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
+    }
+
+    /// Moves up to [`BATCH`] events of `lane` into `taken`, which is empty,
+    /// or reports a gap first.
+    fn take(
         &self,
-        batch: &mut VecDeque<Arc<Envelope<E>>>,
-        waker: Option<&Waker>,
+        lane: usize,
+        taken: &mut VecDeque<Arc<Envelope<E>>>,
     ) -> Result<(), TryRecvError> {
         let mut state = lock(&self.state);
-        if state.unreported_lag > 0 {
-            let count = std::mem::take(&mut state.unreported_lag);
-            drop(state);
-            tracing::warn!(
-                queue = %self.name,
-                dropped = count,
-                capacity = self.capacity,
-                "consumer lagged: its queue was full and its oldest events were dropped"
-            );
-            return Err(TryRecvError::Lagged(count));
+        self.report_lag(&mut state)?;
+        let buffer = &mut state.lanes[lane];
+        let count = buffer.len().min(BATCH).min(self.capacity);
+        taken.extend(buffer.drain(..count));
+        if buffer.is_empty() {
+            self.waiting.fetch_and(!(1 << lane), Ordering::Release);
         }
-        if state.buffer.is_empty() {
-            if state.closed {
-                return Err(TryRecvError::Closed);
-            }
-            if let Some(waker) = waker {
-                match &mut state.waker {
-                    Some(current) if current.will_wake(waker) => {}
-                    slot => *slot = Some(waker.clone()),
-                }
-            }
-            return Err(TryRecvError::Empty);
-        }
-        let count = state.buffer.len().min(BATCH).min(self.capacity);
-        batch.extend(state.buffer.drain(..count));
+        let counters = &self.lanes[lane];
         // Under the lock, so an idle check never sees the batch in neither
-        // place; `taken` first, so `has_room` never sees the batch in neither.
-        self.taken.store(batch.len(), Ordering::Release);
-        self.queued.store(state.buffer.len(), Ordering::Release);
-        self.export.depth(state.buffer.len());
+        // place; `taken` first, so `has_room` never sees it in neither.
+        counters.taken.store(taken.len(), Ordering::Release);
+        counters.queued.store(buffer.len(), Ordering::Release);
+        self.export.depth(state.depth());
         Ok(())
     }
 
-    /// Hands out the next event of `batch`.
-    fn hand_out(
-        &self,
-        batch: &mut VecDeque<Arc<Envelope<E>>>,
-        track: bool,
-    ) -> Option<Arc<Envelope<E>>> {
-        let envelope = batch.pop_front()?;
+    /// Called when the receiver saw no lane with events: reports a gap, or
+    /// says the queue is closed, or registers `waker` and says it is empty.
+    /// `Ok` means events arrived meanwhile.
+    fn wait(&self, waker: Option<&Waker>) -> Result<(), TryRecvError> {
+        let mut state = lock(&self.state);
+        self.report_lag(&mut state)?;
+        if state.depth() > 0 {
+            return Ok(());
+        }
+        if state.closed {
+            return Err(TryRecvError::Closed);
+        }
+        if let Some(waker) = waker {
+            match &mut state.waker {
+                Some(current) if current.will_wake(waker) => {}
+                slot => *slot = Some(waker.clone()),
+            }
+        }
+        Err(TryRecvError::Empty)
+    }
+
+    fn report_lag(&self, state: &mut State<E>) -> Result<(), TryRecvError> {
+        if state.unreported_lag == 0 {
+            return Ok(());
+        }
+        let count = std::mem::take(&mut state.unreported_lag);
+        tracing::warn!(
+            queue = %self.name,
+            dropped = count,
+            capacity = self.capacity,
+            "consumer lagged: its queue was full and its oldest events were dropped"
+        );
+        Err(TryRecvError::Lagged(count))
+    }
+
+    /// Records that the receiver handed out an event of `lane`, leaving
+    /// `remaining` taken.
+    fn handed_out(&self, lane: usize, remaining: usize, track: bool) {
         if track {
             // Only the listener's task raises it; the store of `taken` below
             // publishes it.
             crate::metrics::bump_usize(&self.in_flight, 1);
         }
+        let counters = &self.lanes[lane];
         // After `in_flight` rises: whoever sees `taken` fall sees that too.
         // Under backpressure, sequentially consistent: with the waiters'
         // count, it forms the pair (a waiter counts itself, then reads
@@ -302,24 +391,26 @@ impl<E: Event> Queue<E> {
         } else {
             Ordering::Release
         };
-        self.taken.store(batch.len(), order);
-        crate::metrics::bump(&self.delivered, 1);
+        counters.taken.store(remaining, order);
+        crate::metrics::bump(&counters.delivered, 1);
         if self.policy == LagPolicy::Backpressure {
-            self.notify_room_drained();
+            self.notify_room_drained(lane);
         }
-        Some(envelope)
     }
 
-    /// Marks one tracked event as finished.
-    pub(crate) fn complete(&self) {
-        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+    /// Marks `count` tracked events as finished.
+    pub(crate) fn complete(&self, count: usize) {
+        self.in_flight.fetch_sub(count, Ordering::SeqCst);
     }
 
     /// No event queued, taken or in flight.
     pub(crate) fn is_idle(&self) -> bool {
         let state = lock(&self.state);
-        state.buffer.is_empty()
-            && self.taken.load(Ordering::Acquire) == 0
+        state.depth() == 0
+            && self
+                .lanes
+                .iter()
+                .all(|lane| lane.taken.load(Ordering::Acquire) == 0)
             && self.in_flight.load(Ordering::SeqCst) == 0
     }
 
@@ -340,12 +431,24 @@ impl<E: Event> Queue<E> {
     pub(crate) fn counts(&self) -> QueueCounts {
         let state = lock(&self.state);
         QueueCounts {
-            delivered: self.delivered.load(Ordering::Relaxed),
-            dropped: state.dropped,
-            overflowed: state.overflowed,
-            depth: state.buffer.len() + self.taken.load(Ordering::Acquire),
+            lanes: std::array::from_fn(|lane| {
+                let counters = &self.lanes[lane];
+                LaneCounts {
+                    delivered: counters.delivered.load(Ordering::Relaxed),
+                    dropped: state.dropped[lane],
+                    overflowed: state.overflowed[lane],
+                    depth: state.lanes[lane].len() + counters.taken.load(Ordering::Acquire),
+                }
+            }),
             in_flight: self.in_flight.load(Ordering::SeqCst),
         }
+    }
+}
+
+impl<E> State<E> {
+    /// Events queued over all lanes.
+    fn depth(&self) -> usize {
+        self.lanes.iter().map(VecDeque::len).sum()
     }
 }
 
@@ -357,25 +460,41 @@ impl<E: Event> std::fmt::Debug for Queue<E> {
             .field("interests", &self.interests)
             .field("capacity", &self.capacity)
             .field("policy", &self.policy)
+            .field("fairness", &self.fairness)
             .field("counts", &self.counts())
             .finish_non_exhaustive()
     }
 }
 
-/// The most events a receiver takes from its queue at once.
+/// The most events a receiver takes from a lane at once.
 pub(crate) const BATCH: usize = 32;
 
 /// The consuming end of a queue: what a subscription or a listener task
 /// receives through.
+///
+/// It decides which lane to serve at every event, from what it has taken
+/// and the queue's [`waiting`](Queue::waiting_lanes) bits: the oldest event
+/// of the highest lane with events, unless a lower lane with events has
+/// been passed [`fairness`](Queue::fairness) times, in which case the lowest
+/// such lane is served once.
 pub(crate) struct Receiver<E: Event> {
     pub(crate) queue: Arc<Queue<E>>,
-    batch: VecDeque<Arc<Envelope<E>>>,
+    /// Per lane: events taken from the queue and not handed out yet, all
+    /// older than what the lane still queues.
+    taken: [VecDeque<Arc<Envelope<E>>>; Priority::LANES],
+    /// Per lane: events of higher lanes handed out since the lane's last
+    /// while it had events waiting.
+    passed: [usize; Priority::LANES],
 }
 
 impl<E: Event> Receiver<E> {
     pub(crate) fn new(queue: Arc<Queue<E>>) -> Self {
         Self {
-            batch: VecDeque::with_capacity(BATCH.min(queue.capacity)),
+            taken: std::array::from_fn(|lane| {
+                let normal = lane == Priority::Normal.lane();
+                VecDeque::with_capacity(if normal { BATCH.min(queue.capacity) } else { 0 })
+            }),
+            passed: [0; Priority::LANES],
             queue,
         }
     }
@@ -399,8 +518,9 @@ impl<E: Event> Receiver<E> {
         std::future::poll_fn(|cx| self.poll_recv(cx, track)).await
     }
 
-    pub(crate) fn try_recv(&mut self) -> Result<Arc<Envelope<E>>, TryRecvError> {
-        self.next(None, false)
+    /// The next event if one is queued, without waiting.
+    pub(crate) fn try_recv(&mut self, track: bool) -> Result<Arc<Envelope<E>>, TryRecvError> {
+        self.next(None, track)
     }
 
     fn next(
@@ -409,19 +529,47 @@ impl<E: Event> Receiver<E> {
         track: bool,
     ) -> Result<Arc<Envelope<E>>, TryRecvError> {
         loop {
-            if let Some(envelope) = self.queue.hand_out(&mut self.batch, track) {
-                return Ok(envelope);
+            let queued = self.queue.waiting_lanes();
+            let waiting: [bool; Priority::LANES] = std::array::from_fn(|lane| {
+                !self.taken[lane].is_empty() || queued & (1 << lane) != 0
+            });
+            let Some(lane) = self.choose(&waiting) else {
+                self.queue.wait(waker)?;
+                continue;
+            };
+            let Some(envelope) = self.taken[lane].pop_front() else {
+                self.queue.take(lane, &mut self.taken[lane])?;
+                continue;
+            };
+            let lower = self.passed.iter_mut().zip(waiting).skip(lane + 1);
+            for (passed, waiting) in lower {
+                if waiting {
+                    *passed = passed.saturating_add(1);
+                }
             }
-            self.queue.refill(&mut self.batch, waker)?;
+            self.passed[lane] = 0;
+            self.queue.handed_out(lane, self.taken[lane].len(), track);
+            return Ok(envelope);
         }
+    }
+
+    /// The lane to serve next among those `waiting`: the lowest one passed
+    /// as often as the fairness bound allows, or else the highest.
+    fn choose(&self, waiting: &[bool; Priority::LANES]) -> Option<usize> {
+        let starved = (0..Priority::LANES)
+            .rev()
+            .find(|&lane| waiting[lane] && self.passed[lane] >= self.queue.fairness);
+        starved.or_else(|| (0..Priority::LANES).find(|&lane| waiting[lane]))
     }
 }
 
 impl<E: Event> std::fmt::Debug for Receiver<E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let taken: Vec<usize> = self.taken.iter().map(VecDeque::len).collect();
         f.debug_struct("Receiver")
             .field("queue", &self.queue)
-            .field("batch", &self.batch.len())
+            .field("taken", &taken)
+            .field("passed", &self.passed)
             .finish()
     }
 }

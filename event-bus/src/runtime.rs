@@ -3,6 +3,7 @@
 
 use std::any::Any;
 use std::fmt;
+use std::future::Future;
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -21,7 +22,7 @@ use crate::envelope::Envelope;
 use crate::error::{RecvError, chain};
 use crate::event::Event;
 use crate::listener::{Listener, ListenerOptions, RetryPolicy};
-use crate::metrics::{Histogram, ListenerExport, ListenerMetrics, bump};
+use crate::metrics::{Histogram, LaneMetrics, ListenerExport, ListenerMetrics, bump};
 use crate::queue::{Queue, Receiver, lock};
 
 /// The listeners of one bus, and what `quiesce` waits on.
@@ -90,6 +91,7 @@ pub(crate) struct ListenerState<E: Event> {
     panicked: AtomicU64,
     queue_latency: Histogram,
     handle_latency: Histogram,
+    pub(crate) retry: RetryPolicy,
     finished: AtomicBool,
     done: Notify,
     abort: OnceLock<AbortHandle>,
@@ -97,7 +99,7 @@ pub(crate) struct ListenerState<E: Event> {
 }
 
 impl<E: Event> ListenerState<E> {
-    fn new(queue: Arc<Queue<E>>) -> Self {
+    fn new(queue: Arc<Queue<E>>, retry: RetryPolicy) -> Self {
         let export = ListenerExport::new(&queue.name);
         Self {
             queue,
@@ -108,6 +110,7 @@ impl<E: Event> ListenerState<E> {
             panicked: AtomicU64::new(0),
             queue_latency: Histogram::new(),
             handle_latency: Histogram::new(),
+            retry,
             finished: AtomicBool::new(false),
             done: Notify::new(),
             abort: OnceLock::new(),
@@ -141,16 +144,17 @@ impl<E: Event> ListenerState<E> {
         let counts = self.queue.counts();
         ListenerMetrics {
             name: self.queue.name.to_string(),
-            delivered: counts.delivered,
+            delivered: counts.delivered(),
             handled: self.handled.load(Ordering::Relaxed),
             failed: self.failed.load(Ordering::Relaxed),
             retried: self.retried.load(Ordering::Relaxed),
             dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
             panicked: self.panicked.load(Ordering::Relaxed),
-            dropped: counts.dropped,
-            overflowed: counts.overflowed,
-            queue_depth: counts.depth,
+            dropped: counts.dropped(),
+            overflowed: counts.overflowed(),
+            queue_depth: counts.depth(),
             in_flight: counts.in_flight,
+            lanes: LaneMetrics::from_counts(&counts),
             queue_latency: self.queue_latency.summary(),
             handle_latency: self.handle_latency.summary(),
             finished: self.is_finished(),
@@ -294,13 +298,34 @@ pub(crate) fn spawn<E: Event, L: Listener<E>>(
     listener: L,
     options: ListenerOptions,
 ) -> ListenerHandle<E> {
-    let state = Arc::new(ListenerState::new(queue));
+    spawn_task(
+        shared,
+        queue,
+        options.retry,
+        |supervisor, receiver, finished| {
+            supervisor
+                .with(listener)
+                .run(receiver, options.concurrency, finished)
+        },
+    )
+}
+
+/// Registers a listener and spawns the task `run` makes for it.
+pub(crate) fn spawn_task<E: Event, F>(
+    shared: &Arc<Shared<E>>,
+    queue: Arc<Queue<E>>,
+    retry: RetryPolicy,
+    run: impl FnOnce(Supervisor<E, ()>, Receiver<E>, FinishGuard<E>) -> F,
+) -> ListenerHandle<E>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let state = Arc::new(ListenerState::new(queue, retry));
     lock(&shared.runtime.listeners).push(state.clone());
     let supervisor = Supervisor {
         shared: shared.clone(),
         state: state.clone(),
-        listener,
-        retry: options.retry,
+        listener: (),
     };
     // The guard moves into the task's future, so it runs even when the task
     // is aborted before its first poll.
@@ -309,7 +334,7 @@ pub(crate) fn spawn<E: Event, L: Listener<E>>(
         state: state.clone(),
     };
     let receiver = Receiver::new(state.queue.clone());
-    let task = tokio::spawn(supervisor.run(receiver, options.concurrency, finished));
+    let task = tokio::spawn(run(supervisor, receiver, finished));
     // The task may already have ended; an abort handle to it is harmless.
     let _ = state.abort.set(task.abort_handle());
     ListenerHandle { state }
@@ -317,11 +342,83 @@ pub(crate) fn spawn<E: Event, L: Listener<E>>(
 
 /// Runs one listener: takes its events, calls its handler, contains its
 /// failures.
-struct Supervisor<E: Event, L> {
-    shared: Arc<Shared<E>>,
-    state: Arc<ListenerState<E>>,
-    listener: L,
-    retry: RetryPolicy,
+pub(crate) struct Supervisor<E: Event, L> {
+    pub(crate) shared: Arc<Shared<E>>,
+    pub(crate) state: Arc<ListenerState<E>>,
+    pub(crate) listener: L,
+}
+
+impl<E: Event> Supervisor<E, ()> {
+    /// The supervisor of `listener`.
+    pub(crate) fn with<L>(self, listener: L) -> Supervisor<E, L> {
+        Supervisor {
+            shared: self.shared,
+            state: self.state,
+            listener,
+        }
+    }
+}
+
+impl<E: Event, L> Supervisor<E, L> {
+    /// Counts events whose attempt succeeded.
+    pub(crate) fn handled(&self, events: usize) {
+        bump(&self.state.handled, events as u64);
+        self.state.export.handled(events as u64);
+    }
+
+    /// Counts events whose attempt failed.
+    pub(crate) fn failed(&self, events: usize, panicked: bool) {
+        let state = &*self.state;
+        bump(&state.failed, events as u64);
+        if panicked {
+            bump(&state.panicked, events as u64);
+        }
+        state.export.failed(events as u64, panicked);
+    }
+
+    /// Counts events about to be attempted again.
+    pub(crate) fn retried(&self, events: usize) {
+        bump(&self.state.retried, events as u64);
+        self.state.export.retried(events as u64);
+    }
+
+    /// Records `envelope` as a dead letter after `attempts` attempts.
+    pub(crate) fn dead_letter(&self, envelope: Arc<Envelope<E>>, error: String, attempts: u32) {
+        let state = &*self.state;
+        bump(&state.dead_lettered, 1);
+        state.export.dead_lettered(1);
+        self.shared.dead_letters.record(DeadLetter {
+            envelope,
+            listener: state.queue.name.clone(),
+            error,
+            attempts,
+            failed_at: SystemTime::now(),
+        });
+    }
+
+    /// Records how long an event waited between its emit and its first
+    /// attempt, `started`.
+    pub(crate) fn waited(&self, envelope: &Envelope<E>, started: Instant) {
+        self.state
+            .queue_latency
+            .record(started.saturating_duration_since(envelope.emitted()));
+    }
+
+    /// Records how long one handler attempt took.
+    pub(crate) fn took(&self, took: Duration) {
+        self.state.handle_latency.record(took);
+        self.state.export.latency(took);
+    }
+
+    /// Marks `events` tracked events finished and lets `quiesce` look again.
+    pub(crate) fn complete(&self, events: usize) {
+        self.state.queue.complete(events);
+        self.shared.runtime.notify_idle();
+    }
+
+    pub(crate) fn name(&self) -> &Arc<str> {
+        &self.state.queue.name
+    }
 }
 
 impl<E: Event, L: Listener<E>> Supervisor<E, L> {
@@ -367,42 +464,32 @@ impl<E: Event, L: Listener<E>> Supervisor<E, L> {
             span.follows_from(envelope.span());
             self.attempt_all(envelope).instrument(span).await;
         }
-        self.state.queue.complete();
-        self.shared.runtime.notify_idle();
+        self.complete(1);
     }
 
     async fn attempt_all(&self, envelope: Arc<Envelope<E>>) {
-        let state = &*self.state;
+        let retry = self.state.retry;
         let mut started = Instant::now();
-        state
-            .queue_latency
-            .record(started.saturating_duration_since(envelope.emitted()));
+        self.waited(&envelope, started);
         let mut attempt = 1;
         loop {
             let outcome = AssertUnwindSafe(self.listener.handle(envelope.clone()))
                 .catch_unwind()
                 .await;
-            let took = started.elapsed();
-            state.handle_latency.record(took);
-            state.export.latency(took);
+            self.took(started.elapsed());
             let (error, panicked) = match outcome {
                 Ok(Ok(())) => {
-                    bump(&state.handled, 1);
-                    state.export.handled();
+                    self.handled(1);
                     return;
                 }
                 Ok(Err(error)) => (chain(&*error), false),
-                Err(payload) => (format!("panicked: {}", panic_message(&*payload)), true),
+                Err(payload) => (panicked(&*payload), true),
             };
-            bump(&state.failed, 1);
-            if panicked {
-                bump(&state.panicked, 1);
-            }
-            state.export.failed(panicked);
-            if attempt < self.retry.max_attempts() {
-                let delay = self.retry.delay(attempt);
+            self.failed(1, panicked);
+            if attempt < retry.max_attempts() {
+                let delay = retry.delay(attempt);
                 tracing::warn!(
-                    listener = %state.queue.name,
+                    listener = %self.name(),
                     event = envelope.name(),
                     event_id = %envelope.id(),
                     attempt,
@@ -410,48 +497,41 @@ impl<E: Event, L: Listener<E>> Supervisor<E, L> {
                     error = %error,
                     "handler failed; retrying",
                 );
-                bump(&state.retried, 1);
-                state.export.retried();
+                self.retried(1);
                 tokio::time::sleep(delay).await;
                 attempt += 1;
                 started = Instant::now();
                 continue;
             }
             tracing::error!(
-                listener = %state.queue.name,
+                listener = %self.name(),
                 event = envelope.name(),
                 event_id = %envelope.id(),
                 attempts = attempt,
                 error = %error,
                 "handler failed; recorded a dead letter",
             );
-            bump(&state.dead_lettered, 1);
-            state.export.dead_lettered();
-            self.shared.dead_letters.record(DeadLetter {
-                envelope,
-                listener: state.queue.name.clone(),
-                error,
-                attempts: attempt,
-                failed_at: SystemTime::now(),
-            });
+            self.dead_letter(envelope, error, attempt);
             return;
         }
     }
 }
 
-fn panic_message(payload: &(dyn Any + Send)) -> &str {
-    if let Some(message) = payload.downcast_ref::<&'static str>() {
+/// The error text of a handler that panicked with `payload`.
+pub(crate) fn panicked(payload: &(dyn Any + Send)) -> String {
+    let message = if let Some(message) = payload.downcast_ref::<&'static str>() {
         message
     } else if let Some(message) = payload.downcast_ref::<String>() {
         message
     } else {
         "non-string panic payload"
-    }
+    };
+    format!("panicked: {message}")
 }
 
 /// Marks the listener finished however its task ends: drained, aborted, or
 /// dropped with its runtime.
-struct FinishGuard<E: Event> {
+pub(crate) struct FinishGuard<E: Event> {
     shared: Arc<Shared<E>>,
     state: Arc<ListenerState<E>>,
 }

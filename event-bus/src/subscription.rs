@@ -10,7 +10,8 @@ use futures_core::Stream;
 use crate::bus::Shared;
 use crate::envelope::Envelope;
 use crate::error::{Lagged, RecvError, TryRecvError};
-use crate::event::{Event, KindSet};
+use crate::event::{Event, KindSet, Priority};
+use crate::metrics::LaneMetrics;
 use crate::queue::{LagPolicy, Queue, Receiver};
 
 /// Receives the events of the kinds it subscribed to, in emit order.
@@ -89,7 +90,7 @@ impl<E: Event> Subscription<E> {
     /// [`TryRecvError::Empty`] when nothing is queued, otherwise as
     /// [`recv`](Self::recv).
     pub fn try_recv(&mut self) -> Result<Arc<Envelope<E>>, TryRecvError> {
-        self.receiver.try_recv()
+        self.receiver.try_recv(false)
     }
 
     /// The kinds this subscription receives.
@@ -97,7 +98,7 @@ impl<E: Event> Subscription<E> {
         &self.queue().interests
     }
 
-    /// The queue's capacity.
+    /// The capacity of each of the queue's priority lanes.
     pub fn capacity(&self) -> usize {
         self.queue().capacity
     }
@@ -110,7 +111,7 @@ impl<E: Event> Subscription<E> {
     /// The number of events queued: waiting in the queue, or taken from it
     /// in the batch the next receives hand out.
     pub fn len(&self) -> usize {
-        self.queue().counts().depth
+        self.queue().counts().depth()
     }
 
     /// Whether no event is queued.
@@ -120,7 +121,7 @@ impl<E: Event> Subscription<E> {
 
     /// Events received so far.
     pub fn delivered(&self) -> u64 {
-        self.queue().counts().delivered
+        self.queue().counts().delivered()
     }
 
     /// Events dropped from the full queue so far ([`LagPolicy::DropOldest`]).
@@ -128,13 +129,25 @@ impl<E: Event> Subscription<E> {
     /// `delivered() + dropped() + len()` is the number of events of interest
     /// emitted since the subscription was made.
     pub fn dropped(&self) -> u64 {
-        self.queue().counts().dropped
+        self.queue().counts().dropped()
     }
 
     /// Events queued past capacity by `emit` so far
     /// ([`LagPolicy::Backpressure`]).
     pub fn overflowed(&self) -> u64 {
-        self.queue().counts().overflowed
+        self.queue().counts().overflowed()
+    }
+
+    /// The counters of the `priority` lane of the queue: each lane accounts
+    /// for its own events.
+    pub fn lane(&self, priority: Priority) -> LaneMetrics {
+        LaneMetrics::from_counts(&self.queue().counts())[priority.lane()]
+    }
+
+    /// The queue's fairness bound: while an event waits, at most this many
+    /// events of higher priority are handed out before it.
+    pub fn fairness(&self) -> usize {
+        self.queue().fairness
     }
 }
 

@@ -5,7 +5,7 @@ use event_bus::DomainEvent;
 enum AppEvent {
     #[event(nmae = "user.created")]
     UserCreated,
-    #[event(name = "post.published", skip_emit, priority = "high")]
+    #[event(name = "post.published", skip_emit, urgent = true)]
     PostPublished,
 }
 

@@ -1,0 +1,73 @@
+//! The batch handler scaffolding for every variant shape, under
+//! `deny(warnings)`, used through `#[listener]` as a `BatchListener`.
+
+#![deny(warnings, missing_docs)]
+
+use event_bus::{BatchError, DomainEvent, EventBus, listener};
+
+/// Events.
+#[derive(Debug, DomainEvent)]
+pub enum AppEvent {
+    /// Unit.
+    #[event(priority = "low")]
+    CacheCleared,
+    /// Newtype.
+    PostPublished(u64),
+    /// One field.
+    #[event(priority = "high")]
+    UserDeleted {
+        /// Id.
+        id: u64,
+    },
+    /// Several fields.
+    UserRenamed {
+        /// Id.
+        id: u64,
+        /// New name.
+        name: String,
+    },
+}
+
+struct Indexer;
+
+#[listener(name = "indexer")]
+impl AppEventBatchHandler for Indexer {
+    async fn on_cache_cleared(&self, count: usize) -> Result<(), BatchError> {
+        assert!(count > 0);
+        Ok(())
+    }
+
+    async fn on_post_published(&self, batch: &[&u64]) -> Result<(), BatchError> {
+        let _ids: Vec<u64> = batch.iter().map(|id| **id).collect();
+        Ok(())
+    }
+
+    async fn on_user_deleted(&self, batch: &[&u64]) -> Result<(), BatchError> {
+        let _ = batch;
+        Ok(())
+    }
+
+    async fn on_user_renamed(&self, batch: &[(&u64, &String)]) -> Result<(), BatchError> {
+        for (index, (_id, name)) in batch.iter().enumerate() {
+            if name.is_empty() {
+                return Err(BatchError::event(index, "empty name"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn main() {
+    use event_bus::{EventKind, Priority};
+    assert_eq!(AppEventKind::UserDeleted.priority(), Priority::High);
+    assert_eq!(AppEventKind::CacheCleared.priority(), Priority::Low);
+    assert_eq!(AppEventKind::PostPublished.priority(), Priority::Normal);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let bus = EventBus::<AppEvent>::new();
+        let handle = bus.spawn_batch(Indexer);
+        assert_eq!(handle.name(), "indexer");
+    });
+}

@@ -1,0 +1,393 @@
+//! Batching listeners: batch size and wait, priority within batches, and
+//! the partial-failure rule for retries and dead letters.
+
+mod support;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use event_bus::{
+    Batch, BatchError, BatchListener, DomainEvent, EventBus, ListenerHandle, ListenerOptions,
+    Priority, RetryPolicy, listener,
+};
+use support::{TestEvent, within};
+
+/// A batch as the listener saw it: the attempt and the events' values.
+type Seen = (u32, Vec<u64>);
+
+/// Records every batch it is handed and fails the events the test marks.
+#[derive(Clone, Default)]
+struct Batches {
+    seen: Arc<Mutex<Vec<Seen>>>,
+    /// Values that fail on every attempt.
+    poison: HashSet<u64>,
+    /// Values that fail on the first attempt only.
+    flaky: HashSet<u64>,
+    /// Panic instead of returning the error.
+    panics: bool,
+}
+
+impl Batches {
+    fn sizes(&self) -> Vec<usize> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, b)| b.len())
+            .collect()
+    }
+
+    fn batches(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl BatchListener<TestEvent> for Batches {
+    fn name(&self) -> &str {
+        "batches"
+    }
+
+    async fn handle_batch(&self, batch: &Batch<TestEvent>) -> Result<(), BatchError> {
+        let values: Vec<u64> = batch.iter().map(|e| e.value()).collect();
+        self.seen
+            .lock()
+            .unwrap()
+            .push((batch.attempt(), values.clone()));
+        let failed: Vec<usize> = values
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| {
+                self.poison.contains(v) || (batch.attempt() == 1 && self.flaky.contains(v))
+            })
+            .map(|(i, _)| i)
+            .collect();
+        if failed.is_empty() {
+            return Ok(());
+        }
+        if self.panics {
+            panic!("batch of {} failed", values.len());
+        }
+        Err(BatchError::events(failed, "row locked"))
+    }
+}
+
+fn values(bus_events: std::ops::Range<u64>) -> impl Iterator<Item = TestEvent> {
+    bus_events.map(TestEvent::A)
+}
+
+/// Yields to the listener until `condition` holds; the bound on the number
+/// of turns is the deadline, since the paused clock does not move by itself.
+async fn turns_until(what: &str, mut condition: impl FnMut() -> bool) {
+    for _ in 0..10_000 {
+        if condition() {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("{what} did not happen within 10,000 turns");
+}
+
+fn delivered(handle: &ListenerHandle<TestEvent>) -> u64 {
+    handle.metrics().delivered
+}
+
+#[tokio::test]
+async fn batches_hold_at_most_max_batch_events() {
+    let bus = EventBus::new();
+    let batches = Batches::default();
+    let handle = bus.spawn_batch_with(batches.clone(), ListenerOptions::new().max_batch(30));
+    // Queued before the listener first runs: one task, nothing awaited.
+    for event in values(0..100) {
+        bus.emit(event);
+    }
+    within("quiesce", bus.quiesce()).await;
+    assert_eq!(batches.sizes(), [30, 30, 30, 10]);
+    let handled: Vec<u64> = batches.batches().into_iter().flat_map(|(_, b)| b).collect();
+    assert_eq!(handled, (0..100).collect::<Vec<_>>());
+    let metrics = handle.metrics();
+    assert_eq!((metrics.delivered, metrics.handled), (100, 100));
+    assert_eq!(metrics.in_flight, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_waits_max_wait_after_its_first_event() {
+    let bus = EventBus::new();
+    let batches = Batches::default();
+    let options = ListenerOptions::new()
+        .max_batch(10)
+        .max_wait(Duration::from_millis(100));
+    let handle = bus.spawn_batch_with(batches.clone(), options);
+
+    bus.emit(TestEvent::A(1));
+    bus.emit(TestEvent::A(2));
+    turns_until("two events taken", || delivered(&handle) == 2).await;
+    tokio::time::advance(Duration::from_millis(60)).await;
+    bus.emit(TestEvent::A(3));
+    turns_until("third event taken", || delivered(&handle) == 3).await;
+    assert!(batches.batches().is_empty(), "handed over before max_wait");
+
+    // 100ms after the first event, the batch goes as it is.
+    tokio::time::advance(Duration::from_millis(40)).await;
+    turns_until("batch handled", || handle.metrics().handled == 3).await;
+    assert_eq!(batches.batches(), [(1, vec![1, 2, 3])]);
+
+    // A full batch does not wait.
+    for event in values(10..20) {
+        bus.emit(event);
+    }
+    turns_until("full batch handled", || handle.metrics().handled == 13).await;
+    assert_eq!(batches.sizes(), [3, 10]);
+
+    // Nor does one holding a high-priority event.
+    bus.emit(TestEvent::A(30));
+    bus.emit_with_priority(TestEvent::A(31), Priority::High);
+    turns_until("urgent batch handled", || handle.metrics().handled == 15).await;
+    assert_eq!(batches.batches()[2], (1, vec![31, 30]));
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_events_are_retried_as_a_smaller_batch_then_dead_lettered() {
+    let bus = EventBus::new();
+    let batches = Batches {
+        poison: HashSet::from([2]),
+        flaky: HashSet::from([4]),
+        ..Batches::default()
+    };
+    let retry = RetryPolicy::exponential(3)
+        .initial_backoff(Duration::from_millis(10))
+        .jitter(false);
+    let handle = bus.spawn_batch_with(
+        batches.clone(),
+        ListenerOptions::new().max_batch(6).retry(retry),
+    );
+    for event in values(1..7) {
+        bus.emit(event);
+    }
+    within("quiesce", bus.quiesce()).await;
+
+    assert_eq!(
+        batches.batches(),
+        [(1, vec![1, 2, 3, 4, 5, 6]), (2, vec![2, 4]), (3, vec![2])]
+    );
+    let letters = bus.dead_letters().snapshot();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].envelope.value(), 2);
+    assert_eq!(letters[0].attempts, 3);
+    assert_eq!(letters[0].error, "row locked");
+    assert_eq!(&*letters[0].listener, "batches");
+
+    let m = handle.metrics();
+    assert_eq!(m.handled, 5);
+    assert_eq!(m.dead_lettered, 1);
+    // Per event: 2 failed at the first attempt, 1 at each later one.
+    assert_eq!(m.failed, 4);
+    assert_eq!(m.retried, 3);
+    assert_eq!(m.failed, m.retried + m.dead_lettered);
+    assert_eq!(m.handled + m.dead_lettered, m.delivered);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_batch_fails_as_a_whole() {
+    let bus = EventBus::new();
+    let batches = Batches {
+        poison: HashSet::from([3]),
+        panics: true,
+        ..Batches::default()
+    };
+    let retry = RetryPolicy::exponential(2).jitter(false);
+    let handle = bus.spawn_batch_with(
+        batches.clone(),
+        ListenerOptions::new().max_batch(4).retry(retry),
+    );
+    for event in values(1..5) {
+        bus.emit(event);
+    }
+    within("quiesce", bus.quiesce()).await;
+
+    assert_eq!(
+        batches.batches(),
+        [(1, vec![1, 2, 3, 4]), (2, vec![1, 2, 3, 4])]
+    );
+    let letters = bus.dead_letters().snapshot();
+    assert_eq!(letters.len(), 4);
+    assert!(
+        letters
+            .iter()
+            .all(|l| l.error == "panicked: batch of 4 failed")
+    );
+    let m = handle.metrics();
+    assert_eq!(
+        (m.failed, m.panicked, m.retried, m.dead_lettered),
+        (8, 8, 4, 4)
+    );
+}
+
+/// Fails with an error that names an event past the end of its batch.
+struct Confused;
+
+impl BatchListener<TestEvent> for Confused {
+    async fn handle_batch(&self, batch: &Batch<TestEvent>) -> Result<(), BatchError> {
+        Err(BatchError::event(batch.len(), "no such row"))
+    }
+}
+
+#[tokio::test]
+async fn an_error_naming_an_event_outside_the_batch_fails_the_whole_batch() {
+    let bus = EventBus::new();
+    let handle = bus.spawn_batch(Confused);
+    for event in values(0..3) {
+        bus.emit(event);
+    }
+    within("quiesce", bus.quiesce()).await;
+    let letters = bus.dead_letters().snapshot();
+    assert_eq!(letters.len(), 3);
+    assert!(
+        letters[0]
+            .error
+            .contains("named an event outside its batch of 3 (index 3): no such row"),
+        "{}",
+        letters[0].error
+    );
+    assert_eq!(handle.metrics().handled, 0);
+}
+
+#[tokio::test]
+async fn a_question_mark_on_any_error_fails_the_whole_batch() {
+    struct Parses;
+
+    impl BatchListener<TestEvent> for Parses {
+        async fn handle_batch(&self, _: &Batch<TestEvent>) -> Result<(), BatchError> {
+            let _: u64 = "not a number".parse()?;
+            Ok(())
+        }
+    }
+
+    let bus = EventBus::new();
+    bus.spawn_batch(Parses);
+    bus.emit(TestEvent::A(0));
+    bus.emit(TestEvent::A(1));
+    within("quiesce", bus.quiesce()).await;
+    let letters = bus.dead_letters().snapshot();
+    assert_eq!(letters.len(), 2);
+    assert_eq!(letters[1].error, "invalid digit found in string");
+}
+
+#[tokio::test]
+async fn concurrent_batches_handle_every_event_once() {
+    let bus = EventBus::new();
+    let batches = Batches::default();
+    let options = ListenerOptions::new().max_batch(7).concurrency(3);
+    let handle = bus.spawn_batch_with(batches.clone(), options);
+    for round in 0..10u64 {
+        for event in values(round * 50..round * 50 + 50) {
+            bus.emit(event);
+        }
+        tokio::task::yield_now().await;
+    }
+    within("quiesce", bus.quiesce()).await;
+    let mut handled: Vec<u64> = batches.batches().into_iter().flat_map(|(_, b)| b).collect();
+    handled.sort_unstable();
+    assert_eq!(handled, (0..500).collect::<Vec<_>>());
+    assert!(batches.sizes().iter().all(|&n| (1..=7).contains(&n)));
+    assert_eq!(handle.metrics().handled, 500);
+}
+
+#[tokio::test]
+async fn a_batch_listener_drains_its_queue_on_shutdown() {
+    let bus = EventBus::new();
+    let batches = Batches::default();
+    let options = ListenerOptions::new()
+        .max_batch(8)
+        .max_wait(Duration::from_secs(3600));
+    bus.spawn_batch_with(batches.clone(), options);
+    for event in values(0..20) {
+        bus.emit(event);
+    }
+    // The last batch does not wait out max_wait once the bus closes.
+    let report = within("shutdown", bus.shutdown(Duration::from_secs(60))).await;
+    assert!(report.drained(), "{report}");
+    assert_eq!(batches.sizes(), [8, 8, 4]);
+}
+
+#[derive(Debug, Clone, PartialEq, DomainEvent)]
+enum Catalog {
+    Published(u64),
+    Renamed { id: u64, title: String },
+    Cleared,
+    Unwatched(u64),
+}
+
+/// Through the derive: each kind's payloads in one call.
+#[derive(Clone, Default)]
+struct Indexer {
+    calls: Arc<Mutex<Vec<String>>>,
+}
+
+#[listener]
+impl CatalogBatchHandler for Indexer {
+    async fn on_published(&self, batch: &[&u64]) -> Result<(), BatchError> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("published {batch:?}"));
+        // The second published event of every batch fails.
+        if batch.len() > 1 {
+            return Err(BatchError::event(1, "index busy"));
+        }
+        Ok(())
+    }
+
+    async fn on_renamed(&self, batch: &[(&u64, &String)]) -> Result<(), BatchError> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("renamed {batch:?}"));
+        Ok(())
+    }
+
+    async fn on_cleared(&self, count: usize) -> Result<(), BatchError> {
+        self.calls.lock().unwrap().push(format!("cleared {count}"));
+        Err(BatchError::all("cache down"))
+    }
+}
+
+#[tokio::test]
+async fn the_derived_batch_handler_splits_a_batch_by_kind() {
+    let bus = EventBus::new();
+    let indexer = Indexer::default();
+    let handle = bus.spawn_batch(indexer.clone());
+    bus.emit(Catalog::Published(1));
+    bus.emit(Catalog::Cleared);
+    bus.emit(Catalog::Unwatched(9)); // no method: not subscribed
+    bus.emit(Catalog::Renamed {
+        id: 1,
+        title: "One".into(),
+    });
+    bus.emit(Catalog::Published(2));
+    bus.emit(Catalog::Cleared);
+    within("quiesce", bus.quiesce()).await;
+
+    assert_eq!(
+        *indexer.calls.lock().unwrap(),
+        ["published [1, 2]", "cleared 2", "renamed [(1, \"One\")]",]
+    );
+    // Failures map back to the events: `Published(2)` and both `Cleared`.
+    let mut failed: Vec<(Catalog, String)> = bus
+        .dead_letters()
+        .snapshot()
+        .iter()
+        .map(|l| (l.envelope.event().clone(), l.error.clone()))
+        .collect();
+    failed.sort_by_key(|(event, _)| format!("{event:?}"));
+    assert_eq!(
+        failed,
+        [
+            (Catalog::Cleared, "cache down".to_string()),
+            (Catalog::Cleared, "cache down".to_string()),
+            (Catalog::Published(2), "index busy".to_string()),
+        ]
+    );
+    let m = handle.metrics();
+    assert_eq!((m.delivered, m.handled, m.dead_lettered), (5, 2, 3));
+}
