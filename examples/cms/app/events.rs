@@ -6,14 +6,18 @@ use event_bus::DomainEvent;
 
 use super::db::{Comment, Post, User};
 
+/// Deletions are high priority: a deleted user or post leaves the search
+/// index and the cache before any routine update still queued.
 #[derive(Debug, Clone, DomainEvent)]
 pub(crate) enum AppEvent {
     UserCreated(UserEventData),
     UserUpdated(UserEventData),
+    #[event(priority = "high")]
     UserDeleted(UserEventData),
     PostCreated(PostEventData),
     PostUpdated(PostEventData),
     PostPublished(PostEventData),
+    #[event(priority = "high")]
     PostDeleted(PostEventData),
     CommentCreated(CommentEventData),
     CommentDeleted(CommentEventData),

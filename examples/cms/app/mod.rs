@@ -79,7 +79,9 @@ pub(crate) async fn build(
     let search = {
         let index = Arc::new(search::SearchIndex::open(&config.data_dir.join("search"))?);
         index.rebuild(&db).await?;
-        bus.spawn(search::SearchIndexer {
+        // One index commit per batch: a burst of edits costs a few commits,
+        // not one each.
+        bus.spawn_batch(search::SearchIndexer {
             db: db.clone(),
             index: index.clone(),
         });

@@ -1,7 +1,8 @@
 //! Full-text search (feature `search`): a tantivy index in the data
-//! directory, kept in step with the database by a listener that re-reads each
-//! row it is told about. Without the feature, `GET /search` answers 501; the
-//! handlers are the same.
+//! directory, kept in step with the database by a batch listener that
+//! re-reads each row it is told about and writes a whole batch in one index
+//! commit. Without the feature, `GET /search` answers 501; the handlers are
+//! the same.
 
 use serde::Serialize;
 
@@ -50,10 +51,11 @@ pub(crate) use enabled::{SearchIndex, SearchIndexer};
 
 #[cfg(feature = "search")]
 mod enabled {
+    use std::collections::HashMap;
     use std::path::Path;
     use std::sync::{Arc, Mutex};
 
-    use event_bus::{HandlerError, listener};
+    use event_bus::{Batch, BatchError, BatchListener, HandlerError, KindSet};
     use sqlx::AnyPool;
     use tantivy::collector::TopDocs;
     use tantivy::query::{BooleanQuery, Occur, Query, QueryParser, TermQuery};
@@ -62,7 +64,7 @@ mod enabled {
 
     use super::*;
     use crate::app::db::{self, Post, User};
-    use crate::app::events::{AppEventHandler, PostEventData, UserEventData};
+    use crate::app::events::{AppEvent, AppEventKind};
 
     const LIMIT: usize = 20;
 
@@ -163,27 +165,17 @@ mod enabled {
             }
         }
 
-        async fn put_user(self: &Arc<Self>, user: User) -> tantivy::Result<()> {
+        /// Replaces or removes the document of each row, in one commit.
+        async fn apply(self: &Arc<Self>, changes: Vec<Change>) -> tantivy::Result<()> {
             self.write(move |writer, f| {
-                writer.delete_term(Term::from_field_text(f.key, &user_key(user.id)));
-                writer.add_document(f.user(user))?;
-                Ok(())
-            })
-            .await
-        }
-
-        async fn put_post(self: &Arc<Self>, post: Post) -> tantivy::Result<()> {
-            self.write(move |writer, f| {
-                writer.delete_term(Term::from_field_text(f.key, &post_key(post.id)));
-                writer.add_document(f.post(post))?;
-                Ok(())
-            })
-            .await
-        }
-
-        async fn remove(self: &Arc<Self>, key: String) -> tantivy::Result<()> {
-            self.write(move |writer, f| {
-                writer.delete_term(Term::from_field_text(f.key, &key));
+                for change in changes {
+                    writer.delete_term(Term::from_field_text(f.key, &change.row.key()));
+                    match change.current {
+                        Some(Current::User(user)) => writer.add_document(f.user(user))?,
+                        Some(Current::Post(post)) => writer.add_document(f.post(post))?,
+                        None => continue,
+                    };
+                }
                 Ok(())
             })
             .await
@@ -291,56 +283,120 @@ mod enabled {
         }
     }
 
-    /// Keeps the index in step: each event re-reads its row, so a stale or
-    /// repeated event indexes the current state, and a deleted or unpublished
-    /// row leaves the index.
+    /// A row the index holds a document for.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    enum Row {
+        User(i64),
+        Post(i64),
+    }
+
+    impl Row {
+        /// The row an event is about, if it is one the index shows.
+        fn of(event: &AppEvent) -> Option<Self> {
+            match event {
+                AppEvent::UserCreated(user)
+                | AppEvent::UserUpdated(user)
+                | AppEvent::UserDeleted(user) => Some(Row::User(user.id)),
+                AppEvent::PostUpdated(post)
+                | AppEvent::PostPublished(post)
+                | AppEvent::PostDeleted(post) => Some(Row::Post(post.id)),
+                AppEvent::PostCreated(_)
+                | AppEvent::CommentCreated(_)
+                | AppEvent::CommentDeleted(_) => None,
+            }
+        }
+
+        fn key(self) -> String {
+            match self {
+                Row::User(id) => user_key(id),
+                Row::Post(id) => post_key(id),
+            }
+        }
+    }
+
+    /// What the index should show for a row: its current state, or nothing.
+    enum Current {
+        User(User),
+        Post(Post),
+    }
+
+    struct Change {
+        row: Row,
+        current: Option<Current>,
+    }
+
+    /// Keeps the index in step, a batch of events at a time: each row the
+    /// batch names is re-read once, so a stale or repeated event indexes the
+    /// current state and a deleted or unpublished row leaves the index, and
+    /// the whole batch is one index commit.
+    ///
+    /// A row that cannot be read fails the events that named it, which are
+    /// retried; a failed commit fails the batch.
     pub(crate) struct SearchIndexer {
         pub(crate) db: AnyPool,
         pub(crate) index: Arc<SearchIndex>,
     }
 
     impl SearchIndexer {
-        async fn sync_user(&self, id: i64) -> Result<(), HandlerError> {
-            match db::user(&self.db, id).await? {
-                Some(user) => self.index.put_user(user).await?,
-                None => self.index.remove(user_key(id)).await?,
-            }
-            Ok(())
-        }
-
-        async fn sync_post(&self, id: i64) -> Result<(), HandlerError> {
-            match db::post(&self.db, id).await? {
-                Some(post) if post.published => self.index.put_post(post).await?,
-                _ => self.index.remove(post_key(id)).await?,
-            }
-            Ok(())
+        /// The row's state as the index should show it.
+        async fn current(&self, row: Row) -> Result<Option<Current>, HandlerError> {
+            Ok(match row {
+                Row::User(id) => db::user(&self.db, id).await?.map(Current::User),
+                Row::Post(id) => db::post(&self.db, id)
+                    .await?
+                    .filter(|post| post.published)
+                    .map(Current::Post),
+            })
         }
     }
 
-    #[listener(name = "search")]
-    impl AppEventHandler for SearchIndexer {
-        async fn on_user_created(&self, user: &UserEventData) -> Result<(), HandlerError> {
-            self.sync_user(user.id).await
+    impl BatchListener<AppEvent> for SearchIndexer {
+        fn name(&self) -> &str {
+            "search"
         }
 
-        async fn on_user_updated(&self, user: &UserEventData) -> Result<(), HandlerError> {
-            self.sync_user(user.id).await
+        /// The events [`Row::of`] maps to a row (a draft is not indexed).
+        fn interests(&self) -> KindSet<AppEventKind> {
+            KindSet::from([
+                AppEventKind::UserCreated,
+                AppEventKind::UserUpdated,
+                AppEventKind::UserDeleted,
+                AppEventKind::PostUpdated,
+                AppEventKind::PostPublished,
+                AppEventKind::PostDeleted,
+            ])
         }
 
-        async fn on_user_deleted(&self, user: &UserEventData) -> Result<(), HandlerError> {
-            self.sync_user(user.id).await
-        }
-
-        async fn on_post_updated(&self, post: &PostEventData) -> Result<(), HandlerError> {
-            self.sync_post(post.id).await
-        }
-
-        async fn on_post_published(&self, post: &PostEventData) -> Result<(), HandlerError> {
-            self.sync_post(post.id).await
-        }
-
-        async fn on_post_deleted(&self, post: &PostEventData) -> Result<(), HandlerError> {
-            self.sync_post(post.id).await
+        async fn handle_batch(&self, batch: &Batch<AppEvent>) -> Result<(), BatchError> {
+            // Each row once, in the order the batch first names it.
+            let mut rows: Vec<(Row, Vec<usize>)> = Vec::new();
+            let mut seen: HashMap<Row, usize> = HashMap::new();
+            for (position, event) in batch.iter().enumerate() {
+                let Some(row) = Row::of(event.event()) else {
+                    continue;
+                };
+                let at = *seen.entry(row).or_insert_with(|| {
+                    rows.push((row, Vec::new()));
+                    rows.len() - 1
+                });
+                rows[at].1.push(position);
+            }
+            let mut changes = Vec::with_capacity(rows.len());
+            let mut failed: Option<BatchError> = None;
+            for (row, positions) in rows {
+                match self.current(row).await {
+                    Ok(current) => changes.push(Change { row, current }),
+                    Err(error) => {
+                        let error = BatchError::events(positions, error);
+                        failed = Some(match failed {
+                            Some(earlier) => earlier.and(error),
+                            None => error,
+                        });
+                    }
+                }
+            }
+            self.index.apply(changes).await?;
+            failed.map_or(Ok(()), Err)
         }
     }
 }
