@@ -8,6 +8,14 @@
 
 mod common;
 
+/// The example CMS, for the search listener's case.
+#[cfg(feature = "search")]
+#[path = "../examples/cms/app/mod.rs"]
+#[allow(dead_code)]
+mod app;
+#[cfg(feature = "search")]
+mod cms_index;
+
 use std::hint::black_box;
 use std::time::Instant;
 
@@ -189,6 +197,12 @@ fn main() {
         });
     }
 
+    #[cfg(feature = "search")]
+    rows.push(search_indexing(
+        &runtime,
+        if quick { 1_000 } else { 10_000 },
+    ));
+
     println!(
         "\n{} events per throughput case, median of {REPEATS}; {} cores\n",
         events,
@@ -206,6 +220,30 @@ fn main() {
             row.target,
             if row.met { "yes" } else { "**no**" }
         );
+    }
+}
+
+/// The CMS search listener as the CMS runs it (batches of up to 256, one
+/// index commit each) against one event per commit, on `posts` published
+/// posts. One run each: the one-at-a-time side takes a while.
+#[cfg(feature = "search")]
+fn search_indexing(runtime: &tokio::runtime::Runtime, posts: usize) -> Row {
+    let fixture = runtime.block_on(cms_index::Fixture::new(posts));
+    let batched = runtime.block_on(fixture.index(event_bus::DEFAULT_MAX_BATCH));
+    let single = runtime.block_on(fixture.index(1));
+    let rate = |took: std::time::Duration| posts as f64 / took.as_secs_f64();
+    eprintln!(
+        "CMS search indexing, {posts} posts: batched {:.2?}, one at a time {:.2?}",
+        batched, single
+    );
+    let ratio = rate(batched) / rate(single);
+    Row {
+        case: format!("CMS search listener, {posts} post events, batched vs one at a time"),
+        bus: format!("{:.0} events/s", rate(batched)),
+        peer: format!("{:.0} events/s (max_batch 1)", rate(single)),
+        ratio,
+        target: "—",
+        met: true,
     }
 }
 

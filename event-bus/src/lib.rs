@@ -66,11 +66,13 @@
 //!
 //! Every emit takes a place in one bus-wide order, numbered by
 //! [`Envelope::sequence`]. A subscriber receives every event whose kind is in
-//! its interest set, in that order, and is never queued for or woken by any
-//! other. All subscribers agree on the relative order of the events they
-//! share. A listener with the default concurrency of 1 handles its events in
-//! the same order; with [`ListenerOptions::concurrency`] above 1 its handlers
-//! may finish in any order.
+//! its interest set, and is never queued for or woken by any other. Events
+//! of one [priority](#priority) arrive in that order, and all subscribers
+//! agree on the relative order of the events they share; a higher-priority
+//! event may overtake lower ones. A listener with the default concurrency of
+//! 1 handles its events in the order it receives them; with
+//! [`ListenerOptions::concurrency`] above 1 its handlers may finish in any
+//! order.
 //!
 //! ```
 //! # use event_bus::EventBus;
@@ -92,15 +94,18 @@
 //!
 //! ## Lagging
 //!
-//! Each subscriber has a bounded queue ([`Builder::capacity`], 1024 by
-//! default). Under the default [`LagPolicy::DropOldest`], an event that
-//! arrives at a full queue evicts the oldest one. Nothing is lost silently:
-//! the consumer is told [`RecvError::Lagged(n)`] with the exact number
-//! dropped, at the place of the gap, a warning is logged, and the drop is
-//! counted. For every subscriber, at every moment, `delivered + dropped +
-//! queued` equals the events of interest emitted since it subscribed.
+//! Each subscriber has a bounded queue: one lane per priority, each of
+//! [`Builder::capacity`] events (1024 by default). Under the default
+//! [`LagPolicy::DropOldest`], an event that arrives at a full lane evicts the
+//! oldest one of that lane. Nothing is lost silently: the consumer is told
+//! [`RecvError::Lagged(n)`] with the exact number dropped, before the next
+//! event it takes from the queue, a warning is logged, and the drop is
+//! counted. For every subscriber and every lane, at every moment,
+//! `delivered + dropped + queued` equals the events of interest of that
+//! priority emitted since it subscribed ([`Subscription::lane`],
+//! [`ListenerMetrics::lanes`]).
 //!
-//! A consumer takes events from its queue in batches of up to 32 (never more
+//! A consumer takes events from a lane in batches of up to 32 (never more
 //! than the capacity), so that it and the emitters rarely meet on the
 //! queue's lock; events it has taken are no longer dropped, and
 //! [`Subscription::len`] counts them as queued.
@@ -128,10 +133,10 @@
 //!
 //! A subscriber that must not lose events in memory uses
 //! [`LagPolicy::Backpressure`]. It never drops: [`EventBus::emit_wait`] waits
-//! until every interested backpressure subscriber has room, so a slow
-//! consumer slows the emitter instead, and never holds more than its
-//! capacity. A waiting emitter is woken once the queue has drained by
-//! `min(capacity / 2, 32)` places, and fills them in one go.
+//! until every interested backpressure subscriber has room in the event's
+//! lane, so a slow consumer slows the emitter instead, and never holds more
+//! than its capacity per lane. A waiting emitter is woken once the lane has
+//! drained by `min(capacity / 2, 32)` places, and fills them in one go.
 //! [`EventBus::emit`], which must never block, queues past the capacity and
 //! counts the event as overflowed.
 //!
@@ -156,6 +161,120 @@
 //! }
 //! emitter.await.unwrap();
 //! assert_eq!((ticks.dropped(), ticks.overflowed()), (0, 0));
+//! # }
+//! ```
+//!
+//! ## Priority
+//!
+//! Each event kind has a [`Priority`], normal unless its variant says
+//! `#[event(priority = "high")]` (or `"low"`); an emit can override it with
+//! [`EventBus::emit_with_priority`]. Every queue hands out the oldest event
+//! of its highest non-empty lane: a high-priority event goes before every
+//! normal and low event still queued, even those the consumer has already
+//! taken in a batch, while events of one priority keep their emit order. A
+//! listener does not interrupt the event it is handling.
+//!
+//! A fairness bound keeps a steady high-priority stream from starving the
+//! rest: while an event waits, at most `fairness` events of higher priority
+//! are handed out before it ([`Builder::fairness`] for the bus,
+//! [`ListenerOptions::fairness`] per listener; [`DEFAULT_FAIRNESS`] is 32).
+//! When that many have passed it, the oldest event of its lane goes next;
+//! when two lanes are due, the lower goes first. `usize::MAX` serves strictly
+//! by priority.
+//!
+//! Lanes are bounded and accounted for one by one (see [Lagging](#lagging)
+//! and [Backpressure](#backpressure)): a flood of normal events can neither
+//! evict a high-priority one nor make [`EventBus::emit_wait`] of one wait.
+//!
+//! ```
+//! # use event_bus::{DomainEvent, EventBus, Priority};
+//! #[derive(Debug, PartialEq, DomainEvent)]
+//! enum Content {
+//!     PostUpdated(u64),
+//!     #[event(priority = "high")]
+//!     PostTakenDown(u64),
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let bus = EventBus::builder().fairness(2).build();
+//! let mut moderation = bus.subscribe(event_bus::KindSet::all());
+//! for id in 0..3 {
+//!     bus.emit(Content::PostUpdated(id));
+//! }
+//! for id in 10..15 {
+//!     bus.emit(Content::PostTakenDown(id));
+//! }
+//!
+//! let mut order = Vec::new();
+//! while let Ok(event) = moderation.try_recv() {
+//!     order.push(event.priority());
+//! }
+//! use Priority::{High, Normal};
+//! // Take-downs first, but an update goes after every two of them.
+//! assert_eq!(order, [High, High, Normal, High, High, Normal, High, Normal]);
+//! # }
+//! ```
+//!
+//! ## Batching
+//!
+//! A [`BatchListener`] handles events in batches: a search index that
+//! commits once per batch, a cache that purges many keys at once. Spawned
+//! with [`EventBus::spawn_batch_with`], it is handed up to
+//! [`ListenerOptions::max_batch`] events: what its queue holds when it is
+//! free, and, with a [`ListenerOptions::max_wait`], whatever else arrives
+//! until that long after the batch's first event. A high-priority event ends
+//! the wait. A batch is in the order the queue hands events out.
+//!
+//! The handler says which events failed: `Ok(())` handles the whole batch;
+//! an error naming events ([`BatchError::event`], [`BatchError::events`])
+//! fails only those, and the rest are handled; any other error (`?`) or a
+//! panic fails the whole batch. Failed events are retried together, as a
+//! smaller batch, per the listener's [`RetryPolicy`]; each one still failing
+//! after the last attempt becomes its own [`DeadLetter`]. Metrics count
+//! events, not batches.
+//!
+//! The derive writes a batch handler trait too (`AppEventBatchHandler`),
+//! whose methods take the payloads of one kind in a batch; `#[listener]` on
+//! an impl of it makes a `BatchListener`.
+//!
+//! ```
+//! # use event_bus::{BatchError, DomainEvent, EventBus, ListenerOptions, RetryPolicy, listener};
+//! # use std::time::Duration;
+//! #[derive(Debug, DomainEvent)]
+//! enum Catalog {
+//!     PostPublished(u64),
+//! }
+//!
+//! struct Indexer;
+//!
+//! #[listener]
+//! impl CatalogBatchHandler for Indexer {
+//!     async fn on_post_published(&self, ids: &[&u64]) -> Result<(), BatchError> {
+//!         // Index every post in one commit; post 13 cannot be read.
+//!         match ids.iter().position(|&&id| id == 13) {
+//!             Some(at) => Err(BatchError::event(at, "row locked")),
+//!             None => Ok(()),
+//!         }
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() {
+//! let bus = EventBus::new();
+//! let options = ListenerOptions::new()
+//!     .max_batch(50)
+//!     .max_wait(Duration::from_millis(20))
+//!     .retry(RetryPolicy::exponential(2));
+//! let indexer = bus.spawn_batch_with(Indexer, options);
+//! for id in 0..100 {
+//!     bus.emit(Catalog::PostPublished(id));
+//! }
+//! bus.quiesce().await;
+//!
+//! let metrics = indexer.metrics();
+//! assert_eq!((metrics.handled, metrics.dead_lettered), (99, 1));
+//! assert_eq!(bus.dead_letters().take()[0].attempts, 2);
 //! # }
 //! ```
 //!
@@ -290,8 +409,8 @@ pub use runtime::{ListenerHandle, ListenerReport, ShutdownReport};
 pub use subscription::Subscription;
 
 /// Derives [`Event`] for an enum, and writes the code around it: the kind
-/// enum, an emit helper per variant, and a handler trait with one method per
-/// variant plus the `match` that routes to them.
+/// enum, an emit helper per variant, a handler trait with one method per
+/// variant plus the `match` that routes to them, and the same for batches.
 ///
 /// # Examples
 ///
@@ -382,7 +501,23 @@ pub use subscription::Subscription;
 /// }
 ///
 /// impl<H: AppEventHandler> Routes<H> for AppEvent { … }       // what #[listener] builds on
+///
+/// trait AppEventBatchHandler: Send + Sync + 'static {          // every method defaults to Ok(())
+///     async fn on_user_created(&self, batch: &[&UserEventData]) -> Result<(), BatchError>;
+///     async fn on_user_deleted(&self, batch: &[&i64]) -> Result<(), BatchError>;
+///     async fn on_cache_flushed(&self, count: usize) -> Result<(), BatchError>;
+///     async fn dispatch_batch(&self, batch: &[Arc<Envelope<AppEvent>>]) -> Result<(), BatchError>;
+/// }
+///
+/// impl<H: AppEventBatchHandler> BatchRoutes<H> for AppEvent { … }
 /// ```
+///
+/// A batch handler method gets the payloads of its kind in a batch, in
+/// order: a newtype's payload, a struct variant's field (or a tuple of
+/// references to its fields, when it has several), or the count of a unit
+/// variant's events. A [`BatchError`] it returns names failures by their
+/// index in its slice; `dispatch_batch` splits a batch by kind, calls each
+/// kind's method once, and maps those indices back to the batch.
 ///
 /// A newtype variant's helper takes `impl Into<Payload>`, so
 /// `emit_user_created(&user)` works once `From<&User> for UserEventData`
@@ -401,6 +536,7 @@ pub use subscription::Subscription;
 /// |---|---|---|
 /// | `kind` | `{Enum}Kind` | `#[event(kind = "Topic")]` |
 /// | `handler` | `{Enum}Handler` | `#[event(handler = "Handles")]` |
+/// | `batch_handler` | `{Enum}BatchHandler` | `#[event(batch_handler = "HandlesBatches")]` |
 /// | `emitter` | `Emit{Enum}` | `#[event(emitter = "Emits")]` |
 /// | `crate` | `::event_bus` | `#[event(crate = "::my_app::event_bus")]`, for a crate that re-exports `event_bus` |
 ///
@@ -409,22 +545,26 @@ pub use subscription::Subscription;
 /// | key | effect | example |
 /// |---|---|---|
 /// | `name` | the event name, instead of the dotted snake case of the variant (`UserCreated` → `"user.created"`); lowercase words separated by dots | `#[event(name = "user.signed_up")]` |
+/// | `priority` | the kind's [`Priority`]: `"high"`, `"normal"` (the default) or `"low"` | `#[event(priority = "high")]` |
 /// | `skip_emit` | no emit helpers for this variant (it can still be emitted with `bus.emit(…)`) | `#[event(skip_emit)]` |
 ///
 /// ```
-/// use event_bus::{DomainEvent, EventKind};
+/// use event_bus::{DomainEvent, EventKind, Priority};
 ///
 /// #[derive(DomainEvent)]
 /// #[event(kind = "Topic", handler = "Handles", emitter = "Emits")]
 /// enum Signal {
 ///     #[event(name = "signal.up")]
 ///     Started,
+///     #[event(priority = "high")]
+///     Stopped,
 ///     #[event(skip_emit)]
 ///     Internal(u8),
 /// }
 ///
 /// assert_eq!(Topic::Started.name(), "signal.up");
 /// assert_eq!(Topic::Internal.name(), "internal");
+/// assert_eq!(Topic::Stopped.priority(), Priority::High);
 /// ```
 ///
 /// # Errors
@@ -452,7 +592,7 @@ pub use subscription::Subscription;
 /// A misspelled key:
 ///
 /// ```text
-/// error: unknown `event` attribute key `nmae`; expected one of `name`, `skip_emit`
+/// error: unknown `event` attribute key `nmae`; expected one of `name`, `priority`, `skip_emit`
 ///  --> src/events.rs:6:13
 ///   |
 /// 6 |     #[event(nmae = "user.created")]
@@ -494,7 +634,8 @@ pub use event_bus_derive::DomainEvent;
 
 /// Makes an `impl` of a handler trait generated by
 /// [`DomainEvent`](derive@DomainEvent) a [`Listener`], subscribed to exactly
-/// the kinds whose `on_*` methods the block defines.
+/// the kinds whose `on_*` methods the block defines; an `impl` of the batch
+/// handler trait becomes a [`BatchListener`] the same way.
 ///
 /// The listener is never queued for or woken by the other kinds. Its name
 /// is the type's name unless `name` is given; `crate` is the path of

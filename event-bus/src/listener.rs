@@ -122,7 +122,7 @@ pub struct ListenerOptions {
 impl ListenerOptions {
     /// The defaults: the bus's queue capacity and fairness bound,
     /// [`LagPolicy::DropOldest`], no retries, concurrency 1, and for a
-    /// [`BatchListener`] batches of up to [`DEFAULT_MAX_BATCH`] events that do
+    /// [`BatchListener`](crate::BatchListener) batches of up to [`DEFAULT_MAX_BATCH`] events that do
     /// not wait for more.
     pub fn new() -> Self {
         Self {
@@ -168,7 +168,7 @@ impl ListenerOptions {
         self
     }
 
-    /// How many handler calls (events, or batches for a [`BatchListener`])
+    /// How many handler calls (events, or batches for a [`BatchListener`](crate::BatchListener))
     /// the listener runs at once; 0 is raised to 1.
     ///
     /// With 1 (the default) they run one at a time in the order the queue
@@ -180,7 +180,7 @@ impl ListenerOptions {
         self
     }
 
-    /// The most events in one batch of a [`BatchListener`]. Default
+    /// The most events in one batch of a [`BatchListener`](crate::BatchListener). Default
     /// [`DEFAULT_MAX_BATCH`]; 0 is raised to 1. Ignored by a [`Listener`].
     #[must_use]
     pub fn max_batch(mut self, max_batch: usize) -> Self {
@@ -188,7 +188,7 @@ impl ListenerOptions {
         self
     }
 
-    /// How long a [`BatchListener`]'s batch waits for more events after its
+    /// How long a [`BatchListener`](crate::BatchListener)'s batch waits for more events after its
     /// first, unless it fills up or takes a high-priority event first.
     /// Default zero: a batch is what is queued when the listener is free, so
     /// batching adds no latency and batches grow only under load. Ignored by
