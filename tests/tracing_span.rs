@@ -6,7 +6,7 @@ mod support;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use event_bus::{Envelope, EventBus, HandlerError, Listener};
+use event_bus::{Batch, BatchError, BatchListener, Envelope, EventBus, HandlerError, Listener};
 use support::{Fields, FieldsVisitor, TestEvent, within};
 use tracing::span::{Attributes, Id};
 use tracing_subscriber::layer::{Context, SubscriberExt};
@@ -105,6 +105,61 @@ async fn handler_span_follows_from_the_span_current_at_emit() {
         spans
             .events
             .contains(&("indexing".to_owned(), Some("event_bus.handle".to_owned()))),
+        "the handler's log is not inside its span: {:?}",
+        spans.events
+    );
+}
+
+struct BatchIndexer;
+
+impl BatchListener<TestEvent> for BatchIndexer {
+    async fn handle_batch(&self, _: &Batch<TestEvent>) -> Result<(), BatchError> {
+        tracing::info!("indexing a batch");
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_batch_span_follows_from_the_span_of_every_emit_in_it() {
+    let recorder = SpanRecorder::default();
+    let _guard =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(recorder.clone()));
+
+    let bus = EventBus::new();
+    bus.spawn_batch(BatchIndexer);
+    let requests: Vec<u64> = (0..2)
+        .map(|n| {
+            let request = tracing::info_span!("request", n);
+            request.in_scope(|| bus.emit(TestEvent::A(n)));
+            request.id().unwrap().into_u64()
+        })
+        .collect();
+    within("quiesce", bus.quiesce()).await;
+
+    let spans = recorder.0.lock().unwrap();
+    let (batch_id, (_, fields)) = spans
+        .spans
+        .iter()
+        .find(|(_, (name, _))| name == "event_bus.handle_batch")
+        .expect("a batch span");
+    for request in requests {
+        assert!(
+            spans.follows.contains(&(*batch_id, request)),
+            "batch span does not follow from request {request}: {:?}",
+            spans.follows
+        );
+    }
+    for (field, value) in [("listener", "BatchIndexer"), ("events", "2")] {
+        assert!(
+            fields.contains(&(field.to_owned(), value.to_owned())),
+            "{field} not {value}: {fields:?}"
+        );
+    }
+    assert!(
+        spans.events.contains(&(
+            "indexing a batch".to_owned(),
+            Some("event_bus.handle_batch".to_owned())
+        )),
         "the handler's log is not inside its span: {:?}",
         spans.events
     );
