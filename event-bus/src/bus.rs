@@ -180,10 +180,12 @@ impl<E: Event> EventBus<E> {
     /// subscriber and wakes those that wait, in O(interested subscribers).
     /// An event nobody is interested in costs a counter increment.
     ///
-    /// A full queue is handled by its [`LagPolicy`]: the oldest event is
-    /// dropped and counted, or, under `Backpressure`, the event is queued past
-    /// the capacity and counted as overflowed (use [`emit_wait`] to wait for
-    /// room instead). After [`shutdown`] the event is counted as rejected.
+    /// The event goes into the lane of its kind's [`Priority`] in each queue.
+    /// A full lane is handled by the queue's [`LagPolicy`]: its oldest event
+    /// is dropped and counted, or, under `Backpressure`, the event is queued
+    /// past the capacity and counted as overflowed (use [`emit_wait`] to wait
+    /// for room instead). After [`shutdown`] the event is counted as
+    /// rejected.
     ///
     /// [`emit_wait`]: EventBus::emit_wait
     /// [`shutdown`]: EventBus::shutdown
@@ -345,12 +347,9 @@ impl<E: Event> EventBus<E> {
         crate::runtime::spawn_task(
             &self.shared,
             queue,
+            listener,
             options.retry,
-            |supervisor, receiver, finished| {
-                supervisor
-                    .with(listener)
-                    .run_batches(receiver, options, finished)
-            },
+            |supervisor, receiver, finished| supervisor.run_batches(receiver, options, finished),
         )
     }
 

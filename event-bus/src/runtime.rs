@@ -301,21 +301,19 @@ pub(crate) fn spawn<E: Event, L: Listener<E>>(
     spawn_task(
         shared,
         queue,
+        listener,
         options.retry,
-        |supervisor, receiver, finished| {
-            supervisor
-                .with(listener)
-                .run(receiver, options.concurrency, finished)
-        },
+        |supervisor, receiver, finished| supervisor.run(receiver, options.concurrency, finished),
     )
 }
 
-/// Registers a listener and spawns the task `run` makes for it.
-pub(crate) fn spawn_task<E: Event, F>(
+/// Registers `listener` and spawns the task `run` makes of its supervisor.
+pub(crate) fn spawn_task<E: Event, L, F>(
     shared: &Arc<Shared<E>>,
     queue: Arc<Queue<E>>,
+    listener: L,
     retry: RetryPolicy,
-    run: impl FnOnce(Supervisor<E, ()>, Receiver<E>, FinishGuard<E>) -> F,
+    run: impl FnOnce(Supervisor<E, L>, Receiver<E>, FinishGuard<E>) -> F,
 ) -> ListenerHandle<E>
 where
     F: Future<Output = ()> + Send + 'static,
@@ -325,7 +323,7 @@ where
     let supervisor = Supervisor {
         shared: shared.clone(),
         state: state.clone(),
-        listener: (),
+        listener,
     };
     // The guard moves into the task's future, so it runs even when the task
     // is aborted before its first poll.
@@ -346,17 +344,6 @@ pub(crate) struct Supervisor<E: Event, L> {
     pub(crate) shared: Arc<Shared<E>>,
     pub(crate) state: Arc<ListenerState<E>>,
     pub(crate) listener: L,
-}
-
-impl<E: Event> Supervisor<E, ()> {
-    /// The supervisor of `listener`.
-    pub(crate) fn with<L>(self, listener: L) -> Supervisor<E, L> {
-        Supervisor {
-            shared: self.shared,
-            state: self.state,
-            listener,
-        }
-    }
 }
 
 impl<E: Event, L> Supervisor<E, L> {
