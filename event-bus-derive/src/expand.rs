@@ -440,19 +440,25 @@ impl Expander<'_> {
                     quote!(self.#method(positions.len()).await),
                 ),
                 Shape::Newtype(_) => (
-                    quote!(#event::#ident(ref data)),
-                    quote!(data),
+                    quote!(#event::#ident(ref __data)),
+                    quote!(__data),
                     quote!(self.#method(&items).await),
                 ),
                 Shape::Struct(fields) => {
                     let names: Vec<_> = fields.iter().map(|(name, _)| name).collect();
-                    let item = if names.len() == 1 {
-                        quote!(#(#names)*)
+                    // Bound under names of their own, so that a field called
+                    // `position` cannot shadow the closure's.
+                    let bound: Vec<Ident> = names
+                        .iter()
+                        .map(|name| format_ident!("__field_{}", name))
+                        .collect();
+                    let item = if bound.len() == 1 {
+                        quote!(#(#bound)*)
                     } else {
-                        quote!((#(#names),*))
+                        quote!((#(#bound),*))
                     };
                     (
-                        quote!(#event::#ident { #(ref #names),* }),
+                        quote!(#event::#ident { #(#names: ref #bound),* }),
                         item,
                         quote!(self.#method(&items).await),
                     )
@@ -467,8 +473,8 @@ impl Expander<'_> {
                         .iter()
                         .enumerate()
                         .skip(first)
-                        .filter_map(|(position, envelope)| match *envelope.event() {
-                            #pattern => #private::Option::Some((position, #item)),
+                        .filter_map(|(__position, __envelope)| match *__envelope.event() {
+                            #pattern => #private::Option::Some((__position, #item)),
                             _ => #private::Option::None,
                         })
                         .unzip();

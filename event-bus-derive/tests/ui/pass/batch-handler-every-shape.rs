@@ -26,6 +26,15 @@ pub enum AppEvent {
         /// New name.
         name: String,
     },
+    /// Fields named like the generated code's own variables.
+    Moved {
+        /// Where to.
+        position: u64,
+        /// Wrapped in what.
+        envelope: String,
+        /// The batch it came in.
+        batch: u32,
+    },
 }
 
 struct Indexer;
@@ -53,6 +62,11 @@ impl AppEventBatchHandler for Indexer {
                 return Err(BatchError::event(index, "empty name"));
             }
         }
+        Ok(())
+    }
+
+    async fn on_moved(&self, batch: &[(&u64, &String, &u32)]) -> Result<(), BatchError> {
+        let _ = batch;
         Ok(())
     }
 }
