@@ -219,7 +219,7 @@ impl<E: Event> Queue<E> {
             }
         }
         if buffer.is_empty() {
-            self.waiting.fetch_or(1 << lane, Ordering::Release);
+            self.mark_waiting(lane, true);
         }
         buffer.push_back(envelope);
         counters.queued.store(buffer.len(), Ordering::Relaxed);
@@ -307,6 +307,19 @@ impl<E: Event> Queue<E> {
         }
     }
 
+    /// Sets or clears `lane`'s bit in [`waiting`](Self::waiting). Called
+    /// under the lock, which every writer holds, so a load and a store do:
+    /// no locked read-modify-write on the emit path.
+    fn mark_waiting(&self, lane: usize, waiting: bool) {
+        let bits = self.waiting.load(Ordering::Relaxed);
+        let bits = if waiting {
+            bits | 1 << lane
+        } else {
+            bits & !(1 << lane)
+        };
+        self.waiting.store(bits, Ordering::Release);
+    }
+
     /// The lanes with events queued (not taken), as bits; read without the
     /// lock, so it may lag a push by a moment.
     fn waiting_lanes(&self) -> usize {
@@ -326,7 +339,7 @@ impl<E: Event> Queue<E> {
         let count = buffer.len().min(BATCH).min(self.capacity);
         taken.extend(buffer.drain(..count));
         if buffer.is_empty() {
-            self.waiting.fetch_and(!(1 << lane), Ordering::Release);
+            self.mark_waiting(lane, false);
         }
         let counters = &self.lanes[lane];
         // Under the lock, so an idle check never sees the batch in neither
