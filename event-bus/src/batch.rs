@@ -268,14 +268,14 @@ impl BatchError {
                     }
                 }
                 Some(events) => {
-                    let outside = events.iter().find(|&&i| i >= len).copied().unwrap_or(len);
+                    // The guard above failed: some index is outside.
+                    let outside = events.iter().find(|&&i| i >= len);
+                    let place = match outside {
+                        Some(&i) if i != usize::MAX => format!("index {i}"),
+                        _ => "past the end".to_string(),
+                    };
                     let message = format!(
-                        "batch handler named an event outside its batch of {len} ({}): {message}",
-                        if outside == usize::MAX {
-                            "past the end".to_string()
-                        } else {
-                            format!("index {outside}")
-                        }
+                        "batch handler named an event outside its batch of {len} ({place}): {message}"
                     );
                     for error in &mut errors {
                         error.get_or_insert_with(|| message.clone());

@@ -191,7 +191,7 @@ impl<E: Event> EventBus<E> {
     /// [`shutdown`]: EventBus::shutdown
     pub fn emit(&self, event: E) {
         let kind = event.kind();
-        self.emit_with_priority(event, kind.priority());
+        self.emit_as(event, kind, kind.priority());
     }
 
     /// As [`emit`](EventBus::emit), with `priority` instead of the priority
@@ -219,7 +219,14 @@ impl<E: Event> EventBus<E> {
     /// # }
     /// ```
     pub fn emit_with_priority(&self, event: E, priority: Priority) {
-        let kind = event.kind().index();
+        let kind = event.kind();
+        self.emit_as(event, kind, priority);
+    }
+
+    /// Emits `event`, of `kind`, with `priority`: the kind is read once.
+    #[inline]
+    fn emit_as(&self, event: E, kind: E::Kind, priority: Priority) {
+        let kind = kind.index();
         if !self.shared.accept(kind) {
             return;
         }
@@ -240,14 +247,21 @@ impl<E: Event> EventBus<E> {
     /// room it had reserved.
     pub async fn emit_wait(&self, event: E) {
         let kind = event.kind();
-        self.emit_wait_with_priority(event, kind.priority()).await;
+        self.emit_wait_as(event, kind, kind.priority()).await;
     }
 
     /// As [`emit_wait`](EventBus::emit_wait), with `priority` instead of the
     /// priority of the event's kind. It waits for room in that priority's
     /// lane only: a flood of normal events does not hold up a high one.
     pub async fn emit_wait_with_priority(&self, event: E, priority: Priority) {
-        let kind = event.kind().index();
+        let kind = event.kind();
+        self.emit_wait_as(event, kind, priority).await;
+    }
+
+    /// Emits `event`, of `kind`, with `priority`, waiting for room as
+    /// [`emit_wait`](EventBus::emit_wait) does.
+    async fn emit_wait_as(&self, event: E, kind: E::Kind, priority: Priority) {
+        let kind = kind.index();
         if !self.shared.accept(kind) {
             return;
         }
