@@ -81,15 +81,20 @@ struct Model {
 impl Model {
     fn push(&mut self, spec: &SubscriberSpec, priority: Priority, value: u64) {
         let lane = lane(priority);
-        if self.queue[lane].len() >= spec.capacity {
-            match spec.policy {
-                LagPolicy::DropOldest => {
-                    self.queue[lane].pop_front();
-                    self.dropped[lane] += 1;
-                    self.unreported += 1;
-                }
-                LagPolicy::Backpressure => self.overflowed[lane] += 1,
-            }
+        // A backpressure lane that plain `emit` overflows holds up to
+        // `OVERFLOW_FACTOR` times its capacity, then drops its oldest.
+        let ceiling = match spec.policy {
+            LagPolicy::DropOldest => spec.capacity,
+            LagPolicy::Backpressure => spec.capacity * event_bus::OVERFLOW_FACTOR,
+        };
+        if self.queue[lane].len() >= ceiling {
+            self.queue[lane].pop_front();
+            self.dropped[lane] += 1;
+            self.unreported += 1;
+        } else if spec.policy == LagPolicy::Backpressure
+            && self.queue[lane].len() + self.taken[lane].len() >= spec.capacity
+        {
+            self.overflowed[lane] += 1;
         }
         self.queue[lane].push_back(value);
     }

@@ -72,15 +72,19 @@ async fn emit_wait_waits_for_room() {
 }
 
 #[tokio::test]
-async fn emit_never_blocks_and_counts_overflow_past_capacity() {
+async fn emit_never_blocks_overflows_up_to_a_ceiling_then_drops_the_oldest() {
     let bus = EventBus::new();
     let mut subscription = bus.subscribe_with(TestKind::A, 2, LagPolicy::Backpressure);
     for i in 0..5 {
         bus.emit(TestEvent::A(i));
     }
-    assert_eq!(subscription.len(), 5);
-    assert_eq!((subscription.dropped(), subscription.overflowed()), (0, 3));
-    for i in 0..5 {
+    // Two fit, two more overflow up to the ceiling of twice the capacity,
+    // and the fifth evicts the oldest.
+    assert_eq!(2 * event_bus::OVERFLOW_FACTOR, 4);
+    assert_eq!(subscription.len(), 4);
+    assert_eq!((subscription.dropped(), subscription.overflowed()), (1, 2));
+    assert_eq!(subscription.recv().await.unwrap_err(), RecvError::Lagged(1));
+    for i in 1..5 {
         assert_eq!(**subscription.recv().await.unwrap(), TestEvent::A(i));
     }
 }

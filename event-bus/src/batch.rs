@@ -18,7 +18,7 @@ use crate::error::{HandlerError, RecvError, TryRecvError, chain};
 use crate::event::{Event, KindSet, Priority};
 use crate::listener::ListenerOptions;
 use crate::queue::Receiver;
-use crate::runtime::{FinishGuard, Supervisor, panicked};
+use crate::runtime::{Supervisor, panicked};
 
 /// A listener that handles its events in batches, run and supervised by the
 /// bus like a [`Listener`](crate::Listener).
@@ -380,11 +380,14 @@ impl<E: Event> Collector<E> {
             }
             let next = match self.deadline {
                 None => receiver.recv(true).await,
-                Some(_) if self.urgent => return self.take(),
+                // A shutting-down bus waits for no batch to fill up.
+                Some(_) if self.urgent || receiver.queue.is_draining() => return self.take(),
                 Some(deadline) => {
-                    match tokio::time::timeout_at(deadline, receiver.recv(true)).await {
-                        Ok(next) => next,
-                        Err(_elapsed) => return self.take(),
+                    let queue = receiver.queue.clone();
+                    tokio::select! {
+                        next = receiver.recv(true) => next,
+                        () = tokio::time::sleep_until(deadline) => return self.take(),
+                        () = queue.draining() => return self.take(),
                     }
                 }
             };
@@ -418,25 +421,33 @@ impl<E: Event> Collector<E> {
 }
 
 impl<E: Event, L: BatchListener<E>> Supervisor<E, L> {
-    pub(crate) async fn run_batches(
-        self,
-        mut receiver: Receiver<E>,
-        options: ListenerOptions,
-        _finished: FinishGuard<E>,
-    ) {
+    pub(crate) async fn run_batches(self, mut receiver: Receiver<E>, options: ListenerOptions) {
         let mut collector = Collector::new(&options);
         if options.concurrency <= 1 {
-            while let Some(events) = collector.next(&mut receiver).await {
-                self.process_batch(events).await;
+            while !self.is_cancelled() {
+                // The collector takes what is queued without waiting: spend
+                // budget per batch, so a listener that never waits still
+                // lets other tasks run (and can be stopped) between batches.
+                tokio::task::coop::consume_budget().await;
+                match collector.next(&mut receiver).await {
+                    // A stop is final: the batch stays unhandled.
+                    Some(_) if self.is_cancelled() => break,
+                    Some(events) => self.process_batch(events).await,
+                    None => break,
+                }
             }
         } else {
             let mut running = FuturesUnordered::new();
-            loop {
+            while !self.is_cancelled() {
                 tokio::select! {
                     biased;
                     Some(()) = running.next(), if !running.is_empty() => {}
-                    next = collector.next(&mut receiver), if running.len() < options.concurrency => {
+                    next = async {
+                        tokio::task::coop::consume_budget().await;
+                        collector.next(&mut receiver).await
+                    }, if running.len() < options.concurrency => {
                         match next {
+                            Some(_) if self.is_cancelled() => break,
                             Some(events) => running.push(self.process_batch(events)),
                             None => break,
                         }
@@ -445,6 +456,7 @@ impl<E: Event, L: BatchListener<E>> Supervisor<E, L> {
             }
             while running.next().await.is_some() {}
         }
+        self.ended();
     }
 
     async fn process_batch(&self, events: Vec<Arc<Envelope<E>>>) {
@@ -493,7 +505,6 @@ impl<E: Event, L: BatchListener<E>> Supervisor<E, L> {
                 .filter_map(|(envelope, error)| error.map(|error| (envelope, error)))
                 .unzip();
             self.handled(total - failed.len());
-            self.failed(failed.len(), panicked);
             if batch.attempt < retry.max_attempts() {
                 let delay = retry.delay(batch.attempt);
                 tracing::warn!(
@@ -505,7 +516,7 @@ impl<E: Event, L: BatchListener<E>> Supervisor<E, L> {
                     error = %errors[0],
                     "batch handler failed; retrying the events that failed",
                 );
-                self.retried(failed.len());
+                self.retried(failed.len(), if panicked { failed.len() } else { 0 });
                 tokio::time::sleep(delay).await;
                 batch = Batch {
                     events: failed,
@@ -523,7 +534,7 @@ impl<E: Event, L: BatchListener<E>> Supervisor<E, L> {
                 "batch handler failed; recorded a dead letter per failed event",
             );
             for (envelope, error) in failed.into_iter().zip(errors) {
-                self.dead_letter(envelope, error, batch.attempt);
+                self.dead_letter(envelope, error, batch.attempt, panicked);
             }
             return;
         }

@@ -3,8 +3,7 @@
 
 use std::fmt;
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::batch::BatchListener;
@@ -13,9 +12,10 @@ use crate::envelope::Envelope;
 use crate::event::{Event, EventKind, KindSet, Priority};
 use crate::listener::{Listener, ListenerOptions};
 use crate::metrics::{BusExport, BusMetrics, KindCount};
-use crate::queue::{LagPolicy, Queue, QueueConfig, Reserve, WakeList, lock};
+use crate::queue::{Evicted, LagPolicy, Queue, QueueConfig, Reserve, WakeList};
 use crate::runtime::{ListenerHandle, Runtime, ShutdownReport};
 use crate::subscription::Subscription;
+use crate::sync::{AtomicU8, AtomicU64, AtomicUsize, Mutex, MutexGuard, Ordering, lock};
 
 /// The default queue capacity of subscriptions and listeners.
 pub const DEFAULT_CAPACITY: usize = 1024;
@@ -100,21 +100,32 @@ impl<E: Event> Builder<E> {
     }
 
     /// Builds the bus.
+    ///
+    /// # Panics
+    ///
+    /// When the event's kind type is inconsistent: a kind whose
+    /// [`EventKind::index`] is not its position in [`EventKind::ALL`].
+    /// `#[derive(DomainEvent)]` always writes a consistent one; a
+    /// hand-written `EventKind` is checked here, once, rather than failing
+    /// in the middle of an emit.
     pub fn build(self) -> EventBus<E> {
+        check_kinds::<E::Kind>();
         let kinds = E::Kind::ALL.len();
         let names: Vec<&'static str> = E::Kind::ALL.iter().map(|k| k.name()).collect();
         let shared = Shared {
             router: Mutex::new(Router {
                 sequence: 0,
+                listener_sequence: 0,
                 closed: false,
                 routes: (0..kinds).map(|_| Vec::new()).collect(),
+                listener_routes: vec![0; kinds].into_boxed_slice(),
                 emitted: vec![0; kinds].into_boxed_slice(),
                 queues: Vec::new(),
             }),
             interested: (0..kinds).map(|_| AtomicUsize::new(0)).collect(),
             unrouted: (0..kinds).map(|_| AtomicU64::new(0)).collect(),
             rejected: AtomicU64::new(0),
-            closed: AtomicBool::new(false),
+            state: AtomicU8::new(OPEN),
             handles: AtomicUsize::new(1),
             capacity: self.capacity,
             fairness: self.fairness,
@@ -126,6 +137,23 @@ impl<E: Event> Builder<E> {
         EventBus {
             shared: Arc::new(shared),
         }
+    }
+}
+
+/// Checks that every kind's index is its position in `ALL`, which the bus's
+/// routing tables and [`KindSet`] rely on.
+fn check_kinds<K: EventKind>() {
+    for (position, kind) in K::ALL.iter().enumerate() {
+        let index = kind.index();
+        assert!(
+            index == position,
+            "inconsistent `EventKind` for `{}`: `EventKind::index` of {:?} (`{}`) is {}, but it is at position {} in `EventKind::ALL`; `index()` must return each kind's position in `ALL`",
+            std::any::type_name::<K>(),
+            kind,
+            kind.name(),
+            index,
+            position,
+        );
     }
 }
 
@@ -237,9 +265,12 @@ impl<E: Event> EventBus<E> {
     /// Emits `event`, first waiting for room in every interested subscriber
     /// whose policy is [`LagPolicy::Backpressure`].
     ///
-    /// Subscribers under `DropOldest` are served as by [`emit`](EventBus::emit).
-    /// If the bus shuts down while this waits, it returns at once and the
-    /// event is counted as rejected.
+    /// It waits until every backpressure subscriber interested in the event
+    /// at the moment of delivery (one that subscribed while it waited
+    /// included) has a place in the event's lane, and never takes a lane past
+    /// its capacity. Subscribers under `DropOldest` are served as by
+    /// [`emit`](EventBus::emit). If the bus shuts down while this waits, it
+    /// returns at once and the event is counted as rejected.
     ///
     /// # Cancel safety
     ///
@@ -270,8 +301,7 @@ impl<E: Event> EventBus<E> {
         let Err(envelope) = self.shared.deliver_if_room(kind, envelope) else {
             return;
         };
-        let reservations = self.shared.reserve_room(kind, priority.lane()).await;
-        self.shared.deliver(kind, envelope, &reservations);
+        self.shared.deliver_with_room(kind, envelope).await;
     }
 
     /// Subscribes to the kinds in `interests`, with the bus's default
@@ -296,7 +326,8 @@ impl<E: Event> EventBus<E> {
             policy,
             fairness: self.shared.fairness,
         };
-        let queue = self.shared.register(None, interests.into(), config);
+        let queue = self.shared.make_queue(None, interests.into(), config);
+        self.shared.route(&queue);
         Subscription::new(queue, self.shared.clone())
     }
 
@@ -325,7 +356,7 @@ impl<E: Event> EventBus<E> {
     ) -> ListenerHandle<E> {
         let queue = self
             .shared
-            .register_listener(listener.name(), listener.interests(), &options);
+            .listener_queue(listener.name(), listener.interests(), &options);
         crate::runtime::spawn(&self.shared, queue, listener, options)
     }
 
@@ -357,13 +388,13 @@ impl<E: Event> EventBus<E> {
     ) -> ListenerHandle<E> {
         let queue = self
             .shared
-            .register_listener(listener.name(), listener.interests(), &options);
+            .listener_queue(listener.name(), listener.interests(), &options);
         crate::runtime::spawn_task(
             &self.shared,
             queue,
             listener,
             options.retry,
-            |supervisor, receiver, finished| supervisor.run_batches(receiver, options, finished),
+            |supervisor, receiver| supervisor.run_batches(receiver, options),
         )
     }
 
@@ -372,35 +403,79 @@ impl<E: Event> EventBus<E> {
     /// Events that handlers emit while the bus settles are waited for too, so
     /// a chain of listeners is followed to its end. Tests and demos wait on
     /// this instead of sleeping. Subscriptions are not listeners and are not
-    /// waited for. A listener that never finishes its event keeps this
-    /// pending: wrap it in [`tokio::time::timeout`] to bound the wait.
+    /// waited for: emits that reach only subscriptions do not hold it up.
+    /// It returns once every listener is idle at one moment; while other
+    /// tasks keep emitting to listeners it may wait as long as they do. A
+    /// listener that never finishes its event keeps this pending: wrap it in
+    /// [`tokio::time::timeout`] to bound the wait.
     pub async fn quiesce(&self) {
         self.shared.quiesce().await;
     }
 
-    /// Shuts the bus down: stops accepting events, lets every listener drain
-    /// its queue until `deadline` has passed, then stops the rest and reports.
+    /// Shuts the bus down, in two phases, within `deadline`, and reports
+    /// what every listener handled and what it left undelivered.
     ///
-    /// After this starts, `emit` counts events as rejected and subscriptions
-    /// end once their queues are empty. Calling it again reports again.
+    /// 1. *Draining*: the bus refuses new events from outside its listeners
+    ///    (each counted as rejected) while the listeners finish their queues.
+    ///    Events a listener's handler emits meanwhile (the follow-ups of a
+    ///    chain `A → B`) are still delivered, and waited for, as
+    ///    [`quiesce`](Self::quiesce) does.
+    /// 2. *Closing*: once every listener is idle, or the deadline has passed,
+    ///    the bus closes: every emit is rejected, subscriptions end once
+    ///    their queues are empty, and listeners end. Those still busy at the
+    ///    deadline are stopped, as by [`ListenerHandle::abort`], and reported
+    ///    with what they left undelivered.
+    ///
+    /// An emit counts as a listener's when it is made on the listener's own
+    /// task (in its handler); a task the handler spawns is outside.
+    ///
+    /// Returns once every listener's task has ended, so the report is
+    /// final: a stopped listener handles nothing after it. A handler that
+    /// blocks its thread (rather than awaiting) cannot be stopped until it
+    /// returns; shutdown waits for it at most [`ABORT_GRACE`] past the
+    /// deadline and reports it as still running.
+    ///
+    /// Calling it again, or after the last handle of the bus dropped, reports
+    /// again.
+    ///
+    /// [`ABORT_GRACE`]: crate::ABORT_GRACE
     pub async fn shutdown(&self, deadline: Duration) -> ShutdownReport {
         self.shared.shutdown(deadline).await
     }
 
-    /// Whether the bus has been shut down.
+    /// Whether the bus has begun shutting down (or every handle but this one
+    /// was dropped): it accepts no more events from outside its listeners.
     pub fn is_closed(&self) -> bool {
-        self.shared.closed.load(Ordering::Acquire)
+        self.shared.state.load(Ordering::Acquire) != OPEN
     }
 
     /// A snapshot of the bus's counters.
+    ///
+    /// The snapshot is consistent, even while other threads emit and
+    /// listeners run: the per-listener identities documented on
+    /// [`ListenerMetrics`] hold in every snapshot, and the emit counts are
+    /// read at the same moment as the listeners' queues, so a listener
+    /// spawned before any emit and interested in every kind has
+    /// `delivered + dropped + queue_depth == emitted`.
     pub fn metrics(&self) -> BusMetrics {
-        let routed = lock(&self.shared.router).emitted.clone();
+        let listeners = self.shared.runtime.listeners();
+        let (emitted, counts) = {
+            // Pushes and their emit counts happen under the emit lock: read
+            // both under it, and every queue's counts agree with the
+            // totals.
+            let router = lock(&self.shared.router);
+            let emitted: Vec<u64> = (self.shared.unrouted.iter().zip(router.emitted.iter()))
+                .map(|(unrouted, routed)| unrouted.load(Ordering::Relaxed) + routed)
+                .collect();
+            let counts: Vec<_> = listeners.iter().map(|l| l.counts()).collect();
+            (emitted, counts)
+        };
         let emitted_by_kind: Vec<KindCount> = E::Kind::ALL
             .iter()
-            .zip(self.shared.unrouted.iter().zip(routed.iter()))
-            .map(|(kind, (unrouted, routed))| KindCount {
+            .zip(emitted)
+            .map(|(kind, emitted)| KindCount {
                 event: kind.name(),
-                emitted: unrouted.load(Ordering::Relaxed) + routed,
+                emitted,
             })
             .collect();
         BusMetrics {
@@ -408,7 +483,11 @@ impl<E: Event> EventBus<E> {
             emitted_by_kind,
             rejected: self.shared.rejected(),
             dead_letters_evicted: self.shared.dead_letters.evicted(),
-            listeners: self.shared.runtime.metrics(),
+            listeners: listeners
+                .iter()
+                .zip(counts)
+                .map(|(listener, counts)| listener.metrics_from(counts))
+                .collect(),
         }
     }
 
@@ -468,7 +547,8 @@ pub(crate) struct Shared<E: Event> {
     /// Per kind: emits that no queue wanted.
     unrouted: Box<[AtomicU64]>,
     rejected: AtomicU64,
-    closed: AtomicBool,
+    /// [`OPEN`], [`DRAINING`] or [`CLOSED`]; only ever moves forward.
+    state: AtomicU8,
     handles: AtomicUsize,
     capacity: usize,
     fairness: usize,
@@ -478,13 +558,26 @@ pub(crate) struct Shared<E: Event> {
     export: BusExport,
 }
 
+/// The bus accepts every emit.
+const OPEN: u8 = 0;
+/// Shutting down: the bus accepts only its listeners' emits.
+const DRAINING: u8 = 1;
+/// Closed: the bus accepts nothing, and every queue is closed.
+const CLOSED: u8 = 2;
+
 /// Routing table and emit order, under one lock: holding it while an event is
 /// numbered and queued gives every queue the same order.
 pub(crate) struct Router<E: Event> {
     pub(crate) sequence: u64,
+    /// Emits queued for at least one listener: `quiesce` looks for change
+    /// in this, not in `sequence`, so that emits to subscriptions alone do
+    /// not hold it up.
+    pub(crate) listener_sequence: u64,
     closed: bool,
     /// Per kind: the queues interested in it, in id order.
     routes: Box<[Vec<Arc<Queue<E>>>]>,
+    /// Per kind: how many of its queues are listeners'.
+    listener_routes: Box<[usize]>,
     /// Per kind: emits delivered to at least one queue.
     emitted: Box<[u64]>,
     queues: Vec<Arc<Queue<E>>>,
@@ -496,7 +589,8 @@ impl<E: Event> Shared<E> {
     /// which its delivery takes anyway.
     #[inline]
     fn accept(&self, kind: usize) -> bool {
-        if self.closed.load(Ordering::Acquire) {
+        let state = self.state.load(Ordering::Acquire);
+        if state != OPEN && !(state == DRAINING && crate::runtime::in_listener_of(self)) {
             self.reject();
             return false;
         }
@@ -561,76 +655,125 @@ impl<E: Event> Shared<E> {
         router.emitted[kind] += 1;
         self.export.emitted(kind);
         router.sequence += 1;
+        if router.listener_routes[kind] > 0 {
+            router.listener_sequence += 1;
+        }
         if let Some(unshared) = Arc::get_mut(&mut envelope) {
             unshared.set_sequence(router.sequence);
         }
+        let mut evicted = Evicted::new();
         for queue in &router.routes[kind] {
             let holds_room = reserved.iter().any(|r| r.take(queue.id));
-            if let Some(waker) = queue.push(envelope.clone(), holds_room) {
+            if let Some(waker) = queue.push(envelope.clone(), holds_room, &mut evicted) {
                 wakers.push(waker);
             }
         }
         drop(router);
         wakers.wake_all();
+        drop(evicted);
     }
 
-    /// Reserves a place in `lane` of every backpressure queue interested in
-    /// `kind`, waiting for room, in queue id order so that concurrent callers
-    /// cannot deadlock. Reservations are made under the emit lock, as pushes
-    /// are, so `emit_wait` never takes a lane past its capacity.
-    async fn reserve_room(&self, kind: usize, lane: usize) -> Vec<Reservation<E>> {
-        let queues: Vec<Arc<Queue<E>>> = lock(&self.router).routes[kind]
-            .iter()
-            .filter(|queue| queue.policy == LagPolicy::Backpressure)
-            .cloned()
-            .collect();
-        let mut reservations = Vec::with_capacity(queues.len());
-        for queue in queues {
+    /// Delivers `envelope` once every backpressure queue interested in
+    /// `kind` holds a place reserved for it in the envelope's lane, waiting
+    /// for room as needed.
+    ///
+    /// Places are reserved under the emit lock, as pushes are, so `emit_wait`
+    /// never takes a lane past its capacity; and the queues are those routed
+    /// at delivery, so a subscriber that joined during the wait gets a place
+    /// too. While it waits for a queue, it holds places only in queues of
+    /// lower id (it gives back the others): two callers never wait for each
+    /// other's places.
+    async fn deliver_with_room(&self, kind: usize, envelope: Arc<Envelope<E>>) {
+        let lane = envelope.priority().lane();
+        let mut reservations: Vec<Reservation<E>> = Vec::new();
+        loop {
+            let full = {
+                let router = lock(&self.router);
+                if router.closed {
+                    drop(router);
+                    self.reject();
+                    return;
+                }
+                let mut full = None;
+                let backpressure = router.routes[kind]
+                    .iter()
+                    .filter(|queue| queue.policy == LagPolicy::Backpressure);
+                for queue in backpressure {
+                    if reservations.iter().any(|r| r.queue.id == queue.id) {
+                        continue;
+                    }
+                    match queue.try_reserve(lane) {
+                        Reserve::Reserved => {
+                            reservations.push(Reservation::new(queue.clone(), lane))
+                        }
+                        Reserve::Full => {
+                            full = Some(queue.clone());
+                            break;
+                        }
+                        Reserve::Closed => {}
+                    }
+                }
+                match full {
+                    Some(full) => full,
+                    None => {
+                        self.deliver_locked(router, kind, envelope, &reservations);
+                        return;
+                    }
+                }
+            };
+            // Dropping a reservation gives its place back.
+            reservations.retain(|r| r.queue.id < full.id);
             loop {
                 let mut outcome = Reserve::Full;
-                queue
-                    .room_freed(|| {
-                        let _router = lock(&self.router);
-                        outcome = queue.try_reserve(lane);
-                        outcome == Reserve::Full
-                    })
-                    .await;
+                full.room_freed(|| {
+                    let _router = lock(&self.router);
+                    outcome = full.try_reserve(lane);
+                    outcome == Reserve::Full
+                })
+                .await;
                 match outcome {
                     Reserve::Reserved => {
-                        reservations.push(Reservation::new(queue, lane));
+                        reservations.push(Reservation::new(full, lane));
                         break;
                     }
-                    // A closed queue has no room to wait for.
+                    // A closed queue has no room to wait for; the bus may
+                    // have closed, which the next round sees.
                     Reserve::Closed => break,
                     Reserve::Full => {}
                 }
             }
         }
-        reservations
     }
 
-    /// Creates a queue and routes its kinds to it. On a closed bus the queue
-    /// is created closed. Unnamed queues are subscriptions.
-    pub(crate) fn register(
+    /// Creates a queue, not yet routed. Unnamed queues are subscriptions.
+    pub(crate) fn make_queue(
         &self,
         name: Option<Arc<str>>,
         interests: KindSet<E::Kind>,
         config: QueueConfig,
     ) -> Arc<Queue<E>> {
         let id = self.next_queue_id.fetch_add(1, Ordering::Relaxed);
+        let listener = name.is_some();
         let name = name.unwrap_or_else(|| format!("subscription-{id}").into());
-        let queue = Arc::new(Queue::new(id, name, interests, config));
+        Arc::new(Queue::new(id, name, listener, interests, config))
+    }
+
+    /// Routes the kinds of `queue` to it; on a closed bus, closes it.
+    pub(crate) fn route(&self, queue: &Arc<Queue<E>>) {
         let mut router = lock(&self.router);
         if router.closed {
+            drop(router);
             queue.close();
-            return queue;
+            return;
         }
         for kind in queue.interests.iter() {
             router.routes[kind.index()].push(queue.clone());
+            if queue.listener {
+                router.listener_routes[kind.index()] += 1;
+            }
             self.interested[kind.index()].fetch_add(1, Ordering::Relaxed);
         }
         router.queues.push(queue.clone());
-        queue
     }
 
     /// Removes a queue from routing and closes it.
@@ -641,6 +784,9 @@ impl<E: Event> Shared<E> {
                 let route = &mut router.routes[kind.index()];
                 if let Some(at) = route.iter().position(|q| q.id == queue.id) {
                     route.remove(at);
+                    if queue.listener {
+                        router.listener_routes[kind.index()] -= 1;
+                    }
                     self.interested[kind.index()].fetch_sub(1, Ordering::Relaxed);
                 }
             }
@@ -652,13 +798,14 @@ impl<E: Event> Shared<E> {
     /// Stops accepting events and closes every queue; queued events can
     /// still be received.
     pub(crate) fn close(&self) {
-        self.closed.store(true, Ordering::Release);
+        self.state.store(CLOSED, Ordering::Release);
         let queues = {
             let mut router = lock(&self.router);
             router.closed = true;
             for route in router.routes.iter_mut() {
                 route.clear();
             }
+            router.listener_routes.fill(0);
             for interested in self.interested.iter() {
                 interested.store(0, Ordering::Relaxed);
             }
@@ -670,9 +817,9 @@ impl<E: Event> Shared<E> {
         self.runtime.closed(&self.dead_letters);
     }
 
-    /// Registers the queue of a listener named `name`, with the settings of
-    /// its `options`, or else the bus's.
-    fn register_listener(
+    /// Makes the queue of a listener named `name`, with the settings of its
+    /// `options`, or else the bus's; the runtime routes it.
+    fn listener_queue(
         &self,
         name: &str,
         interests: KindSet<E::Kind>,
@@ -683,15 +830,33 @@ impl<E: Event> Shared<E> {
             policy: options.lag_policy,
             fairness: options.fairness.unwrap_or(self.fairness),
         };
-        self.register(Some(name.into()), interests, config)
+        self.make_queue(Some(name.into()), interests, config)
     }
 
     pub(crate) fn rejected(&self) -> u64 {
         self.rejected.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn sequence(&self) -> u64 {
-        lock(&self.router).sequence
+    /// Starts the first phase of shutdown: only listeners' emits are
+    /// accepted from now on. Does nothing once closed.
+    pub(crate) fn begin_draining(&self) {
+        let _ = self
+            .state
+            .compare_exchange(OPEN, DRAINING, Ordering::AcqRel, Ordering::Acquire);
+        let listeners: Vec<Arc<Queue<E>>> = lock(&self.router)
+            .queues
+            .iter()
+            .filter(|queue| queue.listener)
+            .cloned()
+            .collect();
+        for queue in listeners {
+            queue.start_draining();
+        }
+    }
+
+    /// How many emits have been queued for at least one listener.
+    pub(crate) fn listener_sequence(&self) -> u64 {
+        lock(&self.router).listener_sequence
     }
 }
 

@@ -3,7 +3,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::SystemTime;
 
@@ -11,7 +11,8 @@ use futures_core::Stream;
 use tokio::sync::mpsc;
 
 use crate::envelope::Envelope;
-use crate::queue::lock;
+use crate::sync::{Mutex, lock};
+use crate::throttle::Throttle;
 
 /// An event a listener failed to handle, after every attempt its
 /// [`RetryPolicy`](crate::RetryPolicy) allowed.
@@ -113,6 +114,11 @@ impl<E> DeadLetters<E> {
         let (sender, receiver) = mpsc::unbounded_channel();
         let mut inner = lock(&self.store.inner);
         if !inner.closed {
+            // Subscriptions dropped since the last dead letter leave now, so
+            // that subscribing and dropping in a loop cannot grow the list.
+            inner
+                .subscribers
+                .retain(|subscriber| !subscriber.is_closed());
             inner.subscribers.push(sender);
         }
         DeadLetterSubscription { receiver }
@@ -167,6 +173,8 @@ impl<E> fmt::Debug for DeadLetterSubscription<E> {
 pub(crate) struct Store<E> {
     capacity: usize,
     inner: Mutex<StoreInner<E>>,
+    /// Rate-limits the eviction warning.
+    evictions: Throttle,
 }
 
 struct StoreInner<E> {
@@ -180,6 +188,7 @@ impl<E> Store<E> {
     pub(crate) fn new(capacity: usize) -> Self {
         Self {
             capacity,
+            evictions: Throttle::new(),
             inner: Mutex::new(StoreInner {
                 letters: VecDeque::new(),
                 subscribers: Vec::new(),
@@ -191,23 +200,40 @@ impl<E> Store<E> {
 
     pub(crate) fn record(&self, letter: DeadLetter<E>) {
         let letter = Arc::new(letter);
-        let mut inner = lock(&self.inner);
-        inner
-            .subscribers
-            .retain(|subscriber| subscriber.send(letter.clone()).is_ok());
-        if self.capacity == 0 {
-            inner.evicted += 1;
-            return;
+        let evicted = {
+            let mut inner = lock(&self.inner);
+            inner
+                .subscribers
+                .retain(|subscriber| subscriber.send(letter.clone()).is_ok());
+            if self.capacity == 0 {
+                inner.evicted += 1;
+                // Keeping none is the setting, not a condition to warn of.
+                return;
+            }
+            let evicted = inner.letters.len() >= self.capacity;
+            if evicted {
+                // Dropped after the lock: a dead letter's drop drops its
+                // event, which is the application's code.
+                let oldest = inner.letters.pop_front();
+                inner.evicted += 1;
+                inner.letters.push_back(letter);
+                oldest
+            } else {
+                inner.letters.push_back(letter);
+                None
+            }
+        };
+        if let Some(oldest) = evicted {
+            drop(oldest);
+            // Logged after the lock, and at most once a second.
+            if let Some(since) = self.evictions.admit(1) {
+                tracing::warn!(
+                    capacity = self.capacity,
+                    evicted = since.total,
+                    "dead-letter store full; evicted the oldest dead letters"
+                );
+            }
         }
-        if inner.letters.len() >= self.capacity {
-            inner.letters.pop_front();
-            inner.evicted += 1;
-            tracing::warn!(
-                capacity = self.capacity,
-                "dead-letter store full; evicted the oldest dead letter"
-            );
-        }
-        inner.letters.push_back(letter);
     }
 
     pub(crate) fn evicted(&self) -> u64 {

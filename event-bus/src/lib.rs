@@ -391,7 +391,9 @@ pub mod metrics;
 mod queue;
 mod runtime;
 mod subscription;
+mod sync;
 pub mod testing;
+mod throttle;
 
 pub use batch::{Batch, BatchError, BatchListener};
 pub use bus::{
@@ -404,8 +406,8 @@ pub use event::{Event, EventKind, KindSet, KindSetIter, Priority};
 pub use handler::{BatchRoutes, Routes};
 pub use listener::{DEFAULT_MAX_BATCH, Listener, ListenerOptions, RetryPolicy};
 pub use metrics::{BusMetrics, KindCount, LaneMetrics, LatencySummary, ListenerMetrics};
-pub use queue::LagPolicy;
-pub use runtime::{ListenerHandle, ListenerReport, ShutdownReport};
+pub use queue::{LagPolicy, OVERFLOW_FACTOR};
+pub use runtime::{ABORT_GRACE, ListenerHandle, ListenerReport, ListenerStatus, ShutdownReport};
 pub use subscription::Subscription;
 
 /// Derives [`Event`] for an enum, and writes the code around it: the kind

@@ -18,7 +18,10 @@
 //! | `event_bus_panicked_total` | counter | `listener` |
 //! | `event_bus_handle_seconds` | histogram | `listener` |
 //!
-//! A listener's queue is labelled with the listener's name.
+//! A listener's queue is labelled with the listener's name; every
+//! subscription's with `subscription`, so the number of series stays bounded
+//! however many subscriptions come and go. Queues that share a label add up:
+//! the depth gauge of two listeners of one name is the sum of their depths.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -115,8 +118,11 @@ pub struct ListenerMetrics {
     pub queue_latency: LatencySummary,
     /// Duration of handler attempts.
     pub handle_latency: LatencySummary,
-    /// Whether the listener's task has ended.
+    /// Whether the listener's task has ended (`status` is not
+    /// [`Running`](crate::ListenerStatus::Running)).
     pub finished: bool,
+    /// Where the listener's task stands: running, or how it ended.
+    pub status: crate::ListenerStatus,
 }
 
 impl ListenerMetrics {
@@ -336,8 +342,14 @@ mod export {
             self.overflowed.increment(1);
         }
 
-        pub(crate) fn depth(&self, depth: usize) {
-            self.depth.set(depth as f64);
+        /// Moves the depth gauge by `delta`: queues that share a label (every
+        /// subscription, listeners of one name) add up in it.
+        pub(crate) fn depth(&self, delta: i64) {
+            if delta >= 0 {
+                self.depth.increment(delta as f64);
+            } else {
+                self.depth.decrement(-delta as f64);
+            }
         }
     }
 
@@ -367,10 +379,10 @@ mod export {
             self.handled.increment(events);
         }
 
-        pub(crate) fn failed(&self, events: u64, panicked: bool) {
+        pub(crate) fn failed(&self, events: u64, panicked: u64) {
             self.failed.increment(events);
-            if panicked {
-                self.panicked.increment(events);
+            if panicked > 0 {
+                self.panicked.increment(panicked);
             }
         }
 
@@ -426,7 +438,7 @@ mod export {
         }
         pub(crate) fn dropped(&self) {}
         pub(crate) fn overflowed(&self) {}
-        pub(crate) fn depth(&self, _depth: usize) {}
+        pub(crate) fn depth(&self, _delta: i64) {}
     }
 
     pub(crate) struct ListenerExport;
@@ -436,7 +448,7 @@ mod export {
             Self
         }
         pub(crate) fn handled(&self, _events: u64) {}
-        pub(crate) fn failed(&self, _events: u64, _panicked: bool) {}
+        pub(crate) fn failed(&self, _events: u64, _panicked: u64) {}
         pub(crate) fn retried(&self, _events: u64) {}
         pub(crate) fn dead_lettered(&self, _events: u64) {}
         pub(crate) fn latency(&self, _sample: Duration) {}

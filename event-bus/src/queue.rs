@@ -12,16 +12,15 @@
 //! reports is exactly the gap between what it took and what remains queued.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-
-use tokio::sync::Notify;
 
 use crate::envelope::Envelope;
 use crate::error::{RecvError, TryRecvError};
 use crate::event::{Event, KindSet, Priority};
 use crate::metrics::QueueExport;
+use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Mutex, Notify, Ordering, lock, wait_until};
+use crate::throttle::Throttle;
 
 /// What a subscription's queue does when an event arrives and it is full.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -35,22 +34,40 @@ pub enum LagPolicy {
     /// events, never the newest, and never silently.
     #[default]
     DropOldest,
-    /// Never drop. [`EventBus::emit_wait`](crate::EventBus::emit_wait) waits
-    /// until the queue has room; [`EventBus::emit`](crate::EventBus::emit),
-    /// which must not block, queues past the capacity and counts the event as
-    /// overflowed.
+    /// Never drop what [`EventBus::emit_wait`](crate::EventBus::emit_wait)
+    /// queues: it waits until the lane has room, and never takes it past its
+    /// capacity.
+    ///
+    /// [`EventBus::emit`](crate::EventBus::emit), which must not block,
+    /// queues past the capacity and counts the event as overflowed, up to a
+    /// hard ceiling of [`OVERFLOW_FACTOR`] times the capacity; past that it
+    /// drops the lane's oldest event as `DropOldest` does (counted as
+    /// dropped, reported as [`RecvError::Lagged`]), so memory stays bounded
+    /// whatever the emitter does.
     Backpressure,
 }
 
-/// Locks a mutex, ignoring poisoning: no code that can panic runs while the
-/// crate's locks are held, and a poisoned lock still guards consistent data.
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+/// How many times its capacity a [`LagPolicy::Backpressure`] lane may hold
+/// when plain [`emit`](crate::EventBus::emit) overflows it, before its
+/// oldest events are dropped.
+pub const OVERFLOW_FACTOR: usize = 2;
+
+impl LagPolicy {
+    /// The most events a lane of `capacity` queues before it drops its
+    /// oldest.
+    fn ceiling(self, capacity: usize) -> usize {
+        match self {
+            LagPolicy::DropOldest => capacity,
+            LagPolicy::Backpressure => capacity.saturating_mul(OVERFLOW_FACTOR),
+        }
+    }
 }
 
 pub(crate) struct Queue<E: Event> {
     pub(crate) id: u64,
     pub(crate) name: Arc<str>,
+    /// A listener's queue (not a subscription's): what `quiesce` waits for.
+    pub(crate) listener: bool,
     pub(crate) interests: KindSet<E::Kind>,
     /// The capacity of each lane.
     pub(crate) capacity: usize,
@@ -73,6 +90,12 @@ pub(crate) struct Queue<E: Event> {
     /// `taken` falls (which releases it), so an idle check that reads `taken`
     /// and then `in_flight` sees every event somewhere.
     in_flight: AtomicUsize,
+    /// Rate-limits the consumer's lag warnings.
+    lag_warnings: Throttle,
+    /// Set when the bus starts shutting down: a batch listener then hands
+    /// over what it collected instead of waiting for more.
+    draining: AtomicBool,
+    drain_started: Notify,
     export: QueueExport,
 }
 
@@ -96,6 +119,10 @@ struct State<E> {
     lanes: [VecDeque<Arc<Envelope<E>>>; Priority::LANES],
     /// Dropped events not yet reported to the consumer.
     unreported_lag: u64,
+    /// Per lane: events queued since the queue was made. With `dropped` and
+    /// the lane's `delivered` it gives the depth, so a snapshot's
+    /// `delivered + dropped + depth` is exactly what was queued.
+    pushed: [u64; Priority::LANES],
     dropped: [u64; Priority::LANES],
     overflowed: [u64; Priority::LANES],
     closed: bool,
@@ -106,7 +133,6 @@ struct State<E> {
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct QueueCounts {
     pub(crate) lanes: [LaneCounts; Priority::LANES],
-    pub(crate) in_flight: usize,
 }
 
 /// Counters of one lane.
@@ -153,14 +179,18 @@ impl<E: Event> Queue<E> {
     pub(crate) fn new(
         id: u64,
         name: Arc<str>,
+        listener: bool,
         interests: KindSet<E::Kind>,
         config: QueueConfig,
     ) -> Self {
         let capacity = config.capacity.max(1);
-        let export = QueueExport::new(&name);
+        // Subscriptions share one label: one series per subscription would
+        // grow without bound in the metrics backend.
+        let export = QueueExport::new(if listener { &name } else { "subscription" });
         Self {
             id,
             name,
+            listener,
             interests,
             capacity,
             policy: config.policy,
@@ -174,6 +204,7 @@ impl<E: Event> Queue<E> {
                     VecDeque::with_capacity(if normal { capacity.min(1024) } else { 0 })
                 }),
                 unreported_lag: 0,
+                pushed: [0; Priority::LANES],
                 dropped: [0; Priority::LANES],
                 overflowed: [0; Priority::LANES],
                 closed: false,
@@ -182,48 +213,63 @@ impl<E: Event> Queue<E> {
             lanes: Default::default(),
             waiting: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
+            lag_warnings: Throttle::new(),
+            draining: AtomicBool::new(false),
+            drain_started: Notify::new(),
             export,
         }
     }
 
     /// Queues `envelope` in its priority's lane; returns the consumer's
-    /// waker if it is waiting.
+    /// waker if it is waiting. An event dropped to make room goes into
+    /// `evicted`, for the caller to drop after releasing its locks: the last
+    /// drop of an event runs the application's code.
     ///
     /// `reserved` says the caller holds a place it reserved with
     /// [`Queue::try_reserve`]. Called only under the bus's emit lock.
-    pub(crate) fn push(&self, envelope: Arc<Envelope<E>>, reserved: bool) -> Option<Waker> {
+    pub(crate) fn push(
+        &self,
+        envelope: Arc<Envelope<E>>,
+        reserved: bool,
+        evicted: &mut Evicted<E>,
+    ) -> Option<Waker> {
         let lane = envelope.priority().lane();
         let counters = &self.lanes[lane];
         let mut state = lock(&self.state);
         if reserved {
-            counters.reserved.fetch_sub(1, Ordering::Relaxed);
+            // Sequentially consistent, as every write of `reserved`: see
+            // `Queue::release`.
+            counters.reserved.fetch_sub(1, Ordering::SeqCst);
         }
         if state.closed {
             return None;
         }
         let state = &mut *state;
         let buffer = &mut state.lanes[lane];
-        if buffer.len() >= self.capacity {
-            match self.policy {
-                LagPolicy::DropOldest => {
-                    buffer.pop_front();
-                    state.dropped[lane] += 1;
-                    state.unreported_lag += 1;
-                    self.export.dropped();
-                }
-                LagPolicy::Backpressure if !reserved => {
-                    state.overflowed[lane] += 1;
-                    self.export.overflowed();
-                }
-                LagPolicy::Backpressure => {}
-            }
+        if buffer.len() >= self.policy.ceiling(self.capacity) {
+            evicted.push(buffer.pop_front());
+            state.dropped[lane] += 1;
+            state.unreported_lag += 1;
+            self.export.dropped();
+        } else if self.policy == LagPolicy::Backpressure
+            && !reserved
+            && buffer.len()
+                + counters.taken.load(Ordering::Relaxed)
+                + counters.reserved.load(Ordering::Relaxed)
+                >= self.capacity
+        {
+            state.overflowed[lane] += 1;
+            self.export.overflowed();
+            self.export.depth(1);
+        } else {
+            self.export.depth(1);
         }
         if buffer.is_empty() {
             self.mark_waiting(lane, true);
         }
         buffer.push_back(envelope);
+        state.pushed[lane] += 1;
         counters.queued.store(buffer.len(), Ordering::Relaxed);
-        self.export.depth(state.depth());
         state.waker.take()
     }
 
@@ -237,18 +283,20 @@ impl<E: Event> Queue<E> {
         self.policy != LagPolicy::Backpressure
             || counters.queued.load(Ordering::Acquire)
                 + counters.taken.load(Ordering::Acquire)
-                + counters.reserved.load(Ordering::Relaxed)
+                + counters.reserved.load(Ordering::SeqCst)
                 < self.capacity
     }
 
     /// Places a backpressure lane counts against its capacity: queued,
-    /// taken by the receiver but not handed out, and reserved. `taken` is
-    /// read sequentially consistent: see [`Queue::handed_out`].
+    /// taken by the receiver but not handed out, and reserved. `taken` and
+    /// `reserved` are read sequentially consistent: each is one half of a
+    /// pair with the waiters' count (see [`Queue::handed_out`] and
+    /// [`Queue::release`]).
     fn occupied(&self, state: &State<E>, lane: usize) -> usize {
         let counters = &self.lanes[lane];
         state.lanes[lane].len()
             + counters.taken.load(Ordering::SeqCst)
-            + counters.reserved.load(Ordering::Relaxed)
+            + counters.reserved.load(Ordering::SeqCst)
     }
 
     /// Reserves a place in `lane` for a later [`push`](Queue::push). Called
@@ -258,7 +306,7 @@ impl<E: Event> Queue<E> {
         if state.closed {
             Reserve::Closed
         } else if self.occupied(&state, lane) < self.capacity {
-            self.lanes[lane].reserved.fetch_add(1, Ordering::Relaxed);
+            self.lanes[lane].reserved.fetch_add(1, Ordering::SeqCst);
             Reserve::Reserved
         } else {
             Reserve::Full
@@ -266,8 +314,13 @@ impl<E: Event> Queue<E> {
     }
 
     /// Gives back a place reserved in `lane` that will not be pushed.
+    ///
+    /// The decrement and the read of the waiters' count in `notify_room` are
+    /// sequentially consistent, as are a waiter's increment of that count
+    /// and its read of `reserved` in `try_reserve`: of the two pairs, one
+    /// side sees the other, so a waiter never misses the place given back.
     pub(crate) fn release(&self, lane: usize) {
-        self.lanes[lane].reserved.fetch_sub(1, Ordering::Relaxed);
+        self.lanes[lane].reserved.fetch_sub(1, Ordering::SeqCst);
         self.notify_room();
     }
 
@@ -290,19 +343,22 @@ impl<E: Event> Queue<E> {
         }
     }
 
-    /// As [`notify_room`](Self::notify_room), but only once `lane` has
-    /// drained to its low watermark: a waiting emitter then fills a batch of
-    /// places at once instead of waking for every place freed.
+    /// As [`notify_room`](Self::notify_room), but only once the consumer
+    /// has drained `lane` to its low watermark: a waiting emitter then fills
+    /// a batch of places at once instead of waking for every place freed.
+    ///
+    /// The watermark counts what the consumer holds (queued and taken), not
+    /// the places reserved by other waiting emitters: those are not the
+    /// consumer's to free, and counting them could keep a waiter asleep
+    /// while the lane has room.
     fn notify_room_drained(&self, lane: usize) {
         if self.room_waiters.load(Ordering::SeqCst) == 0 {
             return;
         }
         let counters = &self.lanes[lane];
         let slack = (self.capacity / 2).clamp(1, BATCH);
-        let occupied = counters.queued.load(Ordering::Acquire)
-            + counters.taken.load(Ordering::Acquire)
-            + counters.reserved.load(Ordering::Relaxed);
-        if occupied + slack <= self.capacity {
+        let held = counters.queued.load(Ordering::Acquire) + counters.taken.load(Ordering::Acquire);
+        if held + slack <= self.capacity {
             self.room.notify_waiters();
         }
     }
@@ -346,7 +402,6 @@ impl<E: Event> Queue<E> {
         // place; `taken` first, so `has_room` never sees it in neither.
         counters.taken.store(taken.len(), Ordering::Release);
         counters.queued.store(buffer.len(), Ordering::Release);
-        self.export.depth(state.depth());
         Ok(())
     }
 
@@ -371,18 +426,31 @@ impl<E: Event> Queue<E> {
         Err(TryRecvError::Empty)
     }
 
+    /// Reports the gap since the last report. Called under the lock: the
+    /// caller logs it, with [`warn_lagged`](Self::warn_lagged), after
+    /// releasing the lock, which emitters take under the bus's emit lock.
     fn report_lag(&self, state: &mut State<E>) -> Result<(), TryRecvError> {
         if state.unreported_lag == 0 {
             return Ok(());
         }
-        let count = std::mem::take(&mut state.unreported_lag);
-        tracing::warn!(
-            queue = %self.name,
-            dropped = count,
-            capacity = self.capacity,
-            "consumer lagged: its queue was full and its oldest events were dropped"
-        );
-        Err(TryRecvError::Lagged(count))
+        Err(TryRecvError::Lagged(std::mem::take(
+            &mut state.unreported_lag,
+        )))
+    }
+
+    /// Logs that the consumer lagged by `count`: at most one warning per
+    /// [`Throttle::PERIOD`], which counts the drops of the warnings it held
+    /// back.
+    fn warn_lagged(&self, count: u64) {
+        if let Some(since) = self.lag_warnings.admit(count) {
+            tracing::warn!(
+                queue = %self.name,
+                dropped = since.total,
+                reports = since.events,
+                capacity = self.capacity,
+                "consumer lagged: its queue was full and its oldest events were dropped"
+            );
+        }
     }
 
     /// Records that the receiver handed out an event of `lane`, leaving
@@ -405,7 +473,13 @@ impl<E: Event> Queue<E> {
             Ordering::Release
         };
         counters.taken.store(remaining, order);
-        crate::metrics::bump(&counters.delivered, 1);
+        // Release: a snapshot that reads `delivered` sees the take, so the
+        // depth it derives never goes negative.
+        counters.delivered.store(
+            counters.delivered.load(Ordering::Relaxed) + 1,
+            Ordering::Release,
+        );
+        self.export.depth(-1);
         if self.policy == LagPolicy::Backpressure {
             self.notify_room_drained(lane);
         }
@@ -427,6 +501,22 @@ impl<E: Event> Queue<E> {
             && self.in_flight.load(Ordering::SeqCst) == 0
     }
 
+    /// Marks the queue's bus as shutting down, and wakes whoever waits in
+    /// [`draining`](Self::draining).
+    pub(crate) fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.drain_started.notify_waiters();
+    }
+
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Completes once the bus has started shutting down.
+    pub(crate) async fn draining(&self) {
+        wait_until(&self.drain_started, || self.is_draining()).await;
+    }
+
     /// Stops accepting events and wakes the consumer and any `emit_wait`
     /// caller waiting for room; queued events can still be received.
     pub(crate) fn close(&self) {
@@ -441,20 +531,37 @@ impl<E: Event> Queue<E> {
         }
     }
 
+    /// The queue's counters, consistent with each other: for every lane,
+    /// `delivered + dropped + depth` is exactly what was queued in it.
+    ///
+    /// `pushed` and `dropped` are read under the lock, which every push
+    /// holds, and `delivered` after them: an event is handed out only after
+    /// its push, so `delivered` never exceeds `pushed - dropped`, and the
+    /// depth is what is left.
     pub(crate) fn counts(&self) -> QueueCounts {
         let state = lock(&self.state);
         QueueCounts {
             lanes: std::array::from_fn(|lane| {
-                let counters = &self.lanes[lane];
+                let delivered = self.lanes[lane].delivered.load(Ordering::Acquire);
+                let depth = (state.pushed[lane] - state.dropped[lane]).saturating_sub(delivered);
                 LaneCounts {
-                    delivered: counters.delivered.load(Ordering::Relaxed),
+                    delivered,
                     dropped: state.dropped[lane],
                     overflowed: state.overflowed[lane],
-                    depth: state.lanes[lane].len() + counters.taken.load(Ordering::Acquire),
+                    depth: usize::try_from(depth).unwrap_or(usize::MAX),
                 }
             }),
-            in_flight: self.in_flight.load(Ordering::SeqCst),
         }
+    }
+}
+
+#[cfg(feature = "metrics")]
+impl<E: Event> Drop for Queue<E> {
+    fn drop(&mut self) {
+        // What it still held leaves the depth gauge with it: queues that
+        // share a label add up in it.
+        let depth = self.counts().depth();
+        self.export.depth(-(depth as i64));
     }
 }
 
@@ -514,17 +621,26 @@ impl<E: Event> Receiver<E> {
 
     /// Polls for the next event. `track` marks it as in flight until
     /// [`Queue::complete`] (the listener runtime's bookkeeping).
+    ///
+    /// Takes part in tokio's cooperative budget, as tokio's own channels do:
+    /// once the task has used its budget this returns `Pending` (and wakes
+    /// the task at once), so a consumer whose every event is ready still
+    /// lets other tasks run, and can be aborted, between events.
     pub(crate) fn poll_recv(
         &mut self,
         cx: &mut Context<'_>,
         track: bool,
     ) -> Poll<Result<Arc<Envelope<E>>, RecvError>> {
-        match self.next(Some(cx.waker()), track) {
-            Ok(envelope) => Poll::Ready(Ok(envelope)),
-            Err(TryRecvError::Lagged(count)) => Poll::Ready(Err(RecvError::Lagged(count))),
-            Err(TryRecvError::Closed) => Poll::Ready(Err(RecvError::Closed)),
-            Err(TryRecvError::Empty) => Poll::Pending,
-        }
+        let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
+        let outcome = match self.next(Some(cx.waker()), track) {
+            Ok(envelope) => Ok(envelope),
+            Err(TryRecvError::Lagged(count)) => Err(RecvError::Lagged(count)),
+            Err(TryRecvError::Closed) => Err(RecvError::Closed),
+            // Dropping `coop` gives the unit of budget back.
+            Err(TryRecvError::Empty) => return Poll::Pending,
+        };
+        coop.made_progress();
+        Poll::Ready(outcome)
     }
 
     pub(crate) async fn recv(&mut self, track: bool) -> Result<Arc<Envelope<E>>, RecvError> {
@@ -537,6 +653,18 @@ impl<E: Event> Receiver<E> {
     }
 
     fn next(
+        &mut self,
+        waker: Option<&Waker>,
+        track: bool,
+    ) -> Result<Arc<Envelope<E>>, TryRecvError> {
+        let next = self.next_unlogged(waker, track);
+        if let Err(TryRecvError::Lagged(count)) = next {
+            self.queue.warn_lagged(count);
+        }
+        next
+    }
+
+    fn next_unlogged(
         &mut self,
         waker: Option<&Waker>,
         track: bool,
@@ -584,6 +712,30 @@ impl<E: Event> std::fmt::Debug for Receiver<E> {
             .field("taken", &taken)
             .field("passed", &self.passed)
             .finish()
+    }
+}
+
+/// Events dropped from full queues during one delivery, held until the
+/// delivery has released its locks. Allocates only for a second one.
+pub(crate) struct Evicted<E> {
+    first: Option<Arc<Envelope<E>>>,
+    rest: Vec<Arc<Envelope<E>>>,
+}
+
+impl<E> Evicted<E> {
+    pub(crate) fn new() -> Self {
+        Self {
+            first: None,
+            rest: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, envelope: Option<Arc<Envelope<E>>>) {
+        match (&self.first, envelope) {
+            (_, None) => {}
+            (None, envelope) => self.first = envelope,
+            (Some(_), Some(envelope)) => self.rest.push(envelope),
+        }
     }
 }
 

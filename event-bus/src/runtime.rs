@@ -4,15 +4,12 @@
 use std::any::Any;
 use std::fmt;
 use std::future::Future;
-
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 use tracing::Instrument;
 
@@ -22,37 +19,72 @@ use crate::envelope::Envelope;
 use crate::error::{RecvError, chain};
 use crate::event::Event;
 use crate::listener::{Listener, ListenerOptions, RetryPolicy};
-use crate::metrics::{Histogram, LaneMetrics, ListenerExport, ListenerMetrics, bump};
-use crate::queue::{Queue, Receiver, lock};
+use crate::metrics::{Histogram, LaneMetrics, ListenerExport, ListenerMetrics};
+use crate::queue::{Queue, QueueCounts, Receiver};
+use crate::sync::{
+    AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Mutex, Notify, Ordering, lock, wait_until,
+};
+
+/// How long [`EventBus::shutdown`](crate::EventBus::shutdown) waits, past
+/// its deadline, for the listeners it stopped to end: a handler that blocks
+/// its thread cannot be stopped before it returns.
+pub const ABORT_GRACE: Duration = Duration::from_secs(1);
+
+tokio::task_local! {
+    /// On a listener's task: the address of its bus's `Shared`, so that an
+    /// emit can tell whether it comes from one of the bus's listeners (which
+    /// may still emit while the bus drains).
+    static LISTENER_OF: usize;
+}
+
+/// Whether the current task is a listener of `shared`'s bus.
+pub(crate) fn in_listener_of<E: Event>(shared: &Shared<E>) -> bool {
+    let bus = shared as *const Shared<E> as usize;
+    LISTENER_OF.try_with(|of| *of == bus).unwrap_or(false)
+}
 
 /// The listeners of one bus, and what `quiesce` waits on.
 pub(crate) struct Runtime<E: Event> {
-    listeners: Mutex<Vec<Arc<ListenerState<E>>>>,
+    listeners: Mutex<Listed<E>>,
     idle: Notify,
     quiesce_waiters: AtomicUsize,
-    bus_closed: AtomicBool,
+}
+
+struct Listed<E: Event> {
+    /// Running listeners, and those that ended once the bus closed, in
+    /// spawn order. One that ends while the bus is open leaves the list.
+    listeners: Vec<Arc<ListenerState<E>>>,
+    bus_closed: bool,
 }
 
 impl<E: Event> Runtime<E> {
     pub(crate) fn new() -> Self {
         Self {
-            listeners: Mutex::new(Vec::new()),
+            listeners: Mutex::new(Listed {
+                listeners: Vec::new(),
+                bus_closed: false,
+            }),
             idle: Notify::new(),
             quiesce_waiters: AtomicUsize::new(0),
-            bus_closed: AtomicBool::new(false),
         }
     }
 
-    pub(crate) fn metrics(&self) -> Vec<ListenerMetrics> {
-        self.listeners().iter().map(|l| l.metrics()).collect()
+    pub(crate) fn listeners(&self) -> Vec<Arc<ListenerState<E>>> {
+        lock(&self.listeners).listeners.clone()
     }
 
-    fn listeners(&self) -> Vec<Arc<ListenerState<E>>> {
-        lock(&self.listeners).clone()
+    /// Lists a new listener, unless the bus has closed: one spawned then
+    /// never receives an event, and listing it would let the list grow.
+    fn add(&self, listener: &Arc<ListenerState<E>>) {
+        let mut listed = lock(&self.listeners);
+        if !listed.bus_closed {
+            listed.listeners.push(listener.clone());
+        }
     }
 
     fn all_idle(&self) -> bool {
         lock(&self.listeners)
+            .listeners
             .iter()
             .all(|l| l.is_finished() || l.queue.is_idle())
     }
@@ -67,16 +99,81 @@ impl<E: Event> Runtime<E> {
     /// The bus closed: once every listener has finished, no dead letter can
     /// come any more.
     pub(crate) fn closed(&self, dead_letters: &Store<E>) {
-        self.bus_closed.store(true, Ordering::SeqCst);
-        self.close_dead_letters_when_done(dead_letters);
-    }
-
-    fn close_dead_letters_when_done(&self, dead_letters: &Store<E>) {
-        let done = self.bus_closed.load(Ordering::SeqCst)
-            && lock(&self.listeners).iter().all(|l| l.is_finished());
+        let done = {
+            let mut listed = lock(&self.listeners);
+            listed.bus_closed = true;
+            listed.listeners.iter().all(|l| l.is_finished())
+        };
         if done {
             dead_letters.close();
         }
+    }
+
+    /// `listener` ended: it leaves the list if the bus is still open, and
+    /// the dead letters close if it was the last one of a closed bus.
+    fn ended(&self, listener: &Arc<ListenerState<E>>, dead_letters: &Store<E>) {
+        let done = {
+            let mut listed = lock(&self.listeners);
+            if !listed.bus_closed {
+                listed.listeners.retain(|l| !Arc::ptr_eq(l, listener));
+            }
+            listed.bus_closed && listed.listeners.iter().all(|l| l.is_finished())
+        };
+        if done {
+            dead_letters.close();
+        }
+    }
+}
+
+/// Where a listener's task stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[non_exhaustive]
+pub enum ListenerStatus {
+    /// Its task is running: handling events or waiting for them.
+    Running,
+    /// It ended after the bus closed and its queue was empty.
+    Drained,
+    /// It was stopped before its queue was empty: by
+    /// [`ListenerHandle::abort`], by the deadline of
+    /// [`EventBus::shutdown`](crate::EventBus::shutdown), or because the tokio
+    /// runtime it ran on shut down.
+    Aborted,
+    /// The bus's own code panicked in its task (never the handler's panic,
+    /// which is caught, counted and retried). The panic was logged at error
+    /// level; what it had not handled is counted as undelivered.
+    Crashed,
+}
+
+impl ListenerStatus {
+    fn from_u8(value: u8) -> Self {
+        match value {
+            0 => Self::Running,
+            1 => Self::Drained,
+            2 => Self::Aborted,
+            _ => Self::Crashed,
+        }
+    }
+
+    fn as_u8(self) -> u8 {
+        match self {
+            Self::Running => 0,
+            Self::Drained => 1,
+            Self::Aborted => 2,
+            Self::Crashed => 3,
+        }
+    }
+}
+
+impl fmt::Display for ListenerStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Running => "running",
+            Self::Drained => "drained",
+            Self::Aborted => "aborted",
+            Self::Crashed => "crashed",
+        })
     }
 }
 
@@ -85,17 +182,29 @@ impl<E: Event> Runtime<E> {
 pub(crate) struct ListenerState<E: Event> {
     queue: Arc<Queue<E>>,
     handled: AtomicU64,
-    failed: AtomicU64,
     retried: AtomicU64,
     dead_lettered: AtomicU64,
     panicked: AtomicU64,
     queue_latency: Histogram,
     handle_latency: Histogram,
     pub(crate) retry: RetryPolicy,
-    finished: AtomicBool,
+    status: AtomicU8,
+    /// Set by `abort`: the task starts no event after it sees this.
+    cancelled: AtomicBool,
     done: Notify,
     abort: OnceLock<AbortHandle>,
     export: ListenerExport,
+}
+
+/// A listener's counters read together; see [`ListenerState::counts`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ListenerCounts {
+    status: ListenerStatus,
+    handled: u64,
+    retried: u64,
+    dead_lettered: u64,
+    panicked: u64,
+    queue: QueueCounts,
 }
 
 impl<E: Event> ListenerState<E> {
@@ -104,73 +213,121 @@ impl<E: Event> ListenerState<E> {
         Self {
             queue,
             handled: AtomicU64::new(0),
-            failed: AtomicU64::new(0),
             retried: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
             panicked: AtomicU64::new(0),
             queue_latency: Histogram::new(),
             handle_latency: Histogram::new(),
             retry,
-            finished: AtomicBool::new(false),
+            status: AtomicU8::new(ListenerStatus::Running.as_u8()),
+            cancelled: AtomicBool::new(false),
             done: Notify::new(),
             abort: OnceLock::new(),
             export,
         }
     }
 
+    fn status(&self) -> ListenerStatus {
+        ListenerStatus::from_u8(self.status.load(Ordering::SeqCst))
+    }
+
     fn is_finished(&self) -> bool {
-        self.finished.load(Ordering::SeqCst)
+        self.status() != ListenerStatus::Running
+    }
+
+    /// Moves the status on from `Running`; a status once left is final.
+    fn end(&self, status: ListenerStatus) {
+        let _ = self.status.compare_exchange(
+            ListenerStatus::Running.as_u8(),
+            status.as_u8(),
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
+    }
+
+    fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Acquire)
     }
 
     async fn wait_finished(&self) {
-        loop {
-            let notified = self.done.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.is_finished() {
-                return;
-            }
-            notified.await;
-        }
+        wait_until(&self.done, || self.is_finished()).await;
     }
 
+    /// Stops the listener: no event is started after this, and the task is
+    /// dropped at its next await.
     fn abort(&self) {
+        self.cancelled.store(true, Ordering::Release);
         if let Some(abort) = self.abort.get() {
             abort.abort();
         }
     }
 
-    fn metrics(&self) -> ListenerMetrics {
-        let counts = self.queue.counts();
-        ListenerMetrics {
-            name: self.queue.name.to_string(),
-            delivered: counts.delivered(),
-            handled: self.handled.load(Ordering::Relaxed),
-            failed: self.failed.load(Ordering::Relaxed),
-            retried: self.retried.load(Ordering::Relaxed),
-            dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
-            panicked: self.panicked.load(Ordering::Relaxed),
-            dropped: counts.dropped(),
-            overflowed: counts.overflowed(),
-            queue_depth: counts.depth(),
-            in_flight: counts.in_flight,
-            lanes: LaneMetrics::from_counts(&counts),
-            queue_latency: self.queue_latency.summary(),
-            handle_latency: self.handle_latency.summary(),
-            finished: self.is_finished(),
+    /// The counters, read so that the identities of [`ListenerMetrics`]
+    /// hold: the outcomes first, then the queue's counts, whose `delivered`
+    /// is written before any outcome of the events it counts (the task
+    /// hands an event out, then handles it; release stores, acquire loads),
+    /// so no outcome is seen without its delivery. `panicked` is written
+    /// after the outcome of its attempt and read before it.
+    /// The status is read first: a listener ends only after its last
+    /// count, so an ended status comes with its final counts.
+    pub(crate) fn counts(&self) -> ListenerCounts {
+        let status = self.status();
+        let panicked = self.panicked.load(Ordering::Acquire);
+        let handled = self.handled.load(Ordering::Acquire);
+        let retried = self.retried.load(Ordering::Acquire);
+        let dead_lettered = self.dead_lettered.load(Ordering::Acquire);
+        ListenerCounts {
+            status,
+            handled,
+            retried,
+            dead_lettered,
+            panicked,
+            queue: self.queue.counts(),
         }
     }
 
-    fn report(&self, drained: bool) -> ListenerReport {
+    fn metrics(&self) -> ListenerMetrics {
+        self.metrics_from(self.counts())
+    }
+
+    pub(crate) fn metrics_from(&self, counts: ListenerCounts) -> ListenerMetrics {
+        let delivered = counts.queue.delivered();
+        let finished = counts.handled + counts.dead_lettered;
+        ListenerMetrics {
+            name: self.queue.name.to_string(),
+            delivered,
+            handled: counts.handled,
+            // Every failed attempt was retried or became a dead letter, in
+            // the same step: counting those two counts the failures.
+            failed: counts.retried + counts.dead_lettered,
+            retried: counts.retried,
+            dead_lettered: counts.dead_lettered,
+            panicked: counts.panicked,
+            dropped: counts.queue.dropped(),
+            overflowed: counts.queue.overflowed(),
+            queue_depth: counts.queue.depth(),
+            in_flight: usize::try_from(delivered.saturating_sub(finished)).unwrap_or(usize::MAX),
+            lanes: LaneMetrics::from_counts(&counts.queue),
+            queue_latency: self.queue_latency.summary(),
+            handle_latency: self.handle_latency.summary(),
+            finished: counts.status != ListenerStatus::Running,
+            status: counts.status,
+        }
+    }
+
+    fn report(&self) -> ListenerReport {
         let metrics = self.metrics();
+        let status = metrics.status;
+        let undelivered = (metrics.queue_depth + metrics.in_flight) as u64;
         ListenerReport {
-            undelivered: (metrics.queue_depth + metrics.in_flight) as u64,
+            undelivered,
             name: metrics.name,
             handled: metrics.handled,
             failed: metrics.failed,
             dead_lettered: metrics.dead_lettered,
             dropped: metrics.dropped,
-            drained,
+            drained: status == ListenerStatus::Drained && undelivered == 0,
+            status,
         }
     }
 }
@@ -188,9 +345,15 @@ impl<E: Event> ListenerHandle<E> {
         &self.state.queue.name
     }
 
-    /// A snapshot of the listener's counters.
+    /// A snapshot of the listener's counters, consistent as
+    /// [`EventBus::metrics`](crate::EventBus::metrics)'s is.
     pub fn metrics(&self) -> ListenerMetrics {
         self.state.metrics()
+    }
+
+    /// Where the listener's task stands.
+    pub fn status(&self) -> ListenerStatus {
+        self.state.status()
     }
 
     /// Whether the listener's task has ended.
@@ -199,14 +362,22 @@ impl<E: Event> ListenerHandle<E> {
     }
 
     /// Waits until the listener's task has ended: after the bus closed and
-    /// the listener drained its queue, or after [`abort`](Self::abort).
+    /// the listener drained its queue, or after [`abort`](Self::abort). From
+    /// then on its metrics are final.
     pub async fn finished(&self) {
         self.state.wait_finished().await;
     }
 
-    /// Stops the listener at its next await point. Events still queued or in
-    /// flight are not handled; they show as `queue_depth` and `in_flight` in
-    /// its metrics.
+    /// Stops the listener.
+    ///
+    /// It starts no event after this call, even one already queued or taken
+    /// (the check is made between events, so a handler that never awaits
+    /// cannot outrun it), and its task is dropped at its next await point: a
+    /// handler in the middle of an event is cancelled there. One that
+    /// finishes before that point still counts as handled. Events left
+    /// unhandled show as `queue_depth` and `in_flight` in its metrics, which
+    /// are final once [`finished`](Self::finished) returns; its status is
+    /// then [`ListenerStatus::Aborted`].
     pub fn abort(&self) {
         self.state.abort();
     }
@@ -224,7 +395,7 @@ impl<E: Event> fmt::Debug for ListenerHandle<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ListenerHandle")
             .field("name", &self.name())
-            .field("finished", &self.is_finished())
+            .field("status", &self.status())
             .finish()
     }
 }
@@ -288,8 +459,12 @@ pub struct ListenerReport {
     pub dropped: u64,
     /// Events still queued or in flight when it was stopped.
     pub undelivered: u64,
-    /// Whether it finished its queue before the deadline.
+    /// Whether it finished its queue: it ended by draining, with nothing
+    /// undelivered.
     pub drained: bool,
+    /// How its task ended (or [`ListenerStatus::Running`], for a handler
+    /// that blocked its thread past the deadline and [`ABORT_GRACE`]).
+    pub status: ListenerStatus,
 }
 
 pub(crate) fn spawn<E: Event, L: Listener<E>>(
@@ -303,23 +478,32 @@ pub(crate) fn spawn<E: Event, L: Listener<E>>(
         queue,
         listener,
         options.retry,
-        |supervisor, receiver, finished| supervisor.run(receiver, options.concurrency, finished),
+        |supervisor, receiver| supervisor.run(receiver, options.concurrency),
     )
 }
 
-/// Registers `listener` and spawns the task `run` makes of its supervisor.
+/// Lists `listener`, routes its `queue` (made, not yet routed) and spawns
+/// the task `run` makes of its supervisor.
+///
+/// The listener is listed before its queue is routed, so that a bus that
+/// closes meanwhile does not close its dead letters before the listener is
+/// known. The task runs in the bus's listener scope (its emits are accepted
+/// while the bus drains) and catches a panic of the runtime's own code: the
+/// listener is then logged and reported [`ListenerStatus::Crashed`], never
+/// silently gone.
 pub(crate) fn spawn_task<E: Event, L, F>(
     shared: &Arc<Shared<E>>,
     queue: Arc<Queue<E>>,
     listener: L,
     retry: RetryPolicy,
-    run: impl FnOnce(Supervisor<E, L>, Receiver<E>, FinishGuard<E>) -> F,
+    run: impl FnOnce(Supervisor<E, L>, Receiver<E>) -> F,
 ) -> ListenerHandle<E>
 where
     F: Future<Output = ()> + Send + 'static,
 {
     let state = Arc::new(ListenerState::new(queue, retry));
-    lock(&shared.runtime.listeners).push(state.clone());
+    shared.runtime.add(&state);
+    shared.route(&state.queue);
     let supervisor = Supervisor {
         shared: shared.clone(),
         state: state.clone(),
@@ -332,9 +516,27 @@ where
         state: state.clone(),
     };
     let receiver = Receiver::new(state.queue.clone());
-    let task = tokio::spawn(run(supervisor, receiver, finished));
+    let run = run(supervisor, receiver);
+    let task = async move {
+        let finished = finished;
+        if let Err(payload) = AssertUnwindSafe(run).catch_unwind().await {
+            let error = panicked(&*payload);
+            tracing::error!(
+                listener = %finished.state.queue.name,
+                error = %error,
+                "the event bus's listener runtime panicked; the listener stopped (its unhandled events are reported undelivered)",
+            );
+            finished.state.end(ListenerStatus::Crashed);
+        }
+    };
+    let bus = Arc::as_ptr(shared) as usize;
+    let task = tokio::spawn(LISTENER_OF.scope(bus, task));
     // The task may already have ended; an abort handle to it is harmless.
     let _ = state.abort.set(task.abort_handle());
+    if state.is_cancelled() {
+        // Aborted before the handle was set.
+        task.abort();
+    }
     ListenerHandle { state }
 }
 
@@ -347,32 +549,51 @@ pub(crate) struct Supervisor<E: Event, L> {
 }
 
 impl<E: Event, L> Supervisor<E, L> {
+    /// Whether the listener was stopped: checked before every event.
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.state.is_cancelled()
+    }
+
+    /// The run loop ended: the queue is closed and empty, and every event
+    /// taken is finished, unless the listener was stopped.
+    pub(crate) fn ended(&self) {
+        self.state.end(if self.is_cancelled() {
+            ListenerStatus::Aborted
+        } else {
+            ListenerStatus::Drained
+        });
+    }
+
     /// Counts events whose attempt succeeded.
     pub(crate) fn handled(&self, events: usize) {
         bump(&self.state.handled, events as u64);
         self.state.export.handled(events as u64);
     }
 
-    /// Counts events whose attempt failed.
-    pub(crate) fn failed(&self, events: usize, panicked: bool) {
+    /// Counts events whose attempt failed and that will be attempted again;
+    /// `panicked` of them panicked.
+    pub(crate) fn retried(&self, events: usize, panicked: usize) {
         let state = &*self.state;
-        bump(&state.failed, events as u64);
-        if panicked {
-            bump(&state.panicked, events as u64);
-        }
-        state.export.failed(events as u64, panicked);
+        state.export.failed(events as u64, panicked as u64);
+        bump(&state.retried, events as u64);
+        state.export.retried(events as u64);
+        // After the outcome: see `ListenerState::counts`.
+        bump(&state.panicked, panicked as u64);
     }
 
-    /// Counts events about to be attempted again.
-    pub(crate) fn retried(&self, events: usize) {
-        bump(&self.state.retried, events as u64);
-        self.state.export.retried(events as u64);
-    }
-
-    /// Records `envelope` as a dead letter after `attempts` attempts.
-    pub(crate) fn dead_letter(&self, envelope: Arc<Envelope<E>>, error: String, attempts: u32) {
+    /// Records `envelope` as a dead letter after `attempts` attempts, the
+    /// last of which failed with `error` (a panic if `panicked`).
+    pub(crate) fn dead_letter(
+        &self,
+        envelope: Arc<Envelope<E>>,
+        error: String,
+        attempts: u32,
+        panicked: bool,
+    ) {
         let state = &*self.state;
+        state.export.failed(1, u64::from(panicked));
         bump(&state.dead_lettered, 1);
+        bump(&state.panicked, u64::from(panicked));
         state.export.dead_lettered(1);
         self.shared.dead_letters.record(DeadLetter {
             envelope,
@@ -408,11 +629,22 @@ impl<E: Event, L> Supervisor<E, L> {
     }
 }
 
+/// Adds to a counter that only the listener's task writes, with a release
+/// store: a snapshot that sees the new value sees what the task did before.
+fn bump(counter: &AtomicU64, by: u64) {
+    if by > 0 {
+        counter.store(counter.load(Ordering::Relaxed) + by, Ordering::Release);
+    }
+}
+
 impl<E: Event, L: Listener<E>> Supervisor<E, L> {
-    async fn run(self, mut receiver: Receiver<E>, concurrency: usize, _finished: FinishGuard<E>) {
+    async fn run(self, mut receiver: Receiver<E>, concurrency: usize) {
         if concurrency <= 1 {
-            loop {
+            while !self.is_cancelled() {
                 match receiver.recv(true).await {
+                    // Checked again: `recv` may have returned at once, and a
+                    // stop is final.
+                    Ok(_) if self.is_cancelled() => break,
                     Ok(envelope) => self.process(envelope).await,
                     // The queue logged and counted the drop.
                     Err(RecvError::Lagged(_)) => {}
@@ -421,11 +653,12 @@ impl<E: Event, L: Listener<E>> Supervisor<E, L> {
             }
         } else {
             let mut running = FuturesUnordered::new();
-            loop {
+            while !self.is_cancelled() {
                 tokio::select! {
                     biased;
                     Some(()) = running.next(), if !running.is_empty() => {}
                     next = receiver.recv(true), if running.len() < concurrency => match next {
+                        Ok(_) if self.is_cancelled() => break,
                         Ok(envelope) => running.push(self.process(envelope)),
                         Err(RecvError::Lagged(_)) => {}
                         Err(RecvError::Closed) => break,
@@ -434,6 +667,7 @@ impl<E: Event, L: Listener<E>> Supervisor<E, L> {
             }
             while running.next().await.is_some() {}
         }
+        self.ended();
     }
 
     async fn process(&self, envelope: Arc<Envelope<E>>) {
@@ -472,7 +706,6 @@ impl<E: Event, L: Listener<E>> Supervisor<E, L> {
                 Ok(Err(error)) => (chain(&*error), false),
                 Err(payload) => (panicked(&*payload), true),
             };
-            self.failed(1, panicked);
             if attempt < retry.max_attempts() {
                 let delay = retry.delay(attempt);
                 tracing::warn!(
@@ -484,7 +717,7 @@ impl<E: Event, L: Listener<E>> Supervisor<E, L> {
                     error = %error,
                     "handler failed; retrying",
                 );
-                self.retried(1);
+                self.retried(1, usize::from(panicked));
                 tokio::time::sleep(delay).await;
                 attempt += 1;
                 started = Instant::now();
@@ -498,7 +731,7 @@ impl<E: Event, L: Listener<E>> Supervisor<E, L> {
                 error = %error,
                 "handler failed; recorded a dead letter",
             );
-            self.dead_letter(envelope, error, attempt);
+            self.dead_letter(envelope, error, attempt, panicked);
             return;
         }
     }
@@ -516,9 +749,9 @@ pub(crate) fn panicked(payload: &(dyn Any + Send)) -> String {
     format!("panicked: {message}")
 }
 
-/// Marks the listener finished however its task ends: drained, aborted, or
-/// dropped with its runtime.
-pub(crate) struct FinishGuard<E: Event> {
+/// Marks the listener finished however its task ends: drained, aborted,
+/// crashed, or dropped with its runtime.
+struct FinishGuard<E: Event> {
     shared: Arc<Shared<E>>,
     state: Arc<ListenerState<E>>,
 }
@@ -529,15 +762,24 @@ impl<E: Event> Drop for FinishGuard<E> {
         // an aborted backpressure listener cannot hold `emit_wait` forever.
         // What it held stays counted as undelivered.
         self.shared.unregister(&self.state.queue);
-        self.state.finished.store(true, Ordering::SeqCst);
+        // Dropped before it ran to its end: aborted.
+        self.state.end(ListenerStatus::Aborted);
         self.state.done.notify_waiters();
         let runtime = &self.shared.runtime;
+        runtime.ended(&self.state, &self.shared.dead_letters);
         runtime.notify_idle();
-        runtime.close_dead_letters_when_done(&self.shared.dead_letters);
     }
 }
 
 impl<E: Event> Shared<E> {
+    /// Waits until every listener is idle at one moment.
+    ///
+    /// Numbering an emit and queueing it happen under the emit lock, and an
+    /// emit queued for a listener moves `listener_sequence`: an unchanged
+    /// value across the scan means no listener was handed new work while it
+    /// was being checked, so a chain of listeners that emit to each other
+    /// cannot slip past. When it did move, the listener it went to is busy,
+    /// and its finishing wakes this (the wake-up is armed before the scan).
     pub(crate) async fn quiesce(&self) {
         let runtime = &self.runtime;
         runtime.quiesce_waiters.fetch_add(1, Ordering::SeqCst);
@@ -546,38 +788,53 @@ impl<E: Event> Shared<E> {
             let notified = runtime.idle.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            // Emitting numbers and queues an event under one lock, so an
-            // unchanged sequence across the scan means no listener was handed
-            // new work while it was being checked: a chain of listeners that
-            // emit to each other cannot slip past.
-            let before = self.sequence();
-            if runtime.all_idle() && self.sequence() == before {
-                return;
+            let before = self.listener_sequence();
+            if runtime.all_idle() {
+                if self.listener_sequence() == before {
+                    return;
+                }
+                // Work arrived during the scan: look again.
+                continue;
             }
             notified.await;
         }
     }
 
     pub(crate) async fn shutdown(&self, deadline: Duration) -> ShutdownReport {
+        let until = tokio::time::Instant::now().checked_add(deadline);
+        let mut listeners = self.runtime.listeners();
+        // Phase 1: only listeners may emit; wait until they are all idle.
+        self.begin_draining();
+        let _ = within(until, self.quiesce()).await;
+        // Phase 2: close; the listeners end once their queues are empty.
         self.close();
-        let listeners = self.runtime.listeners();
+        for listener in self.runtime.listeners() {
+            if !listeners.iter().any(|l| Arc::ptr_eq(l, &listener)) {
+                listeners.push(listener);
+            }
+        }
         let all_finished = async {
             for listener in &listeners {
                 listener.wait_finished().await;
             }
         };
-        let _ = tokio::time::timeout(deadline, all_finished).await;
+        if within(until, all_finished).await.is_none() {
+            for listener in &listeners {
+                if !listener.is_finished() {
+                    listener.abort();
+                }
+            }
+            // An aborted task ends at its next await; only a handler that
+            // blocks its thread takes longer.
+            let _ = tokio::time::timeout(ABORT_GRACE, async {
+                for listener in &listeners {
+                    listener.wait_finished().await;
+                }
+            })
+            .await;
+        }
         let report = ShutdownReport {
-            listeners: listeners
-                .iter()
-                .map(|listener| {
-                    let drained = listener.is_finished();
-                    if !drained {
-                        listener.abort();
-                    }
-                    listener.report(drained)
-                })
-                .collect(),
+            listeners: listeners.iter().map(|listener| listener.report()).collect(),
             rejected: self.rejected(),
         };
         if report.drained() {
@@ -586,6 +843,15 @@ impl<E: Event> Shared<E> {
             tracing::warn!(%report, "event bus shut down before every listener drained");
         }
         report
+    }
+}
+
+/// `future`'s output, unless `until` passes first; no deadline when `until`
+/// is `None`.
+async fn within<F: Future>(until: Option<tokio::time::Instant>, future: F) -> Option<F::Output> {
+    match until {
+        Some(until) => tokio::time::timeout_at(until, future).await.ok(),
+        None => Some(future.await),
     }
 }
 

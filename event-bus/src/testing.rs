@@ -53,9 +53,17 @@ use crate::subscription::Subscription;
 /// Records the events emitted on a bus, for assertions in tests.
 ///
 /// It subscribes with [`LagPolicy::Backpressure`] and a queue of
-/// [`CAPACITY`](Self::CAPACITY) events, so it never drops one; past that
-/// capacity `emit` still queues (counted as overflowed) while
-/// [`emit_wait`](EventBus::emit_wait) waits until the recorder is read.
+/// [`CAPACITY`](Self::CAPACITY) events per priority lane:
+/// [`emit_wait`](EventBus::emit_wait) waits until the recorder is read, and
+/// plain `emit` queues past the capacity up to
+/// [`OVERFLOW_FACTOR`](crate::OVERFLOW_FACTOR) times it. Events are kept in
+/// emit order, whatever their priority.
+///
+/// # Panics
+///
+/// Its methods panic if the subscription lost events: when more than
+/// `OVERFLOW_FACTOR * CAPACITY` events of one priority were emitted with
+/// plain `emit` and not read in between, which a test should not do.
 pub struct EventRecorder<E: Event> {
     subscription: Subscription<E>,
     events: Vec<Arc<Envelope<E>>>,
@@ -82,14 +90,27 @@ impl<E: Event> EventRecorder<E> {
     fn collect(&mut self) {
         loop {
             match self.subscription.try_recv() {
-                Ok(envelope) => self.events.push(envelope),
+                Ok(envelope) => self.record(envelope),
                 Err(TryRecvError::Empty | TryRecvError::Closed) => return,
                 Err(TryRecvError::Lagged(count)) => lost(count),
             }
         }
     }
 
-    /// The events recorded so far, in emit order.
+    /// Adds `envelope` to the record in emit order: a higher-priority event
+    /// is received before lower ones emitted earlier, and goes back to its
+    /// place by [`sequence`](Envelope::sequence).
+    fn record(&mut self, envelope: Arc<Envelope<E>>) {
+        let place = self
+            .events
+            .iter()
+            .rposition(|earlier| earlier.sequence() < envelope.sequence())
+            .map_or(0, |at| at + 1);
+        self.events.insert(place, envelope);
+    }
+
+    /// The events recorded so far, in emit order (by
+    /// [`sequence`](Envelope::sequence), whatever their priority).
     pub fn events(&mut self) -> &[Arc<Envelope<E>>] {
         self.collect();
         &self.events
@@ -129,14 +150,18 @@ impl<E: Event> EventRecorder<E> {
         timeout: Duration,
         mut condition: impl FnMut(&[Arc<Envelope<E>>]) -> bool,
     ) -> Result<&[Arc<Envelope<E>>], WaitTimeout> {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = tokio::time::Instant::now().checked_add(timeout);
         loop {
             self.collect();
             if condition(&self.events) {
                 return Ok(&self.events);
             }
-            match tokio::time::timeout_at(deadline, self.subscription.recv()).await {
-                Ok(Ok(envelope)) => self.events.push(envelope),
+            let next = match deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, self.subscription.recv()).await,
+                None => Ok(self.subscription.recv().await),
+            };
+            match next {
+                Ok(Ok(envelope)) => self.record(envelope),
                 Ok(Err(RecvError::Lagged(count))) => lost(count),
                 Ok(Err(RecvError::Closed)) | Err(_) => {
                     return Err(WaitTimeout {
