@@ -491,6 +491,12 @@ impl<E: Event> EventBus<E> {
         }
     }
 
+    /// The state the bus's handles share, for the loom models.
+    #[cfg(loom)]
+    pub(crate) fn shared(&self) -> &Arc<Shared<E>> {
+        &self.shared
+    }
+
     /// The dead letters of this bus's listeners.
     pub fn dead_letters(&self) -> DeadLetters<E> {
         DeadLetters::new(self.shared.dead_letters.clone())

@@ -395,6 +395,9 @@ mod sync;
 pub mod testing;
 mod throttle;
 
+#[cfg(all(test, loom))]
+mod loom_tests;
+
 pub use batch::{Batch, BatchError, BatchListener};
 pub use bus::{
     Builder, DEFAULT_CAPACITY, DEFAULT_DEAD_LETTER_CAPACITY, DEFAULT_FAIRNESS, EventBus,

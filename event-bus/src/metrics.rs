@@ -23,7 +23,7 @@
 //! however many subscriptions come and go. Queues that share a label add up:
 //! the depth gauge of two listeners of one name is the sum of their depths.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::event::Priority;
@@ -277,14 +277,6 @@ impl Histogram {
 /// Adds to a counter that only one thread writes: a load and a store,
 /// without the cost of an atomic read-modify-write on the hot path.
 pub(crate) fn bump(counter: &AtomicU64, by: u64) {
-    counter.store(
-        counter.load(Ordering::Relaxed).wrapping_add(by),
-        Ordering::Relaxed,
-    );
-}
-
-/// As [`bump`], for a count of events.
-pub(crate) fn bump_usize(counter: &AtomicUsize, by: usize) {
     counter.store(
         counter.load(Ordering::Relaxed).wrapping_add(by),
         Ordering::Relaxed,

@@ -19,7 +19,9 @@ use crate::envelope::Envelope;
 use crate::error::{RecvError, TryRecvError};
 use crate::event::{Event, KindSet, Priority};
 use crate::metrics::QueueExport;
-use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Mutex, Notify, Ordering, lock, wait_until};
+use crate::sync::{
+    AtomicBool, AtomicU64, AtomicUsize, Mutex, Notify, Ordering, dekker_fence, lock, wait_until,
+};
 use crate::throttle::Throttle;
 
 /// What a subscription's queue does when an event arrives and it is full.
@@ -329,6 +331,7 @@ impl<E: Event> Queue<E> {
     pub(crate) async fn room_freed(&self, register: impl FnOnce() -> bool) {
         self.room_waiters.fetch_add(1, Ordering::SeqCst);
         let _waiting = DecrementOnDrop(&self.room_waiters);
+        dekker_fence();
         let notified = self.room.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
@@ -338,6 +341,7 @@ impl<E: Event> Queue<E> {
     }
 
     fn notify_room(&self) {
+        dekker_fence();
         if self.room_waiters.load(Ordering::SeqCst) > 0 {
             self.room.notify_waiters();
         }
@@ -352,6 +356,7 @@ impl<E: Event> Queue<E> {
     /// consumer's to free, and counting them could keep a waiter asleep
     /// while the lane has room.
     fn notify_room_drained(&self, lane: usize) {
+        dekker_fence();
         if self.room_waiters.load(Ordering::SeqCst) == 0 {
             return;
         }
@@ -459,7 +464,8 @@ impl<E: Event> Queue<E> {
         if track {
             // Only the listener's task raises it; the store of `taken` below
             // publishes it.
-            crate::metrics::bump_usize(&self.in_flight, 1);
+            let in_flight = self.in_flight.load(Ordering::Relaxed);
+            self.in_flight.store(in_flight + 1, Ordering::Relaxed);
         }
         let counters = &self.lanes[lane];
         // After `in_flight` rises: whoever sees `taken` fall sees that too.

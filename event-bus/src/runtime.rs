@@ -22,7 +22,8 @@ use crate::listener::{Listener, ListenerOptions, RetryPolicy};
 use crate::metrics::{Histogram, LaneMetrics, ListenerExport, ListenerMetrics};
 use crate::queue::{Queue, QueueCounts, Receiver};
 use crate::sync::{
-    AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Mutex, Notify, Ordering, lock, wait_until,
+    AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Mutex, Notify, Ordering, dekker_fence, lock,
+    wait_until,
 };
 
 /// How long [`EventBus::shutdown`](crate::EventBus::shutdown) waits, past
@@ -75,7 +76,7 @@ impl<E: Event> Runtime<E> {
 
     /// Lists a new listener, unless the bus has closed: one spawned then
     /// never receives an event, and listing it would let the list grow.
-    fn add(&self, listener: &Arc<ListenerState<E>>) {
+    pub(crate) fn add(&self, listener: &Arc<ListenerState<E>>) {
         let mut listed = lock(&self.listeners);
         if !listed.bus_closed {
             listed.listeners.push(listener.clone());
@@ -91,6 +92,7 @@ impl<E: Event> Runtime<E> {
 
     /// Wakes `quiesce` callers to check again; free when none waits.
     fn notify_idle(&self) {
+        dekker_fence();
         if self.quiesce_waiters.load(Ordering::SeqCst) > 0 {
             self.idle.notify_waiters();
         }
@@ -208,7 +210,7 @@ pub(crate) struct ListenerCounts {
 }
 
 impl<E: Event> ListenerState<E> {
-    fn new(queue: Arc<Queue<E>>, retry: RetryPolicy) -> Self {
+    pub(crate) fn new(queue: Arc<Queue<E>>, retry: RetryPolicy) -> Self {
         let export = ListenerExport::new(&queue.name);
         Self {
             queue,
@@ -784,6 +786,7 @@ impl<E: Event> Shared<E> {
         let runtime = &self.runtime;
         runtime.quiesce_waiters.fetch_add(1, Ordering::SeqCst);
         let _waiting = DecrementOnDrop(&runtime.quiesce_waiters);
+        dekker_fence();
         loop {
             let notified = runtime.idle.notified();
             tokio::pin!(notified);

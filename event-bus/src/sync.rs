@@ -7,20 +7,32 @@
 //! quiesce code.
 
 #[cfg(not(loom))]
-pub(crate) use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+pub(crate) use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering, fence};
 #[cfg(not(loom))]
 pub(crate) use std::sync::{Mutex, MutexGuard};
 #[cfg(not(loom))]
 pub(crate) use tokio::sync::Notify;
 
 #[cfg(loom)]
-pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+pub(crate) use loom::sync::atomic::{
+    AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering, fence,
+};
 #[cfg(loom)]
 pub(crate) use loom::sync::{Mutex, MutexGuard};
 #[cfg(loom)]
 pub(crate) use loom_notify::Notify;
 
 use std::sync::PoisonError;
+
+/// The full fence between the two accesses of each side of a Dekker pair:
+/// a waiter counts itself, then checks the condition; a notifier changes
+/// the condition, then reads the count. With a sequentially consistent
+/// fence on both sides, at least one sees the other, so a waiter is never
+/// left asleep. (The accesses themselves may be relaxed; the fences carry
+/// the order, which is also what loom can check.)
+pub(crate) fn dekker_fence() {
+    fence(Ordering::SeqCst);
+}
 
 /// Locks a mutex, ignoring poisoning: no code that can panic runs while the
 /// crate's locks are held, and a poisoned lock still guards consistent data.
