@@ -391,3 +391,39 @@ async fn the_derived_batch_handler_splits_a_batch_by_kind() {
     let m = handle.metrics();
     assert_eq!((m.delivered, m.handled, m.dead_lettered), (5, 2, 3));
 }
+
+#[tokio::test(start_paused = true)]
+async fn max_wait_duration_max_waits_until_full_or_urgent_and_drains_on_close() {
+    let bus = EventBus::new();
+    let batches = Batches::default();
+    let options = ListenerOptions::new().max_batch(4).max_wait(Duration::MAX);
+    let handle = bus.spawn_batch_with(batches.clone(), options);
+
+    // A full batch goes at once.
+    for event in values(0..4) {
+        bus.emit(event);
+    }
+    within("quiesce", bus.quiesce()).await;
+    assert_eq!(batches.batches(), [(1, vec![0, 1, 2, 3])]);
+
+    // A batch that is not full waits, however long.
+    bus.emit(TestEvent::A(4));
+    turns_until("fifth event taken", || delivered(&handle) == 5).await;
+    tokio::time::advance(Duration::from_secs(365 * 24 * 3600)).await;
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(batches.sizes(), [4], "handed over before it was full");
+
+    // Until it takes a high-priority event.
+    bus.emit_with_priority(TestEvent::A(5), Priority::High);
+    turns_until("urgent batch handled", || handle.metrics().handled == 6).await;
+    assert_eq!(batches.batches()[1], (1, vec![4, 5]));
+
+    // Or the bus closes.
+    bus.emit(TestEvent::A(6));
+    let report = within("shutdown", bus.shutdown(Duration::from_secs(60))).await;
+    assert!(report.drained(), "{report}");
+    assert_eq!(batches.batches()[2], (1, vec![6]));
+    assert_eq!(handle.metrics().handled, 7);
+}

@@ -338,7 +338,9 @@ impl fmt::Debug for BatchError {
 /// in `pending` when the future of [`next`](Collector::next) is dropped.
 struct Collector<E: Event> {
     pending: Vec<Arc<Envelope<E>>>,
-    /// When the pending batch stops waiting for more.
+    /// When the pending batch stops waiting for more; `None` while nothing
+    /// is pending, or when `max_wait` reaches past the clock's range (the
+    /// batch then waits until full, urgent or closed).
     deadline: Option<tokio::time::Instant>,
     /// The pending batch holds a high-priority event: hand it over now.
     urgent: bool,
@@ -378,9 +380,11 @@ impl<E: Event> Collector<E> {
                 }
                 Err(TryRecvError::Empty) => {}
             }
+            if self.urgent {
+                return self.take();
+            }
             let next = match self.deadline {
                 None => receiver.recv(true).await,
-                Some(_) if self.urgent => return self.take(),
                 Some(deadline) => {
                     match tokio::time::timeout_at(deadline, receiver.recv(true)).await {
                         Ok(next) => next,
@@ -398,7 +402,8 @@ impl<E: Event> Collector<E> {
 
     fn add(&mut self, envelope: Arc<Envelope<E>>) {
         if self.pending.is_empty() {
-            self.deadline = Some(tokio::time::Instant::now() + self.max_wait);
+            // `Duration::MAX` is how a user says "until full".
+            self.deadline = tokio::time::Instant::now().checked_add(self.max_wait);
         }
         self.urgent |= envelope.priority() == Priority::High;
         self.pending.push(envelope);

@@ -193,6 +193,11 @@ impl ListenerOptions {
     /// Default zero: a batch is what is queued when the listener is free, so
     /// batching adds no latency and batches grow only under load. Ignored by
     /// a [`Listener`].
+    ///
+    /// [`Duration::MAX`] (or any wait too long for the clock to represent)
+    /// means "until full": a batch then goes when it holds
+    /// [`max_batch`](Self::max_batch) events, when it takes a high-priority
+    /// event, or when the bus closes, and never on a timer.
     #[must_use]
     pub fn max_wait(mut self, max_wait: Duration) -> Self {
         self.max_wait = max_wait;
