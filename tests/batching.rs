@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -318,7 +318,7 @@ enum Catalog {
     Unwatched(u64),
 }
 
-/// Through the derive: each kind's payloads in one call.
+/// Through the derive: each run of one kind's payloads in one call.
 #[derive(Clone, Default)]
 struct Indexer {
     calls: Arc<Mutex<Vec<String>>>,
@@ -331,7 +331,7 @@ impl CatalogBatchHandler for Indexer {
             .lock()
             .unwrap()
             .push(format!("published {batch:?}"));
-        // The second published event of every batch fails.
+        // The second event of every run of published events fails.
         if batch.len() > 1 {
             return Err(BatchError::event(1, "index busy"));
         }
@@ -353,7 +353,7 @@ impl CatalogBatchHandler for Indexer {
 }
 
 #[tokio::test]
-async fn the_derived_batch_handler_splits_a_batch_by_kind() {
+async fn the_derived_batch_handler_hands_each_run_of_one_kind_to_its_method_in_batch_order() {
     let bus = EventBus::new();
     let indexer = Indexer::default();
     let handle = bus.spawn_batch(indexer.clone());
@@ -365,31 +365,38 @@ async fn the_derived_batch_handler_splits_a_batch_by_kind() {
         title: "One".into(),
     });
     bus.emit(Catalog::Published(2));
+    bus.emit(Catalog::Published(3));
     bus.emit(Catalog::Cleared);
     within("quiesce", bus.quiesce()).await;
 
     assert_eq!(
         *indexer.calls.lock().unwrap(),
-        ["published [1, 2]", "cleared 2", "renamed [(1, \"One\")]",]
+        [
+            "published [1]",
+            "cleared 1",
+            "renamed [(1, \"One\")]",
+            "published [2, 3]",
+            "cleared 1",
+        ]
     );
-    // Failures map back to the events: `Published(2)` and both `Cleared`.
-    let mut failed: Vec<(Catalog, String)> = bus
+    // Failures map back to the events: the second of the run
+    // `[Published(2), Published(3)]`, and both `Cleared`.
+    let failed: Vec<(Catalog, String)> = bus
         .dead_letters()
         .snapshot()
         .iter()
         .map(|l| (l.envelope.event().clone(), l.error.clone()))
         .collect();
-    failed.sort_by_key(|(event, _)| format!("{event:?}"));
     assert_eq!(
         failed,
         [
             (Catalog::Cleared, "cache down".to_string()),
+            (Catalog::Published(3), "index busy".to_string()),
             (Catalog::Cleared, "cache down".to_string()),
-            (Catalog::Published(2), "index busy".to_string()),
         ]
     );
     let m = handle.metrics();
-    assert_eq!((m.delivered, m.handled, m.dead_lettered), (5, 2, 3));
+    assert_eq!((m.delivered, m.handled, m.dead_lettered), (6, 3, 3));
 }
 
 #[tokio::test(start_paused = true)]
@@ -426,4 +433,116 @@ async fn max_wait_duration_max_waits_until_full_or_urgent_and_drains_on_close() 
     assert!(report.drained(), "{report}");
     assert_eq!(batches.batches()[2], (1, vec![6]));
     assert_eq!(handle.metrics().handled, 7);
+}
+
+/// A key-value store's writes: the order of a key's writes decides its value.
+#[derive(Debug, Clone, PartialEq, DomainEvent)]
+enum Kv {
+    Set { key: u64, value: u64 },
+    Clear(u64),
+}
+
+/// A store fed by the derive's batch handler.
+#[derive(Clone, Default)]
+struct Store {
+    values: Arc<Mutex<HashMap<u64, u64>>>,
+    /// Every write applied, in the order applied.
+    applied: Arc<Mutex<Vec<Kv>>>,
+    /// Every call of a handler method, in the order called.
+    calls: Arc<Mutex<Vec<String>>>,
+    /// Values whose `set` fails the first time it is applied.
+    busy_once: Arc<Mutex<HashSet<u64>>>,
+}
+
+impl Store {
+    fn values(&self) -> HashMap<u64, u64> {
+        self.values.lock().unwrap().clone()
+    }
+
+    fn applied(&self) -> Vec<Kv> {
+        self.applied.lock().unwrap().clone()
+    }
+
+    fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+#[listener]
+impl KvBatchHandler for Store {
+    async fn on_set(&self, batch: &[(&u64, &u64)]) -> Result<(), BatchError> {
+        self.calls.lock().unwrap().push(format!("set {batch:?}"));
+        for (i, &(&key, &value)) in batch.iter().enumerate() {
+            if self.busy_once.lock().unwrap().remove(&value) {
+                // This write and those after it were not applied.
+                return Err(BatchError::events(i..batch.len(), "store busy"));
+            }
+            self.values.lock().unwrap().insert(key, value);
+            self.applied.lock().unwrap().push(Kv::Set { key, value });
+        }
+        Ok(())
+    }
+
+    async fn on_clear(&self, keys: &[&u64]) -> Result<(), BatchError> {
+        self.calls.lock().unwrap().push(format!("clear {keys:?}"));
+        for &&key in keys {
+            self.values.lock().unwrap().remove(&key);
+            self.applied.lock().unwrap().push(Kv::Clear(key));
+        }
+        Ok(())
+    }
+}
+
+fn set(key: u64, value: u64) -> Kv {
+    Kv::Set { key, value }
+}
+
+/// Two keys, each set, cleared and set again.
+fn writes() -> Vec<Kv> {
+    vec![
+        set(1, 10),
+        Kv::Clear(1),
+        set(1, 20),
+        set(2, 5),
+        Kv::Clear(2),
+        set(2, 7),
+    ]
+}
+
+#[tokio::test]
+async fn set_clear_set_in_one_batch_ends_with_the_last_value_stored() {
+    let bus = EventBus::new();
+    let store = Store::default();
+    bus.spawn_batch(store.clone());
+    // Emitted before the listener first runs: one batch.
+    bus.emit(set(1, 10));
+    bus.emit(Kv::Clear(1));
+    bus.emit(set(1, 20));
+    within("quiesce", bus.quiesce()).await;
+    assert_eq!(store.values(), HashMap::from([(1, 20)]));
+}
+
+#[tokio::test]
+async fn the_derived_batch_handler_handles_events_in_delivered_order_across_kinds() {
+    let bus = EventBus::new();
+    let store = Store::default();
+    let handle = bus.spawn_batch(store.clone());
+    for write in writes() {
+        bus.emit(write);
+    }
+    within("quiesce", bus.quiesce()).await;
+    assert_eq!(store.applied(), writes());
+    // One call per run of consecutive events of one kind.
+    assert_eq!(
+        store.calls(),
+        [
+            "set [(1, 10)]",
+            "clear [1]",
+            "set [(1, 20), (2, 5)]",
+            "clear [2]",
+            "set [(2, 7)]",
+        ]
+    );
+    assert_eq!(store.values(), HashMap::from([(1, 20), (2, 7)]));
+    assert_eq!(handle.metrics().handled, 6);
 }

@@ -4,7 +4,7 @@
 use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
-use std::ops::Deref;
+use std::ops::{Deref, Range};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
@@ -225,23 +225,29 @@ impl BatchError {
         self
     }
 
-    /// This error, for a part of a batch, as an error of the whole: event
-    /// `i` of the part is event `positions[i]` of the whole. Used by the
-    /// batch handlers `#[derive(DomainEvent)]` writes, which hand each kind
-    /// its own part.
+    /// This error, for the run `part` of a batch, as an error of the whole:
+    /// event `i` of the run is event `part.start + i` of the batch. Used by
+    /// the batch handlers `#[derive(DomainEvent)]` writes, which hand each
+    /// run of consecutive events of one kind to that kind's method.
     #[doc(hidden)]
     #[must_use]
-    pub fn within(self, positions: &[usize]) -> Self {
+    pub fn within(self, part: Range<usize>) -> Self {
         let failures = self
             .failures
             .into_iter()
             .map(|failure| {
                 let events = match failure.events {
-                    None => positions.to_vec(),
+                    None => part.clone().collect(),
                     Some(events) => events
                         .into_iter()
-                        // An index past the part stays past the whole.
-                        .map(|i| positions.get(i).copied().unwrap_or(usize::MAX))
+                        // An index past the run stays past the whole.
+                        .map(|i| {
+                            if i < part.len() {
+                                part.start + i
+                            } else {
+                                usize::MAX
+                            }
+                        })
                         .collect(),
                 };
                 Failure {

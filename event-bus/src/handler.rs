@@ -1,5 +1,6 @@
 //! [`Routes`] and [`BatchRoutes`]: how an event type hands each event, or
-//! each kind's part of a batch, to the method of a handler written for it.
+//! each run of one kind in a batch, to the method of a handler written for
+//! it.
 //! `#[derive(DomainEvent)]` implements them; `#[listener]` turns a handler
 //! into a [`Listener`](crate::Listener) or a
 //! [`BatchListener`](crate::BatchListener) through them.
@@ -38,8 +39,9 @@ pub trait Routes<H: ?Sized>: Event {
     ) -> impl Future<Output = Result<(), HandlerError>> + Send + 'a;
 }
 
-/// An event type that splits a batch of its events by kind and hands each
-/// kind's payloads to the matching method of a batch handler `H`.
+/// An event type that splits a batch of its events into runs of
+/// consecutive events of one kind and hands each run's payloads, in batch
+/// order, to the matching method of a batch handler `H`.
 ///
 /// `#[derive(DomainEvent)]` implements `BatchRoutes<H>` for every `H` that
 /// implements the generated batch handler trait (`AppEventBatchHandler` for
@@ -52,8 +54,9 @@ pub trait BatchRoutes<H: ?Sized>: Event + Sized {
     /// such as `"on_post_published"`; `None` for a name that is not one.
     fn kind_of(method: &str) -> Option<Self::Kind>;
 
-    /// Calls `handler`'s method of each kind in `batch` with that kind's
-    /// payloads, and maps the failures they report back to `batch`.
+    /// Calls `handler`'s method of each maximal run of one kind in `batch`
+    /// with that run's payloads, one run after the other in batch order,
+    /// and maps the failures they report back to `batch`.
     fn route_batch<'a>(
         handler: &'a H,
         batch: &'a [Arc<Envelope<Self>>],

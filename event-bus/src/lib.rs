@@ -512,12 +512,16 @@ pub use subscription::Subscription;
 /// impl<H: AppEventBatchHandler> BatchRoutes<H> for AppEvent { … }
 /// ```
 ///
-/// A batch handler method gets the payloads of its kind in a batch, in
-/// order: a newtype's payload, a struct variant's field (or a tuple of
-/// references to its fields, when it has several), or the count of a unit
-/// variant's events. A [`BatchError`] it returns names failures by their
-/// index in its slice; `dispatch_batch` splits a batch by kind, calls each
-/// kind's method once, and maps those indices back to the batch.
+/// A batch handler method gets the payloads of a run of consecutive events
+/// of its kind in a batch, in order: a newtype's payload, a struct variant's
+/// field (or a tuple of references to its fields, when it has several), or
+/// the count of a unit variant's events. `dispatch_batch` splits a batch
+/// into maximal runs of one kind and calls their methods in batch order, so
+/// the events are handled in the order they were delivered: a batch
+/// `[set(1, 10), clear(1), set(1, 20)]` is `on_set` with one payload, then
+/// `on_clear`, then `on_set` again, never both sets before the clear. A
+/// [`BatchError`] a method returns names failures by their index in its
+/// slice, and `dispatch_batch` maps those indices back to the batch.
 ///
 /// A newtype variant's helper takes `impl Into<Payload>`, so
 /// `emit_user_created(&user)` works once `From<&User> for UserEventData`
