@@ -487,14 +487,16 @@ impl Expander<'_> {
                 /// `[a, b, a]` is `a`'s method with one payload, then `b`'s,
                 /// then `a`'s again, so the events are handled in the order
                 /// they were delivered. The failures the methods report are
-                /// mapped back to `batch`.
+                /// mapped back to `batch`. When the batch's failure mode is
+                /// `BatchFailure::StopAtFirst`, no run after the first that
+                /// fails is called: the runtime retries from that failure.
                 // An enum without variants (already an error) matches nothing.
                 #[allow(unreachable_code)]
-                fn dispatch_batch(
-                    &self,
-                    batch: &[#private::Arc<#private::Envelope<#event>>],
-                ) -> #output {
+                fn dispatch_batch(&self, batch: &#private::Batch<#event>) -> #output {
                     async move {
+                        let stop_at_first = #private::Batch::failure_mode(batch)
+                            == #private::BatchFailure::StopAtFirst;
+                        let batch = #private::Batch::events(batch);
                         let kind = |envelope: &#private::Arc<#private::Envelope<#event>>| {
                             #private::EventKind::index(#private::Event::kind(envelope.event()))
                         };
@@ -516,6 +518,9 @@ impl Expander<'_> {
                                     #private::Option::Some(earlier) => earlier.and(error),
                                     #private::Option::None => error,
                                 });
+                                if stop_at_first {
+                                    break;
+                                }
                             }
                             start = end;
                         }
@@ -540,7 +545,7 @@ impl Expander<'_> {
 
                 fn route_batch<'a>(
                     handler: &'a __H,
-                    batch: &'a [#private::Arc<#private::Envelope<Self>>],
+                    batch: &'a #private::Batch<Self>,
                 ) -> impl #private::Future<Output = #private::Result<(), #private::BatchError>>
                        + ::core::marker::Send
                        + 'a {

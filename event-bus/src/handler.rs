@@ -1,15 +1,12 @@
 //! [`Routes`] and [`BatchRoutes`]: how an event type hands each event, or
 //! each run of one kind in a batch, to the method of a handler written for
-//! it.
-//! `#[derive(DomainEvent)]` implements them; `#[listener]` turns a handler
-//! into a [`Listener`](crate::Listener) or a
+//! it. `#[derive(DomainEvent)]` implements them; `#[listener]` turns a
+//! handler into a [`Listener`](crate::Listener) or a
 //! [`BatchListener`](crate::BatchListener) through them.
 
 use std::future::Future;
-use std::sync::Arc;
 
-use crate::batch::BatchError;
-use crate::envelope::Envelope;
+use crate::batch::{Batch, BatchError};
 use crate::error::HandlerError;
 use crate::event::Event;
 
@@ -56,9 +53,12 @@ pub trait BatchRoutes<H: ?Sized>: Event + Sized {
 
     /// Calls `handler`'s method of each maximal run of one kind in `batch`
     /// with that run's payloads, one run after the other in batch order,
-    /// and maps the failures they report back to `batch`.
+    /// and maps the failures they report back to `batch`. Under
+    /// [`BatchFailure::StopAtFirst`](crate::BatchFailure::StopAtFirst) it
+    /// calls no run after the first that
+    /// fails.
     fn route_batch<'a>(
         handler: &'a H,
-        batch: &'a [Arc<Envelope<Self>>],
+        batch: &'a Batch<Self>,
     ) -> impl Future<Output = Result<(), BatchError>> + Send + 'a;
 }
