@@ -386,16 +386,15 @@ impl Expander<'_> {
 }
 
 impl Expander<'_> {
-    /// The batch handler trait: one `on_*` method per variant, taking every
-    /// payload of that kind in a batch, and `dispatch_batch`, which splits a
-    /// batch by kind.
+    /// The batch handler trait: one `on_*` method per variant, taking the
+    /// payloads of a run of events of that kind, and `dispatch_batch`, which
+    /// splits a batch into such runs.
     fn batch_handler(&self) -> TokenStream {
         let Self { private, event, .. } = self;
         let vis = self.input.vis;
         let batch_handler = self.input.batch_handler_ident();
         let result = quote!(#private::Result<(), #private::BatchError>);
         let output = quote!(impl #private::Future<Output = #result> + ::core::marker::Send);
-        let kinds = self.input.variants.len();
         let methods = self.input.variants.iter().filter_map(|v| {
             let ident = v.ident;
             let method = on_method(v);
@@ -414,11 +413,11 @@ impl Expander<'_> {
             };
             let doc = match &v.shape {
                 Shape::Unit => format!(
-                    "Handles the `count` events `{}` ([`{event}::{ident}`]) of a batch. Unless implemented, does nothing, and a `#[listener]` is not subscribed to it.",
+                    "Handles a run of `count` consecutive events `{}` ([`{event}::{ident}`]) of a batch. Unless implemented, does nothing, and a `#[listener]` is not subscribed to it.",
                     v.name()
                 ),
                 _ => format!(
-                    "Handles the payloads of the events `{}` ([`{event}::{ident}`]) of a batch, in order; a `BatchError` names failed ones by their index in `batch`. Unless implemented, does nothing, and a `#[listener]` is not subscribed to it.",
+                    "Handles the payloads of a run of consecutive events `{}` ([`{event}::{ident}`]) of a batch, in order; a `BatchError` names failed ones by their index in `batch`. Unless implemented, does nothing, and a `#[listener]` is not subscribed to it.",
                     v.name()
                 ),
             };
@@ -430,24 +429,19 @@ impl Expander<'_> {
                 }
             })
         });
+        // Each arm handles `run`, a run of events of its variant's kind.
         let arms = self.input.variants.iter().map(|v| {
             let ident = v.ident;
             let method = on_method(v);
-            let (pattern, item, call) = match &v.shape {
-                Shape::Unit => (
-                    quote!(#event::#ident),
-                    quote!(()),
-                    quote!(self.#method(positions.len()).await),
-                ),
-                Shape::Newtype(_) => (
-                    quote!(#event::#ident(ref __data)),
-                    quote!(__data),
-                    quote!(self.#method(&items).await),
-                ),
+            let (pattern, item) = match &v.shape {
+                Shape::Unit => {
+                    return quote!(#event::#ident => self.#method(run.len()).await);
+                }
+                Shape::Newtype(_) => (quote!(#event::#ident(ref __data)), quote!(__data)),
                 Shape::Struct(fields) => {
                     let names: Vec<_> = fields.iter().map(|(name, _)| name).collect();
-                    // Bound under names of their own, so that a field called
-                    // `position` cannot shadow the closure's.
+                    // Bound under names of their own, so that a field cannot
+                    // shadow the dispatcher's variables.
                     let bound: Vec<Ident> = names
                         .iter()
                         .map(|name| format_ident!("__field_{}", name))
@@ -457,11 +451,7 @@ impl Expander<'_> {
                     } else {
                         quote!((#(#bound),*))
                     };
-                    (
-                        quote!(#event::#ident { #(#names: ref #bound),* }),
-                        item,
-                        quote!(self.#method(&items).await),
-                    )
+                    (quote!(#event::#ident { #(#names: ref #bound),* }), item)
                 }
                 Shape::Tuple(_) => {
                     return quote!(#event::#ident(..) => #private::Result::Ok(()));
@@ -469,22 +459,19 @@ impl Expander<'_> {
             };
             quote! {
                 #event::#ident { .. } => {
-                    let (positions, items): (#private::Vec<usize>, #private::Vec<_>) = batch
+                    let items: #private::Vec<_> = run
                         .iter()
-                        .enumerate()
-                        .skip(first)
-                        .filter_map(|(__position, __envelope)| match *__envelope.event() {
-                            #pattern => #private::Option::Some((__position, #item)),
+                        .filter_map(|__envelope| match *__envelope.event() {
+                            #pattern => #private::Option::Some(#item),
                             _ => #private::Option::None,
                         })
-                        .unzip();
-                    let _ = &items;
-                    #call.map_err(|error| error.within(&positions))
+                        .collect();
+                    self.#method(&items).await
                 }
             }
         });
         let doc = format!(
-            "Handles [`{event}`]s in batches: one `on_*` method per variant, each taking that kind's payloads of a batch and doing nothing until implemented.\n\n\
+            "Handles [`{event}`]s in batches: one `on_*` method per variant, each taking the payloads of a run of consecutive events of its kind in a batch and doing nothing until implemented. The runs are handed over in batch order, so events are handled in the order they were delivered.\n\n\
              Implement the methods for the events a listener wants in an `impl` block marked \
              `#[event_bus::listener]`; the listener is then a `BatchListener` subscribed to \
              exactly those kinds, to be spawned with `EventBus::spawn_batch`."
@@ -495,32 +482,47 @@ impl Expander<'_> {
             #vis trait #batch_handler: ::core::marker::Send + ::core::marker::Sync + 'static {
                 #(#methods)*
 
-                /// Splits `batch` by kind, in the order kinds first appear,
-                /// and calls each kind's method with its payloads; the
-                /// failures they report are mapped back to `batch`.
+                /// Calls the method of each run of consecutive events of one
+                /// kind in `batch`, in batch order, with that run's payloads:
+                /// `[a, b, a]` is `a`'s method with one payload, then `b`'s,
+                /// then `a`'s again, so the events are handled in the order
+                /// they were delivered. The failures the methods report are
+                /// mapped back to `batch`. When the batch's failure mode is
+                /// `BatchFailure::StopAtFirst`, no run after the first that
+                /// fails is called: the runtime retries from that failure.
                 // An enum without variants (already an error) matches nothing.
                 #[allow(unreachable_code)]
-                fn dispatch_batch(
-                    &self,
-                    batch: &[#private::Arc<#private::Envelope<#event>>],
-                ) -> #output {
+                fn dispatch_batch(&self, batch: &#private::Batch<#event>) -> #output {
                     async move {
-                        let mut seen = [false; #kinds];
+                        let stop_at_first = #private::Batch::failure_mode(batch)
+                            == #private::BatchFailure::StopAtFirst;
+                        let batch = #private::Batch::events(batch);
+                        let kind = |envelope: &#private::Arc<#private::Envelope<#event>>| {
+                            #private::EventKind::index(#private::Event::kind(envelope.event()))
+                        };
                         let mut failures: #private::Option<#private::BatchError> = #private::Option::None;
-                        for (first, envelope) in batch.iter().enumerate() {
-                            let kind = #private::EventKind::index(#private::Event::kind(envelope.event()));
-                            if ::core::mem::replace(&mut seen[kind], true) {
-                                continue;
-                            }
-                            let outcome: #result = match *envelope.event() {
+                        let mut start = 0;
+                        while start < batch.len() {
+                            let first = kind(&batch[start]);
+                            let end = batch[start..]
+                                .iter()
+                                .position(|envelope| kind(envelope) != first)
+                                .map_or(batch.len(), |len| start + len);
+                            let run = &batch[start..end];
+                            let outcome: #result = match *run[0].event() {
                                 #(#arms,)*
                             };
                             if let #private::Result::Err(error) = outcome {
+                                let error = error.within(start..end);
                                 failures = #private::Option::Some(match failures {
                                     #private::Option::Some(earlier) => earlier.and(error),
                                     #private::Option::None => error,
                                 });
+                                if stop_at_first {
+                                    break;
+                                }
                             }
+                            start = end;
                         }
                         match failures {
                             #private::Option::Some(error) => #private::Result::Err(error),
@@ -543,7 +545,7 @@ impl Expander<'_> {
 
                 fn route_batch<'a>(
                     handler: &'a __H,
-                    batch: &'a [#private::Arc<#private::Envelope<Self>>],
+                    batch: &'a #private::Batch<Self>,
                 ) -> impl #private::Future<Output = #private::Result<(), #private::BatchError>>
                        + ::core::marker::Send
                        + 'a {

@@ -1,10 +1,11 @@
-//! Batching listeners: [`BatchListener`], the [`Batch`] it is handed and the
-//! [`BatchError`] that says which of its events failed.
+//! Batching listeners: [`BatchListener`], the [`Batch`] it is handed, the
+//! [`BatchError`] that says which of its events failed, and the
+//! [`BatchFailure`] mode that says how those are retried.
 
 use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
-use std::ops::Deref;
+use std::ops::{Deref, Range};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
@@ -27,9 +28,16 @@ use crate::runtime::{Supervisor, panicked};
 /// The runtime hands it up to [`max_batch`](ListenerOptions::max_batch)
 /// events at once: whatever its queue holds when it is free, and, with a
 /// [`max_wait`](ListenerOptions::max_wait), whatever else arrives until that
-/// long after the batch's first event. A batch is in the order the queue
-/// hands events out: by priority, then emit order. A high-priority event
-/// ends the wait at once.
+/// long after the batch's first event. A high-priority event ends the wait
+/// at once.
+///
+/// A batch is in the order the queue hands events out: the highest priority
+/// first, except that the [fairness bound](ListenerOptions::fairness) lets a
+/// waiting lower-priority event go after at most that many higher ones (see
+/// [Priority](crate#priority)), and events of one priority in emit order.
+/// The queue orders what it holds at the moment it is asked, so an event
+/// that arrives while a batch is being collected goes after the events
+/// already collected, whatever its priority.
 ///
 /// # Failures
 ///
@@ -37,16 +45,36 @@ use crate::runtime::{Supervisor, panicked};
 ///
 /// - `Ok(())`: every event of the batch was handled.
 /// - an error naming events ([`BatchError::event`], [`BatchError::events`]):
-///   those failed and every other event of the batch was handled;
+///   those failed and every other event of the batch was handled (under
+///   [`BatchFailure::StopAtFirst`], only the events before the first of
+///   them count as handled);
 /// - any other error (`?` on any error type, [`BatchError::all`]), or a
 ///   panic: the whole batch failed.
 ///
-/// Failed events are retried together, as a smaller batch, per the
-/// listener's [`RetryPolicy`](crate::RetryPolicy); those still failing after
-/// the last attempt become dead letters, one per event, each with its own
-/// error. Counters count events, not batches: `failed`, `retried`,
+/// The listener's [`batch_failure`](ListenerOptions::batch_failure) mode
+/// decides what is retried, per its [`RetryPolicy`](crate::RetryPolicy):
+///
+/// - [`BatchFailure::Independent`] (the default): the failed events are
+///   retried together, as a smaller batch in their batch order, after the
+///   events that followed them in the batch were handled. Those still
+///   failing after the last attempt become dead letters, one per event,
+///   each with its own error.
+/// - [`BatchFailure::StopAtFirst`]: the events before the first failed one
+///   are handled; that event and every event after it, in order, are the
+///   next attempt, whatever the handler reported for the later ones. When
+///   the first failed event has had every attempt, it becomes a dead letter
+///   and the events after it go on as a new batch, at attempt 1. Events are
+///   handled in the order the batch holds them.
+///
+/// With the default concurrency of 1, the listener waits out a retry's
+/// backoff before its next batch, so no later batch overtakes a retried
+/// event. Counters count events, not batches: `failed`, `retried`,
 /// `dead_lettered` and `handled` in the listener's
-/// [metrics](crate::metrics::ListenerMetrics) add up as for a `Listener`.
+/// [metrics](crate::metrics::ListenerMetrics) add up as for a `Listener`
+/// (`failed == retried + dead_lettered`, and every delivered event ends
+/// handled or dead-lettered, once). Under `StopAtFirst` a failed attempt
+/// counts one failed event, the first: the events after it were not
+/// attempted.
 ///
 /// # Examples
 ///
@@ -105,14 +133,62 @@ pub trait BatchListener<E: Event>: Send + Sync + 'static {
     /// Handles one batch (never empty).
     ///
     /// With the default concurrency of 1, calls are sequential. A retry
-    /// hands over the events that failed, in the same order, with
-    /// [`Batch::attempt`] raised.
+    /// hands over, in the same order and with [`Batch::attempt`] raised, the
+    /// events that failed ([`BatchFailure::Independent`]) or the first
+    /// failed event and every event after it ([`BatchFailure::StopAtFirst`],
+    /// which [`Batch::failure_mode`] tells: a handler in that mode may stop
+    /// at its first failure and name only it).
     fn handle_batch(&self, batch: &Batch<E>)
     -> impl Future<Output = Result<(), BatchError>> + Send;
 }
 
+/// How a [`BatchListener`]'s partly failed batch is retried: which events
+/// count as handled, and which go again. Set with
+/// [`ListenerOptions::batch_failure`].
+///
+/// # Examples
+///
+/// A store whose writes must apply in order retries from its first failed
+/// write:
+///
+/// ```
+/// use event_bus::{BatchFailure, ListenerOptions, RetryPolicy};
+///
+/// let options = ListenerOptions::new()
+///     .batch_failure(BatchFailure::StopAtFirst)
+///     .retry(RetryPolicy::exponential(5));
+/// # let _ = options;
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum BatchFailure {
+    /// Each event stands alone. The events the handler did not name are
+    /// handled; the failed ones are retried together, as a smaller batch in
+    /// their batch order, after the events that followed them were handled;
+    /// each one still failing after the last attempt becomes a dead letter.
+    /// For events that do not depend on each other, such as documents of
+    /// distinct rows. The default.
+    #[default]
+    Independent,
+    /// Events are handled in batch order, a failure included. The events
+    /// before the first failed one (the lowest index the error names) are
+    /// handled; that event and every event after it, in order, are the next
+    /// attempt. When the first failed event has had every attempt of the
+    /// [`RetryPolicy`](crate::RetryPolicy), it becomes a dead letter and the
+    /// events after it go on as a new batch, at attempt 1. An error for the
+    /// whole batch, or a panic, is a failure of its first event.
+    ///
+    /// For writes whose order matters (set, clear, set of one key). The
+    /// derived batch handler calls no run of events after the first that
+    /// fails; a hand-written one may stop at its first failure too, since
+    /// what it reports about the events after it is not read. One that goes
+    /// on past its failure is handed those events again: they count once,
+    /// but its side effects on them happen twice.
+    StopAtFirst,
+}
+
 /// The events a [`BatchListener`] handles in one call: a slice of envelopes,
-/// in the order the queue handed them out.
+/// in the order the queue handed them out, with the attempt this is and the
+/// listener's [`BatchFailure`] mode.
 ///
 /// Dereferences to `[Arc<Envelope<E>>]`; a [`BatchError`] names failed
 /// events by their index in it.
@@ -120,19 +196,43 @@ pub trait BatchListener<E: Event>: Send + Sync + 'static {
 pub struct Batch<E> {
     events: Vec<Arc<Envelope<E>>>,
     attempt: u32,
+    failure_mode: BatchFailure,
 }
 
 impl<E> Batch<E> {
-    /// A first attempt at `events`: for testing a batch listener's handler
-    /// directly.
+    /// A first attempt at `events`, in the default
+    /// [`BatchFailure::Independent`] mode: for testing a batch listener's
+    /// handler directly.
     pub fn new(events: Vec<Arc<Envelope<E>>>) -> Self {
-        Self { events, attempt: 1 }
+        Self {
+            events,
+            attempt: 1,
+            failure_mode: BatchFailure::default(),
+        }
     }
 
-    /// Which attempt this is at these events: 1 at first, 2 on the first
-    /// retry.
+    /// This batch in failure mode `mode`: for testing how a handler behaves
+    /// in it.
+    #[must_use]
+    pub fn with_failure_mode(mut self, mode: BatchFailure) -> Self {
+        self.failure_mode = mode;
+        self
+    }
+
+    /// Which attempt this is: 1 at first, 2 on the first retry.
+    ///
+    /// Under [`BatchFailure::Independent`] it is the attempt at every event
+    /// of the batch. Under [`BatchFailure::StopAtFirst`] it is the attempt
+    /// at the batch's first event; the events after it are at their first
+    /// attempt, since those that followed a failure were not attempted.
     pub fn attempt(&self) -> u32 {
         self.attempt
+    }
+
+    /// How a failure of this batch is retried: the listener's
+    /// [`batch_failure`](ListenerOptions::batch_failure).
+    pub fn failure_mode(&self) -> BatchFailure {
+        self.failure_mode
     }
 
     /// The batch's events.
@@ -225,23 +325,29 @@ impl BatchError {
         self
     }
 
-    /// This error, for a part of a batch, as an error of the whole: event
-    /// `i` of the part is event `positions[i]` of the whole. Used by the
-    /// batch handlers `#[derive(DomainEvent)]` writes, which hand each kind
-    /// its own part.
+    /// This error, for the run `part` of a batch, as an error of the whole:
+    /// event `i` of the run is event `part.start + i` of the batch. Used by
+    /// the batch handlers `#[derive(DomainEvent)]` writes, which hand each
+    /// run of consecutive events of one kind to that kind's method.
     #[doc(hidden)]
     #[must_use]
-    pub fn within(self, positions: &[usize]) -> Self {
+    pub fn within(self, part: Range<usize>) -> Self {
         let failures = self
             .failures
             .into_iter()
             .map(|failure| {
                 let events = match failure.events {
-                    None => positions.to_vec(),
+                    None => part.clone().collect(),
                     Some(events) => events
                         .into_iter()
-                        // An index past the part stays past the whole.
-                        .map(|i| positions.get(i).copied().unwrap_or(usize::MAX))
+                        // An index past the run stays past the whole.
+                        .map(|i| {
+                            if i < part.len() {
+                                part.start + i
+                            } else {
+                                usize::MAX
+                            }
+                        })
                         .collect(),
                 };
                 Failure {
@@ -338,13 +444,16 @@ impl fmt::Debug for BatchError {
 /// in `pending` when the future of [`next`](Collector::next) is dropped.
 struct Collector<E: Event> {
     pending: Vec<Arc<Envelope<E>>>,
-    /// When the pending batch stops waiting for more.
+    /// When the pending batch stops waiting for more; `None` while nothing
+    /// is pending, or when `max_wait` reaches past the clock's range (the
+    /// batch then waits until full, urgent or closed).
     deadline: Option<tokio::time::Instant>,
     /// The pending batch holds a high-priority event: hand it over now.
     urgent: bool,
     closed: bool,
     max_batch: usize,
     max_wait: std::time::Duration,
+    failure_mode: BatchFailure,
 }
 
 impl<E: Event> Collector<E> {
@@ -356,11 +465,12 @@ impl<E: Event> Collector<E> {
             closed: false,
             max_batch: options.max_batch,
             max_wait: options.max_wait,
+            failure_mode: options.batch_failure,
         }
     }
 
     /// The next batch, or `None` once the queue is closed and drained.
-    async fn next(&mut self, receiver: &mut Receiver<E>) -> Option<Vec<Arc<Envelope<E>>>> {
+    async fn next(&mut self, receiver: &mut Receiver<E>) -> Option<Batch<E>> {
         loop {
             if self.pending.len() >= self.max_batch || self.closed {
                 return self.take();
@@ -378,17 +488,25 @@ impl<E: Event> Collector<E> {
                 }
                 Err(TryRecvError::Empty) => {}
             }
-            let next = match self.deadline {
-                None => receiver.recv(true).await,
-                // A shutting-down bus waits for no batch to fill up.
-                Some(_) if self.urgent || receiver.queue.is_draining() => return self.take(),
-                Some(deadline) => {
-                    let queue = receiver.queue.clone();
-                    tokio::select! {
-                        next = receiver.recv(true) => next,
-                        () = tokio::time::sleep_until(deadline) => return self.take(),
-                        () = queue.draining() => return self.take(),
+            // A shutting-down bus waits for no batch to fill up.
+            if self.urgent || (!self.pending.is_empty() && receiver.queue.is_draining()) {
+                return self.take();
+            }
+            let next = if self.pending.is_empty() {
+                receiver.recv(true).await
+            } else {
+                let queue = receiver.queue.clone();
+                let deadline = self.deadline;
+                let waited_out = async move {
+                    match deadline {
+                        Some(deadline) => tokio::time::sleep_until(deadline).await,
+                        None => std::future::pending().await,
                     }
+                };
+                tokio::select! {
+                    next = receiver.recv(true) => next,
+                    () = waited_out => return self.take(),
+                    () = queue.draining() => return self.take(),
                 }
             };
             match next {
@@ -401,22 +519,24 @@ impl<E: Event> Collector<E> {
 
     fn add(&mut self, envelope: Arc<Envelope<E>>) {
         if self.pending.is_empty() {
-            self.deadline = Some(tokio::time::Instant::now() + self.max_wait);
+            // `Duration::MAX` is how a user says "until full".
+            self.deadline = tokio::time::Instant::now().checked_add(self.max_wait);
         }
         self.urgent |= envelope.priority() == Priority::High;
         self.pending.push(envelope);
     }
 
-    fn take(&mut self) -> Option<Vec<Arc<Envelope<E>>>> {
+    fn take(&mut self) -> Option<Batch<E>> {
         self.deadline = None;
         self.urgent = false;
         if self.pending.is_empty() {
             return None;
         }
-        Some(std::mem::replace(
+        let events = std::mem::replace(
             &mut self.pending,
             Vec::with_capacity(self.max_batch.min(1024)),
-        ))
+        );
+        Some(Batch::new(events).with_failure_mode(self.failure_mode))
     }
 }
 
@@ -459,31 +579,29 @@ impl<E: Event, L: BatchListener<E>> Supervisor<E, L> {
         self.ended();
     }
 
-    async fn process_batch(&self, events: Vec<Arc<Envelope<E>>>) {
-        let count = events.len();
+    async fn process_batch(&self, batch: Batch<E>) {
+        let count = batch.len();
         let span = tracing::info_span!(
             "event_bus.handle_batch",
             listener = %self.name(),
             events = count,
         );
         if span.is_disabled() {
-            self.attempt_batch(events).await;
+            self.attempt_batch(batch).await;
         } else {
-            for envelope in &events {
+            for envelope in &batch {
                 span.follows_from(envelope.span());
             }
-            self.attempt_batch(events).instrument(span).await;
+            self.attempt_batch(batch).instrument(span).await;
         }
         self.complete(count);
     }
 
-    async fn attempt_batch(&self, events: Vec<Arc<Envelope<E>>>) {
-        let retry = self.state.retry;
+    async fn attempt_batch(&self, mut batch: Batch<E>) {
         let mut started = Instant::now();
-        for envelope in &events {
+        for envelope in &batch {
             self.waited(envelope, started);
         }
-        let mut batch = Batch::new(events);
         loop {
             let outcome = AssertUnwindSafe(self.listener.handle_batch(&batch))
                 .catch_unwind()
@@ -497,46 +615,143 @@ impl<E: Event, L: BatchListener<E>> Supervisor<E, L> {
                 Ok(Err(error)) => (error.resolve(batch.len()), false),
                 Err(payload) => (vec![Some(panicked(&*payload)); batch.len()], true),
             };
-            let total = batch.len();
-            let (failed, errors): (Vec<_>, Vec<_>) = batch
-                .events
-                .into_iter()
-                .zip(errors)
-                .filter_map(|(envelope, error)| error.map(|error| (envelope, error)))
-                .unzip();
-            self.handled(total - failed.len());
-            if batch.attempt < retry.max_attempts() {
-                let delay = retry.delay(batch.attempt);
-                tracing::warn!(
-                    listener = %self.name(),
-                    events = total,
-                    failed = failed.len(),
-                    attempt = batch.attempt,
-                    retry_in = ?delay,
-                    error = %errors[0],
-                    "batch handler failed; retrying the events that failed",
-                );
-                self.retried(failed.len(), if panicked { failed.len() } else { 0 });
+            let next = match batch.failure_mode {
+                BatchFailure::Independent => self.retry_failed(batch, errors, panicked),
+                BatchFailure::StopAtFirst => self.retry_from_first(batch, errors, panicked),
+            };
+            let Some(Next { batch: next, delay }) = next else {
+                return;
+            };
+            if let Some(delay) = delay {
                 tokio::time::sleep(delay).await;
-                batch = Batch {
-                    events: failed,
-                    attempt: batch.attempt + 1,
-                };
-                started = Instant::now();
-                continue;
             }
-            tracing::error!(
+            batch = next;
+            started = Instant::now();
+        }
+    }
+
+    /// [`BatchFailure::Independent`]: counts the events `errors` fails and
+    /// the others handled, and retries the failed ones together, or records
+    /// them as dead letters after the last attempt.
+    fn retry_failed(
+        &self,
+        batch: Batch<E>,
+        errors: Vec<Option<String>>,
+        panicked: bool,
+    ) -> Option<Next<E>> {
+        let retry = self.state.retry;
+        let total = batch.len();
+        let (failed, errors): (Vec<_>, Vec<_>) = batch
+            .events
+            .into_iter()
+            .zip(errors)
+            .filter_map(|(envelope, error)| error.map(|error| (envelope, error)))
+            .unzip();
+        self.handled(total - failed.len());
+        if batch.attempt < retry.max_attempts() {
+            let delay = retry.delay(batch.attempt);
+            tracing::warn!(
                 listener = %self.name(),
                 events = total,
                 failed = failed.len(),
-                attempts = batch.attempt,
+                attempt = batch.attempt,
+                retry_in = ?delay,
                 error = %errors[0],
-                "batch handler failed; recorded a dead letter per failed event",
+                "batch handler failed; retrying the events that failed",
             );
-            for (envelope, error) in failed.into_iter().zip(errors) {
-                self.dead_letter(envelope, error, batch.attempt, panicked);
-            }
-            return;
+            self.retried(failed.len(), if panicked { failed.len() } else { 0 });
+            return Some(Next {
+                batch: Batch {
+                    events: failed,
+                    attempt: batch.attempt + 1,
+                    failure_mode: batch.failure_mode,
+                },
+                delay: Some(delay),
+            });
         }
+        tracing::error!(
+            listener = %self.name(),
+            events = total,
+            failed = failed.len(),
+            attempts = batch.attempt,
+            error = %errors[0],
+            "batch handler failed; recorded a dead letter per failed event",
+        );
+        for (envelope, error) in failed.into_iter().zip(errors) {
+            self.dead_letter(envelope, error, batch.attempt, panicked);
+        }
+        None
     }
+
+    /// [`BatchFailure::StopAtFirst`]: counts the events before the first
+    /// that `errors` fails handled, and that one failed; retries it and the
+    /// events after it, or records it as a dead letter after its last
+    /// attempt and goes on with the events after it.
+    fn retry_from_first(
+        &self,
+        mut batch: Batch<E>,
+        errors: Vec<Option<String>>,
+        panicked: bool,
+    ) -> Option<Next<E>> {
+        let retry = self.state.retry;
+        let total = batch.len();
+        // `resolve` and a panic fail at least one event; were there none,
+        // failing the first keeps every event unhandled rather than lost.
+        let (first, error) = errors
+            .into_iter()
+            .enumerate()
+            .find_map(|(i, error)| Some((i, error?)))
+            .unwrap_or_else(|| (0, "batch handler failed".to_owned()));
+        // The batch's attempt is its first event's; the events after it
+        // were not attempted before this call.
+        let attempt = if first == 0 { batch.attempt } else { 1 };
+        let mut rest = batch.events.split_off(first);
+        self.handled(first);
+        if attempt < retry.max_attempts() {
+            let delay = retry.delay(attempt);
+            tracing::warn!(
+                listener = %self.name(),
+                events = total,
+                handled = first,
+                attempt,
+                retry_in = ?delay,
+                error = %error,
+                "batch handler failed; retrying from the first event that failed, in order",
+            );
+            self.retried(1, usize::from(panicked));
+            return Some(Next {
+                batch: Batch {
+                    events: rest,
+                    attempt: attempt + 1,
+                    failure_mode: batch.failure_mode,
+                },
+                delay: Some(delay),
+            });
+        }
+        tracing::error!(
+            listener = %self.name(),
+            events = total,
+            handled = first,
+            attempts = attempt,
+            error = %error,
+            "batch handler failed; recorded a dead letter for the first event that failed, going on with those after it",
+        );
+        let envelope = rest.remove(0);
+        self.dead_letter(envelope, error, attempt, panicked);
+        (!rest.is_empty()).then(|| Next {
+            batch: Batch {
+                events: rest,
+                attempt: 1,
+                failure_mode: batch.failure_mode,
+            },
+            delay: None,
+        })
+    }
+}
+
+/// What a failed attempt leaves to do: `batch` again, after `delay` (none
+/// for events that were not attempted yet).
+struct Next<E> {
+    batch: Batch<E>,
+    delay: Option<std::time::Duration>,
 }

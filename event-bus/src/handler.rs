@@ -1,14 +1,12 @@
 //! [`Routes`] and [`BatchRoutes`]: how an event type hands each event, or
-//! each kind's part of a batch, to the method of a handler written for it.
-//! `#[derive(DomainEvent)]` implements them; `#[listener]` turns a handler
-//! into a [`Listener`](crate::Listener) or a
+//! each run of one kind in a batch, to the method of a handler written for
+//! it. `#[derive(DomainEvent)]` implements them; `#[listener]` turns a
+//! handler into a [`Listener`](crate::Listener) or a
 //! [`BatchListener`](crate::BatchListener) through them.
 
 use std::future::Future;
-use std::sync::Arc;
 
-use crate::batch::BatchError;
-use crate::envelope::Envelope;
+use crate::batch::{Batch, BatchError};
 use crate::error::HandlerError;
 use crate::event::Event;
 
@@ -38,8 +36,9 @@ pub trait Routes<H: ?Sized>: Event {
     ) -> impl Future<Output = Result<(), HandlerError>> + Send + 'a;
 }
 
-/// An event type that splits a batch of its events by kind and hands each
-/// kind's payloads to the matching method of a batch handler `H`.
+/// An event type that splits a batch of its events into runs of
+/// consecutive events of one kind and hands each run's payloads, in batch
+/// order, to the matching method of a batch handler `H`.
 ///
 /// `#[derive(DomainEvent)]` implements `BatchRoutes<H>` for every `H` that
 /// implements the generated batch handler trait (`AppEventBatchHandler` for
@@ -52,10 +51,14 @@ pub trait BatchRoutes<H: ?Sized>: Event + Sized {
     /// such as `"on_post_published"`; `None` for a name that is not one.
     fn kind_of(method: &str) -> Option<Self::Kind>;
 
-    /// Calls `handler`'s method of each kind in `batch` with that kind's
-    /// payloads, and maps the failures they report back to `batch`.
+    /// Calls `handler`'s method of each maximal run of one kind in `batch`
+    /// with that run's payloads, one run after the other in batch order,
+    /// and maps the failures they report back to `batch`. Under
+    /// [`BatchFailure::StopAtFirst`](crate::BatchFailure::StopAtFirst) it
+    /// calls no run after the first that
+    /// fails.
     fn route_batch<'a>(
         handler: &'a H,
-        batch: &'a [Arc<Envelope<Self>>],
+        batch: &'a Batch<Self>,
     ) -> impl Future<Output = Result<(), BatchError>> + Send + 'a;
 }

@@ -223,19 +223,36 @@
 //! with [`EventBus::spawn_batch_with`], it is handed up to
 //! [`ListenerOptions::max_batch`] events: what its queue holds when it is
 //! free, and, with a [`ListenerOptions::max_wait`], whatever else arrives
-//! until that long after the batch's first event. A high-priority event ends
-//! the wait. A batch is in the order the queue hands events out.
+//! until that long after the batch's first event
+//! ([`Duration::MAX`](std::time::Duration::MAX): until the batch is full). A high-priority event ends the wait. A batch is in the
+//! order the queue hands events out (see [Priority](#priority)): the highest
+//! priority first, within the fairness bound, and an event that arrives
+//! while a batch is being collected goes after the events already collected.
 //!
 //! The handler says which events failed: `Ok(())` handles the whole batch;
 //! an error naming events ([`BatchError::event`], [`BatchError::events`])
-//! fails only those, and the rest are handled; any other error (`?`) or a
-//! panic fails the whole batch. Failed events are retried together, as a
-//! smaller batch, per the listener's [`RetryPolicy`]; each one still failing
-//! after the last attempt becomes its own [`DeadLetter`]. Metrics count
-//! events, not batches.
+//! fails those; any other error (`?`) or a panic fails the whole batch. The
+//! listener's [`ListenerOptions::batch_failure`] says what is retried, per
+//! its [`RetryPolicy`]:
+//!
+//! - [`BatchFailure::Independent`] (the default): the events not named are
+//!   handled; the failed ones are retried together, as a smaller batch in
+//!   their batch order, after the events that followed them were handled.
+//!   Each one still failing after the last attempt becomes its own
+//!   [`DeadLetter`].
+//! - [`BatchFailure::StopAtFirst`]: the events before the first failed one
+//!   are handled; that event and every event after it are retried, in
+//!   order. After its last attempt the first failed event becomes a
+//!   [`DeadLetter`] and the events after it go on as a new batch. With
+//!   concurrency 1, events are handled in the order they were delivered.
+//!
+//! Metrics count events, not batches: every delivered event ends handled or
+//! dead-lettered, once, and `failed == retried + dead_lettered`.
 //!
 //! The derive writes a batch handler trait too (`AppEventBatchHandler`),
-//! whose methods take the payloads of one kind in a batch; `#[listener]` on
+//! whose methods take the payloads of a run of consecutive events of one
+//! kind; it calls them run after run, in batch order, and under
+//! `StopAtFirst` calls no run after the first that fails. `#[listener]` on
 //! an impl of it makes a `BatchListener`.
 //!
 //! ```
@@ -275,6 +292,67 @@
 //! let metrics = indexer.metrics();
 //! assert_eq!((metrics.handled, metrics.dead_lettered), (99, 1));
 //! assert_eq!(bus.dead_letters().take()[0].attempts, 2);
+//! # }
+//! ```
+//!
+//! Writes whose order matters retry from their first failure:
+//!
+//! ```
+//! # use event_bus::{BatchError, BatchFailure, DomainEvent, EventBus, ListenerOptions, RetryPolicy, listener};
+//! # use std::collections::HashMap;
+//! # use std::sync::atomic::{AtomicBool, Ordering};
+//! # use std::sync::{Arc, Mutex};
+//! #[derive(Debug, DomainEvent)]
+//! enum Kv {
+//!     Set { key: u64, value: u64 },
+//!     Clear(u64),
+//! }
+//!
+//! #[derive(Clone, Default)]
+//! struct Store {
+//!     values: Arc<Mutex<HashMap<u64, u64>>>,
+//!     was_busy: Arc<AtomicBool>,
+//! }
+//!
+//! #[listener]
+//! impl KvBatchHandler for Store {
+//!     async fn on_set(&self, writes: &[(&u64, &u64)]) -> Result<(), BatchError> {
+//!         for (at, &(&key, &value)) in writes.iter().enumerate() {
+//!             // Busy once, at `value: 20`. Under `StopAtFirst` the handler
+//!             // may stop at its first failure: nothing after it counts.
+//!             if value == 20 && !self.was_busy.swap(true, Ordering::Relaxed) {
+//!                 return Err(BatchError::event(at, "store busy"));
+//!             }
+//!             self.values.lock().unwrap().insert(key, value);
+//!         }
+//!         Ok(())
+//!     }
+//!
+//!     async fn on_clear(&self, keys: &[&u64]) -> Result<(), BatchError> {
+//!         for key in keys {
+//!             self.values.lock().unwrap().remove(key);
+//!         }
+//!         Ok(())
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() {
+//! let bus = EventBus::new();
+//! let store = Store::default();
+//! let options = ListenerOptions::new()
+//!     .batch_failure(BatchFailure::StopAtFirst)
+//!     .retry(RetryPolicy::exponential(3));
+//! bus.spawn_batch_with(store.clone(), options);
+//! bus.emit(Kv::Set { key: 1, value: 10 });
+//! bus.emit(Kv::Set { key: 1, value: 20 }); // fails once
+//! bus.emit(Kv::Clear(1));
+//! bus.emit(Kv::Set { key: 2, value: 5 });
+//! bus.quiesce().await;
+//!
+//! // As if nothing had failed: retried from `value: 20` on, in order. (The
+//! // default mode would retry it after the clear, leaving key 1 set.)
+//! assert_eq!(*store.values.lock().unwrap(), HashMap::from([(2, 5)]));
 //! # }
 //! ```
 //!
@@ -398,7 +476,7 @@ mod throttle;
 #[cfg(all(test, loom))]
 mod loom_tests;
 
-pub use batch::{Batch, BatchError, BatchListener};
+pub use batch::{Batch, BatchError, BatchFailure, BatchListener};
 pub use bus::{
     Builder, DEFAULT_CAPACITY, DEFAULT_DEAD_LETTER_CAPACITY, DEFAULT_FAIRNESS, EventBus,
 };
@@ -511,18 +589,22 @@ pub use subscription::Subscription;
 ///     async fn on_user_created(&self, batch: &[&UserEventData]) -> Result<(), BatchError>;
 ///     async fn on_user_deleted(&self, batch: &[&i64]) -> Result<(), BatchError>;
 ///     async fn on_cache_flushed(&self, count: usize) -> Result<(), BatchError>;
-///     async fn dispatch_batch(&self, batch: &[Arc<Envelope<AppEvent>>]) -> Result<(), BatchError>;
+///     async fn dispatch_batch(&self, batch: &Batch<AppEvent>) -> Result<(), BatchError>;
 /// }
 ///
 /// impl<H: AppEventBatchHandler> BatchRoutes<H> for AppEvent { … }
 /// ```
 ///
-/// A batch handler method gets the payloads of its kind in a batch, in
-/// order: a newtype's payload, a struct variant's field (or a tuple of
-/// references to its fields, when it has several), or the count of a unit
-/// variant's events. A [`BatchError`] it returns names failures by their
-/// index in its slice; `dispatch_batch` splits a batch by kind, calls each
-/// kind's method once, and maps those indices back to the batch.
+/// A batch handler method gets the payloads of a run of consecutive events
+/// of its kind in a batch, in order: a newtype's payload, a struct variant's
+/// field (or a tuple of references to its fields, when it has several), or
+/// the count of a unit variant's events. `dispatch_batch` splits a batch
+/// into maximal runs of one kind and calls their methods in batch order, so
+/// the events are handled in the order they were delivered: a batch
+/// `[set(1, 10), clear(1), set(1, 20)]` is `on_set` with one payload, then
+/// `on_clear`, then `on_set` again, never both sets before the clear. A
+/// [`BatchError`] a method returns names failures by their index in its
+/// slice, and `dispatch_batch` maps those indices back to the batch.
 ///
 /// A newtype variant's helper takes `impl Into<Payload>`, so
 /// `emit_user_created(&user)` works once `From<&User> for UserEventData`
@@ -718,8 +800,8 @@ pub use event_bus_derive::listener;
 #[doc(hidden)]
 pub mod __private {
     pub use crate::{
-        Batch, BatchError, BatchListener, BatchRoutes, Envelope, Event, EventBus, EventKind,
-        HandlerError, KindSet, Listener, Priority, Routes,
+        Batch, BatchError, BatchFailure, BatchListener, BatchRoutes, Envelope, Event, EventBus,
+        EventKind, HandlerError, KindSet, Listener, Priority, Routes,
     };
     pub use core::future::Future;
     pub use core::option::Option;

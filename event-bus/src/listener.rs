@@ -4,6 +4,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::batch::BatchFailure;
 use crate::envelope::Envelope;
 use crate::error::HandlerError;
 use crate::event::{Event, KindSet};
@@ -117,13 +118,15 @@ pub struct ListenerOptions {
     pub(crate) concurrency: usize,
     pub(crate) max_batch: usize,
     pub(crate) max_wait: Duration,
+    pub(crate) batch_failure: BatchFailure,
 }
 
 impl ListenerOptions {
     /// The defaults: the bus's queue capacity and fairness bound,
     /// [`LagPolicy::DropOldest`], no retries, concurrency 1, and for a
     /// [`BatchListener`](crate::BatchListener) batches of up to [`DEFAULT_MAX_BATCH`] events that do
-    /// not wait for more.
+    /// not wait for more, whose failed events are retried
+    /// [independently](BatchFailure::Independent).
     pub fn new() -> Self {
         Self {
             capacity: None,
@@ -133,6 +136,7 @@ impl ListenerOptions {
             concurrency: 1,
             max_batch: DEFAULT_MAX_BATCH,
             max_wait: Duration::ZERO,
+            batch_failure: BatchFailure::Independent,
         }
     }
 
@@ -193,9 +197,36 @@ impl ListenerOptions {
     /// Default zero: a batch is what is queued when the listener is free, so
     /// batching adds no latency and batches grow only under load. Ignored by
     /// a [`Listener`].
+    ///
+    /// [`Duration::MAX`] (or any wait too long for the clock to represent)
+    /// means "until full": a batch then goes when it holds
+    /// [`max_batch`](Self::max_batch) events, when it takes a high-priority
+    /// event, or when the bus closes, and never on a timer.
     #[must_use]
     pub fn max_wait(mut self, max_wait: Duration) -> Self {
         self.max_wait = max_wait;
+        self
+    }
+
+    /// How a [`BatchListener`](crate::BatchListener)'s partly failed batch
+    /// is retried. Ignored by a [`Listener`].
+    ///
+    /// - [`BatchFailure::Independent`] (the default): the events the handler
+    ///   did not name are handled, and the failed ones are retried together,
+    ///   in their batch order, after the events that followed them were
+    ///   handled.
+    /// - [`BatchFailure::StopAtFirst`]: the events before the first failed
+    ///   one are handled, and that event and every event after it are
+    ///   retried, in order; after its last attempt the first failed event
+    ///   becomes a dead letter and the events after it go on as a new batch.
+    ///   With concurrency 1, events are handled in the order they were
+    ///   delivered, failures and retries included.
+    ///
+    /// Either way, every delivered event ends handled or dead-lettered,
+    /// once, and `failed == retried + dead_lettered`.
+    #[must_use]
+    pub fn batch_failure(mut self, mode: BatchFailure) -> Self {
+        self.batch_failure = mode;
         self
     }
 }

@@ -3,7 +3,9 @@
 
 #![deny(warnings, missing_docs)]
 
-use event_bus::{BatchError, DomainEvent, EventBus, listener};
+use std::sync::Arc;
+
+use event_bus::{Batch, BatchError, BatchFailure, DomainEvent, Envelope, EventBus, listener};
 
 /// Events.
 #[derive(Debug, DomainEvent)]
@@ -83,5 +85,21 @@ fn main() {
         let bus = EventBus::<AppEvent>::new();
         let handle = bus.spawn_batch(Indexer);
         assert_eq!(handle.name(), "indexer");
+
+        // The dispatcher takes a `Batch`, whose failure mode it follows.
+        let renamed = |name: &str| AppEvent::UserRenamed {
+            id: 1,
+            name: name.to_string(),
+        };
+        let events = [
+            AppEvent::PostPublished(1),
+            renamed("ada"),
+            renamed(""),
+            AppEvent::CacheCleared,
+        ];
+        let batch = Batch::new(events.into_iter().map(|e| Arc::new(Envelope::new(e))).collect())
+            .with_failure_mode(BatchFailure::StopAtFirst);
+        let error = Indexer.dispatch_batch(&batch).await.unwrap_err();
+        assert_eq!(error.to_string(), "event 2: empty name");
     });
 }
