@@ -86,7 +86,10 @@ pub trait EventKind: Copy + Eq + Hash + fmt::Debug + Send + Sync + 'static {
     /// Every kind, in index order.
     const ALL: &'static [Self];
 
-    /// The kind's dense index, in `0..Self::ALL.len()`.
+    /// The kind's dense index: its position in [`ALL`](Self::ALL).
+    ///
+    /// [`EventBus::builder().build()`](crate::Builder::build) checks this
+    /// once and panics, saying which kind is wrong, when it does not hold.
     fn index(self) -> usize;
 
     /// The event name of this kind, such as `"user.created"`.

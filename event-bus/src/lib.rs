@@ -100,10 +100,16 @@
 //! oldest one of that lane. Nothing is lost silently: the consumer is told
 //! [`RecvError::Lagged(n)`] with the exact number dropped, before the next
 //! event it takes from the queue, a warning is logged, and the drop is
-//! counted. For every subscriber and every lane, at every moment,
-//! `delivered + dropped + queued` equals the events of interest of that
-//! priority emitted since it subscribed ([`Subscription::lane`],
-//! [`ListenerMetrics::lanes`]).
+//! counted. For every subscriber and every lane, `delivered + dropped +
+//! queued` equals the events of interest of that priority emitted since it
+//! subscribed, in every snapshot ([`Subscription::lane`],
+//! [`ListenerMetrics::lanes`], [`EventBus::metrics`]), even one taken while
+//! other threads emit and receive.
+//!
+//! A lagging consumer never slows the emitters: the warning is logged after
+//! the queue's lock is released, by the consumer, at most once a second per
+//! queue (with the drops of the warnings it held back), so a slow log sink
+//! delays nobody but that consumer.
 //!
 //! A consumer takes events from a lane in batches of up to 32 (never more
 //! than the capacity), so that it and the emitters rarely meet on the
@@ -132,13 +138,21 @@
 //! ## Backpressure
 //!
 //! A subscriber that must not lose events in memory uses
-//! [`LagPolicy::Backpressure`]. It never drops: [`EventBus::emit_wait`] waits
-//! until every interested backpressure subscriber has room in the event's
-//! lane, so a slow consumer slows the emitter instead, and never holds more
-//! than its capacity per lane. A waiting emitter is woken once the lane has
-//! drained by `min(capacity / 2, 32)` places, and fills them in one go.
+//! [`LagPolicy::Backpressure`]. [`EventBus::emit_wait`] waits until every
+//! backpressure subscriber interested in the event has room in the event's
+//! lane (one that subscribed while it waited included), so a slow consumer
+//! slows the emitter instead; `emit_wait` never takes a lane past its
+//! capacity and never loses an event. A waiting emitter is woken once the
+//! consumer holds at most `capacity - min(capacity / 2, 32)` events of the
+//! lane (places reserved by other waiting emitters are not the consumer's),
+//! and fills the free places in one go.
+//!
 //! [`EventBus::emit`], which must never block, queues past the capacity and
-//! counts the event as overflowed.
+//! counts the event as overflowed, up to a hard ceiling of
+//! [`OVERFLOW_FACTOR`] (2) times the capacity; past it the lane drops its
+//! oldest event as `DropOldest` does, counted and reported as `Lagged`. So
+//! memory stays bounded whatever the emitter does, and a backpressure
+//! subscriber loses nothing as long as its emitters use `emit_wait`.
 //!
 //! ```
 //! # use event_bus::{EventBus, LagPolicy};
@@ -365,7 +379,57 @@
 //! next event. Both are retried per the listener's [`RetryPolicy`]
 //! (exponential backoff with jitter); after the last attempt the event
 //! becomes a [`DeadLetter`] that the application can
-//! [read or subscribe to](EventBus::dead_letters).
+//! [read or subscribe to](EventBus::dead_letters). Should the bus's own code
+//! panic in a listener's task, the panic is caught too: it is logged at error
+//! level and the listener ends with [`ListenerStatus::Crashed`], its
+//! unhandled events reported undelivered; it never disappears silently.
+//!
+//! [`ListenerMetrics`] accounts for every event, in every snapshot: each
+//! delivered event is `handled`, `dead_lettered` or still `in_flight`, and
+//! every failed attempt was `retried` or ended in a dead letter (`failed ==
+//! retried + dead_lettered`).
+//!
+//! ## Handlers and their task
+//!
+//! A listener's events are handled on its own tokio task. Between events the
+//! runtime takes part in tokio's cooperative budget, as tokio's channels do:
+//! a handler that never awaits (CPU work, a ready future) still lets the
+//! other tasks of its worker run every so many events, and a stop
+//! ([`ListenerHandle::abort`], the [`shutdown`](EventBus::shutdown) deadline)
+//! is checked between events, so it takes effect even then, and is final. A
+//! handler that *blocks its thread* (a synchronous call that waits) blocks
+//! that worker, and nothing can stop it before it returns: run such work with
+//! [`tokio::task::spawn_blocking`] and await it.
+//!
+//! ```
+//! # use event_bus::{EventBus, Envelope, HandlerError, Listener, ListenerOptions};
+//! # use std::sync::Arc;
+//! # #[derive(Debug, PartialEq, event_bus::DomainEvent)] enum Tick { Fast(u64), Slow(u64) }
+//! struct Checksum;
+//!
+//! impl Listener<Tick> for Checksum {
+//!     async fn handle(&self, tick: Arc<Envelope<Tick>>) -> Result<(), HandlerError> {
+//!         std::hint::black_box(&tick); // CPU work: never awaits
+//!         Ok(())
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let bus = EventBus::new();
+//! let checksum = bus.spawn_with(Checksum, ListenerOptions::new().capacity(100_000));
+//! for i in 0..100_000 {
+//!     bus.emit(Tick::Fast(i));
+//! }
+//! // On this one-thread runtime the listener runs until its budget is
+//! // spent, then lets this task go on, which stops it.
+//! tokio::task::yield_now().await;
+//! checksum.abort();
+//! checksum.finished().await;
+//! let handled = checksum.metrics().handled;
+//! assert!(0 < handled && handled < 100_000);
+//! # }
+//! ```
 //!
 //! ```
 //! # use event_bus::{EventBus, Envelope, HandlerError, Listener, ListenerOptions, RetryPolicy};
@@ -409,12 +473,17 @@
 //!
 //! ## Shutdown
 //!
-//! [`EventBus::shutdown`] stops accepting events, lets every listener drain
-//! its queue within a deadline, stops the ones that did not, and returns a
-//! [`ShutdownReport`] with what each handled and what was left undelivered.
-//! Dropping every `EventBus` handle closes the bus the same way without
-//! waiting: listeners finish their queues and end. (A listener that holds a
-//! handle to emit follow-up events keeps the bus open; call `shutdown`.)
+//! [`EventBus::shutdown`] shuts down in two phases within a deadline. First
+//! it refuses new events from outside (counted as rejected) while listeners
+//! finish their queues; the follow-up events that listeners' handlers emit
+//! meanwhile are still delivered, so a chain of listeners drains to its end.
+//! Once every listener is idle, or the deadline has passed, the bus closes;
+//! listeners still busy are stopped. It returns a [`ShutdownReport`] with
+//! what each listener handled and what it left undelivered, once their tasks
+//! have ended, so the report is final. Dropping every `EventBus` handle
+//! closes the bus at once, without the first phase: listeners finish their
+//! queues and end. (A listener that holds a handle to emit follow-up events
+//! keeps the bus open; call `shutdown`.)
 //!
 //! ```
 //! # use event_bus::{EventBus, Envelope, HandlerError, Listener};

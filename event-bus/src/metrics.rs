@@ -80,9 +80,14 @@ pub struct KindCount {
 /// Every event that reached the listener's queue is accounted for:
 /// `delivered + dropped + queue_depth` is the number of events of interest
 /// the bus queued for it, and each delivered event ends as exactly one of
-/// `handled` or `dead_lettered` (or is still `in_flight`). Every failed
+/// `handled` or `dead_lettered` (or is still `in_flight`:
+/// `delivered == handled + dead_lettered + in_flight`). Every failed
 /// attempt was either `retried` or ended in a dead letter:
-/// `failed == retried + dead_lettered`.
+/// `failed == retried + dead_lettered`, and `panicked <= failed`.
+///
+/// These identities hold in every snapshot, even one taken while events
+/// flow: the counters are read in an order that keeps them true, and
+/// `queue_depth`, `in_flight` and `failed` are derived from the others.
 #[derive(Debug, Clone, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]

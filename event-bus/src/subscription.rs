@@ -127,7 +127,10 @@ impl<E: Event> Subscription<E> {
     /// Events dropped from the full queue so far ([`LagPolicy::DropOldest`]).
     ///
     /// `delivered() + dropped() + len()` is the number of events of interest
-    /// emitted since the subscription was made.
+    /// emitted since the subscription was made. Each of these calls reads the
+    /// counters afresh; while events flow, [`lane`](Self::lane) reads one
+    /// lane's counters together, and the identity holds in every such
+    /// snapshot.
     pub fn dropped(&self) -> u64 {
         self.queue().counts().dropped()
     }
