@@ -75,14 +75,44 @@ async fn emit_wait_waits_for_room() {
 async fn emit_never_blocks_and_counts_overflow_past_capacity() {
     let bus = EventBus::new();
     let mut subscription = bus.subscribe_with(TestKind::A, 2, LagPolicy::Backpressure);
-    for i in 0..5 {
+    // Up to twice the capacity: queued, nothing dropped.
+    for i in 0..4 {
         bus.emit(TestEvent::A(i));
     }
-    assert_eq!(subscription.len(), 5);
-    assert_eq!((subscription.dropped(), subscription.overflowed()), (0, 3));
-    for i in 0..5 {
+    assert_eq!(subscription.len(), 4);
+    assert_eq!((subscription.dropped(), subscription.overflowed()), (0, 2));
+    for i in 0..4 {
         assert_eq!(**subscription.recv().await.unwrap(), TestEvent::A(i));
     }
+}
+
+#[tokio::test]
+async fn emit_past_twice_the_capacity_drops_the_oldest_and_reports_the_lag() {
+    const CAPACITY: usize = 8;
+    const EMITTED: u64 = 100_000;
+    const CEILING: u64 = 2 * CAPACITY as u64;
+    let bus = EventBus::new();
+    let mut subscription = bus.subscribe_with(TestKind::A, CAPACITY, LagPolicy::Backpressure);
+    for i in 0..EMITTED {
+        bus.emit(TestEvent::A(i));
+    }
+
+    let queued = subscription.len();
+    assert!(queued as u64 <= CEILING, "{queued} queued in a lane of {CAPACITY}");
+    assert_eq!(
+        subscription.delivered() + subscription.dropped() + queued as u64,
+        EMITTED
+    );
+    assert_eq!(subscription.dropped(), EMITTED - CEILING);
+    assert!(subscription.overflowed() >= CEILING - CAPACITY as u64);
+    assert_eq!(
+        subscription.recv().await.unwrap_err(),
+        RecvError::Lagged(EMITTED - CEILING)
+    );
+    for i in EMITTED - CEILING..EMITTED {
+        assert_eq!(**subscription.recv().await.unwrap(), TestEvent::A(i));
+    }
+    assert!(subscription.is_empty());
 }
 
 #[tokio::test]

@@ -77,10 +77,11 @@ async fn metrics_count_every_outcome() {
 async fn metrics_show_queue_depth_drops_and_overflow() {
     let bus = EventBus::new();
     let lossy = bus.spawn_with(Gated(Gate::closed()), ListenerOptions::new().capacity(3));
+    // Ten fit under the backpressure ceiling of twice the capacity.
     let lossless = bus.spawn_with(
         Gated(Gate::closed()),
         ListenerOptions::new()
-            .capacity(3)
+            .capacity(5)
             .lag_policy(LagPolicy::Backpressure),
     );
     for i in 0..10 {
@@ -90,7 +91,7 @@ async fn metrics_show_queue_depth_drops_and_overflow() {
         tokio::task::yield_now().await;
     }
 
-    // Ten events reached full queues of 3 before either listener ran; then
+    // Ten events reached queues of 3 and 5 before either listener ran; then
     // each took one into its (stuck) handler.
     let lossy = lossy.metrics();
     assert_eq!((lossy.in_flight, lossy.queue_depth), (1, 2));
@@ -101,7 +102,7 @@ async fn metrics_show_queue_depth_drops_and_overflow() {
     );
     let lossless = lossless.metrics();
     assert_eq!((lossless.in_flight, lossless.queue_depth), (1, 9));
-    assert_eq!((lossless.dropped, lossless.overflowed), (0, 7));
+    assert_eq!((lossless.dropped, lossless.overflowed), (0, 5));
 }
 
 #[tokio::test]
