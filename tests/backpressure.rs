@@ -218,3 +218,40 @@ async fn an_aborted_backpressure_listener_does_not_hold_emitters() {
     assert_eq!(metrics.handled, 0);
     assert_eq!(metrics.queue_depth + metrics.in_flight, 3);
 }
+
+#[tokio::test]
+async fn emit_wait_completes_once_the_lane_has_room_though_others_hold_reservations() {
+    let bus = EventBus::new();
+    // `shared` wants A and B; `stuck` wants A only and is never read.
+    let mut shared = bus.subscribe_with([TestKind::A, TestKind::B], 4, LagPolicy::Backpressure);
+    let stuck = bus.subscribe_with(TestKind::A, 4, LagPolicy::Backpressure);
+    for i in 0..4 {
+        within("emit_wait with room", bus.emit_wait(TestEvent::A(i))).await;
+    }
+    for i in 0..4 {
+        assert_eq!(**shared.recv().await.unwrap(), TestEvent::A(i));
+    }
+    assert_eq!((shared.len(), stuck.len()), (0, 4));
+
+    // Three callers reserve a place in `shared` each, then wait for `stuck`.
+    let mut waiting_for_stuck: Vec<_> = (10..13)
+        .map(|i| Box::pin(bus.emit_wait(TestEvent::A(i))))
+        .collect();
+    for waiting in &mut waiting_for_stuck {
+        assert!(waiting.now_or_never().is_none(), "`stuck` is full");
+    }
+    // `shared` is now full: one event queued, three places reserved.
+    bus.emit(TestEvent::B(0));
+    assert_eq!(shared.overflowed(), 0);
+    let mut b = Box::pin(bus.emit_wait(TestEvent::B(1)));
+    assert!((&mut b).now_or_never().is_none(), "`shared` is full");
+
+    // One place is free again; `stuck` is not on B's way.
+    assert_eq!(**shared.recv().await.unwrap(), TestEvent::B(0));
+    within("emit_wait(B) into the freed place", b).await;
+    assert_eq!(**shared.recv().await.unwrap(), TestEvent::B(1));
+    assert_eq!((shared.dropped(), shared.overflowed()), (0, 0));
+    for waiting in &mut waiting_for_stuck {
+        assert!(waiting.now_or_never().is_none(), "`stuck` is still full");
+    }
+}
