@@ -255,3 +255,35 @@ async fn emit_wait_completes_once_the_lane_has_room_though_others_hold_reservati
         assert!(waiting.now_or_never().is_none(), "`stuck` is still full");
     }
 }
+
+#[tokio::test]
+async fn emit_wait_waits_for_room_in_a_subscriber_that_joined_while_it_waited() {
+    let bus = EventBus::new();
+    let mut first = bus.subscribe_with(TestKind::A, 1, LagPolicy::Backpressure);
+    within("emit_wait with room", bus.emit_wait(TestEvent::A(0))).await;
+    let mut waiting = Box::pin(bus.emit_wait(TestEvent::A(1)));
+    assert!((&mut waiting).now_or_never().is_none(), "`first` is full");
+
+    // Joins while the emitter waits, and fills up at once.
+    let mut late = bus.subscribe_with([TestKind::A, TestKind::B], 1, LagPolicy::Backpressure);
+    bus.emit(TestEvent::B(0));
+    assert_eq!((late.len(), late.overflowed()), (1, 0));
+
+    // `first` has room now, `late` still has none.
+    assert_eq!(**first.recv().await.unwrap(), TestEvent::A(0));
+    let done = (&mut waiting).now_or_never().is_some();
+    assert!(
+        late.len() <= late.capacity(),
+        "emit_wait left `late` holding {} events, past its capacity of 1 (done: {done})",
+        late.len()
+    );
+    assert_eq!(late.overflowed(), 0, "emit_wait counted as an overflow");
+
+    assert_eq!(**late.recv().await.unwrap(), TestEvent::B(0));
+    if !done {
+        within("emit_wait once `late` has room", waiting).await;
+    }
+    assert_eq!(**first.recv().await.unwrap(), TestEvent::A(1));
+    assert_eq!(**late.recv().await.unwrap(), TestEvent::A(1));
+    assert_eq!((late.dropped(), late.overflowed()), (0, 0));
+}
