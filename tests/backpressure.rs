@@ -98,7 +98,10 @@ async fn emit_past_twice_the_capacity_drops_the_oldest_and_reports_the_lag() {
     }
 
     let queued = subscription.len();
-    assert!(queued as u64 <= CEILING, "{queued} queued in a lane of {CAPACITY}");
+    assert!(
+        queued as u64 <= CEILING,
+        "{queued} queued in a lane of {CAPACITY}"
+    );
     assert_eq!(
         subscription.delivered() + subscription.dropped() + queued as u64,
         EMITTED

@@ -107,7 +107,11 @@ async fn abort_stops_a_listener_whose_handler_never_waits() {
         tokio::task::yield_now().await;
     }
     within("quiesce", bus.quiesce()).await;
-    assert_eq!(listener.metrics().handled, at_finish, "handled after finishing");
+    assert_eq!(
+        listener.metrics().handled,
+        at_finish,
+        "handled after finishing"
+    );
     bus.shutdown(DEADLINE).await;
 }
 
@@ -136,7 +140,10 @@ async fn shutdown_past_its_deadline_stops_a_listener_whose_handler_never_waits()
         tokio::task::yield_now().await;
     }
 
-    assert!(took < deadline + Duration::from_millis(500), "took {took:?}");
+    assert!(
+        took < deadline + Duration::from_millis(500),
+        "took {took:?}"
+    );
     assert!(!reported.drained, "{report}");
     assert_eq!(
         reported.handled + reported.dead_lettered + reported.undelivered,
