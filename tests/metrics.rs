@@ -4,12 +4,12 @@
 mod support;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use event_bus::{
     Envelope, EventBus, HandlerError, LagPolicy, Listener, ListenerOptions, RetryPolicy,
 };
-use support::{Gate, Gated, TestEvent, TestKind, within};
+use support::{Gate, Gated, SlowSink, TestEvent, TestKind, within};
 
 /// `A` succeeds; `B` fails once then succeeds; `C` always fails; `D` panics.
 #[derive(Default)]
@@ -117,4 +117,56 @@ async fn metrics_serialize_to_json() {
     assert_eq!(json["listeners"][0]["name"], "mixed");
     assert_eq!(json["listeners"][0]["handled"], 1);
     assert!(json["listeners"][0]["handle_latency"]["p99"].is_f64());
+}
+
+#[test]
+fn a_slow_log_sink_evicting_dead_letters_never_blocks_metrics() {
+    const SINK_DELAY: Duration = Duration::from_millis(300);
+    struct Fails;
+    impl Listener<TestEvent> for Fails {
+        async fn handle(&self, _: Arc<Envelope<TestEvent>>) -> Result<(), HandlerError> {
+            Err("down".into())
+        }
+    }
+
+    let bus = EventBus::builder().dead_letter_capacity(1).build();
+    let sink = SlowSink::new("evicted", SINK_DELAY);
+    // The listener runs on a thread whose log sink is slow.
+    let listener_thread = std::thread::spawn({
+        let (bus, sink) = (bus.clone(), sink.clone());
+        move || {
+            let _default = sink.set_default();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let fails = bus.spawn(Fails);
+                for i in 0..3 {
+                    bus.emit(TestEvent::A(i));
+                }
+                within("quiesce", bus.quiesce()).await;
+                fails.metrics().dead_lettered
+            })
+        }
+    });
+
+    let warned = sink.wait_entered(support::DEADLINE);
+    let mut slowest = Duration::ZERO;
+    let timing = Instant::now();
+    while warned && timing.elapsed() < SINK_DELAY * 2 {
+        let read = Instant::now();
+        let _ = bus.metrics();
+        slowest = slowest.max(read.elapsed());
+    }
+    let dead_lettered = listener_thread.join().unwrap();
+
+    assert!(warned, "no eviction warning was logged");
+    assert_eq!(dead_lettered, 3);
+    assert_eq!(bus.metrics().dead_letters_evicted, 2);
+    assert!(
+        slowest < SINK_DELAY / 3,
+        "bus.metrics() took {slowest:?} while a listener's log sink took {SINK_DELAY:?} over \
+         an eviction warning"
+    );
 }

@@ -3,6 +3,7 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -248,4 +249,57 @@ pub fn capture_logs() -> (Logs, tracing::subscriber::DefaultGuard) {
     let logs = Logs::default();
     let subscriber = tracing_subscriber::registry().with(logs.clone());
     (logs, tracing::subscriber::set_default(subscriber))
+}
+
+/// A log sink that takes `delay` over every event whose message contains
+/// `text`, as a sink writing to a stalled pipe or a slow network would.
+#[derive(Clone)]
+pub struct SlowSink {
+    text: &'static str,
+    delay: Duration,
+    entered: Arc<AtomicU64>,
+}
+
+impl SlowSink {
+    pub fn new(text: &'static str, delay: Duration) -> Self {
+        Self {
+            text,
+            delay,
+            entered: Arc::default(),
+        }
+    }
+
+    /// Waits until the sink has begun taking its time over an event, for at
+    /// most `deadline`; says whether it has.
+    pub fn wait_entered(&self, deadline: Duration) -> bool {
+        let started = std::time::Instant::now();
+        while self.entered.load(Ordering::SeqCst) == 0 {
+            if started.elapsed() >= deadline {
+                return false;
+            }
+            std::thread::yield_now();
+        }
+        true
+    }
+
+    /// Installs a subscriber with this sink as the default of the calling
+    /// thread until the guard is dropped.
+    pub fn set_default(&self) -> tracing::subscriber::DefaultGuard {
+        use tracing_subscriber::layer::SubscriberExt;
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(self.clone()))
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for SlowSink {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        let mut fields = Vec::new();
+        event.record(&mut FieldsVisitor(&mut fields));
+        if fields
+            .iter()
+            .any(|(k, v)| k == "message" && v.contains(self.text))
+        {
+            self.entered.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(self.delay);
+        }
+    }
 }
