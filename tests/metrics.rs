@@ -170,3 +170,50 @@ fn a_slow_log_sink_evicting_dead_letters_never_blocks_metrics() {
          an eviction warning"
     );
 }
+
+#[tokio::test]
+async fn listeners_that_end_while_the_bus_is_open_leave_its_metrics() {
+    const CYCLES: usize = 2_000;
+    let bus = EventBus::new();
+    let running = bus.spawn(Gated(Gate::closed()));
+    let mut last = None;
+    for i in 0..CYCLES {
+        let listener = bus.spawn(support::Recorder::new("short-lived", TestKind::A));
+        bus.emit(TestEvent::A(i as u64));
+        listener.abort();
+        within("aborted listener to end", listener.finished()).await;
+        last = Some(listener);
+    }
+
+    let listed: Vec<String> = bus
+        .metrics()
+        .listeners
+        .into_iter()
+        .map(|l| l.name)
+        .collect();
+    assert!(
+        listed.len() <= 1,
+        "{} listeners listed, one running: {:?}…",
+        listed.len(),
+        &listed[..listed.len().min(3)]
+    );
+    assert!(bus.metrics().listener(running.name()).is_some());
+    // A handle keeps its listener's metrics.
+    let last = last.unwrap().metrics();
+    assert!(last.finished);
+    assert_eq!(last.delivered + last.dropped + last.queue_depth as u64, 1);
+
+    // Listeners that drain at shutdown stay listed.
+    let drains = bus.spawn(support::Recorder::new("drains", TestKind::B));
+    bus.emit(TestEvent::B(0));
+    running.abort();
+    within("aborted listener to end", running.finished()).await;
+    bus.shutdown(support::DEADLINE).await;
+    let metrics = bus.metrics();
+    let drained = metrics
+        .listener("drains")
+        .expect("a drained listener stays listed");
+    assert!(drained.finished);
+    assert_eq!(drained.handled, 1);
+    assert_eq!(drains.metrics().handled, 1);
+}
