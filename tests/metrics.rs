@@ -217,3 +217,183 @@ async fn listeners_that_end_while_the_bus_is_open_leave_its_metrics() {
     assert_eq!(drained.handled, 1);
     assert_eq!(drains.metrics().handled, 1);
 }
+
+/// Fails about one attempt in four, and panics about one in nine.
+#[derive(Default)]
+struct Flaky {
+    calls: std::sync::atomic::AtomicU64,
+}
+
+impl Listener<TestEvent> for Flaky {
+    fn name(&self) -> &str {
+        "flaky"
+    }
+
+    async fn handle(&self, event: Arc<Envelope<TestEvent>>) -> Result<(), HandlerError> {
+        let call = self
+            .calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let roll = (event.sequence() ^ call.wrapping_mul(0x9E37_79B9)) % 36;
+        if roll % 9 == 0 {
+            panic!("{}", support::INJECTED_PANIC);
+        }
+        if roll % 4 == 0 {
+            return Err("flaky".into());
+        }
+        if roll % 3 == 0 {
+            tokio::task::yield_now().await;
+        }
+        Ok(())
+    }
+}
+
+/// Fails every event whose sequence is a multiple of 7, every time.
+struct PartlyFailingBatches;
+
+impl event_bus::BatchListener<TestEvent> for PartlyFailingBatches {
+    fn name(&self) -> &str {
+        "batched"
+    }
+
+    async fn handle_batch(
+        &self,
+        batch: &event_bus::Batch<TestEvent>,
+    ) -> Result<(), event_bus::BatchError> {
+        tokio::task::yield_now().await;
+        let failed: Vec<usize> = batch
+            .iter()
+            .enumerate()
+            .filter(|(_, event)| event.sequence() % 7 == 0)
+            .map(|(at, _)| at)
+            .collect();
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(event_bus::BatchError::events(failed, "sevens fail"))
+        }
+    }
+}
+
+/// The identities `ListenerMetrics` documents, checked on one snapshot of
+/// a listener spawned before any emit and interested in every kind.
+fn check_identities(emitted: u64, l: &event_bus::ListenerMetrics) -> Vec<String> {
+    let mut breaches = Vec::new();
+    if l.delivered + l.dropped + l.queue_depth as u64 != emitted {
+        breaches.push(format!(
+            "{}: delivered {} + dropped {} + queue_depth {} != emitted {emitted}",
+            l.name, l.delivered, l.dropped, l.queue_depth
+        ));
+    }
+    if l.delivered != l.handled + l.dead_lettered + l.in_flight as u64 {
+        breaches.push(format!(
+            "{}: delivered {} != handled {} + dead_lettered {} + in_flight {}",
+            l.name, l.delivered, l.handled, l.dead_lettered, l.in_flight
+        ));
+    }
+    if l.failed != l.retried + l.dead_lettered {
+        breaches.push(format!(
+            "{}: failed {} != retried {} + dead_lettered {}",
+            l.name, l.failed, l.retried, l.dead_lettered
+        ));
+    }
+    breaches
+}
+
+#[test]
+fn every_metrics_snapshot_under_load_keeps_the_counting_identities() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const EMITTERS: u64 = 3;
+    const EMITS: u64 = 50_000;
+    const MOST_SNAPSHOTS: u64 = 200_000;
+    support::quiet_injected_panics();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let bus = EventBus::<TestEvent>::builder().capacity(64).build();
+    let retry = RetryPolicy::exponential(3)
+        .initial_backoff(Duration::from_micros(200))
+        .max_backoff(Duration::from_millis(2));
+    runtime.block_on(async {
+        bus.spawn_with(
+            Flaky::default(),
+            ListenerOptions::new().concurrency(4).retry(retry),
+        );
+        bus.spawn_with(
+            support::Recorder::new("lossy", event_bus::KindSet::all()),
+            ListenerOptions::new().capacity(8),
+        );
+        bus.spawn_batch_with(
+            PartlyFailingBatches,
+            ListenerOptions::new()
+                .max_batch(16)
+                .concurrency(2)
+                .retry(RetryPolicy::exponential(2).initial_backoff(Duration::from_micros(200))),
+        );
+        bus.spawn_with(
+            support::Recorder::new("backpressured", event_bus::KindSet::all()),
+            ListenerOptions::new()
+                .capacity(16)
+                .concurrency(2)
+                .lag_policy(LagPolicy::Backpressure),
+        );
+    });
+
+    let done = Arc::new(AtomicBool::new(false));
+    let breaches = support::Breaches::default();
+    let snapshots = std::thread::spawn({
+        let (bus, done, breaches) = (bus.clone(), done.clone(), breaches.clone());
+        move || {
+            let mut taken = 0;
+            while !done.load(Ordering::Acquire) && taken < MOST_SNAPSHOTS {
+                let metrics = bus.metrics();
+                for listener in &metrics.listeners {
+                    for breach in check_identities(metrics.emitted, listener) {
+                        breaches.record(|| format!("snapshot {taken}: {breach}"));
+                    }
+                }
+                taken += 1;
+            }
+            taken
+        }
+    });
+    let emitters: Vec<_> = (0..EMITTERS)
+        .map(|seed| {
+            let bus = bus.clone();
+            let handle = runtime.handle().clone();
+            std::thread::spawn(move || {
+                let mut rng = support::Rng::new(seed);
+                for i in 0..EMITS {
+                    let event = TestEvent::of(*rng.pick(&TestKind::ALL_KINDS), i);
+                    match rng.below(8) {
+                        0 => bus.emit_with_priority(event, event_bus::Priority::High),
+                        1 => bus.emit_with_priority(event, event_bus::Priority::Low),
+                        2 => handle.block_on(async {
+                            within("emit_wait", bus.emit_wait(event)).await;
+                        }),
+                        _ => bus.emit(event),
+                    }
+                }
+            })
+        })
+        .collect();
+    for emitter in emitters {
+        emitter.join().unwrap();
+    }
+    runtime.block_on(async { within("quiesce", bus.quiesce()).await });
+    done.store(true, Ordering::Release);
+    let taken = snapshots.join().unwrap();
+
+    let metrics = bus.metrics();
+    assert_eq!(metrics.emitted, EMITTERS * EMITS);
+    for listener in &metrics.listeners {
+        assert_eq!(
+            check_identities(metrics.emitted, listener),
+            Vec::<String>::new()
+        );
+        assert_eq!((listener.queue_depth, listener.in_flight), (0, 0));
+    }
+    breaches.assert_none(&format!("{taken} snapshots"));
+    runtime.block_on(bus.shutdown(support::DEADLINE));
+}

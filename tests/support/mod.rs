@@ -303,3 +303,92 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for SlowSink {
         }
     }
 }
+
+/// A message for panics that tests inject into handlers on purpose.
+pub const INJECTED_PANIC: &str = "injected panic";
+
+/// Keeps the default panic hook quiet about [`INJECTED_PANIC`]s, so that a
+/// test that injects thousands of them still shows its real failures.
+pub fn quiet_injected_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let payload = info.payload();
+            let message = payload
+                .downcast_ref::<&str>()
+                .copied()
+                .or_else(|| payload.downcast_ref::<String>().map(String::as_str));
+            if !message.is_some_and(|m| m.contains(INJECTED_PANIC)) {
+                default(info);
+            }
+        }));
+    });
+}
+
+/// A small seeded random number generator (xorshift64*), so that a failing
+/// run can be replayed from its seed.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        // Zero is xorshift's one fixed point.
+        Self(seed ^ 0x9E37_79B9_7F4A_7C15 | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+
+    /// True with probability `1 / n`.
+    pub fn one_in(&mut self, n: u64) -> bool {
+        self.below(n) == 0
+    }
+
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+}
+
+/// Breaches of an invariant found while a test runs on many threads: the
+/// first few in full, and how many in all. A handler or a helper thread
+/// records them here instead of panicking, which a listener would catch.
+#[derive(Clone, Default)]
+pub struct Breaches(Arc<Mutex<(u64, Vec<String>)>>);
+
+impl Breaches {
+    pub fn record(&self, breach: impl FnOnce() -> String) {
+        let mut inner = self.0.lock().unwrap();
+        inner.0 += 1;
+        if inner.1.len() < 8 {
+            inner.1.push(breach());
+        }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.0.lock().unwrap().0
+    }
+
+    /// Panics, listing the first breaches, if there were any.
+    #[track_caller]
+    pub fn assert_none(&self, context: &str) {
+        let inner = self.0.lock().unwrap();
+        assert!(
+            inner.0 == 0,
+            "{context}: {} breaches; the first:\n  {}",
+            inner.0,
+            inner.1.join("\n  ")
+        );
+    }
+}
