@@ -276,24 +276,33 @@ impl event_bus::BatchListener<TestEvent> for PartlyFailingBatches {
 
 /// The identities `ListenerMetrics` documents, checked on one snapshot of
 /// a listener spawned before any emit and interested in every kind.
-fn check_identities(emitted: u64, l: &event_bus::ListenerMetrics) -> Vec<String> {
+fn check_identities(emitted: u64, l: &event_bus::ListenerMetrics) -> Vec<(&'static str, String)> {
     let mut breaches = Vec::new();
     if l.delivered + l.dropped + l.queue_depth as u64 != emitted {
-        breaches.push(format!(
-            "{}: delivered {} + dropped {} + queue_depth {} != emitted {emitted}",
-            l.name, l.delivered, l.dropped, l.queue_depth
+        breaches.push((
+            "delivered + dropped + queue_depth == emitted",
+            format!(
+                "{}: delivered {} + dropped {} + queue_depth {} != emitted {emitted}",
+                l.name, l.delivered, l.dropped, l.queue_depth
+            ),
         ));
     }
     if l.delivered != l.handled + l.dead_lettered + l.in_flight as u64 {
-        breaches.push(format!(
-            "{}: delivered {} != handled {} + dead_lettered {} + in_flight {}",
-            l.name, l.delivered, l.handled, l.dead_lettered, l.in_flight
+        breaches.push((
+            "delivered == handled + dead_lettered + in_flight",
+            format!(
+                "{}: delivered {} != handled {} + dead_lettered {} + in_flight {}",
+                l.name, l.delivered, l.handled, l.dead_lettered, l.in_flight
+            ),
         ));
     }
     if l.failed != l.retried + l.dead_lettered {
-        breaches.push(format!(
-            "{}: failed {} != retried {} + dead_lettered {}",
-            l.name, l.failed, l.retried, l.dead_lettered
+        breaches.push((
+            "failed == retried + dead_lettered",
+            format!(
+                "{}: failed {} != retried {} + dead_lettered {}",
+                l.name, l.failed, l.retried, l.dead_lettered
+            ),
         ));
     }
     breaches
@@ -349,8 +358,8 @@ fn every_metrics_snapshot_under_load_keeps_the_counting_identities() {
             while !done.load(Ordering::Acquire) && taken < MOST_SNAPSHOTS {
                 let metrics = bus.metrics();
                 for listener in &metrics.listeners {
-                    for breach in check_identities(metrics.emitted, listener) {
-                        breaches.record(|| format!("snapshot {taken}: {breach}"));
+                    for (rule, breach) in check_identities(metrics.emitted, listener) {
+                        breaches.record(rule, || format!("snapshot {taken}: {breach}"));
                     }
                 }
                 taken += 1;
@@ -388,10 +397,7 @@ fn every_metrics_snapshot_under_load_keeps_the_counting_identities() {
     let metrics = bus.metrics();
     assert_eq!(metrics.emitted, EMITTERS * EMITS);
     for listener in &metrics.listeners {
-        assert_eq!(
-            check_identities(metrics.emitted, listener),
-            Vec::<String>::new()
-        );
+        assert_eq!(check_identities(metrics.emitted, listener), []);
         assert_eq!((listener.queue_depth, listener.in_flight), (0, 0));
     }
     breaches.assert_none(&format!("{taken} snapshots"));

@@ -361,34 +361,66 @@ impl Rng {
     }
 }
 
-/// Breaches of an invariant found while a test runs on many threads: the
-/// first few in full, and how many in all. A handler or a helper thread
-/// records them here instead of panicking, which a listener would catch.
+/// Breaches of invariants found while a test runs on many threads, by
+/// rule: how many of each, and the first few in full. A handler or a helper
+/// thread records them here instead of panicking, which a listener would
+/// catch.
 #[derive(Clone, Default)]
-pub struct Breaches(Arc<Mutex<(u64, Vec<String>)>>);
+pub struct Breaches(Arc<Mutex<Vec<Broken>>>);
+
+/// One rule's breaches.
+struct Broken {
+    rule: &'static str,
+    count: u64,
+    first: Vec<String>,
+}
 
 impl Breaches {
-    pub fn record(&self, breach: impl FnOnce() -> String) {
-        let mut inner = self.0.lock().unwrap();
-        inner.0 += 1;
-        if inner.1.len() < 8 {
-            inner.1.push(breach());
+    /// Records a breach of `rule`, described by `detail`.
+    pub fn record(&self, rule: &'static str, detail: impl FnOnce() -> String) {
+        let mut rules = self.0.lock().unwrap();
+        let at = match rules.iter().position(|broken| broken.rule == rule) {
+            Some(at) => at,
+            None => {
+                rules.push(Broken {
+                    rule,
+                    count: 0,
+                    first: Vec::new(),
+                });
+                rules.len() - 1
+            }
+        };
+        let broken = &mut rules[at];
+        broken.count += 1;
+        if broken.first.len() < 3 {
+            broken.first.push(detail());
         }
     }
 
     pub fn count(&self) -> u64 {
-        self.0.lock().unwrap().0
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|broken| broken.count)
+            .sum()
     }
 
-    /// Panics, listing the first breaches, if there were any.
+    /// Panics, listing each rule broken with its first breaches, if there
+    /// were any.
     #[track_caller]
     pub fn assert_none(&self, context: &str) {
-        let inner = self.0.lock().unwrap();
-        assert!(
-            inner.0 == 0,
-            "{context}: {} breaches; the first:\n  {}",
-            inner.0,
-            inner.1.join("\n  ")
-        );
+        let rules = self.0.lock().unwrap();
+        if rules.is_empty() {
+            return;
+        }
+        let mut message = format!("{context}: {} rules broken", rules.len());
+        for Broken { rule, count, first } in rules.iter() {
+            message += &format!("\n- {rule}: {count} times; first:");
+            for example in first {
+                message += &format!("\n    {example}");
+            }
+        }
+        panic!("{message}");
     }
 }
