@@ -66,7 +66,9 @@ fn lane(priority: Priority) -> usize {
 /// 32 (and at most the capacity) that can no longer be dropped; it hands out
 /// the oldest event of the highest lane with events, unless a lower lane
 /// with events has been passed `fairness` times, in which case the lowest
-/// such lane goes once.
+/// such lane goes once. Under backpressure, a plain `emit` queues past the
+/// capacity up to twice it, and past that drops the oldest as `DropOldest`
+/// does.
 #[derive(Default)]
 struct Model {
     queue: [VecDeque<u64>; LANES],
@@ -82,7 +84,9 @@ impl Model {
     fn push(&mut self, spec: &SubscriberSpec, priority: Priority, value: u64) {
         let lane = lane(priority);
         // A backpressure lane that plain `emit` overflows holds up to
-        // `OVERFLOW_FACTOR` times its capacity, then drops its oldest.
+        // `OVERFLOW_FACTOR` times its capacity, then drops its oldest; an
+        // event counts as overflowed when the lane (queued and taken) is at
+        // its capacity.
         let ceiling = match spec.policy {
             LagPolicy::DropOldest => spec.capacity,
             LagPolicy::Backpressure => spec.capacity * event_bus::OVERFLOW_FACTOR,

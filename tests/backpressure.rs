@@ -72,21 +72,50 @@ async fn emit_wait_waits_for_room() {
 }
 
 #[tokio::test]
-async fn emit_never_blocks_overflows_up_to_a_ceiling_then_drops_the_oldest() {
+async fn emit_never_blocks_and_counts_overflow_past_capacity() {
     let bus = EventBus::new();
     let mut subscription = bus.subscribe_with(TestKind::A, 2, LagPolicy::Backpressure);
-    for i in 0..5 {
+    // Up to twice the capacity: queued, nothing dropped.
+    for i in 0..4 {
         bus.emit(TestEvent::A(i));
     }
-    // Two fit, two more overflow up to the ceiling of twice the capacity,
-    // and the fifth evicts the oldest.
-    assert_eq!(2 * event_bus::OVERFLOW_FACTOR, 4);
     assert_eq!(subscription.len(), 4);
-    assert_eq!((subscription.dropped(), subscription.overflowed()), (1, 2));
-    assert_eq!(subscription.recv().await.unwrap_err(), RecvError::Lagged(1));
-    for i in 1..5 {
+    assert_eq!((subscription.dropped(), subscription.overflowed()), (0, 2));
+    for i in 0..4 {
         assert_eq!(**subscription.recv().await.unwrap(), TestEvent::A(i));
     }
+}
+
+#[tokio::test]
+async fn emit_past_twice_the_capacity_drops_the_oldest_and_reports_the_lag() {
+    const CAPACITY: usize = 8;
+    const EMITTED: u64 = 100_000;
+    const CEILING: u64 = 2 * CAPACITY as u64;
+    let bus = EventBus::new();
+    let mut subscription = bus.subscribe_with(TestKind::A, CAPACITY, LagPolicy::Backpressure);
+    for i in 0..EMITTED {
+        bus.emit(TestEvent::A(i));
+    }
+
+    let queued = subscription.len();
+    assert!(
+        queued as u64 <= CEILING,
+        "{queued} queued in a lane of {CAPACITY}"
+    );
+    assert_eq!(
+        subscription.delivered() + subscription.dropped() + queued as u64,
+        EMITTED
+    );
+    assert_eq!(subscription.dropped(), EMITTED - CEILING);
+    assert!(subscription.overflowed() >= CEILING - CAPACITY as u64);
+    assert_eq!(
+        subscription.recv().await.unwrap_err(),
+        RecvError::Lagged(EMITTED - CEILING)
+    );
+    for i in EMITTED - CEILING..EMITTED {
+        assert_eq!(**subscription.recv().await.unwrap(), TestEvent::A(i));
+    }
+    assert!(subscription.is_empty());
 }
 
 #[tokio::test]
@@ -191,4 +220,73 @@ async fn an_aborted_backpressure_listener_does_not_hold_emitters() {
     let metrics = stuck.metrics();
     assert_eq!(metrics.handled, 0);
     assert_eq!(metrics.queue_depth + metrics.in_flight, 3);
+}
+
+#[tokio::test]
+async fn emit_wait_completes_once_the_lane_has_room_though_others_hold_reservations() {
+    let bus = EventBus::new();
+    // `shared` wants A and B; `stuck` wants A only and is never read.
+    let mut shared = bus.subscribe_with([TestKind::A, TestKind::B], 4, LagPolicy::Backpressure);
+    let stuck = bus.subscribe_with(TestKind::A, 4, LagPolicy::Backpressure);
+    for i in 0..4 {
+        within("emit_wait with room", bus.emit_wait(TestEvent::A(i))).await;
+    }
+    for i in 0..4 {
+        assert_eq!(**shared.recv().await.unwrap(), TestEvent::A(i));
+    }
+    assert_eq!((shared.len(), stuck.len()), (0, 4));
+
+    // Three callers reserve a place in `shared` each, then wait for `stuck`.
+    let mut waiting_for_stuck: Vec<_> = (10..13)
+        .map(|i| Box::pin(bus.emit_wait(TestEvent::A(i))))
+        .collect();
+    for waiting in &mut waiting_for_stuck {
+        assert!(waiting.now_or_never().is_none(), "`stuck` is full");
+    }
+    // `shared` is now full: one event queued, three places reserved.
+    bus.emit(TestEvent::B(0));
+    assert_eq!(shared.overflowed(), 0);
+    let mut b = Box::pin(bus.emit_wait(TestEvent::B(1)));
+    assert!((&mut b).now_or_never().is_none(), "`shared` is full");
+
+    // One place is free again; `stuck` is not on B's way.
+    assert_eq!(**shared.recv().await.unwrap(), TestEvent::B(0));
+    within("emit_wait(B) into the freed place", b).await;
+    assert_eq!(**shared.recv().await.unwrap(), TestEvent::B(1));
+    assert_eq!((shared.dropped(), shared.overflowed()), (0, 0));
+    for waiting in &mut waiting_for_stuck {
+        assert!(waiting.now_or_never().is_none(), "`stuck` is still full");
+    }
+}
+
+#[tokio::test]
+async fn emit_wait_waits_for_room_in_a_subscriber_that_joined_while_it_waited() {
+    let bus = EventBus::new();
+    let mut first = bus.subscribe_with(TestKind::A, 1, LagPolicy::Backpressure);
+    within("emit_wait with room", bus.emit_wait(TestEvent::A(0))).await;
+    let mut waiting = Box::pin(bus.emit_wait(TestEvent::A(1)));
+    assert!((&mut waiting).now_or_never().is_none(), "`first` is full");
+
+    // Joins while the emitter waits, and fills up at once.
+    let mut late = bus.subscribe_with([TestKind::A, TestKind::B], 1, LagPolicy::Backpressure);
+    bus.emit(TestEvent::B(0));
+    assert_eq!((late.len(), late.overflowed()), (1, 0));
+
+    // `first` has room now, `late` still has none.
+    assert_eq!(**first.recv().await.unwrap(), TestEvent::A(0));
+    let done = (&mut waiting).now_or_never().is_some();
+    assert!(
+        late.len() <= late.capacity(),
+        "emit_wait left `late` holding {} events, past its capacity of 1 (done: {done})",
+        late.len()
+    );
+    assert_eq!(late.overflowed(), 0, "emit_wait counted as an overflow");
+
+    assert_eq!(**late.recv().await.unwrap(), TestEvent::B(0));
+    if !done {
+        within("emit_wait once `late` has room", waiting).await;
+    }
+    assert_eq!(**first.recv().await.unwrap(), TestEvent::A(1));
+    assert_eq!(**late.recv().await.unwrap(), TestEvent::A(1));
+    assert_eq!((late.dropped(), late.overflowed()), (0, 0));
 }

@@ -113,3 +113,81 @@ async fn a_retrying_listener_does_not_delay_other_listeners() {
     let metrics = failing.metrics();
     assert_eq!((metrics.handled, metrics.dead_lettered), (0, 0));
 }
+
+/// A handler future that is done at once and, when `armed`, panics as it is
+/// dropped: after the handler returned, outside the handler's own poll.
+struct PanicsOnDrop {
+    armed: bool,
+}
+
+impl std::future::Future for PanicsOnDrop {
+    type Output = Result<(), HandlerError>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for PanicsOnDrop {
+    fn drop(&mut self) {
+        if self.armed && !std::thread::panicking() {
+            panic!("{}: handler future dropped", support::INJECTED_PANIC);
+        }
+    }
+}
+
+/// Its handler future for event 0 panics when dropped.
+struct DropPanics;
+
+impl Listener<TestEvent> for DropPanics {
+    fn handle(
+        &self,
+        event: Arc<Envelope<TestEvent>>,
+    ) -> impl std::future::Future<Output = Result<(), HandlerError>> + Send {
+        PanicsOnDrop {
+            armed: event.value() == 0,
+        }
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_listener_whose_task_panics_is_reported_not_silently_gone() {
+    support::quiet_injected_panics();
+    let (logs, _guard) = capture_logs();
+    let bus = EventBus::new();
+    let listener = bus.spawn(DropPanics);
+    for i in 0..3 {
+        bus.emit(TestEvent::A(i));
+    }
+    within("quiesce", bus.quiesce()).await;
+
+    if !listener.is_finished() {
+        // The runtime caught the panic as a handler's, and went on.
+        let metrics = listener.metrics();
+        assert!(metrics.handled >= 2, "{metrics:?}");
+        assert_eq!(metrics.handled + metrics.dead_lettered, 3, "{metrics:?}");
+        return;
+    }
+    // Or the listener ended: then it must say so, and what it left.
+    let errors: Vec<_> = logs
+        .find(tracing::Level::ERROR, "")
+        .into_iter()
+        .filter(|fields| fields.contains(&("listener".into(), "DropPanics".into())))
+        .collect();
+    let report = bus.shutdown(support::DEADLINE).await;
+    assert!(
+        !errors.is_empty(),
+        "the listener's task panicked and ended without an error logged; report: {report}"
+    );
+    let reported = report.listener("DropPanics").expect("reported at shutdown");
+    assert!(!reported.drained, "{reported:?}");
+    assert!(reported.undelivered >= 2, "{reported:?}");
+    assert_eq!(
+        reported.handled + reported.dead_lettered + reported.undelivered,
+        3,
+        "{reported:?}"
+    );
+}

@@ -4,8 +4,12 @@
 
 mod support;
 
-use event_bus::{EventBus, LagPolicy, ListenerOptions, RecvError};
-use support::{Gate, Gated, TestEvent, TestKind, capture_logs, within};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use event_bus::{EventBus, LagPolicy, ListenerOptions, RecvError, TryRecvError};
+use support::{DEADLINE, Gate, Gated, SlowSink, TestEvent, TestKind, capture_logs, within};
 
 #[tokio::test]
 async fn drop_oldest_reports_the_exact_lag_then_the_newest_events() {
@@ -78,4 +82,67 @@ async fn slow_listener_accounts_for_every_event() {
     // At most the queue and the one event in the handler survive the burst.
     assert!(metrics.delivered <= 9, "{metrics:?}");
     assert_eq!(metrics.queue_depth, 0);
+}
+
+#[test]
+fn a_slow_log_sink_on_a_lagging_subscriber_never_blocks_an_unrelated_emit() {
+    const SINK_DELAY: Duration = Duration::from_millis(300);
+    let bus = EventBus::new();
+    let mut lagging = bus.subscribe_with(TestKind::A, 1, LagPolicy::DropOldest);
+    // Another subscriber, of another kind, whose emits are timed.
+    let _unrelated = bus.subscribe(TestKind::B);
+    let sink = SlowSink::new("lagged", SINK_DELAY);
+    let stop = Arc::new(AtomicBool::new(false));
+
+    let consumer = std::thread::spawn({
+        let (sink, stop) = (sink.clone(), stop.clone());
+        move || {
+            let _default = sink.set_default();
+            let mut lags = 0u64;
+            for _ in 0..100_000_000u64 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                match lagging.try_recv() {
+                    Err(TryRecvError::Lagged(_)) => lags += 1,
+                    Err(TryRecvError::Closed) => break,
+                    Ok(_) | Err(TryRecvError::Empty) => {}
+                }
+            }
+            lags
+        }
+    });
+    let lagger = std::thread::spawn({
+        let (bus, stop) = (bus.clone(), stop.clone());
+        move || {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) && i < 100_000_000 {
+                bus.emit(TestEvent::A(i));
+                i += 1;
+            }
+        }
+    });
+
+    // Time emits of B while the sink is taking its time over a warning.
+    let warned = sink.wait_entered(DEADLINE);
+    let mut slowest = Duration::ZERO;
+    let mut timed = 0u64;
+    let timing = Instant::now();
+    while warned && timing.elapsed() < SINK_DELAY * 2 {
+        let emit = Instant::now();
+        bus.emit(TestEvent::B(timed));
+        slowest = slowest.max(emit.elapsed());
+        timed += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    lagger.join().unwrap();
+    let lags = consumer.join().unwrap();
+
+    assert!(warned, "no lag warning was logged within {DEADLINE:?}");
+    assert!(lags > 0);
+    assert!(
+        slowest < SINK_DELAY / 3,
+        "the slowest of {timed} emits of B to an unrelated subscriber took {slowest:?}, while \
+         the lagging subscriber's log sink took {SINK_DELAY:?} over a warning"
+    );
 }

@@ -125,3 +125,47 @@ async fn an_aborted_listener_does_not_hold_quiesce() {
     assert!(metrics.finished);
     assert_eq!(metrics.handled, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiesce_returns_while_events_reach_only_subscriptions() {
+    const LISTENERS: usize = 200;
+    const CALLS: usize = 200;
+    let bus = EventBus::new();
+    // Idle listeners make each scan long; none of them wants `D`.
+    for _ in 0..LISTENERS {
+        bus.spawn(Recorder::new("idle", TestKind::A));
+    }
+    let _subscription = bus.subscribe(TestKind::D);
+
+    // Moves the bus sequence during the scans without handing any listener
+    // work, so no listener will ever report itself idle again.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let emitter = std::thread::spawn({
+        let (bus, stop) = (bus.clone(), stop.clone());
+        move || {
+            let mut emitted = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && emitted < 50_000_000 {
+                bus.emit(TestEvent::D(emitted));
+                emitted += 1;
+            }
+        }
+    });
+
+    let mut stalled = None;
+    for call in 0..CALLS {
+        if tokio::time::timeout(Duration::from_secs(2), bus.quiesce())
+            .await
+            .is_err()
+        {
+            stalled = Some(call);
+            break;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    emitter.join().unwrap();
+    assert_eq!(
+        stalled, None,
+        "quiesce call stalled for 2s with every listener idle"
+    );
+    bus.shutdown(support::DEADLINE).await;
+}

@@ -102,3 +102,127 @@ async fn subscribing_or_spawning_after_shutdown_ends_at_once() {
     let listener = bus.spawn(Recorder::new("late", KindSet::all()));
     within("late listener to end", listener.finished()).await;
 }
+
+/// Emits a `B` for every `A` it handles, from its handler.
+struct FollowUp(EventBus<TestEvent>);
+
+impl Listener<TestEvent> for FollowUp {
+    fn interests(&self) -> KindSet<TestKind> {
+        TestKind::A.into()
+    }
+
+    async fn handle(&self, event: Arc<Envelope<TestEvent>>) -> Result<(), HandlerError> {
+        tokio::task::yield_now().await;
+        self.0.emit(TestEvent::B(event.value()));
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_draining_listeners_emit_follow_up_events() {
+    const EVENTS: u64 = 200;
+    let bus = EventBus::new();
+    let end = Recorder::new("end", TestKind::B);
+    bus.spawn(end.clone());
+    bus.spawn(FollowUp(bus.clone()));
+    for i in 0..EVENTS {
+        bus.emit(TestEvent::A(i));
+    }
+
+    let report = bus.shutdown(Duration::from_secs(5)).await;
+    assert!(report.drained(), "{report}");
+    assert_eq!(
+        report.rejected, 0,
+        "follow-up events were rejected: {report}"
+    );
+    assert_eq!(report.listener("end").unwrap().handled, EVENTS, "{report}");
+    assert_eq!(end.events().len() as u64, EVENTS);
+}
+
+#[tokio::test]
+async fn shutdown_rejects_emits_from_outside_while_listeners_drain() {
+    const EVENTS: u64 = 5;
+    let bus = EventBus::new();
+    let gate = Gate::closed();
+    let end = Recorder::new("end", TestKind::B);
+    bus.spawn(end.clone());
+    bus.spawn(FollowUp(bus.clone()));
+    // Keeps shutdown draining until the gate opens.
+    bus.spawn_with(
+        Gated(gate.clone()),
+        event_bus::ListenerOptions::new().capacity(16),
+    );
+    for i in 0..EVENTS {
+        bus.emit(TestEvent::A(i));
+    }
+
+    let mut shutdown = Box::pin(bus.shutdown(support::DEADLINE));
+    assert!(
+        futures::FutureExt::now_or_never(&mut shutdown).is_none(),
+        "the gated listener holds shutdown"
+    );
+    bus.emit(TestEvent::A(100)); // from outside, after shutdown began
+    assert_eq!(bus.metrics().rejected, 1);
+
+    gate.open();
+    let report = within("shutdown", shutdown).await;
+    assert!(report.drained(), "{report}");
+    assert_eq!(report.rejected, 1, "{report}");
+    let values: Vec<u64> = end.events().iter().map(TestEvent::value).collect();
+    assert_eq!(values, (0..EVENTS).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_listener_aborted_before_shutdown_is_counted_undrained_with_what_it_left() {
+    let bus = EventBus::new();
+    let stuck = bus.spawn(Gated(Gate::closed()));
+    for i in 0..5 {
+        bus.emit(TestEvent::A(i));
+    }
+    // Let it take the first event into its handler, where it blocks.
+    within("the listener to take an event", async {
+        while stuck.metrics().in_flight == 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    stuck.abort();
+    within("aborted listener to end", stuck.finished()).await;
+
+    // It left the list when it ended (so spawning and aborting in a loop
+    // cannot grow it); what it left undelivered stays counted.
+    assert!(bus.metrics().listener("Gated").is_none());
+    assert_eq!(bus.metrics().abandoned, 5);
+    let report = bus.shutdown(support::DEADLINE).await;
+    assert!(report.listener("Gated").is_none(), "{report}");
+    assert_eq!((report.abandoned, report.undelivered()), (5, 5), "{report}");
+    assert!(!report.drained(), "{report}");
+}
+
+#[tokio::test]
+async fn a_listener_aborted_while_shutdown_drains_is_reported_once_undrained() {
+    let bus = EventBus::new();
+    let stuck = bus.spawn(Gated(Gate::closed()));
+    for i in 0..5 {
+        bus.emit(TestEvent::A(i));
+    }
+    let shutdown = tokio::spawn({
+        let bus = bus.clone();
+        async move { bus.shutdown(support::DEADLINE).await }
+    });
+    // Shutdown is draining, waiting for the stuck listener; stop it.
+    within("shutdown to begin", async {
+        while !bus.is_closed() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    stuck.abort();
+    let report = within("shutdown", shutdown).await.unwrap();
+    let gated = report.listener("Gated").expect("reported");
+    assert!(!gated.drained, "{gated:?}");
+    assert_eq!(gated.status, event_bus::ListenerStatus::Aborted);
+    assert_eq!((gated.handled, gated.undelivered), (0, 5), "{gated:?}");
+    assert_eq!(report.abandoned, 0, "{report}");
+    assert_eq!(report.undelivered(), 5, "{report}");
+}

@@ -603,7 +603,9 @@ impl<E: Event, L: BatchListener<E>> Supervisor<E, L> {
             self.waited(envelope, started);
         }
         loop {
-            let outcome = AssertUnwindSafe(self.listener.handle_batch(&batch))
+            // The handler's future is made, run and dropped inside the
+            // catch: a panic in any of the three is the handler's.
+            let outcome = AssertUnwindSafe(async { self.listener.handle_batch(&batch).await })
                 .catch_unwind()
                 .await;
             self.took(started.elapsed());

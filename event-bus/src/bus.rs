@@ -482,6 +482,7 @@ impl<E: Event> EventBus<E> {
             emitted: emitted_by_kind.iter().map(|k| k.emitted).sum(),
             emitted_by_kind,
             rejected: self.shared.rejected(),
+            abandoned: self.shared.runtime.abandoned(),
             dead_letters_evicted: self.shared.dead_letters.evicted(),
             listeners: listeners
                 .iter()
@@ -491,8 +492,8 @@ impl<E: Event> EventBus<E> {
         }
     }
 
-    /// The state the bus's handles share, for the loom models.
-    #[cfg(loom)]
+    /// The state the bus's handles share, for the crate's own tests.
+    #[cfg(test)]
     pub(crate) fn shared(&self) -> &Arc<Shared<E>> {
         &self.shared
     }

@@ -42,10 +42,17 @@ pub struct BusMetrics {
     pub emitted_by_kind: Vec<KindCount>,
     /// Events emitted after shutdown began, which reached nobody.
     pub rejected: u64,
+    /// Events left undelivered by listeners aborted while the bus was open,
+    /// which have left [`listeners`](Self::listeners).
+    pub abandoned: u64,
     /// Dead letters evicted from the bus's bounded dead-letter store to make
     /// room for newer ones (each was also handed to dead-letter subscribers).
     pub dead_letters_evicted: u64,
-    /// One entry per spawned listener, in spawn order.
+    /// The bus's listeners, in spawn order: those running, those that
+    /// [crashed](crate::ListenerStatus::Crashed), and those that ended once
+    /// the bus closed. A listener aborted while the bus is open leaves the
+    /// list (its [`ListenerHandle`](crate::ListenerHandle) keeps its final
+    /// metrics), so spawning and aborting in a loop cannot grow it.
     pub listeners: Vec<ListenerMetrics>,
 }
 

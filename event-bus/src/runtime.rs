@@ -47,14 +47,20 @@ pub(crate) fn in_listener_of<E: Event>(shared: &Shared<E>) -> bool {
 /// The listeners of one bus, and what `quiesce` waits on.
 pub(crate) struct Runtime<E: Event> {
     listeners: Mutex<Listed<E>>,
+    /// Events left undelivered by listeners that left the list.
+    abandoned: AtomicU64,
     idle: Notify,
     quiesce_waiters: AtomicUsize,
 }
 
 struct Listed<E: Event> {
-    /// Running listeners, and those that ended once the bus closed, in
-    /// spawn order. One that ends while the bus is open leaves the list.
+    /// Running listeners, crashed ones, and those that ended once the bus
+    /// closed, in spawn order. One stopped while the bus is open leaves the
+    /// list, so that spawning and aborting in a loop cannot grow it.
     listeners: Vec<Arc<ListenerState<E>>>,
+    /// Set when shutdown begins: from then on no listener leaves the list,
+    /// so that the report covers every one of them once.
+    keep: bool,
     bus_closed: bool,
 }
 
@@ -63,11 +69,27 @@ impl<E: Event> Runtime<E> {
         Self {
             listeners: Mutex::new(Listed {
                 listeners: Vec::new(),
+                keep: false,
                 bus_closed: false,
             }),
+            abandoned: AtomicU64::new(0),
             idle: Notify::new(),
             quiesce_waiters: AtomicUsize::new(0),
         }
+    }
+
+    /// Events left undelivered by listeners aborted while the bus was open,
+    /// which are no longer listed.
+    pub(crate) fn abandoned(&self) -> u64 {
+        self.abandoned.load(Ordering::Relaxed)
+    }
+
+    /// Shutdown begins: the listeners to report, and what those that left
+    /// the list abandoned; from now on none leaves it.
+    fn begin_shutdown(&self) -> (Vec<Arc<ListenerState<E>>>, u64) {
+        let mut listed = lock(&self.listeners);
+        listed.keep = true;
+        (listed.listeners.clone(), self.abandoned())
     }
 
     pub(crate) fn listeners(&self) -> Vec<Arc<ListenerState<E>>> {
@@ -111,13 +133,17 @@ impl<E: Event> Runtime<E> {
         }
     }
 
-    /// `listener` ended: it leaves the list if the bus is still open, and
-    /// the dead letters close if it was the last one of a closed bus.
+    /// `listener` ended: it leaves the list if it was stopped while the bus
+    /// is open (a crashed one stays, so that the crash shows), and the dead
+    /// letters close if it was the last one of a closed bus.
     fn ended(&self, listener: &Arc<ListenerState<E>>, dead_letters: &Store<E>) {
         let done = {
             let mut listed = lock(&self.listeners);
-            if !listed.bus_closed {
+            if !listed.keep && !listed.bus_closed && listener.status() == ListenerStatus::Aborted {
                 listed.listeners.retain(|l| !Arc::ptr_eq(l, listener));
+                // Its counts are final: it ended.
+                let left = listener.report().undelivered;
+                self.abandoned.fetch_add(left, Ordering::Relaxed);
             }
             listed.bus_closed && listed.listeners.iter().all(|l| l.is_finished())
         };
@@ -411,18 +437,23 @@ pub struct ShutdownReport {
     pub listeners: Vec<ListenerReport>,
     /// Events emitted after shutdown began, which reached nobody.
     pub rejected: u64,
+    /// Events left undelivered by listeners aborted before shutdown began,
+    /// while the bus was open: they are no longer listed (see
+    /// [`BusMetrics::listeners`](crate::BusMetrics)), and are counted here.
+    pub abandoned: u64,
 }
 
 impl ShutdownReport {
-    /// Whether every listener finished its queue before the deadline.
+    /// Whether every listener finished its queue before the deadline, and
+    /// none aborted earlier left events undelivered.
     pub fn drained(&self) -> bool {
-        self.listeners.iter().all(|l| l.drained)
+        self.abandoned == 0 && self.listeners.iter().all(|l| l.drained)
     }
 
     /// Events left unhandled in listener queues or in flight, over all
-    /// listeners.
+    /// listeners, those aborted earlier included.
     pub fn undelivered(&self) -> u64 {
-        self.listeners.iter().map(|l| l.undelivered).sum()
+        self.abandoned + self.listeners.iter().map(|l| l.undelivered).sum::<u64>()
     }
 
     /// The report of the listener named `name`.
@@ -440,7 +471,15 @@ impl fmt::Display for ShutdownReport {
             self.listeners.len(),
             self.undelivered(),
             self.rejected
-        )
+        )?;
+        if self.abandoned > 0 {
+            write!(
+                f,
+                " ({} left by listeners aborted before shutdown)",
+                self.abandoned
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -696,7 +735,9 @@ impl<E: Event, L: Listener<E>> Supervisor<E, L> {
         self.waited(&envelope, started);
         let mut attempt = 1;
         loop {
-            let outcome = AssertUnwindSafe(self.listener.handle(envelope.clone()))
+            // The handler's future is made, run and dropped inside the
+            // catch: a panic in any of the three is the handler's.
+            let outcome = AssertUnwindSafe(async { self.listener.handle(envelope.clone()).await })
                 .catch_unwind()
                 .await;
             self.took(started.elapsed());
@@ -805,7 +846,7 @@ impl<E: Event> Shared<E> {
 
     pub(crate) async fn shutdown(&self, deadline: Duration) -> ShutdownReport {
         let until = tokio::time::Instant::now().checked_add(deadline);
-        let mut listeners = self.runtime.listeners();
+        let (mut listeners, abandoned) = self.runtime.begin_shutdown();
         // Phase 1: only listeners may emit; wait until they are all idle.
         self.begin_draining();
         let _ = within(until, self.quiesce()).await;
@@ -839,6 +880,7 @@ impl<E: Event> Shared<E> {
         let report = ShutdownReport {
             listeners: listeners.iter().map(|listener| listener.report()).collect(),
             rejected: self.rejected(),
+            abandoned,
         };
         if report.drained() {
             tracing::info!(%report, "event bus shut down");
@@ -863,5 +905,98 @@ struct DecrementOnDrop<'a>(&'a AtomicUsize);
 impl Drop for DecrementOnDrop<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::event::{EventKind, KindSet};
+    use crate::queue::{LagPolicy, QueueConfig};
+    use crate::{EventBus, Listener};
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    struct Kind;
+
+    impl EventKind for Kind {
+        const ALL: &'static [Self] = &[Kind];
+
+        fn index(self) -> usize {
+            0
+        }
+
+        fn name(self) -> &'static str {
+            "tick"
+        }
+    }
+
+    #[derive(Debug)]
+    struct Tick;
+
+    impl Event for Tick {
+        type Kind = Kind;
+
+        fn kind(&self) -> Kind {
+            Kind
+        }
+    }
+
+    struct Idle;
+
+    impl Listener<Tick> for Idle {
+        async fn handle(&self, _: Arc<Envelope<Tick>>) -> Result<(), crate::HandlerError> {
+            Ok(())
+        }
+    }
+
+    /// The runtime's own code is not supposed to panic; if it does, the
+    /// listener must end as crashed, stay listed, and be reported, with
+    /// what it had not handled.
+    #[tokio::test]
+    async fn a_panic_in_the_runtime_ends_the_listener_as_crashed_and_reported() {
+        let bus = EventBus::<Tick>::new();
+        let shared = bus.shared().clone();
+        let config = QueueConfig {
+            capacity: 8,
+            policy: LagPolicy::DropOldest,
+            fairness: 1,
+        };
+        let queue = shared.make_queue(Some("broken".into()), KindSet::all(), config);
+        let handle = spawn_task(
+            &shared,
+            queue,
+            Idle,
+            RetryPolicy::none(),
+            |_, mut receiver| async move {
+                let _ = receiver.recv(true).await;
+                panic!("a bug in the runtime");
+            },
+        );
+        bus.emit(Tick);
+        bus.emit(Tick);
+        tokio::time::timeout(Duration::from_secs(10), handle.finished())
+            .await
+            .expect("the crashed listener ends");
+
+        assert_eq!(handle.status(), ListenerStatus::Crashed);
+        let metrics = bus.metrics();
+        let listed = metrics
+            .listener("broken")
+            .expect("a crashed listener stays listed");
+        assert_eq!(listed.status, ListenerStatus::Crashed);
+        assert_eq!(
+            (listed.delivered, listed.in_flight, listed.queue_depth),
+            (1, 1, 1)
+        );
+        // quiesce does not wait for it: it will never finish its events.
+        tokio::time::timeout(Duration::from_secs(10), bus.quiesce())
+            .await
+            .expect("quiesce returns");
+
+        let report = bus.shutdown(Duration::from_secs(1)).await;
+        let broken = report.listener("broken").expect("reported");
+        assert_eq!(broken.status, ListenerStatus::Crashed);
+        assert!(!broken.drained);
+        assert_eq!(broken.undelivered, 2);
     }
 }

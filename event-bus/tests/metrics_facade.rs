@@ -116,3 +116,119 @@ async fn metrics_are_exported_through_the_metrics_facade() {
         other => panic!("no handle latency histogram: {other:?}"),
     }
 }
+
+/// The series the recorder holds: name and labels of each.
+fn series(snapshotter: &metrics_util::debugging::Snapshotter) -> Vec<(String, Labels)> {
+    snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .map(|(key, _, _, _)| {
+            let labels = key
+                .key()
+                .labels()
+                .map(|l| (l.key().to_owned(), l.value().to_owned()))
+                .collect();
+            (key.key().name().to_owned(), labels)
+        })
+        .collect()
+}
+
+/// The series exported for a bus with `subscriptions` subscriptions that
+/// each received events.
+fn series_with_subscriptions(subscriptions: usize) -> Vec<(String, Labels)> {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let (bus, held) = metrics::with_local_recorder(&recorder, || {
+        let bus = EventBus::<TestEvent>::new();
+        let held: Vec<_> = (0..subscriptions)
+            .map(|_| bus.subscribe_with(TestEventKind::A, 1, event_bus::LagPolicy::DropOldest))
+            .collect();
+        (bus, held)
+    });
+    bus.emit_a(0);
+    bus.emit_a(1);
+    drop(held);
+    series(&snapshotter)
+}
+
+#[test]
+fn subscriptions_do_not_add_a_label_value_each() {
+    let one = series_with_subscriptions(1);
+    let hundred = series_with_subscriptions(100);
+    let queue_labels: std::collections::BTreeSet<String> = hundred
+        .iter()
+        .flat_map(|(_, labels)| labels.iter())
+        .filter(|(key, _)| key == "queue")
+        .map(|(_, value)| value.clone())
+        .collect();
+    assert_eq!(
+        hundred.len(),
+        one.len(),
+        "100 subscriptions export {} series where one exports {}; queue labels: {} values, \
+         such as {:?}",
+        hundred.len(),
+        one.len(),
+        queue_labels.len(),
+        queue_labels.iter().take(3).collect::<Vec<_>>()
+    );
+}
+
+/// Holds every event it is handed, so its queue stays as the emits left it.
+struct Stuck(event_bus::KindSet<TestEventKind>);
+
+impl Listener<TestEvent> for Stuck {
+    fn name(&self) -> &str {
+        "indexer"
+    }
+
+    fn interests(&self) -> event_bus::KindSet<TestEventKind> {
+        self.0.clone()
+    }
+
+    async fn handle(&self, _: Arc<Envelope<TestEvent>>) -> Result<(), HandlerError> {
+        std::future::pending().await
+    }
+}
+
+#[tokio::test]
+async fn listeners_of_one_name_add_up_in_the_queue_depth_gauge() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let (bus, first, second) = metrics::with_local_recorder(&recorder, || {
+        let bus = EventBus::new();
+        let first = bus.spawn(Stuck(event_bus::KindSet::all()));
+        let second = bus.spawn(Stuck(TestEventKind::A.into()));
+        (bus, first, second)
+    });
+    // Neither listener has run yet on this thread: both queues hold all.
+    for i in 0..3 {
+        bus.emit_a(i);
+    }
+    for i in 0..2 {
+        bus.emit_b(i);
+    }
+    let depth: u64 = [&first, &second]
+        .iter()
+        .map(|l| l.metrics().queue_depth as u64)
+        .sum();
+    assert_eq!(depth, 5 + 3);
+
+    let gauge = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .find(|(key, _, _, _)| {
+            key.key().name() == "event_bus_queue_depth"
+                && key
+                    .key()
+                    .labels()
+                    .any(|l| l.key() == "queue" && l.value() == "indexer")
+        })
+        .map(|(_, _, _, value)| value);
+    assert_eq!(
+        gauge,
+        Some(DebugValue::Gauge(8.0.into())),
+        "two listeners named `indexer` hold 5 and 3 events"
+    );
+}

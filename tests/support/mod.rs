@@ -3,6 +3,7 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -248,4 +249,178 @@ pub fn capture_logs() -> (Logs, tracing::subscriber::DefaultGuard) {
     let logs = Logs::default();
     let subscriber = tracing_subscriber::registry().with(logs.clone());
     (logs, tracing::subscriber::set_default(subscriber))
+}
+
+/// A log sink that takes `delay` over every event whose message contains
+/// `text`, as a sink writing to a stalled pipe or a slow network would.
+#[derive(Clone)]
+pub struct SlowSink {
+    text: &'static str,
+    delay: Duration,
+    entered: Arc<AtomicU64>,
+}
+
+impl SlowSink {
+    pub fn new(text: &'static str, delay: Duration) -> Self {
+        Self {
+            text,
+            delay,
+            entered: Arc::default(),
+        }
+    }
+
+    /// Waits until the sink has begun taking its time over an event, for at
+    /// most `deadline`; says whether it has.
+    pub fn wait_entered(&self, deadline: Duration) -> bool {
+        let started = std::time::Instant::now();
+        while self.entered.load(Ordering::SeqCst) == 0 {
+            if started.elapsed() >= deadline {
+                return false;
+            }
+            std::thread::yield_now();
+        }
+        true
+    }
+
+    /// Installs a subscriber with this sink as the default of the calling
+    /// thread until the guard is dropped.
+    pub fn set_default(&self) -> tracing::subscriber::DefaultGuard {
+        use tracing_subscriber::layer::SubscriberExt;
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(self.clone()))
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for SlowSink {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        let mut fields = Vec::new();
+        event.record(&mut FieldsVisitor(&mut fields));
+        if fields
+            .iter()
+            .any(|(k, v)| k == "message" && v.contains(self.text))
+        {
+            self.entered.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(self.delay);
+        }
+    }
+}
+
+/// A message for panics that tests inject into handlers on purpose.
+pub const INJECTED_PANIC: &str = "injected panic";
+
+/// Keeps the default panic hook quiet about [`INJECTED_PANIC`]s, so that a
+/// test that injects thousands of them still shows its real failures.
+pub fn quiet_injected_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let payload = info.payload();
+            let message = payload
+                .downcast_ref::<&str>()
+                .copied()
+                .or_else(|| payload.downcast_ref::<String>().map(String::as_str));
+            if !message.is_some_and(|m| m.contains(INJECTED_PANIC)) {
+                default(info);
+            }
+        }));
+    });
+}
+
+/// A small seeded random number generator (xorshift64*), so that a failing
+/// run can be replayed from its seed.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        // Zero is xorshift's one fixed point.
+        Self(seed ^ 0x9E37_79B9_7F4A_7C15 | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+
+    /// True with probability `1 / n`.
+    pub fn one_in(&mut self, n: u64) -> bool {
+        self.below(n) == 0
+    }
+
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+}
+
+/// Breaches of invariants found while a test runs on many threads, by
+/// rule: how many of each, and the first few in full. A handler or a helper
+/// thread records them here instead of panicking, which a listener would
+/// catch.
+#[derive(Clone, Default)]
+pub struct Breaches(Arc<Mutex<Vec<Broken>>>);
+
+/// One rule's breaches.
+struct Broken {
+    rule: &'static str,
+    count: u64,
+    first: Vec<String>,
+}
+
+impl Breaches {
+    /// Records a breach of `rule`, described by `detail`.
+    pub fn record(&self, rule: &'static str, detail: impl FnOnce() -> String) {
+        let mut rules = self.0.lock().unwrap();
+        let at = match rules.iter().position(|broken| broken.rule == rule) {
+            Some(at) => at,
+            None => {
+                rules.push(Broken {
+                    rule,
+                    count: 0,
+                    first: Vec::new(),
+                });
+                rules.len() - 1
+            }
+        };
+        let broken = &mut rules[at];
+        broken.count += 1;
+        if broken.first.len() < 3 {
+            broken.first.push(detail());
+        }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|broken| broken.count)
+            .sum()
+    }
+
+    /// Panics, listing each rule broken with its first breaches, if there
+    /// were any.
+    #[track_caller]
+    pub fn assert_none(&self, context: &str) {
+        let rules = self.0.lock().unwrap();
+        if rules.is_empty() {
+            return;
+        }
+        let mut message = format!("{context}: {} rules broken", rules.len());
+        for Broken { rule, count, first } in rules.iter() {
+            message += &format!("\n- {rule}: {count} times; first:");
+            for example in first {
+                message += &format!("\n    {example}");
+            }
+        }
+        panic!("{message}");
+    }
 }
