@@ -133,18 +133,27 @@ impl<E: Event> Runtime<E> {
         }
     }
 
-    /// `listener` ended: it leaves the list if it was stopped while the bus
-    /// is open (a crashed one stays, so that the crash shows), and the dead
-    /// letters close if it was the last one of a closed bus.
-    fn ended(&self, listener: &Arc<ListenerState<E>>, dead_letters: &Store<E>) {
+    /// `listener`'s task is ending as `status`, which is not published yet:
+    /// it leaves the list if it was stopped while the bus is open (a crashed
+    /// one stays, so that the crash shows), with what it left undelivered
+    /// counted; then its status is published, and the dead letters close if
+    /// it was the last one of a closed bus. Leaving the list first means that
+    /// whoever sees it finished no longer sees it listed.
+    fn ended(
+        &self,
+        listener: &Arc<ListenerState<E>>,
+        status: ListenerStatus,
+        dead_letters: &Store<E>,
+    ) {
         let done = {
             let mut listed = lock(&self.listeners);
-            if !listed.keep && !listed.bus_closed && listener.status() == ListenerStatus::Aborted {
+            if !listed.keep && !listed.bus_closed && status == ListenerStatus::Aborted {
                 listed.listeners.retain(|l| !Arc::ptr_eq(l, listener));
-                // Its counts are final: it ended.
+                // Its counts are final: its task is ending.
                 let left = listener.report().undelivered;
                 self.abandoned.fetch_add(left, Ordering::Relaxed);
             }
+            listener.status.store(status.as_u8(), Ordering::SeqCst);
             listed.bus_closed && listed.listeners.iter().all(|l| l.is_finished())
         };
         if done {
@@ -217,6 +226,9 @@ pub(crate) struct ListenerState<E: Event> {
     handle_latency: Histogram,
     pub(crate) retry: RetryPolicy,
     status: AtomicU8,
+    /// How the task's run ended, before the finish guard publishes it as
+    /// `status`; `Running` until then.
+    outcome: AtomicU8,
     /// Set by `abort`: the task starts no event after it sees this.
     cancelled: AtomicBool,
     done: Notify,
@@ -248,6 +260,7 @@ impl<E: Event> ListenerState<E> {
             handle_latency: Histogram::new(),
             retry,
             status: AtomicU8::new(ListenerStatus::Running.as_u8()),
+            outcome: AtomicU8::new(ListenerStatus::Running.as_u8()),
             cancelled: AtomicBool::new(false),
             done: Notify::new(),
             abort: OnceLock::new(),
@@ -263,14 +276,23 @@ impl<E: Event> ListenerState<E> {
         self.status() != ListenerStatus::Running
     }
 
-    /// Moves the status on from `Running`; a status once left is final.
-    fn end(&self, status: ListenerStatus) {
-        let _ = self.status.compare_exchange(
+    /// Records how the run ended, the first time only; the finish guard
+    /// publishes it.
+    fn end(&self, outcome: ListenerStatus) {
+        let _ = self.outcome.compare_exchange(
             ListenerStatus::Running.as_u8(),
-            status.as_u8(),
+            outcome.as_u8(),
             Ordering::SeqCst,
             Ordering::SeqCst,
         );
+    }
+
+    /// How the run ended; `Aborted` if it did not run to its end.
+    fn outcome(&self) -> ListenerStatus {
+        match ListenerStatus::from_u8(self.outcome.load(Ordering::SeqCst)) {
+            ListenerStatus::Running => ListenerStatus::Aborted,
+            outcome => outcome,
+        }
     }
 
     fn is_cancelled(&self) -> bool {
@@ -805,11 +827,9 @@ impl<E: Event> Drop for FinishGuard<E> {
         // an aborted backpressure listener cannot hold `emit_wait` forever.
         // What it held stays counted as undelivered.
         self.shared.unregister(&self.state.queue);
-        // Dropped before it ran to its end: aborted.
-        self.state.end(ListenerStatus::Aborted);
-        self.state.done.notify_waiters();
         let runtime = &self.shared.runtime;
-        runtime.ended(&self.state, &self.shared.dead_letters);
+        runtime.ended(&self.state, self.state.outcome(), &self.shared.dead_letters);
+        self.state.done.notify_waiters();
         runtime.notify_idle();
     }
 }
