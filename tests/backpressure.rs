@@ -290,3 +290,29 @@ async fn emit_wait_waits_for_room_in_a_subscriber_that_joined_while_it_waited() 
     assert_eq!(**late.recv().await.unwrap(), TestEvent::A(1));
     assert_eq!((late.dropped(), late.overflowed()), (0, 0));
 }
+
+#[tokio::test]
+async fn the_ceiling_counts_the_batch_the_consumer_has_taken() {
+    const CAPACITY: usize = 32;
+    let ceiling = CAPACITY * event_bus::OVERFLOW_FACTOR;
+    let bus = EventBus::new();
+    let mut subscription = bus.subscribe_with(TestKind::A, CAPACITY, LagPolicy::Backpressure);
+    let mut emitted = 0;
+    for _ in 0..ceiling {
+        bus.emit(TestEvent::A(emitted));
+        emitted += 1;
+    }
+    // The consumer takes a batch and hands out its first event.
+    assert_eq!(**subscription.try_recv().unwrap(), TestEvent::A(0));
+    for _ in 0..ceiling {
+        bus.emit(TestEvent::A(emitted));
+        emitted += 1;
+        assert!(subscription.len() <= ceiling, "{} held", subscription.len());
+    }
+    let lane = subscription.lane(event_bus::Priority::Normal);
+    assert_eq!(lane.queue_depth, ceiling);
+    assert_eq!(
+        lane.delivered + lane.dropped + lane.queue_depth as u64,
+        emitted
+    );
+}

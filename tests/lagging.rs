@@ -40,11 +40,10 @@ async fn each_gap_is_reported_where_it_is() {
     for i in 3..6 {
         bus.emit(TestEvent::A(i));
     }
-    // The queue held [3, 4] when 5 arrived: 3 was dropped. The gap lies
-    // between the batch's 2 and the queue's 4.
+    // The lane of 2 still holds the batch's 2, so it had one place: 3 went
+    // for 4, 4 for 5. The gap lies between the batch's 2 and the queue's 5.
     assert_eq!(**subscription.recv().await.unwrap(), TestEvent::A(2));
-    assert_eq!(subscription.recv().await.unwrap_err(), RecvError::Lagged(1));
-    assert_eq!(**subscription.recv().await.unwrap(), TestEvent::A(4));
+    assert_eq!(subscription.recv().await.unwrap_err(), RecvError::Lagged(2));
     assert_eq!(**subscription.recv().await.unwrap(), TestEvent::A(5));
     assert_eq!(subscription.delivered() + subscription.dropped(), 6);
 }
@@ -145,4 +144,35 @@ fn a_slow_log_sink_on_a_lagging_subscriber_never_blocks_an_unrelated_emit() {
         "the slowest of {timed} emits of B to an unrelated subscriber took {slowest:?}, while \
          the lagging subscriber's log sink took {SINK_DELAY:?} over a warning"
     );
+}
+
+#[tokio::test]
+async fn a_full_lane_counts_the_batch_the_consumer_has_taken() {
+    const CAPACITY: usize = 8;
+    let bus = EventBus::new();
+    let mut subscription = bus.subscribe_with(TestKind::A, CAPACITY, LagPolicy::DropOldest);
+    for i in 0..CAPACITY as u64 {
+        bus.emit(TestEvent::A(i));
+    }
+    // The consumer takes the whole lane as a batch and hands out one: the
+    // seven it still holds cannot be dropped any more.
+    assert_eq!(**subscription.try_recv().unwrap(), TestEvent::A(0));
+    for i in 8..20 {
+        bus.emit(TestEvent::A(i));
+        assert!(
+            subscription.len() <= CAPACITY,
+            "{} held",
+            subscription.len()
+        );
+    }
+    // 7 taken and one place: 8 to 18 came and went, 19 is queued.
+    for i in 1..8 {
+        assert_eq!(**subscription.try_recv().unwrap(), TestEvent::A(i));
+    }
+    assert_eq!(
+        subscription.try_recv().unwrap_err(),
+        TryRecvError::Lagged(11)
+    );
+    assert_eq!(**subscription.try_recv().unwrap(), TestEvent::A(19));
+    assert_eq!(subscription.delivered() + subscription.dropped(), 20);
 }

@@ -226,3 +226,60 @@ async fn a_listener_aborted_while_shutdown_drains_is_reported_once_undrained() {
     assert_eq!(report.abandoned, 0, "{report}");
     assert_eq!(report.undelivered(), 5, "{report}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emit_wait_from_outside_waiting_when_shutdown_begins_is_rejected_at_once() {
+    let bus = EventBus::new();
+    // A full backpressure subscription that nobody reads: `emit_wait` into
+    // it waits for room that never comes.
+    let mut full = bus.subscribe_with(TestKind::A, 1, event_bus::LagPolicy::Backpressure);
+    bus.emit(TestEvent::A(0));
+    // A listener that keeps the first phase of shutdown busy.
+    let gate = Gate::closed();
+    bus.spawn_with(
+        Gated(gate.clone()),
+        event_bus::ListenerOptions::new().capacity(1),
+    );
+    bus.emit(TestEvent::B(0));
+    let waiting = tokio::spawn({
+        let bus = bus.clone();
+        async move { bus.emit_wait(TestEvent::A(1)).await }
+    });
+    let shutdown = tokio::spawn({
+        let bus = bus.clone();
+        async move { bus.shutdown(support::DEADLINE).await }
+    });
+    // The shutdown is draining (the gated listener is busy), and the waiting
+    // emit from outside gives up at once rather than at the close.
+    within("the waiting emit_wait to be refused", waiting)
+        .await
+        .unwrap();
+    assert!(bus.is_closed());
+    assert!(!shutdown.is_finished(), "shutdown is still draining");
+    gate.open();
+    let report = within("shutdown", shutdown).await.unwrap();
+    assert!(report.drained(), "{report}");
+    assert_eq!(report.rejected, 1, "{report}");
+    assert_eq!(**full.recv().await.unwrap(), TestEvent::A(0));
+    assert_eq!(full.recv().await.unwrap_err(), RecvError::Closed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emit_after_shutdown_never_waits_on_the_log_sink() {
+    // Every log line costs the sink a second on this thread.
+    let sink = support::SlowSink::new("", Duration::from_secs(1));
+    let _default = sink.set_default();
+    let bus = EventBus::new();
+    let _subscription = bus.subscribe(TestKind::A);
+    bus.shutdown(support::DEADLINE).await;
+    let started = std::time::Instant::now();
+    for i in 0..3 {
+        bus.emit(TestEvent::A(i));
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(500),
+        "three rejected emits took {took:?}"
+    );
+    assert_eq!(bus.metrics().rejected, 3);
+}

@@ -24,7 +24,7 @@ pub const DEFAULT_CAPACITY: usize = 1024;
 pub const DEFAULT_DEAD_LETTER_CAPACITY: usize = 10_000;
 
 /// The default fairness bound: the most higher-priority events a queue hands
-/// out while a lower-priority event waits.
+/// out while a lower-priority lane waits, before that lane's oldest event.
 pub const DEFAULT_FAIRNESS: usize = 32;
 
 /// A typed domain-event bus.
@@ -80,8 +80,9 @@ impl<E: Event> Builder<E> {
     }
 
     /// The default fairness bound of every subscription and listener that
-    /// does not set its own: while an event waits in a queue, at most this
-    /// many events of higher priority are handed out before it. Default
+    /// does not set its own: while a lane of a queue has events waiting, at
+    /// most this many events of higher priority are handed out before the
+    /// lane's oldest. Default
     /// [`DEFAULT_FAIRNESS`]; 0 is raised to 1, and `usize::MAX` serves
     /// strictly by priority. See the crate's [Priority](crate#priority)
     /// section.
@@ -443,8 +444,8 @@ impl<E: Event> EventBus<E> {
         self.shared.shutdown(deadline).await
     }
 
-    /// Whether the bus has begun shutting down (or every handle but this one
-    /// was dropped): it accepts no more events from outside its listeners.
+    /// Whether the bus has begun shutting down: it accepts no more events
+    /// from outside its listeners.
     pub fn is_closed(&self) -> bool {
         self.shared.state.load(Ordering::Acquire) != OPEN
     }
@@ -601,7 +602,13 @@ impl<E: Event> Shared<E> {
             self.reject();
             return false;
         }
-        if self.interested[kind].load(Ordering::Relaxed) > 0 {
+        // A hand-written kind missing from `EventKind::ALL` has nowhere to
+        // go; refuse it rather than index past the tables.
+        let Some(interested) = self.interested.get(kind) else {
+            self.reject();
+            return false;
+        };
+        if interested.load(Ordering::Relaxed) > 0 {
             return true;
         }
         self.unrouted[kind].fetch_add(1, Ordering::Relaxed);
@@ -609,13 +616,12 @@ impl<E: Event> Shared<E> {
         false
     }
 
+    /// Counts an emit the bus refused. Not logged here, on the emitter's
+    /// stack, where a slow log sink would block the emit: the count is in
+    /// the metrics and the shutdown report, which `shutdown` logs.
     fn reject(&self) {
         self.export.rejected();
-        if self.rejected.fetch_add(1, Ordering::Relaxed) == 0 {
-            tracing::warn!(
-                "event emitted after the bus shut down; it reached nobody (further ones are only counted)"
-            );
-        }
+        self.rejected.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Numbers `envelope` and queues it for every queue interested in `kind`.
@@ -692,12 +698,17 @@ impl<E: Event> Shared<E> {
     /// other's places.
     async fn deliver_with_room(&self, kind: usize, envelope: Arc<Envelope<E>>) {
         let lane = envelope.priority().lane();
+        // Runs on the emitter's task: whether it is one of the bus's
+        // listeners, which may still emit while the bus drains.
+        let from_listener = crate::runtime::in_listener_of(self);
         let mut reservations: Vec<Reservation<E>> = Vec::new();
         loop {
             let full = {
                 let router = lock(&self.router);
-                if router.closed {
+                if router.closed || self.refuses_waiting(from_listener) {
                     drop(router);
+                    // Dropping them gives the reserved places back.
+                    drop(reservations);
                     self.reject();
                     return;
                 }
@@ -734,6 +745,11 @@ impl<E: Event> Shared<E> {
                 let mut outcome = Reserve::Full;
                 full.room_freed(|| {
                     let _router = lock(&self.router);
+                    if self.refuses_waiting(from_listener) {
+                        // The next round rejects the event.
+                        outcome = Reserve::Closed;
+                        return false;
+                    }
                     outcome = full.try_reserve(lane);
                     outcome == Reserve::Full
                 })
@@ -750,6 +766,12 @@ impl<E: Event> Shared<E> {
                 }
             }
         }
+    }
+
+    /// Whether an `emit_wait` that is waiting for room must give up: the bus
+    /// is draining and the emit does not come from one of its listeners.
+    fn refuses_waiting(&self, from_listener: bool) -> bool {
+        !from_listener && self.state.load(Ordering::Acquire) == DRAINING
     }
 
     /// Creates a queue, not yet routed. Unnamed queues are subscriptions.
@@ -846,17 +868,16 @@ impl<E: Event> Shared<E> {
 
     /// Starts the first phase of shutdown: only listeners' emits are
     /// accepted from now on. Does nothing once closed.
+    ///
+    /// Wakes the `emit_wait` callers waiting for room, so that those from
+    /// outside the listeners see the refusal at once, and the batch
+    /// listeners waiting for their batches to fill.
     pub(crate) fn begin_draining(&self) {
         let _ = self
             .state
             .compare_exchange(OPEN, DRAINING, Ordering::AcqRel, Ordering::Acquire);
-        let listeners: Vec<Arc<Queue<E>>> = lock(&self.router)
-            .queues
-            .iter()
-            .filter(|queue| queue.listener)
-            .cloned()
-            .collect();
-        for queue in listeners {
+        let queues: Vec<Arc<Queue<E>>> = lock(&self.router).queues.clone();
+        for queue in queues {
             queue.start_draining();
         }
     }

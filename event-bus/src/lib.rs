@@ -189,10 +189,12 @@
 //! listener does not interrupt the event it is handling.
 //!
 //! A fairness bound keeps a steady high-priority stream from starving the
-//! rest: while an event waits, at most `fairness` events of higher priority
-//! are handed out before it ([`Builder::fairness`] for the bus,
-//! [`ListenerOptions::fairness`] per listener; [`DEFAULT_FAIRNESS`] is 32).
-//! When that many have passed it, the oldest event of its lane goes next;
+//! rest: while a lane has events waiting, at most `fairness` events of higher
+//! priority are handed out before the lane's oldest event
+//! ([`Builder::fairness`] for the bus, [`ListenerOptions::fairness`] per
+//! listener; [`DEFAULT_FAIRNESS`] is 32). When that many have passed it, the
+//! oldest event of the lane goes next (and the count starts again for the
+//! next one);
 //! when two lanes are due, the lower goes first. `usize::MAX` serves strictly
 //! by priority.
 //!

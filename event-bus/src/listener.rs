@@ -155,8 +155,9 @@ impl ListenerOptions {
         self
     }
 
-    /// The listener's fairness bound: while an event waits in its queue, at
-    /// most this many events of higher priority are handed out before it.
+    /// The listener's fairness bound: while a lane of its queue has events
+    /// waiting, at most this many events of higher priority are handed out
+    /// before the lane's oldest.
     /// Defaults to the bus's [fairness](crate::Builder::fairness); 0 is
     /// raised to 1.
     #[must_use]

@@ -248,17 +248,26 @@ impl<E: Event> Queue<E> {
         }
         let state = &mut *state;
         let buffer = &mut state.lanes[lane];
-        if buffer.len() >= self.policy.ceiling(self.capacity) {
-            evicted.push(buffer.pop_front());
+        state.pushed[lane] += 1;
+        // What the lane holds counts the batch the consumer has taken, which
+        // can no longer be dropped. Read without the lock, `taken` can only
+        // be larger than it is, so the bound is kept.
+        let taken = counters.taken.load(Ordering::Acquire);
+        if buffer.len() + taken >= self.policy.ceiling(self.capacity) {
             state.dropped[lane] += 1;
             state.unreported_lag += 1;
             self.export.dropped();
+            if buffer.is_empty() {
+                // Everything the lane holds is taken: the newest event is
+                // the one to go. The consumer hears of the gap after the
+                // taken batch, which is where it is.
+                evicted.push(Some(envelope));
+                return None;
+            }
+            evicted.push(buffer.pop_front());
         } else if self.policy == LagPolicy::Backpressure
             && !reserved
-            && buffer.len()
-                + counters.taken.load(Ordering::Relaxed)
-                + counters.reserved.load(Ordering::Relaxed)
-                >= self.capacity
+            && buffer.len() + taken + counters.reserved.load(Ordering::Relaxed) >= self.capacity
         {
             state.overflowed[lane] += 1;
             self.export.overflowed();
@@ -270,7 +279,6 @@ impl<E: Event> Queue<E> {
             self.mark_waiting(lane, true);
         }
         buffer.push_back(envelope);
-        state.pushed[lane] += 1;
         counters.queued.store(buffer.len(), Ordering::Relaxed);
         state.waker.take()
     }
@@ -512,6 +520,7 @@ impl<E: Event> Queue<E> {
     pub(crate) fn start_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
         self.drain_started.notify_waiters();
+        self.room.notify_waiters();
     }
 
     pub(crate) fn is_draining(&self) -> bool {

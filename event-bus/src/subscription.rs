@@ -147,8 +147,9 @@ impl<E: Event> Subscription<E> {
         LaneMetrics::from_counts(&self.queue().counts())[priority.lane()]
     }
 
-    /// The queue's fairness bound: while an event waits, at most this many
-    /// events of higher priority are handed out before it.
+    /// The queue's fairness bound: while a lane has events waiting, at most
+    /// this many events of higher priority are handed out before the lane's
+    /// oldest.
     pub fn fairness(&self) -> usize {
         self.queue().fairness
     }
