@@ -8,9 +8,9 @@ mod support;
 
 use std::collections::VecDeque;
 
-use event_bus::{EventBus, KindSet, LagPolicy, ListenerOptions, Priority, TryRecvError};
+use event_bus::{EventBus, LagPolicy, ListenerOptions, Priority, TryRecvError};
 use proptest::prelude::*;
-use support::{Recorder, TestEvent, TestKind};
+use support::{Recorder, TestEvent, TestKind, kinds};
 
 #[derive(Debug, Clone)]
 struct SubscriberSpec {
@@ -31,15 +31,6 @@ fn priority() -> impl Strategy<Value = Priority> {
         1 => Just(Priority::High),
         1 => Just(Priority::Low),
     ]
-}
-
-fn kinds(mask: u8) -> KindSet<TestKind> {
-    TestKind::ALL_KINDS
-        .into_iter()
-        .enumerate()
-        .filter(|(i, _)| mask & (1 << i) != 0)
-        .map(|(_, kind)| kind)
-        .collect()
 }
 
 fn subscriber_spec() -> impl Strategy<Value = SubscriberSpec> {
@@ -170,7 +161,7 @@ proptest! {
         let bus = EventBus::builder().fairness(fairness).build();
         let mut subscriptions: Vec<_> = specs
             .iter()
-            .map(|s| bus.subscribe_with(kinds(s.interests), s.capacity, s.policy))
+            .map(|s| bus.subscribe_with(kinds(s.interests.into()), s.capacity, s.policy))
             .collect();
         let mut models: Vec<Model> = specs.iter().map(|_| Model::default()).collect();
         let mut emitted_of_interest = vec![[0u64; LANES]; specs.len()];
@@ -253,7 +244,7 @@ proptest! {
                     let options = ListenerOptions::new()
                         .capacity(spec.capacity)
                         .lag_policy(spec.policy);
-                    bus.spawn_with(Recorder::new(name, kinds(spec.interests)), options)
+                    bus.spawn_with(Recorder::new(name, kinds(spec.interests.into())), options)
                 })
                 .collect();
 

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use event_bus::{
-    Batch, BatchError, BatchFailure, BatchListener, DomainEvent, EventBus, ListenerHandle,
+    Batch, BatchError, BatchFailure, BatchListener, DomainEvent, Event, EventBus, ListenerHandle,
     ListenerOptions, Priority, RetryPolicy, listener,
 };
 use proptest::prelude::*;
@@ -118,6 +118,12 @@ async fn turns_until(what: &str, mut condition: impl FnMut() -> bool) {
 
 fn delivered(handle: &ListenerHandle<TestEvent>) -> u64 {
     handle.metrics().delivered
+}
+
+/// A listener's `(handled, failed, retried, dead_lettered)`.
+fn outcomes<E: Event>(handle: &ListenerHandle<E>) -> (u64, u64, u64, u64) {
+    let m = handle.metrics();
+    (m.handled, m.failed, m.retried, m.dead_lettered)
 }
 
 #[tokio::test]
@@ -476,11 +482,7 @@ async fn stop_at_first_retries_from_the_first_failure_in_order_and_ends_as_witho
     assert_eq!(store.applied(), clean.applied());
     assert_eq!(store.values(), clean.values());
     assert_eq!(store.values(), HashMap::from([(1, 20), (2, 7)]));
-    let m = handle.metrics();
-    assert_eq!(
-        (m.handled, m.failed, m.retried, m.dead_lettered),
-        (6, 1, 1, 0)
-    );
+    assert_eq!(outcomes(&handle), (6, 1, 1, 0));
 }
 
 #[tokio::test(start_paused = true)]
@@ -513,11 +515,7 @@ async fn independent_failures_are_retried_after_the_events_that_followed_them() 
     );
     // Right for events that stand alone; here `set(2, 5)` lands last.
     assert_eq!(store.values(), HashMap::from([(1, 20), (2, 5)]));
-    let m = handle.metrics();
-    assert_eq!(
-        (m.handled, m.failed, m.retried, m.dead_lettered),
-        (6, 2, 2, 0)
-    );
+    assert_eq!(outcomes(&handle), (6, 2, 2, 0));
 }
 
 #[tokio::test(start_paused = true)]
@@ -558,12 +556,8 @@ async fn stop_at_first_dead_letters_the_first_failure_and_goes_on_with_the_event
     assert_eq!(letters[0].attempts, 3);
     assert_eq!(letters[0].error, "row locked");
 
-    let m = handle.metrics();
     // One failed event per failed attempt: 2 three times, 4 once.
-    assert_eq!(
-        (m.handled, m.failed, m.retried, m.dead_lettered),
-        (5, 4, 3, 1)
-    );
+    assert_eq!(outcomes(&handle), (5, 4, 3, 1));
 }
 
 fn failure_mode() -> impl Strategy<Value = BatchFailure> {

@@ -8,8 +8,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use event_bus::{Envelope, EventBus, HandlerError, Listener, ListenerOptions};
-use support::{DEADLINE, TestEvent, within};
+use event_bus::{
+    Envelope, EventBus, HandlerError, Listener, ListenerHandle, ListenerOptions, ListenerReport,
+    ShutdownReport,
+};
+use support::{DEADLINE, TestEvent, emit_until_stopped, until, within};
 
 /// A handler that never returns `Pending`: it works for `spin` on the CPU
 /// and is done.
@@ -33,19 +36,37 @@ const ROOMY: usize = 1 << 17;
 /// A tokio mpsc loop yields after 128 to 256 messages.
 const BUDGET: u64 = 1_024;
 
+/// A bus with `events` ready for one [`NeverWaits`] listener that works
+/// `spin` on each, with room for them all.
+fn flooded(spin: Duration, events: u64) -> (EventBus<TestEvent>, ListenerHandle<TestEvent>) {
+    let bus = EventBus::new();
+    let listener = bus.spawn_with(NeverWaits { spin }, ListenerOptions::new().capacity(ROOMY));
+    for i in 0..events {
+        bus.emit(TestEvent::A(i));
+    }
+    (bus, listener)
+}
+
+/// What `shutdown(deadline)` of a [`flooded`] bus did: how long it took,
+/// its report, and the listener's part of it. Returns once the stopped
+/// listener has ended.
+async fn shut_down(
+    bus: &EventBus<TestEvent>,
+    listener: &ListenerHandle<TestEvent>,
+    deadline: Duration,
+) -> (Duration, ShutdownReport, ListenerReport) {
+    let started = Instant::now();
+    let report = bus.shutdown(deadline).await;
+    let took = started.elapsed();
+    let reported = report.listener("NeverWaits").unwrap().clone();
+    within("the stopped listener to end", listener.finished()).await;
+    (took, report, reported)
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn a_listener_whose_handler_never_waits_lets_other_tasks_run() {
     const EVENTS: u64 = 20_000;
-    let bus = EventBus::new();
-    let listener = bus.spawn_with(
-        NeverWaits {
-            spin: Duration::ZERO,
-        },
-        ListenerOptions::new().capacity(ROOMY),
-    );
-    for i in 0..EVENTS {
-        bus.emit(TestEvent::A(i));
-    }
+    let (bus, listener) = flooded(Duration::ZERO, EVENTS);
     // Queued behind the listener's task: it runs when the listener yields.
     let probe = tokio::spawn({
         let listener = listener.clone();
@@ -69,20 +90,9 @@ async fn abort_stops_a_listener_whose_handler_never_waits() {
         spin: Duration::from_micros(5),
     });
     let stop = Arc::new(AtomicBool::new(false));
-    let emitter = std::thread::spawn({
-        let (bus, stop) = (bus.clone(), stop.clone());
-        move || {
-            let mut i = 0;
-            while !stop.load(Ordering::Relaxed) && i < 500_000_000 {
-                bus.emit(TestEvent::A(i));
-                i += 1;
-            }
-        }
-    });
-    within("the listener to handle 1,000 events", async {
-        while listener.metrics().handled < 1_000 {
-            tokio::task::yield_now().await;
-        }
+    let emitter = emit_until_stopped(&bus, &stop, 500_000_000);
+    until("the listener to handle 1,000 events", || {
+        listener.metrics().handled >= 1_000
     })
     .await;
 
@@ -118,24 +128,11 @@ async fn abort_stops_a_listener_whose_handler_never_waits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_past_its_deadline_stops_a_listener_whose_handler_never_waits() {
     const EVENTS: u64 = 20_000;
-    let bus = EventBus::new();
     // 20,000 events at 20µs each take 400ms: far past the deadline.
-    let listener = bus.spawn_with(
-        NeverWaits {
-            spin: Duration::from_micros(20),
-        },
-        ListenerOptions::new().capacity(ROOMY),
-    );
-    for i in 0..EVENTS {
-        bus.emit(TestEvent::A(i));
-    }
+    let (bus, listener) = flooded(Duration::from_micros(20), EVENTS);
 
     let deadline = Duration::from_millis(50);
-    let started = Instant::now();
-    let report = bus.shutdown(deadline).await;
-    let took = started.elapsed();
-    let reported = report.listener("NeverWaits").unwrap().clone();
-    within("the stopped listener to end", listener.finished()).await;
+    let (took, report, reported) = shut_down(&bus, &listener, deadline).await;
     for _ in 0..1_000 {
         tokio::task::yield_now().await;
     }
@@ -160,24 +157,11 @@ async fn shutdown_past_its_deadline_stops_a_listener_whose_handler_never_waits()
 #[tokio::test(flavor = "current_thread")]
 async fn shutdown_returns_at_its_deadline_on_one_thread_though_a_listener_never_waits() {
     const EVENTS: u64 = 50_000;
-    let bus = EventBus::new();
     // 50,000 events at 20µs each take a second.
-    let listener = bus.spawn_with(
-        NeverWaits {
-            spin: Duration::from_micros(20),
-        },
-        ListenerOptions::new().capacity(ROOMY),
-    );
-    for i in 0..EVENTS {
-        bus.emit(TestEvent::A(i));
-    }
+    let (bus, listener) = flooded(Duration::from_micros(20), EVENTS);
 
     let deadline = Duration::from_millis(50);
-    let started = Instant::now();
-    let report = bus.shutdown(deadline).await;
-    let took = started.elapsed();
-    let reported = report.listener("NeverWaits").unwrap().clone();
-    within("the stopped listener to end", listener.finished()).await;
+    let (took, report, reported) = shut_down(&bus, &listener, deadline).await;
 
     assert!(
         took < deadline + Duration::from_millis(250),

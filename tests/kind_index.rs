@@ -4,76 +4,60 @@
 
 use event_bus::{Event, EventBus, EventKind};
 
-/// `index()` leaves the range of `ALL`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Sparse {
-    First,
-    Second,
-}
-
-impl EventKind for Sparse {
-    const ALL: &'static [Self] = &[Self::First, Self::Second];
-
-    fn index(self) -> usize {
-        match self {
-            Self::First => 0,
-            Self::Second => 5,
+/// A hand-written two-kind `EventKind`, `$kind`, whose `index()` gives
+/// `First` and `Second` the indices named, and an event `$event` that
+/// carries one.
+macro_rules! two_kinds {
+    (
+        $(#[$doc:meta])*
+        $kind:ident, $event:ident, $prefix:literal, first: $first:expr, second: $second:expr
+    ) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        enum $kind {
+            First,
+            Second,
         }
-    }
 
-    fn name(self) -> &'static str {
-        match self {
-            Self::First => "sparse.first",
-            Self::Second => "sparse.second",
+        impl EventKind for $kind {
+            const ALL: &'static [Self] = &[Self::First, Self::Second];
+
+            fn index(self) -> usize {
+                match self {
+                    Self::First => $first,
+                    Self::Second => $second,
+                }
+            }
+
+            fn name(self) -> &'static str {
+                match self {
+                    Self::First => concat!($prefix, ".first"),
+                    Self::Second => concat!($prefix, ".second"),
+                }
+            }
         }
-    }
-}
 
-#[derive(Debug)]
-struct SparseEvent(Sparse);
+        #[derive(Debug)]
+        struct $event($kind);
 
-impl Event for SparseEvent {
-    type Kind = Sparse;
+        impl Event for $event {
+            type Kind = $kind;
 
-    fn kind(&self) -> Sparse {
-        self.0
-    }
-}
-
-/// `index()` stays in range, in another order than `ALL`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Swapped {
-    First,
-    Second,
-}
-
-impl EventKind for Swapped {
-    const ALL: &'static [Self] = &[Self::First, Self::Second];
-
-    fn index(self) -> usize {
-        match self {
-            Self::First => 1,
-            Self::Second => 0,
+            fn kind(&self) -> $kind {
+                self.0
+            }
         }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Self::First => "swapped.first",
-            Self::Second => "swapped.second",
-        }
-    }
+    };
 }
 
-#[derive(Debug)]
-struct SwappedEvent(Swapped);
+two_kinds! {
+    /// `index()` leaves the range of `ALL`.
+    Sparse, SparseEvent, "sparse", first: 0, second: 5
+}
 
-impl Event for SwappedEvent {
-    type Kind = Swapped;
-
-    fn kind(&self) -> Swapped {
-        self.0
-    }
+two_kinds! {
+    /// `index()` stays in range, in another order than `ALL`.
+    Swapped, SwappedEvent, "swapped", first: 1, second: 0
 }
 
 #[test]

@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use event_bus::{EventBus, LagPolicy, ListenerOptions, RecvError, TryRecvError};
-use support::{DEADLINE, Gate, Gated, SlowSink, TestEvent, TestKind, capture_logs, within};
+use support::{
+    DEADLINE, Gate, Gated, SlowSink, TestEvent, TestKind, capture_logs, emit_until_stopped, within,
+};
 
 #[tokio::test]
 async fn drop_oldest_reports_the_exact_lag_then_the_newest_events() {
@@ -111,16 +113,7 @@ fn a_slow_log_sink_on_a_lagging_subscriber_never_blocks_an_unrelated_emit() {
             lags
         }
     });
-    let lagger = std::thread::spawn({
-        let (bus, stop) = (bus.clone(), stop.clone());
-        move || {
-            let mut i = 0;
-            while !stop.load(Ordering::Relaxed) && i < 100_000_000 {
-                bus.emit(TestEvent::A(i));
-                i += 1;
-            }
-        }
-    });
+    let lagger = emit_until_stopped(&bus, &stop, 100_000_000);
 
     // Time emits of B while the sink is taking its time over a warning.
     let warned = sink.wait_entered(DEADLINE);

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use event_bus::{Envelope, EventBus, HandlerError, Listener, ListenerOptions, RetryPolicy};
 use futures::FutureExt;
-use support::{Gate, Gated, Recorder, TestEvent, TestKind, within};
+use support::{Gate, Gated, Recorder, TestEvent, TestKind, stuck_listener, within};
 
 /// Turns every event of one kind into an event of the next kind.
 struct Relay {
@@ -114,10 +114,7 @@ async fn quiesce_waits_out_retries() {
 #[tokio::test]
 async fn an_aborted_listener_does_not_hold_quiesce() {
     let bus = EventBus::new();
-    let listener = bus.spawn(Gated(Gate::closed()));
-    for i in 0..5 {
-        bus.emit(TestEvent::A(i));
-    }
+    let listener = stuck_listener(&bus, 5);
     listener.abort();
     within("aborted listener to end", listener.finished()).await;
     within("quiesce", bus.quiesce()).await;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use event_bus::{Envelope, EventBus, HandlerError, KindSet, Listener, RecvError};
-use support::{Gate, Gated, Recorder, TestEvent, TestKind, within};
+use support::{Gate, Gated, Recorder, TestEvent, TestKind, stuck_listener, until, within};
 
 /// Takes a little time per event, so a queue is still full at shutdown.
 struct Yielding;
@@ -44,10 +44,7 @@ async fn shutdown_drains_every_queue_and_reports() {
 #[tokio::test(start_paused = true)]
 async fn shutdown_past_the_deadline_stops_listeners_and_reports_what_was_left() {
     let bus = EventBus::new();
-    let stuck = bus.spawn(Gated(Gate::closed()));
-    for i in 0..10 {
-        bus.emit(TestEvent::A(i));
-    }
+    let stuck = stuck_listener(&bus, 10);
 
     let started = tokio::time::Instant::now();
     let report = bus.shutdown(Duration::from_millis(250)).await;
@@ -175,15 +172,10 @@ async fn shutdown_rejects_emits_from_outside_while_listeners_drain() {
 #[tokio::test]
 async fn a_listener_aborted_before_shutdown_is_counted_undrained_with_what_it_left() {
     let bus = EventBus::new();
-    let stuck = bus.spawn(Gated(Gate::closed()));
-    for i in 0..5 {
-        bus.emit(TestEvent::A(i));
-    }
+    let stuck = stuck_listener(&bus, 5);
     // Let it take the first event into its handler, where it blocks.
-    within("the listener to take an event", async {
-        while stuck.metrics().in_flight == 0 {
-            tokio::task::yield_now().await;
-        }
+    until("the listener to take an event", || {
+        stuck.metrics().in_flight > 0
     })
     .await;
     stuck.abort();
@@ -202,21 +194,13 @@ async fn a_listener_aborted_before_shutdown_is_counted_undrained_with_what_it_le
 #[tokio::test]
 async fn a_listener_aborted_while_shutdown_drains_is_reported_once_undrained() {
     let bus = EventBus::new();
-    let stuck = bus.spawn(Gated(Gate::closed()));
-    for i in 0..5 {
-        bus.emit(TestEvent::A(i));
-    }
+    let stuck = stuck_listener(&bus, 5);
     let shutdown = tokio::spawn({
         let bus = bus.clone();
         async move { bus.shutdown(support::DEADLINE).await }
     });
     // Shutdown is draining, waiting for the stuck listener; stop it.
-    within("shutdown to begin", async {
-        while !bus.is_closed() {
-            tokio::task::yield_now().await;
-        }
-    })
-    .await;
+    until("shutdown to begin", || bus.is_closed()).await;
     stuck.abort();
     let report = within("shutdown", shutdown).await.unwrap();
     let gated = report.listener("Gated").expect("reported");

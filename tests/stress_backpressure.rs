@@ -18,7 +18,7 @@ use event_bus::{
     Batch, BatchError, BatchListener, Envelope, EventBus, HandlerError, KindSet, LagPolicy,
     Listener, ListenerOptions, Priority, RecvError, Subscription, TryRecvError,
 };
-use support::{Breaches, DEADLINE, Rng, TestEvent, TestKind};
+use support::{Breaches, DEADLINE, Rng, TestEvent, TestKind, random_interests, stress_seeds};
 use tokio::sync::watch;
 
 const KINDS: usize = TestKind::ALL_KINDS.len();
@@ -26,35 +26,6 @@ const LANES: usize = Priority::ALL.len();
 
 fn lane_of(priority: Priority) -> usize {
     Priority::ALL.iter().position(|&p| p == priority).unwrap()
-}
-
-fn seeds() -> Vec<u64> {
-    if let Some(seed) = std::env::var("EVENT_BUS_STRESS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-    {
-        return vec![seed];
-    }
-    let runs = std::env::var("EVENT_BUS_STRESS_ITERS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(3);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    let mut rng = Rng::new(now);
-    (0..runs).map(|_| rng.next_u64() >> 1).collect()
-}
-
-fn random_interests(rng: &mut Rng) -> KindSet<TestKind> {
-    let mask = 1 + rng.below((1 << KINDS) - 1);
-    TestKind::ALL_KINDS
-        .into_iter()
-        .enumerate()
-        .filter(|(i, _)| mask & (1 << i) != 0)
-        .map(|(_, kind)| kind)
-        .collect()
 }
 
 /// Completed `emit_wait` calls per kind and lane.
@@ -445,7 +416,7 @@ fn scenario(seed: u64) {
 
 #[test]
 fn emit_wait_from_many_threads_loses_nothing_while_backpressure_subscribers_come_and_go() {
-    for seed in seeds() {
+    for seed in stress_seeds() {
         scenario(seed);
     }
 }

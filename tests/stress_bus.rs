@@ -39,7 +39,9 @@ use event_bus::{
     LagPolicy, Listener, ListenerHandle, ListenerOptions, Priority, RecvError, RetryPolicy,
     Subscription, TryRecvError,
 };
-use support::{Breaches, DEADLINE, INJECTED_PANIC, Rng, TestEvent, TestKind};
+use support::{
+    Breaches, DEADLINE, INJECTED_PANIC, Rng, TestEvent, TestKind, random_interests, stress_seeds,
+};
 use tokio::runtime::Runtime;
 use tokio::sync::watch;
 
@@ -64,45 +66,12 @@ fn lane_of(priority: Priority) -> usize {
     Priority::ALL.iter().position(|&p| p == priority).unwrap()
 }
 
-fn iterations() -> u64 {
-    std::env::var("EVENT_BUS_STRESS_ITERS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(3)
-}
-
-/// The seeds to run: the one given, or fresh ones.
-fn seeds() -> Vec<u64> {
-    if let Some(seed) = std::env::var("EVENT_BUS_STRESS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-    {
-        return vec![seed];
-    }
-    let base = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    let mut rng = Rng::new(base);
-    (0..iterations()).map(|_| rng.next_u64() >> 1).collect()
-}
-
 fn runtime(workers: usize) -> Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .enable_all()
         .build()
         .unwrap()
-}
-
-fn random_interests(rng: &mut Rng) -> KindSet<TestKind> {
-    let mask = 1 + rng.below((1 << KINDS) - 1);
-    TestKind::ALL_KINDS
-        .into_iter()
-        .enumerate()
-        .filter(|(i, _)| mask & (1 << i) != 0)
-        .map(|(_, kind)| kind)
-        .collect()
 }
 
 /// Emits counted per kind and lane: `started` before the call, `completed`
@@ -340,6 +309,8 @@ impl Behaviour {
     }
 }
 
+/// A listener of [`Behaviour`] that reports what it is handed to its
+/// [`Probe`]; spawned one event at a time or in batches.
 struct StressListener {
     probe: Arc<Probe>,
     behaviour: Behaviour,
@@ -365,12 +336,7 @@ impl Listener<TestEvent> for StressListener {
     }
 }
 
-struct StressBatchListener {
-    probe: Arc<Probe>,
-    behaviour: Behaviour,
-}
-
-impl BatchListener<TestEvent> for StressBatchListener {
+impl BatchListener<TestEvent> for StressListener {
     fn name(&self) -> &str {
         &self.probe.name
     }
@@ -532,24 +498,15 @@ fn spawn_shaped(run: &Shared, name: String, interests: KindSet<TestKind>, shape:
         calls: AtomicU64::new(0),
         breaches: run.breaches.clone(),
     });
-    let behaviour = shape.behaviour;
     let (handle, window) = Window::open(&run.tally, || {
+        let listener = StressListener {
+            probe: probe.clone(),
+            behaviour: shape.behaviour,
+        };
         if shape.batch {
-            run.bus.spawn_batch_with(
-                StressBatchListener {
-                    probe: probe.clone(),
-                    behaviour,
-                },
-                shape.options(),
-            )
+            run.bus.spawn_batch_with(listener, shape.options())
         } else {
-            run.bus.spawn_with(
-                StressListener {
-                    probe: probe.clone(),
-                    behaviour,
-                },
-                shape.options(),
-            )
+            run.bus.spawn_with(listener, shape.options())
         }
     });
     Spawned {
@@ -1294,7 +1251,7 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn run_scenarios(midway: bool) {
     let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    for seed in seeds() {
+    for seed in stress_seeds() {
         run_scenario(seed, midway);
     }
 }

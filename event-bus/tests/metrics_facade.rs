@@ -8,9 +8,39 @@ use std::time::Duration;
 use event_bus::{
     DomainEvent, Envelope, EventBus, HandlerError, Listener, ListenerOptions, RetryPolicy,
 };
-use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 
 type Labels = Vec<(String, String)>;
+
+/// A series the recorder holds: its name, labels and value.
+type Series = (String, Labels, DebugValue);
+
+/// The series the recorder holds.
+fn exported(snapshotter: &Snapshotter) -> Vec<Series> {
+    snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .map(|(key, _, _, value)| {
+            let labels = key
+                .key()
+                .labels()
+                .map(|l| (l.key().to_owned(), l.value().to_owned()))
+                .collect();
+            (key.key().name().to_owned(), labels, value)
+        })
+        .collect()
+}
+
+/// The value of the series named `name` that carries `label`.
+fn value<'a>(exported: &'a [Series], name: &str, label: (&str, &str)) -> Option<&'a DebugValue> {
+    exported
+        .iter()
+        .find(|(n, labels, _)| {
+            n == name && labels.contains(&(label.0.to_owned(), label.1.to_owned()))
+        })
+        .map(|(_, _, value)| value)
+}
 
 #[derive(Debug, DomainEvent)]
 enum TestEvent {
@@ -72,27 +102,8 @@ async fn metrics_are_exported_through_the_metrics_facade() {
         .await
         .unwrap();
 
-    let exported: Vec<(String, Labels, DebugValue)> = snapshotter
-        .snapshot()
-        .into_vec()
-        .into_iter()
-        .map(|(key, _, _, value)| {
-            let labels = key
-                .key()
-                .labels()
-                .map(|l| (l.key().to_owned(), l.value().to_owned()))
-                .collect();
-            (key.key().name().to_owned(), labels, value)
-        })
-        .collect();
-    let counter = |name: &str, label: (&str, &str)| {
-        exported
-            .iter()
-            .find(|(n, labels, _)| {
-                n == name && labels.contains(&(label.0.to_owned(), label.1.to_owned()))
-            })
-            .map(|(_, _, value)| value)
-    };
+    let exported = exported(&snapshotter);
+    let counter = |name: &str, label: (&str, &str)| value(&exported, name, label);
 
     assert_eq!(
         counter("event_bus_emitted_total", ("event", "b")),
@@ -117,23 +128,6 @@ async fn metrics_are_exported_through_the_metrics_facade() {
     }
 }
 
-/// The series the recorder holds: name and labels of each.
-fn series(snapshotter: &metrics_util::debugging::Snapshotter) -> Vec<(String, Labels)> {
-    snapshotter
-        .snapshot()
-        .into_vec()
-        .into_iter()
-        .map(|(key, _, _, _)| {
-            let labels = key
-                .key()
-                .labels()
-                .map(|l| (l.key().to_owned(), l.value().to_owned()))
-                .collect();
-            (key.key().name().to_owned(), labels)
-        })
-        .collect()
-}
-
 /// The series exported for a bus with `subscriptions` subscriptions that
 /// each received events.
 fn series_with_subscriptions(subscriptions: usize) -> Vec<(String, Labels)> {
@@ -149,7 +143,10 @@ fn series_with_subscriptions(subscriptions: usize) -> Vec<(String, Labels)> {
     bus.emit_a(0);
     bus.emit_a(1);
     drop(held);
-    series(&snapshotter)
+    exported(&snapshotter)
+        .into_iter()
+        .map(|(name, labels, _)| (name, labels))
+        .collect()
 }
 
 #[test]
@@ -214,21 +211,10 @@ async fn listeners_of_one_name_add_up_in_the_queue_depth_gauge() {
         .sum();
     assert_eq!(depth, 5 + 3);
 
-    let gauge = snapshotter
-        .snapshot()
-        .into_vec()
-        .into_iter()
-        .find(|(key, _, _, _)| {
-            key.key().name() == "event_bus_queue_depth"
-                && key
-                    .key()
-                    .labels()
-                    .any(|l| l.key() == "queue" && l.value() == "indexer")
-        })
-        .map(|(_, _, _, value)| value);
+    let exported = exported(&snapshotter);
     assert_eq!(
-        gauge,
-        Some(DebugValue::Gauge(8.0.into())),
+        value(&exported, "event_bus_queue_depth", ("queue", "indexer")),
+        Some(&DebugValue::Gauge(8.0.into())),
         "two listeners named `indexer` hold 5 and 3 events"
     );
 }

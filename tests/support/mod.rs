@@ -3,11 +3,13 @@
 
 #![allow(dead_code, unreachable_pub)]
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use event_bus::{Envelope, Event, EventKind, HandlerError, KindSet, Listener};
+use event_bus::{
+    Envelope, Event, EventBus, EventKind, HandlerError, KindSet, Listener, ListenerHandle,
+};
 use tokio::sync::watch;
 
 /// How long any test waits for something that should happen at once.
@@ -80,6 +82,17 @@ impl TestEvent {
     }
 }
 
+/// The kinds whose bits are set in `mask`: bit `i` stands for
+/// `TestKind::ALL_KINDS[i]`.
+pub fn kinds(mask: u64) -> KindSet<TestKind> {
+    TestKind::ALL_KINDS
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| mask & (1 << i) != 0)
+        .map(|(_, kind)| kind)
+        .collect()
+}
+
 /// A gate handlers wait at until the test opens it.
 #[derive(Clone)]
 pub struct Gate(Arc<tokio::sync::Semaphore>);
@@ -108,12 +121,50 @@ impl Listener<TestEvent> for Gated {
     }
 }
 
+/// Spawns a [`Gated`] listener behind a gate that never opens, and emits
+/// `A(0)` to `A(events - 1)`: it takes the first into its handler and holds
+/// it, and the rest wait in its queue.
+pub fn stuck_listener(bus: &EventBus<TestEvent>, events: u64) -> ListenerHandle<TestEvent> {
+    let stuck = bus.spawn(Gated(Gate::closed()));
+    for i in 0..events {
+        bus.emit(TestEvent::A(i));
+    }
+    stuck
+}
+
 /// Runs `future` to completion or panics after [`DEADLINE`].
 pub async fn within<F: std::future::Future>(what: &str, future: F) -> F::Output {
     match tokio::time::timeout(DEADLINE, future).await {
         Ok(output) => output,
         Err(_) => panic!("{what} did not happen within {DEADLINE:?}"),
     }
+}
+
+/// Yields until `condition` holds, or panics after [`DEADLINE`].
+pub async fn until(what: &str, mut condition: impl FnMut() -> bool) {
+    within(what, async {
+        while !condition() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+}
+
+/// Starts an OS thread that emits `A(0)`, `A(1)`, … as fast as it can,
+/// until `stop` is set or it has emitted `limit` events.
+pub fn emit_until_stopped(
+    bus: &EventBus<TestEvent>,
+    stop: &Arc<AtomicBool>,
+    limit: u64,
+) -> std::thread::JoinHandle<()> {
+    let (bus, stop) = (bus.clone(), stop.clone());
+    std::thread::spawn(move || {
+        let mut i = 0;
+        while !stop.load(Ordering::Relaxed) && i < limit {
+            bus.emit(TestEvent::A(i));
+            i += 1;
+        }
+    })
 }
 
 /// A listener that records every event it handles, in handling order.
@@ -359,6 +410,32 @@ impl Rng {
     pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
         &items[self.below(items.len() as u64) as usize]
     }
+}
+
+/// A random set of kinds, never empty.
+pub fn random_interests(rng: &mut Rng) -> KindSet<TestKind> {
+    kinds(1 + rng.below((1 << TestKind::ALL_KINDS.len()) - 1))
+}
+
+/// The seeds for a stress test to run: the one in `EVENT_BUS_STRESS_SEED`,
+/// or `EVENT_BUS_STRESS_ITERS` fresh ones (default 3).
+pub fn stress_seeds() -> Vec<u64> {
+    if let Some(seed) = std::env::var("EVENT_BUS_STRESS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        return vec![seed];
+    }
+    let runs = std::env::var("EVENT_BUS_STRESS_ITERS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(3);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let mut rng = Rng::new(now);
+    (0..runs).map(|_| rng.next_u64() >> 1).collect()
 }
 
 /// Breaches of invariants found while a test runs on many threads, by
