@@ -82,15 +82,12 @@ impl Model {
             LagPolicy::DropOldest => spec.capacity,
             LagPolicy::Backpressure => spec.capacity * event_bus::OVERFLOW_FACTOR,
         };
-        // The lane holds what is queued and what the receiver has taken;
-        // taken events cannot be dropped, so when the lane holds nothing
-        // else the incoming event is the one dropped.
-        if self.queue[lane].len() + self.taken[lane].len() >= ceiling {
+        // The capacity bounds what is queued; what the receiver has taken
+        // cannot be dropped.
+        if self.queue[lane].len() >= ceiling {
+            self.queue[lane].pop_front();
             self.dropped[lane] += 1;
             self.unreported += 1;
-            if self.queue[lane].pop_front().is_none() {
-                return;
-            }
         } else if spec.policy == LagPolicy::Backpressure
             && self.queue[lane].len() + self.taken[lane].len() >= spec.capacity
         {

@@ -459,7 +459,9 @@ impl<E: Event> EventBus<E> {
     /// spawned before any emit and interested in every kind has
     /// `delivered + dropped + queue_depth == emitted`.
     pub fn metrics(&self) -> BusMetrics {
-        let listeners = self.shared.runtime.listeners();
+        // Together: a listener that leaves the list moves its undelivered
+        // events into `abandoned` under the same lock.
+        let (listeners, abandoned) = self.shared.runtime.listed();
         let (emitted, counts) = {
             // Pushes and their emit counts happen under the emit lock: read
             // both under it, and every queue's counts agree with the
@@ -483,7 +485,7 @@ impl<E: Event> EventBus<E> {
             emitted: emitted_by_kind.iter().map(|k| k.emitted).sum(),
             emitted_by_kind,
             rejected: self.shared.rejected(),
-            abandoned: self.shared.runtime.abandoned(),
+            abandoned,
             dead_letters_evicted: self.shared.dead_letters.evicted(),
             listeners: listeners
                 .iter()
@@ -794,6 +796,11 @@ impl<E: Event> Shared<E> {
             drop(router);
             queue.close();
             return;
+        }
+        if self.state.load(Ordering::Acquire) == DRAINING {
+            // `begin_draining` stores the state before it takes this lock to
+            // list the queues: a queue routed after that is marked here.
+            queue.start_draining();
         }
         for kind in queue.interests.iter() {
             router.routes[kind.index()].push(queue.clone());

@@ -114,7 +114,9 @@
 //! A consumer takes events from a lane in batches of up to 32 (never more
 //! than the capacity), so that it and the emitters rarely meet on the
 //! queue's lock; events it has taken are no longer dropped, and
-//! [`Subscription::len`] counts them as queued.
+//! [`Subscription::len`] counts them as queued. The capacity bounds what is
+//! queued, so a lane holds at most its capacity plus that batch, and what a
+//! full lane drops is always its oldest queued event, never the newest.
 //!
 //! ```
 //! # use event_bus::{EventBus, LagPolicy, RecvError};
@@ -149,7 +151,8 @@
 //!
 //! [`EventBus::emit`], which must never block, queues past the capacity and
 //! counts the event as overflowed, up to a hard ceiling of
-//! [`OVERFLOW_FACTOR`] (2) times the capacity; past it the lane drops its
+//! [`OVERFLOW_FACTOR`] (2) times the capacity queued (plus the batch the
+//! consumer has taken, as for `DropOldest`); past it the lane drops its
 //! oldest event as `DropOldest` does, counted and reported as `Lagged`. So
 //! memory stays bounded whatever the emitter does, and a backpressure
 //! subscriber loses nothing as long as its emitters use `emit_wait`.

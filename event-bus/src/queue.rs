@@ -49,9 +49,10 @@ pub enum LagPolicy {
     Backpressure,
 }
 
-/// How many times its capacity a [`LagPolicy::Backpressure`] lane may hold
+/// How many times its capacity a [`LagPolicy::Backpressure`] lane may queue
 /// when plain [`emit`](crate::EventBus::emit) overflows it, before its
-/// oldest events are dropped.
+/// oldest queued events are dropped. (The batch its consumer has taken, at
+/// most `min(32, capacity)` events, comes on top, as for every lane.)
 pub const OVERFLOW_FACTOR: usize = 2;
 
 impl LagPolicy {
@@ -121,6 +122,12 @@ struct State<E> {
     lanes: [VecDeque<Arc<Envelope<E>>>; Priority::LANES],
     /// Dropped events not yet reported to the consumer.
     unreported_lag: u64,
+    /// Events dropped to make room, left for the consumer to drop when it
+    /// next takes from the queue (after releasing the lock): an event's last
+    /// drop may close the span it was emitted in, which runs the tracing
+    /// subscriber's code, and that must not happen on an emitter's stack.
+    /// At most the capacity; past that the emitter drops them itself.
+    evicted: Vec<Arc<Envelope<E>>>,
     /// Per lane: events queued since the queue was made. With `dropped` and
     /// the lane's `delivered` it gives the depth, so a snapshot's
     /// `delivered + dropped + depth` is exactly what was queued.
@@ -206,6 +213,7 @@ impl<E: Event> Queue<E> {
                     VecDeque::with_capacity(if normal { capacity.min(1024) } else { 0 })
                 }),
                 unreported_lag: 0,
+                evicted: Vec::new(),
                 pushed: [0; Priority::LANES],
                 dropped: [0; Priority::LANES],
                 overflowed: [0; Priority::LANES],
@@ -249,22 +257,23 @@ impl<E: Event> Queue<E> {
         let state = &mut *state;
         let buffer = &mut state.lanes[lane];
         state.pushed[lane] += 1;
-        // What the lane holds counts the batch the consumer has taken, which
-        // can no longer be dropped. Read without the lock, `taken` can only
-        // be larger than it is, so the bound is kept.
+        // The bound is on what is queued: the batch the consumer has taken
+        // cannot be dropped, and the oldest queued event is what goes, never
+        // the newest.
         let taken = counters.taken.load(Ordering::Acquire);
-        if buffer.len() + taken >= self.policy.ceiling(self.capacity) {
+        if buffer.len() >= self.policy.ceiling(self.capacity) {
             state.dropped[lane] += 1;
             state.unreported_lag += 1;
             self.export.dropped();
-            if buffer.is_empty() {
-                // Everything the lane holds is taken: the newest event is
-                // the one to go. The consumer hears of the gap after the
-                // taken batch, which is where it is.
-                evicted.push(Some(envelope));
-                return None;
+            if let Some(oldest) = buffer.pop_front() {
+                // The consumer drops it (see `State::evicted`); past the
+                // bound, the emitter does, after its locks.
+                if state.evicted.len() < self.capacity {
+                    state.evicted.push(oldest);
+                } else {
+                    evicted.push(Some(oldest));
+                }
             }
-            evicted.push(buffer.pop_front());
         } else if self.policy == LagPolicy::Backpressure
             && !reserved
             && buffer.len() + taken + counters.reserved.load(Ordering::Relaxed) >= self.capacity
@@ -401,9 +410,10 @@ impl<E: Event> Queue<E> {
         &self,
         lane: usize,
         taken: &mut VecDeque<Arc<Envelope<E>>>,
+        graveyard: &mut Vec<Arc<Envelope<E>>>,
     ) -> Result<(), TryRecvError> {
         let mut state = lock(&self.state);
-        self.report_lag(&mut state)?;
+        self.report_lag(&mut state, graveyard)?;
         let buffer = &mut state.lanes[lane];
         let count = buffer.len().min(BATCH).min(self.capacity);
         taken.extend(buffer.drain(..count));
@@ -421,9 +431,13 @@ impl<E: Event> Queue<E> {
     /// Called when the receiver saw no lane with events: reports a gap, or
     /// says the queue is closed, or registers `waker` and says it is empty.
     /// `Ok` means events arrived meanwhile.
-    fn wait(&self, waker: Option<&Waker>) -> Result<(), TryRecvError> {
+    fn wait(
+        &self,
+        waker: Option<&Waker>,
+        graveyard: &mut Vec<Arc<Envelope<E>>>,
+    ) -> Result<(), TryRecvError> {
         let mut state = lock(&self.state);
-        self.report_lag(&mut state)?;
+        self.report_lag(&mut state, graveyard)?;
         if state.depth() > 0 {
             return Ok(());
         }
@@ -439,13 +453,20 @@ impl<E: Event> Queue<E> {
         Err(TryRecvError::Empty)
     }
 
-    /// Reports the gap since the last report. Called under the lock: the
-    /// caller logs it, with [`warn_lagged`](Self::warn_lagged), after
-    /// releasing the lock, which emitters take under the bus's emit lock.
-    fn report_lag(&self, state: &mut State<E>) -> Result<(), TryRecvError> {
+    /// Reports the gap since the last report, and hands the events dropped
+    /// for it to `graveyard` (empty). Called under the lock: the caller
+    /// logs the gap, with [`warn_lagged`](Self::warn_lagged), and drops the
+    /// events after releasing the lock, which emitters take under the bus's
+    /// emit lock.
+    fn report_lag(
+        &self,
+        state: &mut State<E>,
+        graveyard: &mut Vec<Arc<Envelope<E>>>,
+    ) -> Result<(), TryRecvError> {
         if state.unreported_lag == 0 {
             return Ok(());
         }
+        std::mem::swap(&mut state.evicted, graveyard);
         Err(TryRecvError::Lagged(std::mem::take(
             &mut state.unreported_lag,
         )))
@@ -486,13 +507,16 @@ impl<E: Event> Queue<E> {
         } else {
             Ordering::Release
         };
-        counters.taken.store(remaining, order);
-        // Release: a snapshot that reads `delivered` sees the take, so the
-        // depth it derives never goes negative.
+        // `delivered` first: a snapshot derives the depth from it, so the
+        // event leaves the depth before its place is free to `emit_wait`
+        // (a snapshot never shows a lane past its capacity). Release: a
+        // snapshot that reads it sees the take, so the depth never goes
+        // negative.
         counters.delivered.store(
             counters.delivered.load(Ordering::Relaxed) + 1,
             Ordering::Release,
         );
+        counters.taken.store(remaining, order);
         self.export.depth(-1);
         if self.policy == LagPolicy::Backpressure {
             self.notify_room_drained(lane);
@@ -620,6 +644,9 @@ pub(crate) struct Receiver<E: Event> {
     /// Per lane: events of higher lanes handed out since the lane's last
     /// while it had events waiting.
     passed: [usize; Priority::LANES],
+    /// Events the queue dropped for a gap it reported, to drop once its lock
+    /// is released (see `State::evicted`).
+    graveyard: Vec<Arc<Envelope<E>>>,
 }
 
 impl<E: Event> Receiver<E> {
@@ -630,6 +657,7 @@ impl<E: Event> Receiver<E> {
                 VecDeque::with_capacity(if normal { BATCH.min(queue.capacity) } else { 0 })
             }),
             passed: [0; Priority::LANES],
+            graveyard: Vec::new(),
             queue,
         }
     }
@@ -674,6 +702,9 @@ impl<E: Event> Receiver<E> {
     ) -> Result<Arc<Envelope<E>>, TryRecvError> {
         let next = self.next_unlogged(waker, track);
         if let Err(TryRecvError::Lagged(count)) = next {
+            // Outside the lock, on the consumer's stack: the events dropped
+            // for the gap, then its warning.
+            self.graveyard.clear();
             self.queue.warn_lagged(count);
         }
         next
@@ -690,11 +721,12 @@ impl<E: Event> Receiver<E> {
                 !self.taken[lane].is_empty() || queued & (1 << lane) != 0
             });
             let Some(lane) = self.choose(&waiting) else {
-                self.queue.wait(waker)?;
+                self.queue.wait(waker, &mut self.graveyard)?;
                 continue;
             };
             let Some(envelope) = self.taken[lane].pop_front() else {
-                self.queue.take(lane, &mut self.taken[lane])?;
+                self.queue
+                    .take(lane, &mut self.taken[lane], &mut self.graveyard)?;
                 continue;
             };
             let lower = self.passed.iter_mut().zip(waiting).skip(lane + 1);

@@ -79,17 +79,23 @@ impl<E: Event> Runtime<E> {
     }
 
     /// Events left undelivered by listeners aborted while the bus was open,
-    /// which are no longer listed.
-    pub(crate) fn abandoned(&self) -> u64 {
+    /// which are no longer listed. Written under the listeners' lock.
+    fn abandoned(&self) -> u64 {
         self.abandoned.load(Ordering::Relaxed)
+    }
+
+    /// The listed listeners and what those that left the list abandoned,
+    /// read together.
+    pub(crate) fn listed(&self) -> (Vec<Arc<ListenerState<E>>>, u64) {
+        let listed = lock(&self.listeners);
+        (listed.listeners.clone(), self.abandoned())
     }
 
     /// Shutdown begins: the listeners to report, and what those that left
     /// the list abandoned; from now on none leaves it.
     fn begin_shutdown(&self) -> (Vec<Arc<ListenerState<E>>>, u64) {
-        let mut listed = lock(&self.listeners);
-        listed.keep = true;
-        (listed.listeners.clone(), self.abandoned())
+        lock(&self.listeners).keep = true;
+        self.listed()
     }
 
     pub(crate) fn listeners(&self) -> Vec<Arc<ListenerState<E>>> {
@@ -457,7 +463,10 @@ impl<E: Event> fmt::Debug for ListenerHandle<E> {
 pub struct ShutdownReport {
     /// One report per listener, in spawn order.
     pub listeners: Vec<ListenerReport>,
-    /// Events emitted after shutdown began, which reached nobody.
+    /// Events emitted after shutdown began, which reached nobody, counted by
+    /// the time the report was made. (An `emit_wait` that the shutdown woke
+    /// may count its refusal a moment later, in
+    /// [`BusMetrics::rejected`](crate::BusMetrics).)
     pub rejected: u64,
     /// Events left undelivered by listeners aborted before shutdown began,
     /// while the bus was open: they are no longer listed (see

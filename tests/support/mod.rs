@@ -302,13 +302,17 @@ pub fn capture_logs() -> (Logs, tracing::subscriber::DefaultGuard) {
     (logs, tracing::subscriber::set_default(subscriber))
 }
 
-/// A log sink that takes `delay` over every event whose message contains
-/// `text`, as a sink writing to a stalled pipe or a slow network would.
+/// A log sink that stalls on every event whose message contains `text`, as
+/// a sink writing to a stalled pipe or a slow network would: for `delay`,
+/// or, when [`held`](Self::held), until [`release`](Self::release)d, so a
+/// test can check that other work goes on meanwhile without timing it.
 #[derive(Clone)]
 pub struct SlowSink {
     text: &'static str,
     delay: Duration,
     entered: Arc<AtomicU64>,
+    /// Set once released; waited on by held events.
+    released: Option<Arc<(Mutex<bool>, std::sync::Condvar)>>,
 }
 
 impl SlowSink {
@@ -317,6 +321,24 @@ impl SlowSink {
             text,
             delay,
             entered: Arc::default(),
+            released: None,
+        }
+    }
+
+    /// A sink that holds every matching event until [`release`](Self::release)
+    /// (or, so that a broken test still ends, [`DEADLINE`]).
+    pub fn held(text: &'static str) -> Self {
+        Self {
+            released: Some(Arc::default()),
+            ..Self::new(text, DEADLINE)
+        }
+    }
+
+    /// Lets held events go, now and from now on.
+    pub fn release(&self) {
+        if let Some(released) = &self.released {
+            *released.0.lock().unwrap() = true;
+            released.1.notify_all();
         }
     }
 
@@ -350,9 +372,29 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for SlowSink {
             .any(|(k, v)| k == "message" && v.contains(self.text))
         {
             self.entered.fetch_add(1, Ordering::SeqCst);
-            std::thread::sleep(self.delay);
+            match &self.released {
+                None => std::thread::sleep(self.delay),
+                Some(released) => {
+                    let guard = released.0.lock().unwrap();
+                    let _ = released
+                        .1
+                        .wait_timeout_while(guard, self.delay, |released| !*released)
+                        .unwrap();
+                }
+            }
         }
     }
+}
+
+/// Runs `work` on a thread of its own and says whether it finished within
+/// [`DEADLINE`]: for work that must not wait on something the test holds.
+pub fn finishes_on_its_own(work: impl FnOnce() + Send + 'static) -> bool {
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        work();
+        let _ = done.send(());
+    });
+    finished.recv_timeout(DEADLINE).is_ok()
 }
 
 /// A message for panics that tests inject into handlers on purpose.
