@@ -454,7 +454,7 @@ impl<E: Event> EventBus<E> {
     ///
     /// The snapshot is consistent, even while other threads emit and
     /// listeners run: the per-listener identities documented on
-    /// [`ListenerMetrics`] hold in every snapshot, and the emit counts are
+    /// [`ListenerMetrics`](crate::ListenerMetrics) hold in every snapshot, and the emit counts are
     /// read at the same moment as the listeners' queues, so a listener
     /// spawned before any emit and interested in every kind has
     /// `delivered + dropped + queue_depth == emitted`.
