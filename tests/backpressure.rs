@@ -330,3 +330,114 @@ async fn the_ceiling_bounds_what_is_queued_with_the_taken_batch_on_top() {
     }
     assert_eq!(last, emitted - 1);
 }
+
+#[tokio::test]
+async fn an_emit_wait_push_never_drops_an_event_when_plain_emits_filled_the_lane() {
+    let bus = EventBus::new();
+    let mut both = bus.subscribe_with([TestKind::A, TestKind::B], 2, LagPolicy::Backpressure);
+    let mut full = bus.subscribe_with(TestKind::B, 1, LagPolicy::Backpressure);
+    bus.emit_wait(TestEvent::B(0)).await;
+    assert_eq!(**both.recv().await.unwrap(), TestEvent::B(0));
+    bus.emit_wait(TestEvent::A(1)).await;
+    // Reserves `both`'s last place, then waits for `full`.
+    let mut waiting = Box::pin(bus.emit_wait(TestEvent::B(2)));
+    assert!((&mut waiting).now_or_never().is_none());
+    // Plain emits overflow `both` up to its ceiling, which counts the place
+    // promised to the waiting emit.
+    for i in 10..20 {
+        bus.emit(TestEvent::A(i));
+    }
+    let dropped_by_plain_emits = both.dropped();
+    assert!(
+        both.len() < 2 * event_bus::OVERFLOW_FACTOR,
+        "{}",
+        both.len()
+    );
+    assert_eq!(**full.recv().await.unwrap(), TestEvent::B(0));
+    within("the waiting emit_wait", waiting).await;
+    // Its push found the place it was promised: it dropped nothing.
+    assert_eq!(both.dropped(), dropped_by_plain_emits);
+
+    let mut received = Vec::new();
+    loop {
+        match both.try_recv() {
+            Ok(next) => received.push(next.value()),
+            Err(event_bus::TryRecvError::Lagged(_)) => {}
+            Err(_) => break,
+        }
+    }
+    assert_eq!(received.last(), Some(&2), "{received:?}");
+}
+
+#[derive(Debug, event_bus::DomainEvent)]
+enum Tracked {
+    Item(DropProbe),
+}
+
+/// Each drop of a probe: its tag and the name of the thread it ran on.
+type Drops = Arc<Mutex<Vec<(u64, Option<String>)>>>;
+
+/// Records the name of the thread its value is dropped on.
+#[derive(Debug)]
+struct DropProbe {
+    tag: u64,
+    drops: Drops,
+}
+
+impl Drop for DropProbe {
+    fn drop(&mut self) {
+        let thread = std::thread::current().name().map(str::to_owned);
+        self.drops.lock().unwrap().push((self.tag, thread));
+    }
+}
+
+#[test]
+fn a_dropped_subscription_drops_its_events_itself_not_a_waiting_emitter() {
+    let drops = Arc::new(Mutex::new(Vec::new()));
+    let item = |tag| {
+        Tracked::Item(DropProbe {
+            tag,
+            drops: drops.clone(),
+        })
+    };
+    let bus = EventBus::new();
+    let subscription = bus.subscribe_with(TrackedKind::Item, 1, LagPolicy::Backpressure);
+    bus.emit(item(0));
+    bus.emit(item(1)); // overflows: two queued
+    let (waiting_tx, waiting) = std::sync::mpsc::channel();
+    let (dropped_tx, dropped) = std::sync::mpsc::channel::<()>();
+    let emitter = std::thread::Builder::new()
+        .name("emitter".into())
+        .spawn({
+            let bus = bus.clone();
+            let last = item(99);
+            move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async move {
+                    // Waits for room in the full subscription, holding it.
+                    let mut emit = Box::pin(bus.emit_wait(last));
+                    assert!((&mut emit).now_or_never().is_none());
+                    waiting_tx.send(()).unwrap();
+                    dropped.recv().unwrap();
+                    drop(emit); // the emitter lets go of the queue last
+                });
+            }
+        })
+        .unwrap();
+    waiting.recv().unwrap();
+    drop(subscription);
+    dropped_tx.send(()).unwrap();
+    emitter.join().unwrap();
+
+    let drops = drops.lock().unwrap();
+    let queued: Vec<_> = drops.iter().filter(|(tag, _)| *tag < 99).collect();
+    assert_eq!(queued.len(), 2, "{drops:?}");
+    assert!(
+        queued
+            .iter()
+            .all(|(_, thread)| thread.as_deref() != Some("emitter")),
+        "queued events were dropped on the emitter's thread: {drops:?}"
+    );
+}

@@ -144,18 +144,20 @@
 //! backpressure subscriber interested in the event has room in the event's
 //! lane (one that subscribed while it waited included), so a slow consumer
 //! slows the emitter instead; `emit_wait` never takes a lane past its
-//! capacity and never loses an event. A waiting emitter is woken once the
+//! capacity and never drops an event to make room. A waiting emitter is woken once the
 //! consumer holds at most `capacity - min(capacity / 2, 32)` events of the
 //! lane (places reserved by other waiting emitters are not the consumer's),
 //! and fills the free places in one go.
 //!
 //! [`EventBus::emit`], which must never block, queues past the capacity and
 //! counts the event as overflowed, up to a hard ceiling of
-//! [`OVERFLOW_FACTOR`] (2) times the capacity queued (plus the batch the
-//! consumer has taken, as for `DropOldest`); past it the lane drops its
-//! oldest event as `DropOldest` does, counted and reported as `Lagged`. So
-//! memory stays bounded whatever the emitter does, and a backpressure
-//! subscriber loses nothing as long as its emitters use `emit_wait`.
+//! [`OVERFLOW_FACTOR`] (2) times the capacity queued, places promised to
+//! waiting `emit_wait` callers included (plus the batch the consumer has
+//! taken, as for `DropOldest`); past it the lane drops its oldest queued
+//! event, whoever emitted it, as `DropOldest` does, counted and reported as
+//! `Lagged`. So memory stays bounded whatever the emitter does, and a
+//! backpressure subscriber loses nothing as long as its emitters all use
+//! `emit_wait`.
 //!
 //! ```
 //! # use event_bus::{EventBus, LagPolicy};

@@ -36,9 +36,9 @@ pub enum LagPolicy {
     /// events, never the newest, and never silently.
     #[default]
     DropOldest,
-    /// Never drop what [`EventBus::emit_wait`](crate::EventBus::emit_wait)
-    /// queues: it waits until the lane has room, and never takes it past its
-    /// capacity.
+    /// Never drop to make room for what
+    /// [`EventBus::emit_wait`](crate::EventBus::emit_wait) queues: it waits
+    /// until the lane has room, and never takes it past its capacity.
     ///
     /// [`EventBus::emit`](crate::EventBus::emit), which must not block,
     /// queues past the capacity and counts the event as overflowed, up to a
@@ -261,7 +261,11 @@ impl<E: Event> Queue<E> {
         // cannot be dropped, and the oldest queued event is what goes, never
         // the newest.
         let taken = counters.taken.load(Ordering::Acquire);
-        if buffer.len() >= self.policy.ceiling(self.capacity) {
+        // A place reserved by a waiting `emit_wait` counts against the
+        // ceiling of plain emits, so that a reserved push always finds its
+        // place and never drops an event: `emit_wait` loses nothing.
+        let promised = counters.reserved.load(Ordering::SeqCst);
+        if !reserved && buffer.len() + promised >= self.policy.ceiling(self.capacity) {
             state.dropped[lane] += 1;
             state.unreported_lag += 1;
             self.export.dropped();
@@ -276,7 +280,7 @@ impl<E: Event> Queue<E> {
             }
         } else if self.policy == LagPolicy::Backpressure
             && !reserved
-            && buffer.len() + taken + counters.reserved.load(Ordering::Relaxed) >= self.capacity
+            && buffer.len() + taken + promised >= self.capacity
         {
             state.overflowed[lane] += 1;
             self.export.overflowed();
@@ -539,6 +543,20 @@ impl<E: Event> Queue<E> {
             && self.in_flight.load(Ordering::SeqCst) == 0
     }
 
+    /// Takes out every event the closed queue still holds, for the caller to
+    /// drop on its own stack after the lock: an `emit_wait` that still holds
+    /// the queue may be the last to let go of it, and the drop of what it
+    /// holds (the application's events, their emit spans) must not run on
+    /// an emitter's stack.
+    pub(crate) fn discard(&self) -> Discarded<E> {
+        let mut state = lock(&self.state);
+        let lanes = std::mem::replace(&mut state.lanes, std::array::from_fn(|_| VecDeque::new()));
+        Discarded {
+            _lanes: lanes,
+            _evicted: std::mem::take(&mut state.evicted),
+        }
+    }
+
     /// Marks the queue's bus as shutting down, and wakes whoever waits in
     /// [`draining`](Self::draining).
     pub(crate) fn start_draining(&self) {
@@ -760,6 +778,12 @@ impl<E: Event> std::fmt::Debug for Receiver<E> {
             .field("passed", &self.passed)
             .finish()
     }
+}
+
+/// What [`Queue::discard`] took out: dropped by its holder.
+pub(crate) struct Discarded<E> {
+    _lanes: [VecDeque<Arc<Envelope<E>>>; Priority::LANES],
+    _evicted: Vec<Arc<Envelope<E>>>,
 }
 
 /// Events dropped from full queues during one delivery, held until the

@@ -836,6 +836,9 @@ impl<E: Event> Drop for FinishGuard<E> {
         // an aborted backpressure listener cannot hold `emit_wait` forever.
         // What it held stays counted as undelivered.
         self.shared.unregister(&self.state.queue);
+        // Dropped here, on the listener's task, not by an emitter that may
+        // hold the queue a moment longer; the counts keep what it left.
+        drop(self.state.queue.discard());
         let runtime = &self.shared.runtime;
         runtime.ended(&self.state, self.state.outcome(), &self.shared.dead_letters);
         self.state.done.notify_waiters();

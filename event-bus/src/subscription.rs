@@ -173,6 +173,9 @@ impl<E: Event> Stream for Subscription<E> {
 impl<E: Event> Drop for Subscription<E> {
     fn drop(&mut self) {
         self.shared.unregister(&self.receiver.queue);
+        // What is queued is dropped here, by the subscriber, not by an
+        // emitter that may hold the queue a moment longer.
+        drop(self.receiver.queue.discard());
     }
 }
 
