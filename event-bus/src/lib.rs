@@ -109,7 +109,11 @@
 //! A lagging consumer never slows the emitters: the warning is logged after
 //! the queue's lock is released, by the consumer, at most once a second per
 //! queue (with the drops of the warnings it held back), so a slow log sink
-//! delays nobody but that consumer.
+//! delays nobody but that consumer. The events a full lane drops are dropped
+//! by its consumer too, when it next receives (an event's last drop may close
+//! the span it was emitted in): up to the lane's capacity of them wait for
+//! it, and past that, for a consumer that never receives, the emitter drops
+//! them itself.
 //!
 //! A consumer takes events from a lane in batches of up to 32 (never more
 //! than the capacity), so that it and the emitters rarely meet on the
