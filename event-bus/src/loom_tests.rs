@@ -67,6 +67,30 @@ fn recv(subscription: &mut Subscription<Ev>) -> Ev {
     }
 }
 
+/// Receives from two subscriptions as events come, yielding while both are
+/// empty, until `a` holds `a_len` events and `b` holds `b_len`.
+fn recv_both(
+    a: &mut Subscription<Ev>,
+    from_a: &mut Vec<Ev>,
+    a_len: usize,
+    b: &mut Subscription<Ev>,
+    from_b: &mut Vec<Ev>,
+    b_len: usize,
+) {
+    while from_a.len() < a_len || from_b.len() < b_len {
+        let mut idle = true;
+        for (subscription, into) in [(&mut *a, &mut *from_a), (&mut *b, &mut *from_b)] {
+            if let Ok(envelope) = subscription.try_recv() {
+                into.push(**envelope);
+                idle = false;
+            }
+        }
+        if idle {
+            thread::yield_now();
+        }
+    }
+}
+
 #[test]
 fn loom_emit_wait_is_woken_when_the_consumer_frees_a_place() {
     loom::model(|| {
@@ -107,20 +131,7 @@ fn loom_a_place_reserved_by_another_waiter_is_not_counted_as_the_consumers() {
         // Which of the two emits gets `both`'s place first is up to the
         // schedule: read both queues as events come.
         let (mut from_both, mut from_full) = (Vec::new(), Vec::new());
-        while from_both.len() < 2 || from_full.len() < 2 {
-            let mut idle = true;
-            if let Ok(envelope) = both.try_recv() {
-                from_both.push(**envelope);
-                idle = false;
-            }
-            if let Ok(envelope) = full.try_recv() {
-                from_full.push(**envelope);
-                idle = false;
-            }
-            if idle {
-                thread::yield_now();
-            }
-        }
+        recv_both(&mut both, &mut from_both, 2, &mut full, &mut from_full, 2);
         from_both.sort_by_key(|ev| ev.1);
         assert_eq!(from_both, [Ev(Kind::A, 1), Ev(Kind::B, 2)]);
         assert_eq!(from_full, [Ev(Kind::A, 0), Ev(Kind::A, 1)]);
@@ -157,20 +168,7 @@ fn loom_emit_wait_is_woken_at_the_watermark_of_what_the_consumer_holds() {
         assert_eq!(recv(&mut both), Ev(Kind::A, 0));
         b.join().unwrap();
         let (mut from_both, mut from_full) = (vec![Ev(Kind::A, 0)], Vec::new());
-        while from_both.len() < 5 || from_full.len() < 2 {
-            let mut idle = true;
-            if let Ok(envelope) = both.try_recv() {
-                from_both.push(**envelope);
-                idle = false;
-            }
-            if let Ok(envelope) = full.try_recv() {
-                from_full.push(**envelope);
-                idle = false;
-            }
-            if idle {
-                thread::yield_now();
-            }
-        }
+        recv_both(&mut both, &mut from_both, 5, &mut full, &mut from_full, 2);
         a.join().unwrap();
         from_both.sort_by_key(|ev| ev.1);
         assert_eq!(

@@ -257,14 +257,18 @@ impl<E: Event> Queue<E> {
         let state = &mut *state;
         let buffer = &mut state.lanes[lane];
         state.pushed[lane] += 1;
+        let backpressure = self.policy == LagPolicy::Backpressure;
+        // A place reserved by a waiting `emit_wait` (backpressure lanes only)
+        // counts against the ceiling of plain emits, so that a reserved push
+        // always finds its place and never drops an event.
+        let promised = if backpressure {
+            counters.reserved.load(Ordering::SeqCst)
+        } else {
+            0
+        };
         // The bound is on what is queued: the batch the consumer has taken
         // cannot be dropped, and the oldest queued event is what goes, never
         // the newest.
-        let taken = counters.taken.load(Ordering::Acquire);
-        // A place reserved by a waiting `emit_wait` counts against the
-        // ceiling of plain emits, so that a reserved push always finds its
-        // place and never drops an event: `emit_wait` loses nothing.
-        let promised = counters.reserved.load(Ordering::SeqCst);
         if !reserved && buffer.len() + promised >= self.policy.ceiling(self.capacity) {
             state.dropped[lane] += 1;
             state.unreported_lag += 1;
@@ -278,14 +282,14 @@ impl<E: Event> Queue<E> {
                     evicted.push(Some(oldest));
                 }
             }
-        } else if self.policy == LagPolicy::Backpressure
-            && !reserved
-            && buffer.len() + taken + promised >= self.capacity
-        {
-            state.overflowed[lane] += 1;
-            self.export.overflowed();
-            self.export.depth(1);
         } else {
+            let past_capacity = || {
+                buffer.len() + counters.taken.load(Ordering::Acquire) + promised >= self.capacity
+            };
+            if backpressure && !reserved && past_capacity() {
+                state.overflowed[lane] += 1;
+                self.export.overflowed();
+            }
             self.export.depth(1);
         }
         if buffer.is_empty() {

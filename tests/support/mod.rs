@@ -303,47 +303,34 @@ pub fn capture_logs() -> (Logs, tracing::subscriber::DefaultGuard) {
 }
 
 /// A log sink that stalls on every event whose message contains `text`, as
-/// a sink writing to a stalled pipe or a slow network would: for `delay`,
-/// or, when [`held`](Self::held), until [`release`](Self::release)d, so a
-/// test can check that other work goes on meanwhile without timing it.
+/// a sink writing to a stalled pipe or a slow network would, until
+/// [`release`](Self::release)d (or, so that a broken test still ends,
+/// [`DEADLINE`]): a test checks that other work goes on meanwhile, without
+/// timing it.
 #[derive(Clone)]
 pub struct SlowSink {
     text: &'static str,
-    delay: Duration,
     entered: Arc<AtomicU64>,
-    /// Set once released; waited on by held events.
-    released: Option<Arc<(Mutex<bool>, std::sync::Condvar)>>,
+    released: Arc<(Mutex<bool>, std::sync::Condvar)>,
 }
 
 impl SlowSink {
-    pub fn new(text: &'static str, delay: Duration) -> Self {
-        Self {
-            text,
-            delay,
-            entered: Arc::default(),
-            released: None,
-        }
-    }
-
-    /// A sink that holds every matching event until [`release`](Self::release)
-    /// (or, so that a broken test still ends, [`DEADLINE`]).
     pub fn held(text: &'static str) -> Self {
         Self {
-            released: Some(Arc::default()),
-            ..Self::new(text, DEADLINE)
+            text,
+            entered: Arc::default(),
+            released: Arc::default(),
         }
     }
 
     /// Lets held events go, now and from now on.
     pub fn release(&self) {
-        if let Some(released) = &self.released {
-            *released.0.lock().unwrap() = true;
-            released.1.notify_all();
-        }
+        *self.released.0.lock().unwrap() = true;
+        self.released.1.notify_all();
     }
 
-    /// Waits until the sink has begun taking its time over an event, for at
-    /// most `deadline`; says whether it has.
+    /// Waits until the sink has begun holding an event, for at most
+    /// `deadline`; says whether it has.
     pub fn wait_entered(&self, deadline: Duration) -> bool {
         let started = std::time::Instant::now();
         while self.entered.load(Ordering::SeqCst) == 0 {
@@ -372,16 +359,12 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for SlowSink {
             .any(|(k, v)| k == "message" && v.contains(self.text))
         {
             self.entered.fetch_add(1, Ordering::SeqCst);
-            match &self.released {
-                None => std::thread::sleep(self.delay),
-                Some(released) => {
-                    let guard = released.0.lock().unwrap();
-                    let _ = released
-                        .1
-                        .wait_timeout_while(guard, self.delay, |released| !*released)
-                        .unwrap();
-                }
-            }
+            let guard = self.released.0.lock().unwrap();
+            let _ = self
+                .released
+                .1
+                .wait_timeout_while(guard, DEADLINE, |released| !*released)
+                .unwrap();
         }
     }
 }
