@@ -6,33 +6,25 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
 use std::ops::{Deref, Range};
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Instant;
-
-use futures_util::FutureExt;
-use futures_util::stream::{FuturesUnordered, StreamExt};
-use tracing::Instrument;
 
 use crate::envelope::Envelope;
-use crate::error::{HandlerError, RecvError, TryRecvError, chain};
-use crate::event::{Event, KindSet, Priority};
-use crate::listener::ListenerOptions;
-use crate::queue::Receiver;
-use crate::runtime::{Supervisor, panicked};
+use crate::error::{HandlerError, chain};
+use crate::event::{Event, KindSet};
+use crate::listener::BatchFailure;
 
 /// A listener that handles its events in batches, run and supervised by the
 /// bus like a [`Listener`](crate::Listener).
 ///
 /// Spawn one with [`EventBus::spawn_batch`](crate::EventBus::spawn_batch).
-/// The runtime hands it up to [`max_batch`](ListenerOptions::max_batch)
+/// The runtime hands it up to [`max_batch`](crate::ListenerOptions::max_batch)
 /// events at once: whatever its queue holds when it is free, and, with a
-/// [`max_wait`](ListenerOptions::max_wait), whatever else arrives until that
+/// [`max_wait`](crate::ListenerOptions::max_wait), whatever else arrives until that
 /// long after the batch's first event. A high-priority event ends the wait
 /// at once.
 ///
 /// A batch is in the order the queue hands events out: the highest priority
-/// first, except that the [fairness bound](ListenerOptions::fairness) lets a
+/// first, except that the [fairness bound](crate::ListenerOptions::fairness) lets a
 /// waiting lower-priority event go after at most that many higher ones (see
 /// [Priority](crate#priority)), and events of one priority in emit order.
 /// The queue orders what it holds at the moment it is asked, so an event
@@ -51,7 +43,7 @@ use crate::runtime::{Supervisor, panicked};
 /// - any other error (`?` on any error type, [`BatchError::all`]), or a
 ///   panic: the whole batch failed.
 ///
-/// The listener's [`batch_failure`](ListenerOptions::batch_failure) mode
+/// The listener's [`batch_failure`](crate::ListenerOptions::batch_failure) mode
 /// decides what is retried, per its [`RetryPolicy`](crate::RetryPolicy):
 ///
 /// - [`BatchFailure::Independent`] (the default): the failed events are
@@ -142,50 +134,6 @@ pub trait BatchListener<E: Event>: Send + Sync + 'static {
     -> impl Future<Output = Result<(), BatchError>> + Send;
 }
 
-/// How a [`BatchListener`]'s partly failed batch is retried: which events
-/// count as handled, and which go again. Set with
-/// [`ListenerOptions::batch_failure`].
-///
-/// # Examples
-///
-/// A store whose writes must apply in order retries from its first failed
-/// write:
-///
-/// ```
-/// use event_bus::{BatchFailure, ListenerOptions, RetryPolicy};
-///
-/// let options = ListenerOptions::new()
-///     .batch_failure(BatchFailure::StopAtFirst)
-///     .retry(RetryPolicy::exponential(5));
-/// # let _ = options;
-/// ```
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub enum BatchFailure {
-    /// Each event stands alone. The events the handler did not name are
-    /// handled; the failed ones are retried together, as a smaller batch in
-    /// their batch order, after the events that followed them were handled;
-    /// each one still failing after the last attempt becomes a dead letter.
-    /// For events that do not depend on each other, such as documents of
-    /// distinct rows. The default.
-    #[default]
-    Independent,
-    /// Events are handled in batch order, a failure included. The events
-    /// before the first failed one (the lowest index the error names) are
-    /// handled; that event and every event after it, in order, are the next
-    /// attempt. When the first failed event has had every attempt of the
-    /// [`RetryPolicy`](crate::RetryPolicy), it becomes a dead letter and the
-    /// events after it go on as a new batch, at attempt 1. An error for the
-    /// whole batch, or a panic, is a failure of its first event.
-    ///
-    /// For writes whose order matters (set, clear, set of one key). The
-    /// derived batch handler calls no run of events after the first that
-    /// fails; a hand-written one may stop at its first failure too, since
-    /// what it reports about the events after it is not read. One that goes
-    /// on past its failure is handed those events again: they count once,
-    /// but its side effects on them happen twice.
-    StopAtFirst,
-}
-
 /// The events a [`BatchListener`] handles in one call: a slice of envelopes,
 /// in the order the queue handed them out, with the attempt this is and the
 /// listener's [`BatchFailure`] mode.
@@ -194,9 +142,9 @@ pub enum BatchFailure {
 /// events by their index in it.
 #[derive(Debug)]
 pub struct Batch<E> {
-    events: Vec<Arc<Envelope<E>>>,
-    attempt: u32,
-    failure_mode: BatchFailure,
+    pub(crate) events: Vec<Arc<Envelope<E>>>,
+    pub(crate) attempt: u32,
+    pub(crate) failure_mode: BatchFailure,
 }
 
 impl<E> Batch<E> {
@@ -230,7 +178,7 @@ impl<E> Batch<E> {
     }
 
     /// How a failure of this batch is retried: the listener's
-    /// [`batch_failure`](ListenerOptions::batch_failure).
+    /// [`batch_failure`](crate::ListenerOptions::batch_failure).
     pub fn failure_mode(&self) -> BatchFailure {
         self.failure_mode
     }
@@ -363,7 +311,7 @@ impl BatchError {
     /// failed. An error that names no event, or one outside the batch, is
     /// taken for the whole batch: a wrong index must not mark an event
     /// handled that may not have been.
-    fn resolve(&self, len: usize) -> Vec<Option<String>> {
+    pub(crate) fn resolve(&self, len: usize) -> Vec<Option<String>> {
         let mut errors = vec![None; len];
         for failure in &self.failures {
             let message = chain(&*failure.error);
@@ -438,322 +386,4 @@ impl fmt::Debug for BatchError {
             .field("failures", &self.to_string())
             .finish()
     }
-}
-
-/// Assembles batches from a receiver. Cancel safe: what it has taken stays
-/// in `pending` when the future of [`next`](Collector::next) is dropped.
-struct Collector<E: Event> {
-    pending: Vec<Arc<Envelope<E>>>,
-    /// When the pending batch stops waiting for more; `None` while nothing
-    /// is pending, or when `max_wait` reaches past the clock's range (the
-    /// batch then waits until full, urgent or closed).
-    deadline: Option<tokio::time::Instant>,
-    /// The pending batch holds a high-priority event: hand it over now.
-    urgent: bool,
-    closed: bool,
-    max_batch: usize,
-    max_wait: std::time::Duration,
-    failure_mode: BatchFailure,
-}
-
-impl<E: Event> Collector<E> {
-    fn new(options: &ListenerOptions) -> Self {
-        Self {
-            pending: Vec::new(),
-            deadline: None,
-            urgent: false,
-            closed: false,
-            max_batch: options.max_batch,
-            max_wait: options.max_wait,
-            failure_mode: options.batch_failure,
-        }
-    }
-
-    /// The next batch, or `None` once the queue is closed and drained.
-    async fn next(&mut self, receiver: &mut Receiver<E>) -> Option<Batch<E>> {
-        loop {
-            if self.pending.len() >= self.max_batch || self.closed {
-                return self.take();
-            }
-            // Take what is queued already, without waiting.
-            match receiver.try_recv(true) {
-                Ok(envelope) => {
-                    self.add(envelope);
-                    continue;
-                }
-                Err(TryRecvError::Lagged(_)) => continue,
-                Err(TryRecvError::Closed) => {
-                    self.closed = true;
-                    continue;
-                }
-                Err(TryRecvError::Empty) => {}
-            }
-            // A shutting-down bus waits for no batch to fill up.
-            if self.urgent || (!self.pending.is_empty() && receiver.queue.is_draining()) {
-                return self.take();
-            }
-            let next = if self.pending.is_empty() {
-                receiver.recv(true).await
-            } else {
-                let queue = receiver.queue.clone();
-                let deadline = self.deadline;
-                let waited_out = async move {
-                    match deadline {
-                        Some(deadline) => tokio::time::sleep_until(deadline).await,
-                        None => std::future::pending().await,
-                    }
-                };
-                tokio::select! {
-                    next = receiver.recv(true) => next,
-                    () = waited_out => return self.take(),
-                    () = queue.draining() => return self.take(),
-                }
-            };
-            match next {
-                Ok(envelope) => self.add(envelope),
-                Err(RecvError::Lagged(_)) => {}
-                Err(RecvError::Closed) => self.closed = true,
-            }
-        }
-    }
-
-    fn add(&mut self, envelope: Arc<Envelope<E>>) {
-        if self.pending.is_empty() {
-            // `Duration::MAX` is how a user says "until full".
-            self.deadline = tokio::time::Instant::now().checked_add(self.max_wait);
-        }
-        self.urgent |= envelope.priority() == Priority::High;
-        self.pending.push(envelope);
-    }
-
-    fn take(&mut self) -> Option<Batch<E>> {
-        self.deadline = None;
-        self.urgent = false;
-        if self.pending.is_empty() {
-            return None;
-        }
-        let events = std::mem::replace(
-            &mut self.pending,
-            Vec::with_capacity(self.max_batch.min(1024)),
-        );
-        Some(Batch::new(events).with_failure_mode(self.failure_mode))
-    }
-}
-
-impl<E: Event, L: BatchListener<E>> Supervisor<E, L> {
-    pub(crate) async fn run_batches(self, mut receiver: Receiver<E>, options: ListenerOptions) {
-        let mut collector = Collector::new(&options);
-        if options.concurrency <= 1 {
-            while !self.is_cancelled() {
-                // The collector takes what is queued without waiting: spend
-                // budget per batch, so a listener that never waits still
-                // lets other tasks run (and can be stopped) between batches.
-                tokio::task::coop::consume_budget().await;
-                match collector.next(&mut receiver).await {
-                    // A stop is final: the batch stays unhandled.
-                    Some(_) if self.is_cancelled() => break,
-                    Some(events) => self.process_batch(events).await,
-                    None => break,
-                }
-            }
-        } else {
-            let mut running = FuturesUnordered::new();
-            while !self.is_cancelled() {
-                tokio::select! {
-                    biased;
-                    Some(()) = running.next(), if !running.is_empty() => {}
-                    next = async {
-                        tokio::task::coop::consume_budget().await;
-                        collector.next(&mut receiver).await
-                    }, if running.len() < options.concurrency => {
-                        match next {
-                            Some(_) if self.is_cancelled() => break,
-                            Some(events) => running.push(self.process_batch(events)),
-                            None => break,
-                        }
-                    }
-                }
-            }
-            while running.next().await.is_some() {}
-        }
-        self.ended();
-    }
-
-    async fn process_batch(&self, batch: Batch<E>) {
-        let count = batch.len();
-        let span = tracing::info_span!(
-            "event_bus.handle_batch",
-            listener = %self.name(),
-            events = count,
-        );
-        if span.is_disabled() {
-            self.attempt_batch(batch).await;
-        } else {
-            for envelope in &batch {
-                span.follows_from(envelope.span());
-            }
-            self.attempt_batch(batch).instrument(span).await;
-        }
-        self.complete(count);
-    }
-
-    async fn attempt_batch(&self, mut batch: Batch<E>) {
-        let mut started = Instant::now();
-        for envelope in &batch {
-            self.waited(envelope, started);
-        }
-        loop {
-            // The handler's future is made, run and dropped inside the
-            // catch: a panic in any of the three is the handler's.
-            let outcome = AssertUnwindSafe(async { self.listener.handle_batch(&batch).await })
-                .catch_unwind()
-                .await;
-            self.took(started.elapsed());
-            let (errors, panicked) = match outcome {
-                Ok(Ok(())) => {
-                    self.handled(batch.len());
-                    return;
-                }
-                Ok(Err(error)) => (error.resolve(batch.len()), false),
-                Err(payload) => (vec![Some(panicked(&*payload)); batch.len()], true),
-            };
-            let next = match batch.failure_mode {
-                BatchFailure::Independent => self.retry_failed(batch, errors, panicked),
-                BatchFailure::StopAtFirst => self.retry_from_first(batch, errors, panicked),
-            };
-            let Some(Next { batch: next, delay }) = next else {
-                return;
-            };
-            if let Some(delay) = delay {
-                tokio::time::sleep(delay).await;
-            }
-            batch = next;
-            started = Instant::now();
-        }
-    }
-
-    /// [`BatchFailure::Independent`]: counts the events `errors` fails and
-    /// the others handled, and retries the failed ones together, or records
-    /// them as dead letters after the last attempt.
-    fn retry_failed(
-        &self,
-        batch: Batch<E>,
-        errors: Vec<Option<String>>,
-        panicked: bool,
-    ) -> Option<Next<E>> {
-        let retry = self.state.retry;
-        let total = batch.len();
-        let (failed, errors): (Vec<_>, Vec<_>) = batch
-            .events
-            .into_iter()
-            .zip(errors)
-            .filter_map(|(envelope, error)| error.map(|error| (envelope, error)))
-            .unzip();
-        self.handled(total - failed.len());
-        if batch.attempt < retry.max_attempts() {
-            let delay = retry.delay(batch.attempt);
-            tracing::warn!(
-                listener = %self.name(),
-                events = total,
-                failed = failed.len(),
-                attempt = batch.attempt,
-                retry_in = ?delay,
-                error = %errors[0],
-                "batch handler failed; retrying the events that failed",
-            );
-            self.retried(failed.len(), if panicked { failed.len() } else { 0 });
-            return Some(Next {
-                batch: Batch {
-                    events: failed,
-                    attempt: batch.attempt + 1,
-                    failure_mode: batch.failure_mode,
-                },
-                delay: Some(delay),
-            });
-        }
-        tracing::error!(
-            listener = %self.name(),
-            events = total,
-            failed = failed.len(),
-            attempts = batch.attempt,
-            error = %errors[0],
-            "batch handler failed; recorded a dead letter per failed event",
-        );
-        for (envelope, error) in failed.into_iter().zip(errors) {
-            self.dead_letter(envelope, error, batch.attempt, panicked);
-        }
-        None
-    }
-
-    /// [`BatchFailure::StopAtFirst`]: counts the events before the first
-    /// that `errors` fails handled, and that one failed; retries it and the
-    /// events after it, or records it as a dead letter after its last
-    /// attempt and goes on with the events after it.
-    fn retry_from_first(
-        &self,
-        mut batch: Batch<E>,
-        errors: Vec<Option<String>>,
-        panicked: bool,
-    ) -> Option<Next<E>> {
-        let retry = self.state.retry;
-        let total = batch.len();
-        // `resolve` and a panic fail at least one event; were there none,
-        // failing the first keeps every event unhandled rather than lost.
-        let (first, error) = errors
-            .into_iter()
-            .enumerate()
-            .find_map(|(i, error)| Some((i, error?)))
-            .unwrap_or_else(|| (0, "batch handler failed".to_owned()));
-        // The batch's attempt is its first event's; the events after it
-        // were not attempted before this call.
-        let attempt = if first == 0 { batch.attempt } else { 1 };
-        let mut rest = batch.events.split_off(first);
-        self.handled(first);
-        if attempt < retry.max_attempts() {
-            let delay = retry.delay(attempt);
-            tracing::warn!(
-                listener = %self.name(),
-                events = total,
-                handled = first,
-                attempt,
-                retry_in = ?delay,
-                error = %error,
-                "batch handler failed; retrying from the first event that failed, in order",
-            );
-            self.retried(1, usize::from(panicked));
-            return Some(Next {
-                batch: Batch {
-                    events: rest,
-                    attempt: attempt + 1,
-                    failure_mode: batch.failure_mode,
-                },
-                delay: Some(delay),
-            });
-        }
-        tracing::error!(
-            listener = %self.name(),
-            events = total,
-            handled = first,
-            attempts = attempt,
-            error = %error,
-            "batch handler failed; recorded a dead letter for the first event that failed, going on with those after it",
-        );
-        let envelope = rest.remove(0);
-        self.dead_letter(envelope, error, attempt, panicked);
-        (!rest.is_empty()).then(|| Next {
-            batch: Batch {
-                events: rest,
-                attempt: 1,
-                failure_mode: batch.failure_mode,
-            },
-            delay: None,
-        })
-    }
-}
-
-/// What a failed attempt leaves to do: `batch` again, after `delay` (none
-/// for events that were not attempted yet).
-struct Next<E> {
-    batch: Batch<E>,
-    delay: Option<std::time::Duration>,
 }

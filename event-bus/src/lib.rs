@@ -538,17 +538,15 @@
 //! - `serde`: `Serialize` for metrics snapshots and shutdown reports.
 
 mod batch;
-mod bus;
 mod dead_letter;
 mod envelope;
 pub mod error;
 mod event;
 mod handler;
 mod listener;
+mod memory;
 pub mod metrics;
-mod queue;
-mod runtime;
-mod subscription;
+pub mod runner;
 mod sync;
 pub mod testing;
 mod throttle;
@@ -556,20 +554,26 @@ mod throttle;
 #[cfg(all(test, loom))]
 mod loom_tests;
 
-pub use batch::{Batch, BatchError, BatchFailure, BatchListener};
-pub use bus::{
-    Builder, DEFAULT_CAPACITY, DEFAULT_DEAD_LETTER_CAPACITY, DEFAULT_FAIRNESS, EventBus,
-};
-pub use dead_letter::{DeadLetter, DeadLetterSubscription, DeadLetters};
+pub use batch::{Batch, BatchError, BatchListener};
+pub use dead_letter::DeadLetter;
 pub use envelope::Envelope;
 pub use error::{HandlerError, Lagged, RecvError, TryRecvError};
 pub use event::{Event, EventKind, KindSet, KindSetIter, Priority};
 pub use handler::{BatchRoutes, Routes};
-pub use listener::{DEFAULT_MAX_BATCH, Listener, ListenerOptions, RetryPolicy};
-pub use metrics::{BusMetrics, KindCount, LaneMetrics, LatencySummary, ListenerMetrics};
-pub use queue::{LagPolicy, OVERFLOW_FACTOR};
-pub use runtime::{ABORT_GRACE, ListenerHandle, ListenerReport, ListenerStatus, ShutdownReport};
-pub use subscription::Subscription;
+pub use listener::{
+    BatchFailure, DEFAULT_MAX_BATCH, LagPolicy, Listener, ListenerOptions, OVERFLOW_FACTOR,
+    RetryPolicy,
+};
+pub use memory::bus::{
+    Builder, DEFAULT_CAPACITY, DEFAULT_DEAD_LETTER_CAPACITY, DEFAULT_FAIRNESS, EventBus,
+};
+pub use memory::dead_letters::{DeadLetterSubscription, DeadLetters};
+pub use memory::runtime::{ABORT_GRACE, ListenerHandle, ListenerReport, ShutdownReport};
+pub use metrics::{
+    BusMetrics, KindCount, LaneMetrics, LatencySummary, ListenerMetrics, ListenerStatus,
+};
+
+pub use memory::subscription::Subscription;
 
 /// Derives [`Event`] for an enum, and writes the code around it: the kind
 /// enum, an emit helper per variant, a handler trait with one method per

@@ -4,11 +4,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::batch::BatchFailure;
 use crate::envelope::Envelope;
 use crate::error::HandlerError;
 use crate::event::{Event, KindSet};
-use crate::queue::LagPolicy;
 
 /// A background consumer of events, run and supervised by the bus.
 ///
@@ -343,4 +341,90 @@ impl Default for RetryPolicy {
     fn default() -> Self {
         Self::none()
     }
+}
+
+/// What a subscription's queue does when an event arrives and it is full.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum LagPolicy {
+    /// Drop the oldest queued event to make room, count it, and report the
+    /// gap to the consumer as [`RecvError::Lagged`](crate::RecvError::Lagged) before the next event.
+    ///
+    /// The emitter never waits. The default: a slow consumer loses its oldest
+    /// events, never the newest, and never silently.
+    #[default]
+    DropOldest,
+    /// Never drop to make room for what
+    /// [`EventBus::emit_wait`](crate::EventBus::emit_wait) queues: it waits
+    /// until the lane has room, and never takes it past its capacity.
+    ///
+    /// [`EventBus::emit`](crate::EventBus::emit), which must not block,
+    /// queues past the capacity and counts the event as overflowed, up to a
+    /// hard ceiling of [`OVERFLOW_FACTOR`] times the capacity; past that it
+    /// drops the lane's oldest event as `DropOldest` does (counted as
+    /// dropped, reported as [`RecvError::Lagged`](crate::RecvError::Lagged)), so memory stays bounded
+    /// whatever the emitter does.
+    Backpressure,
+}
+
+/// How many times its capacity a [`LagPolicy::Backpressure`] lane may queue
+/// when plain [`emit`](crate::EventBus::emit) overflows it, before its
+/// oldest queued events are dropped. (The batch its consumer has taken, at
+/// most `min(32, capacity)` events, comes on top, as for every lane.)
+pub const OVERFLOW_FACTOR: usize = 2;
+
+impl LagPolicy {
+    /// The most events a lane of `capacity` queues before it drops its
+    /// oldest.
+    pub(crate) fn ceiling(self, capacity: usize) -> usize {
+        match self {
+            LagPolicy::DropOldest => capacity,
+            LagPolicy::Backpressure => capacity.saturating_mul(OVERFLOW_FACTOR),
+        }
+    }
+}
+
+/// How a [`BatchListener`](crate::BatchListener)'s partly failed batch is retried: which events
+/// count as handled, and which go again. Set with
+/// [`ListenerOptions::batch_failure`](crate::ListenerOptions::batch_failure).
+///
+/// # Examples
+///
+/// A store whose writes must apply in order retries from its first failed
+/// write:
+///
+/// ```
+/// use event_bus::{BatchFailure, ListenerOptions, RetryPolicy};
+///
+/// let options = ListenerOptions::new()
+///     .batch_failure(BatchFailure::StopAtFirst)
+///     .retry(RetryPolicy::exponential(5));
+/// # let _ = options;
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum BatchFailure {
+    /// Each event stands alone. The events the handler did not name are
+    /// handled; the failed ones are retried together, as a smaller batch in
+    /// their batch order, after the events that followed them were handled;
+    /// each one still failing after the last attempt becomes a dead letter.
+    /// For events that do not depend on each other, such as documents of
+    /// distinct rows. The default.
+    #[default]
+    Independent,
+    /// Events are handled in batch order, a failure included. The events
+    /// before the first failed one (the lowest index the error names) are
+    /// handled; that event and every event after it, in order, are the next
+    /// attempt. When the first failed event has had every attempt of the
+    /// [`RetryPolicy`](crate::RetryPolicy), it becomes a dead letter and the
+    /// events after it go on as a new batch, at attempt 1. An error for the
+    /// whole batch, or a panic, is a failure of its first event.
+    ///
+    /// For writes whose order matters (set, clear, set of one key). The
+    /// derived batch handler calls no run of events after the first that
+    /// fails; a hand-written one may stop at its first failure too, since
+    /// what it reports about the events after it is not read. One that goes
+    /// on past its failure is handed those events again: they count once,
+    /// but its side effects on them happen twice.
+    StopAtFirst,
 }

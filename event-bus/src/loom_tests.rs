@@ -22,11 +22,14 @@ use std::sync::Arc;
 use loom::future::block_on;
 use loom::thread;
 
-use crate::bus::Shared;
+use crate::LagPolicy;
 use crate::event::{Event, EventKind, KindSet};
 use crate::listener::RetryPolicy;
-use crate::queue::{LagPolicy, QueueConfig, Receiver};
-use crate::runtime::{ListenerState, Supervisor};
+use crate::memory::bus::Shared;
+use crate::memory::queue::QueueConfig;
+use crate::memory::runtime::ListenerState;
+use crate::memory::source::{MemoryDelivery, MemorySource};
+use crate::runner::{Delivery, Source};
 use crate::{EventBus, Subscription};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -187,10 +190,10 @@ fn loom_emit_wait_is_woken_at_the_watermark_of_what_the_consumer_holds() {
 }
 
 /// A listener of `kinds`, driven by hand on a loom thread: the runtime's
-/// queue, receiver and completion, without a tokio task.
+/// queue, source and deliveries, without a tokio task.
 struct ModelListener {
-    supervisor: Supervisor<Ev, ()>,
-    receiver: Receiver<Ev>,
+    source: MemorySource<Ev>,
+    taken: Option<MemoryDelivery<Ev>>,
 }
 
 impl ModelListener {
@@ -205,26 +208,23 @@ impl ModelListener {
         shared.runtime.add(&state);
         shared.route(&queue);
         Self {
-            supervisor: Supervisor {
-                shared: shared.clone(),
-                state,
-                listener: (),
-            },
-            receiver: Receiver::new(queue),
+            source: MemorySource::new(shared.clone(), queue),
+            taken: None,
         }
     }
 
-    /// Takes the next event as the runtime does (tracked in flight).
+    /// Takes the next event as the runner does (in flight until finished).
     fn take(&mut self) -> Ev {
-        match block_on(self.receiver.recv(true)) {
-            Ok(envelope) => **envelope,
-            Err(error) => panic!("unexpected {error:?}"),
-        }
+        let delivery = block_on(std::future::poll_fn(|cx| self.source.poll_next(cx)))
+            .expect("the source has not ended");
+        let event = **delivery.envelope();
+        self.taken = Some(delivery);
+        event
     }
 
-    /// Finishes the event taken, as the runtime does after the handler.
-    fn finish(&self) {
-        self.supervisor.complete(1);
+    /// Finishes the event taken, as the runner does after the handler.
+    fn finish(&mut self) {
+        block_on(self.taken.take().expect("an event was taken").ack());
     }
 }
 

@@ -23,11 +23,11 @@
 //! however many subscriptions come and go. Queues that share a label add up:
 //! the depth gauge of two listeners of one name is the sum of their depths.
 
+use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::event::Priority;
-use crate::queue::QueueCounts;
 
 /// A point-in-time view of a bus's counters.
 ///
@@ -134,7 +134,7 @@ pub struct ListenerMetrics {
     /// [`Running`](crate::ListenerStatus::Running)).
     pub finished: bool,
     /// Where the listener's task stands: running, or how it ended.
-    pub status: crate::ListenerStatus,
+    pub status: ListenerStatus,
 }
 
 impl ListenerMetrics {
@@ -164,24 +164,6 @@ pub struct LaneMetrics {
     pub overflowed: u64,
     /// Events waiting in the lane.
     pub queue_depth: usize,
-}
-
-impl LaneMetrics {
-    pub(crate) fn from_counts(counts: &QueueCounts) -> Vec<Self> {
-        Priority::ALL
-            .iter()
-            .map(|&priority| {
-                let lane = counts.lane(priority);
-                Self {
-                    priority,
-                    delivered: lane.delivered,
-                    dropped: lane.dropped,
-                    overflowed: lane.overflowed,
-                    queue_depth: lane.depth,
-                }
-            })
-            .collect()
-    }
 }
 
 /// Summary of a latency distribution.
@@ -220,6 +202,58 @@ fn as_secs<S: serde::Serializer>(duration: &Duration, serializer: S) -> Result<S
 const SUB_BITS: u32 = 3;
 const SUB: usize = 1 << SUB_BITS;
 const BUCKETS: usize = (64 - SUB_BITS as usize + 1) * SUB;
+
+/// Where a listener's task stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[non_exhaustive]
+pub enum ListenerStatus {
+    /// Its task is running: handling events or waiting for them.
+    Running,
+    /// It ended after the bus closed and its queue was empty.
+    Drained,
+    /// It was stopped before its queue was empty: by
+    /// [`ListenerHandle::abort`](crate::ListenerHandle::abort), by the deadline of
+    /// [`EventBus::shutdown`](crate::EventBus::shutdown), or because the tokio
+    /// runtime it ran on shut down.
+    Aborted,
+    /// The bus's own code panicked in its task (never the handler's panic,
+    /// which is caught, counted and retried). The panic was logged at error
+    /// level; what it had not handled is counted as undelivered.
+    Crashed,
+}
+
+impl ListenerStatus {
+    pub(crate) fn from_u8(value: u8) -> Self {
+        match value {
+            0 => Self::Running,
+            1 => Self::Drained,
+            2 => Self::Aborted,
+            _ => Self::Crashed,
+        }
+    }
+
+    pub(crate) fn as_u8(self) -> u8 {
+        match self {
+            Self::Running => 0,
+            Self::Drained => 1,
+            Self::Aborted => 2,
+            Self::Crashed => 3,
+        }
+    }
+}
+
+impl fmt::Display for ListenerStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Running => "running",
+            Self::Drained => "drained",
+            Self::Aborted => "aborted",
+            Self::Crashed => "crashed",
+        })
+    }
+}
 
 /// A lock-free log-linear histogram of nanosecond samples.
 pub(crate) struct Histogram {

@@ -43,12 +43,12 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::bus::EventBus;
 use crate::envelope::Envelope;
 use crate::error::{RecvError, TryRecvError, WaitTimeout};
 use crate::event::{Event, KindSet};
-use crate::queue::LagPolicy;
-use crate::subscription::Subscription;
+use crate::listener::LagPolicy;
+use crate::memory::bus::EventBus;
+use crate::memory::subscription::Subscription;
 
 /// Records the events emitted on a bus, for assertions in tests.
 ///

@@ -6,15 +6,16 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::dead_letters::{DeadLetters, Store};
 use crate::batch::BatchListener;
-use crate::dead_letter::{DeadLetters, Store};
 use crate::envelope::Envelope;
 use crate::event::{Event, EventKind, KindSet, Priority};
+use crate::listener::LagPolicy;
 use crate::listener::{Listener, ListenerOptions};
+use crate::memory::queue::{Evicted, Queue, QueueConfig, Reserve, WakeList};
+use crate::memory::runtime::{ListenerHandle, Runtime, ShutdownReport};
+use crate::memory::subscription::Subscription;
 use crate::metrics::{BusExport, BusMetrics, KindCount};
-use crate::queue::{Evicted, LagPolicy, Queue, QueueConfig, Reserve, WakeList};
-use crate::runtime::{ListenerHandle, Runtime, ShutdownReport};
-use crate::subscription::Subscription;
 use crate::sync::{AtomicU8, AtomicU64, AtomicUsize, Mutex, MutexGuard, Ordering, lock};
 
 /// The default queue capacity of subscriptions and listeners.
@@ -358,7 +359,7 @@ impl<E: Event> EventBus<E> {
         let queue = self
             .shared
             .listener_queue(listener.name(), listener.interests(), &options);
-        crate::runtime::spawn(&self.shared, queue, listener, options)
+        crate::memory::runtime::spawn(&self.shared, queue, listener, options)
     }
 
     /// Spawns a [`BatchListener`] on the current tokio runtime with default
@@ -390,13 +391,7 @@ impl<E: Event> EventBus<E> {
         let queue = self
             .shared
             .listener_queue(listener.name(), listener.interests(), &options);
-        crate::runtime::spawn_task(
-            &self.shared,
-            queue,
-            listener,
-            options.retry,
-            |supervisor, receiver| supervisor.run_batches(receiver, options),
-        )
+        crate::memory::runtime::spawn_batch(&self.shared, queue, listener, options)
     }
 
     /// Waits until every listener's queue is empty and no handler is running.
@@ -600,7 +595,7 @@ impl<E: Event> Shared<E> {
     #[inline]
     fn accept(&self, kind: usize) -> bool {
         let state = self.state.load(Ordering::Acquire);
-        if state != OPEN && !(state == DRAINING && crate::runtime::in_listener_of(self)) {
+        if state != OPEN && !(state == DRAINING && crate::memory::runtime::in_listener_of(self)) {
             self.reject();
             return false;
         }
@@ -702,7 +697,7 @@ impl<E: Event> Shared<E> {
         let lane = envelope.priority().lane();
         // Runs on the emitter's task: whether it is one of the bus's
         // listeners, which may still emit while the bus drains.
-        let from_listener = crate::runtime::in_listener_of(self);
+        let from_listener = crate::memory::runtime::in_listener_of(self);
         let mut reservations: Vec<Reservation<E>> = Vec::new();
         loop {
             let full = {

@@ -7,12 +7,13 @@ use std::task::{Context, Poll};
 
 use futures_core::Stream;
 
-use crate::bus::Shared;
 use crate::envelope::Envelope;
 use crate::error::{Lagged, RecvError, TryRecvError};
 use crate::event::{Event, KindSet, Priority};
+use crate::listener::LagPolicy;
+use crate::memory::bus::Shared;
+use crate::memory::queue::{Queue, Receiver};
 use crate::metrics::LaneMetrics;
-use crate::queue::{LagPolicy, Queue, Receiver};
 
 /// Receives the events of the kinds it subscribed to, in emit order.
 ///
@@ -144,7 +145,7 @@ impl<E: Event> Subscription<E> {
     /// The counters of the `priority` lane of the queue: each lane accounts
     /// for its own events.
     pub fn lane(&self, priority: Priority) -> LaneMetrics {
-        LaneMetrics::from_counts(&self.queue().counts())[priority.lane()]
+        self.queue().counts().lane_metrics()[priority.lane()]
     }
 
     /// The queue's fairness bound: while a lane has events waiting, at most

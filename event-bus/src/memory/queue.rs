@@ -18,53 +18,12 @@ use std::task::{Context, Poll, Waker};
 use crate::envelope::Envelope;
 use crate::error::{RecvError, TryRecvError};
 use crate::event::{Event, KindSet, Priority};
-use crate::metrics::QueueExport;
+use crate::listener::LagPolicy;
+use crate::metrics::{LaneMetrics, QueueExport};
 use crate::sync::{
     AtomicBool, AtomicU64, AtomicUsize, Mutex, Notify, Ordering, dekker_fence, lock, wait_until,
 };
 use crate::throttle::Throttle;
-
-/// What a subscription's queue does when an event arrives and it is full.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize))]
-#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
-pub enum LagPolicy {
-    /// Drop the oldest queued event to make room, count it, and report the
-    /// gap to the consumer as [`RecvError::Lagged`] before the next event.
-    ///
-    /// The emitter never waits. The default: a slow consumer loses its oldest
-    /// events, never the newest, and never silently.
-    #[default]
-    DropOldest,
-    /// Never drop to make room for what
-    /// [`EventBus::emit_wait`](crate::EventBus::emit_wait) queues: it waits
-    /// until the lane has room, and never takes it past its capacity.
-    ///
-    /// [`EventBus::emit`](crate::EventBus::emit), which must not block,
-    /// queues past the capacity and counts the event as overflowed, up to a
-    /// hard ceiling of [`OVERFLOW_FACTOR`] times the capacity; past that it
-    /// drops the lane's oldest event as `DropOldest` does (counted as
-    /// dropped, reported as [`RecvError::Lagged`]), so memory stays bounded
-    /// whatever the emitter does.
-    Backpressure,
-}
-
-/// How many times its capacity a [`LagPolicy::Backpressure`] lane may queue
-/// when plain [`emit`](crate::EventBus::emit) overflows it, before its
-/// oldest queued events are dropped. (The batch its consumer has taken, at
-/// most `min(32, capacity)` events, comes on top, as for every lane.)
-pub const OVERFLOW_FACTOR: usize = 2;
-
-impl LagPolicy {
-    /// The most events a lane of `capacity` queues before it drops its
-    /// oldest.
-    fn ceiling(self, capacity: usize) -> usize {
-        match self {
-            LagPolicy::DropOldest => capacity,
-            LagPolicy::Backpressure => capacity.saturating_mul(OVERFLOW_FACTOR),
-        }
-    }
-}
 
 pub(crate) struct Queue<E: Event> {
     pub(crate) id: u64,
@@ -171,6 +130,23 @@ impl QueueCounts {
     }
 
     /// The counts of `priority`'s lane.
+    /// The per-lane part of a snapshot, highest priority first.
+    pub(crate) fn lane_metrics(&self) -> Vec<LaneMetrics> {
+        Priority::ALL
+            .iter()
+            .map(|&priority| {
+                let lane = self.lane(priority);
+                LaneMetrics {
+                    priority,
+                    delivered: lane.delivered,
+                    dropped: lane.dropped,
+                    overflowed: lane.overflowed,
+                    queue_depth: lane.depth,
+                }
+            })
+            .collect()
+    }
+
     pub(crate) fn lane(&self, priority: Priority) -> LaneCounts {
         self.lanes[priority.lane()]
     }

@@ -1,29 +1,27 @@
 //! The listener runtime: one supervised task per listener, quiescence and
 //! draining shutdown.
 
-use std::any::Any;
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
 use futures_util::FutureExt;
-use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::task::AbortHandle;
-use tracing::Instrument;
 
-use crate::bus::Shared;
-use crate::dead_letter::{DeadLetter, Store};
-use crate::envelope::Envelope;
-use crate::error::{RecvError, chain};
+use super::bus::Shared;
+use super::dead_letters::Store;
+use super::queue::{Queue, QueueCounts};
+use super::source::MemorySource;
+use crate::batch::BatchListener;
 use crate::event::Event;
 use crate::listener::{Listener, ListenerOptions, RetryPolicy};
-use crate::metrics::{Histogram, LaneMetrics, ListenerExport, ListenerMetrics};
-use crate::queue::{Queue, QueueCounts, Receiver};
+use crate::metrics::ListenerMetrics;
+use crate::metrics::ListenerStatus;
+use crate::runner::{ListenerCore, ListenerCounts as RunnerCounts, Supervisor, panicked};
 use crate::sync::{
-    AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Mutex, Notify, Ordering, dekker_fence, lock,
-    wait_until,
+    AtomicU8, AtomicU64, AtomicUsize, Mutex, Notify, Ordering, dekker_fence, lock, wait_until,
 };
 
 /// How long [`EventBus::shutdown`](crate::EventBus::shutdown) waits, past
@@ -119,7 +117,7 @@ impl<E: Event> Runtime<E> {
     }
 
     /// Wakes `quiesce` callers to check again; free when none waits.
-    fn notify_idle(&self) {
+    pub(crate) fn notify_idle(&self) {
         dekker_fence();
         if self.quiesce_waiters.load(Ordering::SeqCst) > 0 {
             self.idle.notify_waiters();
@@ -168,109 +166,32 @@ impl<E: Event> Runtime<E> {
     }
 }
 
-/// Where a listener's task stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize))]
-#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
-#[non_exhaustive]
-pub enum ListenerStatus {
-    /// Its task is running: handling events or waiting for them.
-    Running,
-    /// It ended after the bus closed and its queue was empty.
-    Drained,
-    /// It was stopped before its queue was empty: by
-    /// [`ListenerHandle::abort`], by the deadline of
-    /// [`EventBus::shutdown`](crate::EventBus::shutdown), or because the tokio
-    /// runtime it ran on shut down.
-    Aborted,
-    /// The bus's own code panicked in its task (never the handler's panic,
-    /// which is caught, counted and retried). The panic was logged at error
-    /// level; what it had not handled is counted as undelivered.
-    Crashed,
-}
-
-impl ListenerStatus {
-    fn from_u8(value: u8) -> Self {
-        match value {
-            0 => Self::Running,
-            1 => Self::Drained,
-            2 => Self::Aborted,
-            _ => Self::Crashed,
-        }
-    }
-
-    fn as_u8(self) -> u8 {
-        match self {
-            Self::Running => 0,
-            Self::Drained => 1,
-            Self::Aborted => 2,
-            Self::Crashed => 3,
-        }
-    }
-}
-
-impl fmt::Display for ListenerStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Running => "running",
-            Self::Drained => "drained",
-            Self::Aborted => "aborted",
-            Self::Crashed => "crashed",
-        })
-    }
-}
-
-/// What a listener's task, its handle and the bus share. Only the task
-/// writes the counters and histograms.
+/// What a listener's task, its handle and the bus share: what the runner
+/// records of it, and its queue.
 pub(crate) struct ListenerState<E: Event> {
+    pub(crate) core: Arc<ListenerCore>,
     queue: Arc<Queue<E>>,
-    handled: AtomicU64,
-    retried: AtomicU64,
-    dead_lettered: AtomicU64,
-    panicked: AtomicU64,
-    queue_latency: Histogram,
-    handle_latency: Histogram,
-    pub(crate) retry: RetryPolicy,
     status: AtomicU8,
-    /// How the task's run ended, before the finish guard publishes it as
-    /// `status`; `Running` until then.
-    outcome: AtomicU8,
-    /// Set by `abort`: the task starts no event after it sees this.
-    cancelled: AtomicBool,
     done: Notify,
     abort: OnceLock<AbortHandle>,
-    export: ListenerExport,
 }
 
 /// A listener's counters read together; see [`ListenerState::counts`].
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ListenerCounts {
     status: ListenerStatus,
-    handled: u64,
-    retried: u64,
-    dead_lettered: u64,
-    panicked: u64,
+    runner: RunnerCounts,
     queue: QueueCounts,
 }
 
 impl<E: Event> ListenerState<E> {
     pub(crate) fn new(queue: Arc<Queue<E>>, retry: RetryPolicy) -> Self {
-        let export = ListenerExport::new(&queue.name);
         Self {
+            core: Arc::new(ListenerCore::new(queue.name.clone(), retry)),
             queue,
-            handled: AtomicU64::new(0),
-            retried: AtomicU64::new(0),
-            dead_lettered: AtomicU64::new(0),
-            panicked: AtomicU64::new(0),
-            queue_latency: Histogram::new(),
-            handle_latency: Histogram::new(),
-            retry,
             status: AtomicU8::new(ListenerStatus::Running.as_u8()),
-            outcome: AtomicU8::new(ListenerStatus::Running.as_u8()),
-            cancelled: AtomicBool::new(false),
             done: Notify::new(),
             abort: OnceLock::new(),
-            export,
         }
     }
 
@@ -282,27 +203,8 @@ impl<E: Event> ListenerState<E> {
         self.status() != ListenerStatus::Running
     }
 
-    /// Records how the run ended, the first time only; the finish guard
-    /// publishes it.
-    fn end(&self, outcome: ListenerStatus) {
-        let _ = self.outcome.compare_exchange(
-            ListenerStatus::Running.as_u8(),
-            outcome.as_u8(),
-            Ordering::SeqCst,
-            Ordering::SeqCst,
-        );
-    }
-
-    /// How the run ended; `Aborted` if it did not run to its end.
-    fn outcome(&self) -> ListenerStatus {
-        match ListenerStatus::from_u8(self.outcome.load(Ordering::SeqCst)) {
-            ListenerStatus::Running => ListenerStatus::Aborted,
-            outcome => outcome,
-        }
-    }
-
     fn is_cancelled(&self) -> bool {
-        self.cancelled.load(Ordering::Acquire)
+        self.core.is_cancelled()
     }
 
     async fn wait_finished(&self) {
@@ -312,32 +214,25 @@ impl<E: Event> ListenerState<E> {
     /// Stops the listener: no event is started after this, and the task is
     /// dropped at its next await.
     fn abort(&self) {
-        self.cancelled.store(true, Ordering::Release);
+        self.core.cancel();
         if let Some(abort) = self.abort.get() {
             abort.abort();
         }
     }
 
     /// The counters, read so that the identities of [`ListenerMetrics`]
-    /// hold: the outcomes first, then the queue's counts, whose `delivered`
-    /// is written before any outcome of the events it counts (the task
-    /// hands an event out, then handles it; release stores, acquire loads),
-    /// so no outcome is seen without its delivery. `panicked` is written
-    /// after the outcome of its attempt and read before it.
+    /// hold: the runner's outcomes first, then the queue's counts, whose
+    /// `delivered` is written before any outcome of the events it counts
+    /// (the task hands an event out, then handles it; release stores,
+    /// acquire loads), so no outcome is seen without its delivery.
     /// The status is read first: a listener ends only after its last
     /// count, so an ended status comes with its final counts.
     pub(crate) fn counts(&self) -> ListenerCounts {
         let status = self.status();
-        let panicked = self.panicked.load(Ordering::Acquire);
-        let handled = self.handled.load(Ordering::Acquire);
-        let retried = self.retried.load(Ordering::Acquire);
-        let dead_lettered = self.dead_lettered.load(Ordering::Acquire);
+        let runner = self.core.counts();
         ListenerCounts {
             status,
-            handled,
-            retried,
-            dead_lettered,
-            panicked,
+            runner,
             queue: self.queue.counts(),
         }
     }
@@ -348,24 +243,25 @@ impl<E: Event> ListenerState<E> {
 
     pub(crate) fn metrics_from(&self, counts: ListenerCounts) -> ListenerMetrics {
         let delivered = counts.queue.delivered();
-        let finished = counts.handled + counts.dead_lettered;
+        let runner = counts.runner;
+        let finished = runner.handled + runner.dead_lettered;
         ListenerMetrics {
             name: self.queue.name.to_string(),
             delivered,
-            handled: counts.handled,
+            handled: runner.handled,
             // Every failed attempt was retried or became a dead letter, in
             // the same step: counting those two counts the failures.
-            failed: counts.retried + counts.dead_lettered,
-            retried: counts.retried,
-            dead_lettered: counts.dead_lettered,
-            panicked: counts.panicked,
+            failed: runner.retried + runner.dead_lettered,
+            retried: runner.retried,
+            dead_lettered: runner.dead_lettered,
+            panicked: runner.panicked,
             dropped: counts.queue.dropped(),
             overflowed: counts.queue.overflowed(),
             queue_depth: counts.queue.depth(),
             in_flight: usize::try_from(delivered.saturating_sub(finished)).unwrap_or(usize::MAX),
-            lanes: LaneMetrics::from_counts(&counts.queue),
-            queue_latency: self.queue_latency.summary(),
-            handle_latency: self.handle_latency.summary(),
+            lanes: counts.queue.lane_metrics(),
+            queue_latency: self.core.queue_latency(),
+            handle_latency: self.core.handle_latency(),
             finished: counts.status != ListenerStatus::Running,
             status: counts.status,
         }
@@ -550,12 +446,27 @@ pub(crate) fn spawn<E: Event, L: Listener<E>>(
         queue,
         listener,
         options.retry,
-        |supervisor, receiver| supervisor.run(receiver, options.concurrency),
+        |supervisor, source| supervisor.run(source, options.concurrency),
+    )
+}
+
+pub(crate) fn spawn_batch<E: Event, L: BatchListener<E>>(
+    shared: &Arc<Shared<E>>,
+    queue: Arc<Queue<E>>,
+    listener: L,
+    options: ListenerOptions,
+) -> ListenerHandle<E> {
+    spawn_task(
+        shared,
+        queue,
+        listener,
+        options.retry,
+        |supervisor, source| supervisor.run_batches(source, options),
     )
 }
 
 /// Lists `listener`, routes its `queue` (made, not yet routed) and spawns
-/// the task `run` makes of its supervisor.
+/// the task `run` makes of its supervisor over the queue's source.
 ///
 /// The listener is listed before its queue is routed, so that a bus that
 /// closes meanwhile does not close its dead letters before the listener is
@@ -568,7 +479,7 @@ pub(crate) fn spawn_task<E: Event, L, F>(
     queue: Arc<Queue<E>>,
     listener: L,
     retry: RetryPolicy,
-    run: impl FnOnce(Supervisor<E, L>, Receiver<E>) -> F,
+    run: impl FnOnce(Supervisor<L, Arc<Store<E>>>, MemorySource<E>) -> F,
 ) -> ListenerHandle<E>
 where
     F: Future<Output = ()> + Send + 'static,
@@ -577,9 +488,9 @@ where
     shared.runtime.add(&state);
     shared.route(&state.queue);
     let supervisor = Supervisor {
-        shared: shared.clone(),
-        state: state.clone(),
+        core: state.core.clone(),
         listener,
+        sink: shared.dead_letters.clone(),
     };
     // The guard moves into the task's future, so it runs even when the task
     // is aborted before its first poll.
@@ -587,8 +498,8 @@ where
         shared: shared.clone(),
         state: state.clone(),
     };
-    let receiver = Receiver::new(state.queue.clone());
-    let run = run(supervisor, receiver);
+    let source = MemorySource::new(shared.clone(), state.queue.clone());
+    let run = run(supervisor, source);
     let task = async move {
         let finished = finished;
         if let Err(payload) = AssertUnwindSafe(run).catch_unwind().await {
@@ -598,7 +509,7 @@ where
                 error = %error,
                 "the event bus's listener runtime panicked; the listener stopped (its unhandled events are reported undelivered)",
             );
-            finished.state.end(ListenerStatus::Crashed);
+            finished.state.core.end(ListenerStatus::Crashed);
         }
     };
     let bus = Arc::as_ptr(shared) as usize;
@@ -610,217 +521,6 @@ where
         task.abort();
     }
     ListenerHandle { state }
-}
-
-/// Runs one listener: takes its events, calls its handler, contains its
-/// failures.
-pub(crate) struct Supervisor<E: Event, L> {
-    pub(crate) shared: Arc<Shared<E>>,
-    pub(crate) state: Arc<ListenerState<E>>,
-    pub(crate) listener: L,
-}
-
-impl<E: Event, L> Supervisor<E, L> {
-    /// Whether the listener was stopped: checked before every event.
-    pub(crate) fn is_cancelled(&self) -> bool {
-        self.state.is_cancelled()
-    }
-
-    /// The run loop ended: the queue is closed and empty, and every event
-    /// taken is finished, unless the listener was stopped.
-    pub(crate) fn ended(&self) {
-        self.state.end(if self.is_cancelled() {
-            ListenerStatus::Aborted
-        } else {
-            ListenerStatus::Drained
-        });
-    }
-
-    /// Counts events whose attempt succeeded.
-    pub(crate) fn handled(&self, events: usize) {
-        bump(&self.state.handled, events as u64);
-        self.state.export.handled(events as u64);
-    }
-
-    /// Counts events whose attempt failed and that will be attempted again;
-    /// `panicked` of them panicked.
-    pub(crate) fn retried(&self, events: usize, panicked: usize) {
-        let state = &*self.state;
-        state.export.failed(events as u64, panicked as u64);
-        bump(&state.retried, events as u64);
-        state.export.retried(events as u64);
-        // After the outcome: see `ListenerState::counts`.
-        bump(&state.panicked, panicked as u64);
-    }
-
-    /// Records `envelope` as a dead letter after `attempts` attempts, the
-    /// last of which failed with `error` (a panic if `panicked`).
-    pub(crate) fn dead_letter(
-        &self,
-        envelope: Arc<Envelope<E>>,
-        error: String,
-        attempts: u32,
-        panicked: bool,
-    ) {
-        let state = &*self.state;
-        state.export.failed(1, u64::from(panicked));
-        bump(&state.dead_lettered, 1);
-        bump(&state.panicked, u64::from(panicked));
-        state.export.dead_lettered(1);
-        self.shared.dead_letters.record(DeadLetter {
-            envelope,
-            listener: state.queue.name.clone(),
-            error,
-            attempts,
-            failed_at: SystemTime::now(),
-        });
-    }
-
-    /// Records how long an event waited between its emit and its first
-    /// attempt, `started`.
-    pub(crate) fn waited(&self, envelope: &Envelope<E>, started: Instant) {
-        self.state
-            .queue_latency
-            .record(started.saturating_duration_since(envelope.emitted()));
-    }
-
-    /// Records how long one handler attempt took.
-    pub(crate) fn took(&self, took: Duration) {
-        self.state.handle_latency.record(took);
-        self.state.export.latency(took);
-    }
-
-    /// Marks `events` tracked events finished and lets `quiesce` look again.
-    pub(crate) fn complete(&self, events: usize) {
-        self.state.queue.complete(events);
-        self.shared.runtime.notify_idle();
-    }
-
-    pub(crate) fn name(&self) -> &Arc<str> {
-        &self.state.queue.name
-    }
-}
-
-/// Adds to a counter that only the listener's task writes, with a release
-/// store: a snapshot that sees the new value sees what the task did before.
-fn bump(counter: &AtomicU64, by: u64) {
-    if by > 0 {
-        counter.store(counter.load(Ordering::Relaxed) + by, Ordering::Release);
-    }
-}
-
-impl<E: Event, L: Listener<E>> Supervisor<E, L> {
-    async fn run(self, mut receiver: Receiver<E>, concurrency: usize) {
-        if concurrency <= 1 {
-            while !self.is_cancelled() {
-                match receiver.recv(true).await {
-                    // Checked again: `recv` may have returned at once, and a
-                    // stop is final.
-                    Ok(_) if self.is_cancelled() => break,
-                    Ok(envelope) => self.process(envelope).await,
-                    // The queue logged and counted the drop.
-                    Err(RecvError::Lagged(_)) => {}
-                    Err(RecvError::Closed) => break,
-                }
-            }
-        } else {
-            let mut running = FuturesUnordered::new();
-            while !self.is_cancelled() {
-                tokio::select! {
-                    biased;
-                    Some(()) = running.next(), if !running.is_empty() => {}
-                    next = receiver.recv(true), if running.len() < concurrency => match next {
-                        Ok(_) if self.is_cancelled() => break,
-                        Ok(envelope) => running.push(self.process(envelope)),
-                        Err(RecvError::Lagged(_)) => {}
-                        Err(RecvError::Closed) => break,
-                    },
-                }
-            }
-            while running.next().await.is_some() {}
-        }
-        self.ended();
-    }
-
-    async fn process(&self, envelope: Arc<Envelope<E>>) {
-        let span = tracing::info_span!(
-            "event_bus.handle",
-            listener = %self.state.queue.name,
-            event = envelope.name(),
-            event_id = %envelope.id(),
-            sequence = envelope.sequence(),
-        );
-        if span.is_disabled() {
-            // Nobody collects the span: skip entering it on every poll.
-            self.attempt_all(envelope).await;
-        } else {
-            span.follows_from(envelope.span());
-            self.attempt_all(envelope).instrument(span).await;
-        }
-        self.complete(1);
-    }
-
-    async fn attempt_all(&self, envelope: Arc<Envelope<E>>) {
-        let retry = self.state.retry;
-        let mut started = Instant::now();
-        self.waited(&envelope, started);
-        let mut attempt = 1;
-        loop {
-            // The handler's future is made, run and dropped inside the
-            // catch: a panic in any of the three is the handler's.
-            let outcome = AssertUnwindSafe(async { self.listener.handle(envelope.clone()).await })
-                .catch_unwind()
-                .await;
-            self.took(started.elapsed());
-            let (error, panicked) = match outcome {
-                Ok(Ok(())) => {
-                    self.handled(1);
-                    return;
-                }
-                Ok(Err(error)) => (chain(&*error), false),
-                Err(payload) => (panicked(&*payload), true),
-            };
-            if attempt < retry.max_attempts() {
-                let delay = retry.delay(attempt);
-                tracing::warn!(
-                    listener = %self.name(),
-                    event = envelope.name(),
-                    event_id = %envelope.id(),
-                    attempt,
-                    retry_in = ?delay,
-                    error = %error,
-                    "handler failed; retrying",
-                );
-                self.retried(1, usize::from(panicked));
-                tokio::time::sleep(delay).await;
-                attempt += 1;
-                started = Instant::now();
-                continue;
-            }
-            tracing::error!(
-                listener = %self.name(),
-                event = envelope.name(),
-                event_id = %envelope.id(),
-                attempts = attempt,
-                error = %error,
-                "handler failed; recorded a dead letter",
-            );
-            self.dead_letter(envelope, error, attempt, panicked);
-            return;
-        }
-    }
-}
-
-/// The error text of a handler that panicked with `payload`.
-pub(crate) fn panicked(payload: &(dyn Any + Send)) -> String {
-    let message = if let Some(message) = payload.downcast_ref::<&'static str>() {
-        message
-    } else if let Some(message) = payload.downcast_ref::<String>() {
-        message
-    } else {
-        "non-string panic payload"
-    };
-    format!("panicked: {message}")
 }
 
 /// Marks the listener finished however its task ends: drained, aborted,
@@ -840,7 +540,11 @@ impl<E: Event> Drop for FinishGuard<E> {
         // hold the queue a moment longer; the counts keep what it left.
         drop(self.state.queue.discard());
         let runtime = &self.shared.runtime;
-        runtime.ended(&self.state, self.state.outcome(), &self.shared.dead_letters);
+        runtime.ended(
+            &self.state,
+            self.state.core.outcome(),
+            &self.shared.dead_letters,
+        );
         self.state.done.notify_waiters();
         runtime.notify_idle();
     }
@@ -943,9 +647,11 @@ impl Drop for DecrementOnDrop<'_> {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
+    use crate::envelope::Envelope;
     use crate::event::{EventKind, KindSet};
-    use crate::queue::{LagPolicy, QueueConfig};
-    use crate::{EventBus, Listener};
+    use crate::memory::queue::QueueConfig;
+    use crate::runner::Source;
+    use crate::{EventBus, LagPolicy, Listener};
 
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
     struct Kind;
@@ -999,8 +705,8 @@ mod tests {
             queue,
             Idle,
             RetryPolicy::none(),
-            |_, mut receiver| async move {
-                let _ = receiver.recv(true).await;
+            |_, mut source| async move {
+                let _ = std::future::poll_fn(|cx| source.poll_next(cx)).await;
                 panic!("a bug in the runtime");
             },
         );

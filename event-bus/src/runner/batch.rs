@@ -1,0 +1,408 @@
+//! The run loop of a [`BatchListener`]: assembles batches from its source,
+//! calls the batch handler, retries what failed per its [`BatchFailure`]
+//! mode and records dead letters.
+
+use std::panic::AssertUnwindSafe;
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tracing::Instrument;
+
+use super::{DeadLetterSink, Delivery, Retry, Source, Supervisor, panicked};
+use crate::batch::{Batch, BatchListener};
+use crate::event::{Event, Priority};
+use crate::listener::BatchFailure;
+use crate::listener::ListenerOptions;
+
+/// Assembles batches from a source. Cancel safe: what it has taken stays in
+/// `pending` when the future of [`next`](Collector::next) is dropped.
+struct Collector<D> {
+    pending: Vec<D>,
+    /// When the pending batch stops waiting for more; `None` while nothing
+    /// is pending, or when `max_wait` reaches past the clock's range (the
+    /// batch then waits until full, urgent or ended).
+    deadline: Option<tokio::time::Instant>,
+    /// The pending batch holds a high-priority event: hand it over now.
+    urgent: bool,
+    ended: bool,
+    max_batch: usize,
+    max_wait: Duration,
+}
+
+impl<D> Collector<D> {
+    fn new(options: &ListenerOptions) -> Self {
+        Self {
+            pending: Vec::new(),
+            deadline: None,
+            urgent: false,
+            ended: false,
+            max_batch: options.max_batch,
+            max_wait: options.max_wait,
+        }
+    }
+
+    /// The next batch, or `None` once the source has ended and is drained.
+    async fn next<E, S>(&mut self, source: &mut S) -> Option<Vec<D>>
+    where
+        E: Event,
+        S: Source<E, Delivery = D>,
+        D: Delivery<E>,
+    {
+        loop {
+            if self.pending.len() >= self.max_batch || self.ended {
+                return self.take();
+            }
+            // Take what is ready already, without waiting.
+            match source.try_next() {
+                Ok(Some(delivery)) => {
+                    self.add(delivery);
+                    continue;
+                }
+                Ok(None) => {}
+                Err(_) => {
+                    self.ended = true;
+                    continue;
+                }
+            }
+            // A shutting-down tier waits for no batch to fill up.
+            if self.urgent || (!self.pending.is_empty() && source.is_draining()) {
+                return self.take();
+            }
+            let next = if self.pending.is_empty() {
+                std::future::poll_fn(|cx| source.poll_next(cx)).await
+            } else {
+                let deadline = self.deadline;
+                let waited_out = async move {
+                    match deadline {
+                        Some(deadline) => tokio::time::sleep_until(deadline).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let drained = source.draining();
+                tokio::select! {
+                    next = std::future::poll_fn(|cx| source.poll_next(cx)) => next,
+                    () = waited_out => return self.take(),
+                    () = drained => return self.take(),
+                }
+            };
+            match next {
+                Some(delivery) => self.add(delivery),
+                None => self.ended = true,
+            }
+        }
+    }
+
+    fn add<E>(&mut self, delivery: D)
+    where
+        E: Event,
+        D: Delivery<E>,
+    {
+        if self.pending.is_empty() {
+            // `Duration::MAX` is how a user says "until full".
+            self.deadline = tokio::time::Instant::now().checked_add(self.max_wait);
+        }
+        self.urgent |= delivery.envelope().priority() == Priority::High;
+        self.pending.push(delivery);
+    }
+
+    fn take(&mut self) -> Option<Vec<D>> {
+        self.deadline = None;
+        self.urgent = false;
+        if self.pending.is_empty() {
+            return None;
+        }
+        Some(std::mem::replace(
+            &mut self.pending,
+            Vec::with_capacity(self.max_batch.min(1024)),
+        ))
+    }
+}
+
+/// What a failed attempt leaves to do: these deliveries again, after
+/// `delay` (none for events that were not attempted yet).
+struct Next<D> {
+    deliveries: Vec<D>,
+    delay: Option<Duration>,
+}
+
+impl<L, K> Supervisor<L, K> {
+    /// Runs the batch listener until its source ends or it is stopped, with
+    /// up to `options.concurrency` batches handled at once.
+    pub(crate) async fn run_batches<E, S>(self, mut source: S, options: ListenerOptions)
+    where
+        E: Event,
+        L: BatchListener<E>,
+        K: DeadLetterSink<E>,
+        S: Source<E>,
+    {
+        let mut collector = Collector::new(&options);
+        let mode = options.batch_failure;
+        if options.concurrency <= 1 {
+            while !self.is_cancelled() {
+                // The collector takes what is ready without waiting: spend
+                // budget per batch, so a listener that never waits still
+                // lets other tasks run (and can be stopped) between batches.
+                tokio::task::coop::consume_budget().await;
+                match collector.next(&mut source).await {
+                    // A stop is final: the batch stays unhandled.
+                    Some(_) if self.is_cancelled() => break,
+                    Some(deliveries) => self.process_batch(deliveries, mode).await,
+                    None => break,
+                }
+            }
+        } else {
+            let mut running = FuturesUnordered::new();
+            while !self.is_cancelled() {
+                tokio::select! {
+                    biased;
+                    Some(()) = running.next(), if !running.is_empty() => {}
+                    next = async {
+                        tokio::task::coop::consume_budget().await;
+                        collector.next(&mut source).await
+                    }, if running.len() < options.concurrency => {
+                        match next {
+                            Some(_) if self.is_cancelled() => break,
+                            Some(deliveries) => running.push(self.process_batch(deliveries, mode)),
+                            None => break,
+                        }
+                    }
+                }
+            }
+            while running.next().await.is_some() {}
+        }
+        self.ended();
+    }
+
+    async fn process_batch<E, D>(&self, deliveries: Vec<D>, mode: BatchFailure)
+    where
+        E: Event,
+        L: BatchListener<E>,
+        K: DeadLetterSink<E>,
+        D: Delivery<E>,
+    {
+        let span = tracing::info_span!(
+            "event_bus.handle_batch",
+            listener = %self.name(),
+            events = deliveries.len(),
+        );
+        if span.is_disabled() {
+            self.attempt_batch(deliveries, mode).await;
+        } else {
+            for delivery in &deliveries {
+                span.follows_from(delivery.envelope().span());
+            }
+            self.attempt_batch(deliveries, mode).instrument(span).await;
+        }
+    }
+
+    async fn attempt_batch<E, D>(&self, mut deliveries: Vec<D>, mode: BatchFailure)
+    where
+        E: Event,
+        L: BatchListener<E>,
+        K: DeadLetterSink<E>,
+        D: Delivery<E>,
+    {
+        let mut started = Instant::now();
+        for delivery in &deliveries {
+            if delivery.attempt() <= 1 {
+                self.core.waited(delivery.envelope(), started);
+            }
+        }
+        loop {
+            let batch = Batch {
+                events: deliveries.iter().map(|d| d.envelope().clone()).collect(),
+                // The batch's attempt is its first event's.
+                attempt: deliveries.first().map_or(1, Delivery::attempt),
+                failure_mode: mode,
+            };
+            // The handler's future is made, run and dropped inside the
+            // catch: a panic in any of the three is the handler's.
+            let outcome = AssertUnwindSafe(async { self.listener.handle_batch(&batch).await })
+                .catch_unwind()
+                .await;
+            self.core.took(started.elapsed());
+            drop(batch);
+            let (errors, panicked) = match outcome {
+                Ok(Ok(())) => {
+                    self.core.handled(deliveries.len());
+                    for delivery in deliveries {
+                        delivery.ack().await;
+                    }
+                    return;
+                }
+                Ok(Err(error)) => (error.resolve(deliveries.len()), false),
+                Err(payload) => (vec![Some(panicked(&*payload)); deliveries.len()], true),
+            };
+            let next = match mode {
+                BatchFailure::Independent => self.retry_failed(deliveries, errors, panicked).await,
+                BatchFailure::StopAtFirst => {
+                    self.retry_from_first(deliveries, errors, panicked).await
+                }
+            };
+            let Some(Next {
+                deliveries: next,
+                delay,
+            }) = next
+            else {
+                return;
+            };
+            if let Some(delay) = delay {
+                tokio::time::sleep(delay).await;
+            }
+            deliveries = next;
+            started = Instant::now();
+        }
+    }
+
+    /// [`BatchFailure::Independent`]: acks the events `errors` does not
+    /// fail, and retries the failed ones together, each recorded as a dead
+    /// letter after its last attempt.
+    async fn retry_failed<E, D>(
+        &self,
+        deliveries: Vec<D>,
+        errors: Vec<Option<String>>,
+        panicked: bool,
+    ) -> Option<Next<D>>
+    where
+        E: Event,
+        K: DeadLetterSink<E>,
+        D: Delivery<E>,
+    {
+        let retry = self.core.retry;
+        let total = deliveries.len();
+        let mut failed = Vec::new();
+        let mut handled = Vec::new();
+        for (delivery, error) in deliveries.into_iter().zip(errors) {
+            match error {
+                Some(error) => failed.push((delivery, error)),
+                None => handled.push(delivery),
+            }
+        }
+        self.core.handled(handled.len());
+        for delivery in handled {
+            delivery.ack().await;
+        }
+        let (again, last): (Vec<_>, Vec<_>) = failed
+            .into_iter()
+            .partition(|(delivery, _)| delivery.attempt() < retry.max_attempts());
+        if let Some((delivery, error)) = last.first() {
+            tracing::error!(
+                listener = %self.name(),
+                events = total,
+                failed = last.len(),
+                attempts = delivery.attempt(),
+                error = %error,
+                "batch handler failed; recorded a dead letter per failed event",
+            );
+        }
+        for (delivery, error) in last {
+            let attempts = delivery.attempt();
+            self.dead_letter(delivery, error, attempts, panicked).await;
+        }
+        let (first, error) = again.first()?;
+        let attempt = first.attempt();
+        let delay = retry.delay(attempt);
+        tracing::warn!(
+            listener = %self.name(),
+            events = total,
+            failed = again.len(),
+            attempt,
+            retry_in = ?delay,
+            error = %error,
+            "batch handler failed; retrying the events that failed",
+        );
+        self.core
+            .retried(again.len(), if panicked { again.len() } else { 0 });
+        let mut kept = Vec::with_capacity(again.len());
+        for (delivery, _) in again {
+            if let Retry::InPlace(delivery) = delivery.retry(delay).await {
+                kept.push(delivery);
+            }
+        }
+        (!kept.is_empty()).then_some(Next {
+            deliveries: kept,
+            delay: Some(delay),
+        })
+    }
+
+    /// [`BatchFailure::StopAtFirst`]: acks the events before the first that
+    /// `errors` fails; retries it and the events after it, or records it as
+    /// a dead letter after its last attempt and goes on with the events
+    /// after it.
+    async fn retry_from_first<E, D>(
+        &self,
+        mut deliveries: Vec<D>,
+        errors: Vec<Option<String>>,
+        panicked: bool,
+    ) -> Option<Next<D>>
+    where
+        E: Event,
+        K: DeadLetterSink<E>,
+        D: Delivery<E>,
+    {
+        let retry = self.core.retry;
+        let total = deliveries.len();
+        // `resolve` and a panic fail at least one event; were there none,
+        // failing the first keeps every event unhandled rather than lost.
+        let (first, error) = errors
+            .into_iter()
+            .enumerate()
+            .find_map(|(i, error)| Some((i, error?)))
+            .unwrap_or_else(|| (0, "batch handler failed".to_owned()));
+        let mut rest = deliveries.split_off(first);
+        self.core.handled(first);
+        for delivery in deliveries {
+            delivery.ack().await;
+        }
+        let failed = rest.remove(0);
+        // The events after it were not attempted in this call.
+        let attempt = failed.attempt();
+        if attempt < retry.max_attempts() {
+            let delay = retry.delay(attempt);
+            tracing::warn!(
+                listener = %self.name(),
+                events = total,
+                handled = first,
+                attempt,
+                retry_in = ?delay,
+                error = %error,
+                "batch handler failed; retrying from the first event that failed, in order",
+            );
+            self.core.retried(1, usize::from(panicked));
+            let mut kept = Vec::with_capacity(rest.len() + 1);
+            match failed.retry(delay).await {
+                Retry::InPlace(failed) => {
+                    kept.push(failed);
+                    kept.extend(rest);
+                }
+                // The source redelivers it: so that the events after it
+                // stay after it, they go back too.
+                Retry::Redelivered => {
+                    for delivery in rest {
+                        if let Retry::InPlace(delivery) = delivery.retry(delay).await {
+                            kept.push(delivery);
+                        }
+                    }
+                }
+            }
+            return (!kept.is_empty()).then_some(Next {
+                deliveries: kept,
+                delay: Some(delay),
+            });
+        }
+        tracing::error!(
+            listener = %self.name(),
+            events = total,
+            handled = first,
+            attempts = attempt,
+            error = %error,
+            "batch handler failed; recorded a dead letter for the first event that failed, going on with those after it",
+        );
+        self.dead_letter(failed, error, attempt, panicked).await;
+        (!rest.is_empty()).then_some(Next {
+            deliveries: rest,
+            delay: None,
+        })
+    }
+}
