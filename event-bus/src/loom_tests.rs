@@ -217,7 +217,7 @@ impl ModelListener {
     fn take(&mut self) -> Ev {
         let delivery = block_on(std::future::poll_fn(|cx| self.source.poll_next(cx)))
             .expect("the source has not ended");
-        let event = **delivery.envelope();
+        let event = ***delivery.envelope();
         self.taken = Some(delivery);
         event
     }
