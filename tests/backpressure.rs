@@ -16,7 +16,11 @@ use support::{TestEvent, TestKind, within};
 struct SlowSum(Arc<Mutex<Vec<u64>>>);
 
 impl Listener<TestEvent> for SlowSum {
-    async fn handle(&self, event: Arc<Envelope<TestEvent>>) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        event: Arc<Envelope<TestEvent>>,
+        _: event_bus::Meta,
+    ) -> Result<(), HandlerError> {
         tokio::task::yield_now().await;
         self.0.lock().unwrap().push(event.value());
         Ok(())

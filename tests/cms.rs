@@ -286,7 +286,11 @@ impl Listener<AppEvent> for Faulty {
         AppEventKind::PostCreated.into()
     }
 
-    async fn handle(&self, _: Arc<Envelope<AppEvent>>) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        _: Arc<Envelope<AppEvent>>,
+        _: event_bus::Meta,
+    ) -> Result<(), HandlerError> {
         Err("injected fault".into())
     }
 }

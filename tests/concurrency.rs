@@ -18,7 +18,11 @@ struct Overlap {
 }
 
 impl Listener<TestEvent> for Overlap {
-    async fn handle(&self, _: Arc<Envelope<TestEvent>>) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        _: Arc<Envelope<TestEvent>>,
+        _: event_bus::Meta,
+    ) -> Result<(), HandlerError> {
         let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
         self.most.fetch_max(now, Ordering::SeqCst);
         for _ in 0..5 {
@@ -59,7 +63,11 @@ async fn concurrency_bounds_the_handlers_running_at_once() {
 struct NeedsFour(Arc<Barrier>);
 
 impl Listener<TestEvent> for NeedsFour {
-    async fn handle(&self, _: Arc<Envelope<TestEvent>>) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        _: Arc<Envelope<TestEvent>>,
+        _: event_bus::Meta,
+    ) -> Result<(), HandlerError> {
         self.0.wait().await;
         Ok(())
     }

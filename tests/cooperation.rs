@@ -21,7 +21,11 @@ struct NeverWaits {
 }
 
 impl Listener<TestEvent> for NeverWaits {
-    async fn handle(&self, _: Arc<Envelope<TestEvent>>) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        _: Arc<Envelope<TestEvent>>,
+        _: event_bus::Meta,
+    ) -> Result<(), HandlerError> {
         let started = Instant::now();
         while started.elapsed() < self.spin {
             std::hint::spin_loop();

@@ -200,7 +200,9 @@ fn one_of_each() -> Vec<AppEvent> {
 async fn the_handler_trait_routes_every_variant_to_its_method() {
     let handler = Everything::default();
     for event in one_of_each() {
-        handler.dispatch(&event).await.unwrap();
+        let envelope = event_bus::Envelope::new(event);
+        let meta = event_bus::Meta::new(&envelope, 1);
+        handler.dispatch(&envelope, meta).await.unwrap();
     }
     assert_eq!(
         handler.0.take(),

@@ -6,7 +6,7 @@ mod support;
 
 use std::sync::Mutex;
 
-use event_bus::{DomainEvent, Event, EventBus, EventKind, HandlerError, Routes};
+use event_bus::{DomainEvent, Envelope, Event, EventBus, EventKind, HandlerError, Meta, Routes};
 
 #[derive(Debug, Clone, PartialEq, DomainEvent)]
 enum Derived {
@@ -21,7 +21,7 @@ enum Derived {
 
 /// What the derive generates for `Derived`, written out.
 mod manual {
-    use event_bus::{Event, EventBus, EventKind, HandlerError, Routes};
+    use event_bus::{Event, EventBus, EventKind, HandlerError, Meta, Routes};
     use std::future::Future;
 
     #[derive(Debug, Clone, PartialEq)]
@@ -92,8 +92,8 @@ mod manual {
     type Handled = Result<(), HandlerError>;
 
     pub(crate) trait ManualHandler: Send + Sync + 'static {
-        fn on_user_created(&self, data: &u64) -> impl Future<Output = Handled> + Send {
-            let _ = data;
+        fn on_user_created(&self, data: &u64, meta: Meta) -> impl Future<Output = Handled> + Send {
+            let _ = (data, meta);
             async { Ok(()) }
         }
 
@@ -101,23 +101,25 @@ mod manual {
             &self,
             id: &u64,
             reason: &String,
+            meta: Meta,
         ) -> impl Future<Output = Handled> + Send {
-            let _ = (id, reason);
+            let _ = (id, reason, meta);
             async { Ok(()) }
         }
 
-        fn on_cache_flushed(&self) -> impl Future<Output = Handled> + Send {
+        fn on_cache_flushed(&self, meta: Meta) -> impl Future<Output = Handled> + Send {
+            let _ = meta;
             async { Ok(()) }
         }
 
-        fn dispatch(&self, event: &Manual) -> impl Future<Output = Handled> + Send {
+        fn dispatch(&self, event: &Manual, meta: Meta) -> impl Future<Output = Handled> + Send {
             async move {
                 match *event {
-                    Manual::UserCreated(ref data) => self.on_user_created(data).await,
+                    Manual::UserCreated(ref data) => self.on_user_created(data, meta).await,
                     Manual::UserDeleted { ref id, ref reason } => {
-                        self.on_user_deleted(id, reason).await
+                        self.on_user_deleted(id, reason, meta).await
                     }
-                    Manual::CacheFlushed => self.on_cache_flushed().await,
+                    Manual::CacheFlushed => self.on_cache_flushed(meta).await,
                 }
             }
         }
@@ -133,8 +135,12 @@ mod manual {
             }
         }
 
-        fn route<'a>(handler: &'a H, event: &'a Self) -> impl Future<Output = Handled> + Send + 'a {
-            handler.dispatch(event)
+        fn route<'a>(
+            handler: &'a H,
+            event: &'a Self,
+            meta: Meta,
+        ) -> impl Future<Output = Handled> + Send + 'a {
+            handler.dispatch(event, meta)
         }
     }
 }
@@ -157,30 +163,40 @@ impl Calls {
 }
 
 impl DerivedHandler for Calls {
-    async fn on_user_created(&self, data: &u64) -> Result<(), HandlerError> {
-        self.push(format!("created {data}"))
+    async fn on_user_created(&self, data: &u64, meta: Meta) -> Result<(), HandlerError> {
+        self.push(format!("created {data} #{}", meta.attempt()))
     }
 
-    async fn on_user_deleted(&self, id: &u64, reason: &String) -> Result<(), HandlerError> {
-        self.push(format!("deleted {id} {reason}"))
+    async fn on_user_deleted(
+        &self,
+        id: &u64,
+        reason: &String,
+        meta: Meta,
+    ) -> Result<(), HandlerError> {
+        self.push(format!("deleted {id} {reason} #{}", meta.attempt()))
     }
 
-    async fn on_cache_flushed(&self) -> Result<(), HandlerError> {
-        self.push("flushed".into())
+    async fn on_cache_flushed(&self, meta: Meta) -> Result<(), HandlerError> {
+        self.push(format!("flushed #{}", meta.attempt()))
     }
 }
 
 impl ManualHandler for Calls {
-    async fn on_user_created(&self, data: &u64) -> Result<(), HandlerError> {
-        self.push(format!("created {data}"))
+    async fn on_user_created(&self, data: &u64, meta: Meta) -> Result<(), HandlerError> {
+        self.push(format!("created {data} #{}", meta.attempt()))
     }
 
-    async fn on_user_deleted(&self, id: &u64, reason: &String) -> Result<(), HandlerError> {
-        self.push(format!("deleted {id} {reason}"))
+    async fn on_user_deleted(
+        &self,
+        id: &u64,
+        reason: &String,
+        meta: Meta,
+    ) -> Result<(), HandlerError> {
+        self.push(format!("deleted {id} {reason} #{}", meta.attempt()))
     }
 
-    async fn on_cache_flushed(&self) -> Result<(), HandlerError> {
-        self.push("flushed".into())
+    async fn on_cache_flushed(&self, meta: Meta) -> Result<(), HandlerError> {
+        self.push(format!("flushed #{}", meta.attempt()))
     }
 }
 
@@ -244,19 +260,23 @@ async fn same_routing() {
         },
         Manual::CacheFlushed,
     ];
+    let meta = Meta::new(&Envelope::new(Derived::CacheFlushed), 3);
     for event in &derived {
-        <Derived as Routes<Calls>>::route(&calls, event)
+        <Derived as Routes<Calls>>::route(&calls, event, meta)
             .await
             .unwrap();
     }
     let through_derive = calls.take();
     for event in &manual {
-        <Manual as Routes<Calls>>::route(&calls, event)
+        <Manual as Routes<Calls>>::route(&calls, event, meta)
             .await
             .unwrap();
     }
     assert_eq!(through_derive, calls.take());
-    assert_eq!(through_derive, ["created 1", "deleted 2 spam", "flushed"]);
+    assert_eq!(
+        through_derive,
+        ["created 1 #3", "deleted 2 spam #3", "flushed #3"]
+    );
 
     for method in [
         "on_user_created",

@@ -11,9 +11,13 @@ use support::{Gate, Recorder, TestEvent, TestKind, within};
 struct Gated(Gate, Recorder);
 
 impl Listener<TestEvent> for Gated {
-    async fn handle(&self, event: Arc<Envelope<TestEvent>>) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        event: Arc<Envelope<TestEvent>>,
+        meta: event_bus::Meta,
+    ) -> Result<(), HandlerError> {
         self.0.pass().await;
-        self.1.handle(event).await
+        self.1.handle(event, meta).await
     }
 }
 

@@ -12,7 +12,11 @@ use support::{Gate, Gated, Recorder, TestEvent, TestKind, capture_logs, within};
 struct Faulty;
 
 impl Listener<TestEvent> for Faulty {
-    async fn handle(&self, event: Arc<Envelope<TestEvent>>) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        event: Arc<Envelope<TestEvent>>,
+        _: event_bus::Meta,
+    ) -> Result<(), HandlerError> {
         match event.value() {
             v if v % 10 == 0 => panic!("faulty listener panicked on {v}"),
             v if v % 2 == 1 => Err(format!("odd value {v}").into()),
@@ -91,7 +95,11 @@ async fn a_stuck_listener_delays_neither_the_emitter_nor_other_listeners() {
 async fn a_retrying_listener_does_not_delay_other_listeners() {
     struct AlwaysFails;
     impl Listener<TestEvent> for AlwaysFails {
-        async fn handle(&self, _: Arc<Envelope<TestEvent>>) -> Result<(), HandlerError> {
+        async fn handle(
+            &self,
+            _: Arc<Envelope<TestEvent>>,
+            _: event_bus::Meta,
+        ) -> Result<(), HandlerError> {
             Err("down".into())
         }
     }
@@ -146,6 +154,7 @@ impl Listener<TestEvent> for DropPanics {
     fn handle(
         &self,
         event: Arc<Envelope<TestEvent>>,
+        _: event_bus::Meta,
     ) -> impl std::future::Future<Output = Result<(), HandlerError>> + Send {
         PanicsOnDrop {
             armed: event.value() == 0,

@@ -22,7 +22,11 @@ impl Listener<TestEvent> for Mixed {
         "mixed"
     }
 
-    async fn handle(&self, event: Arc<Envelope<TestEvent>>) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        event: Arc<Envelope<TestEvent>>,
+        _: event_bus::Meta,
+    ) -> Result<(), HandlerError> {
         match **event {
             TestEvent::A(_) => Ok(()),
             TestEvent::B(_) => {
@@ -127,7 +131,11 @@ fn a_stalled_log_sink_evicting_dead_letters_never_blocks_metrics_or_emits() {
             TestKind::A.into()
         }
 
-        async fn handle(&self, _: Arc<Envelope<TestEvent>>) -> Result<(), HandlerError> {
+        async fn handle(
+            &self,
+            _: Arc<Envelope<TestEvent>>,
+            _: event_bus::Meta,
+        ) -> Result<(), HandlerError> {
             Err("down".into())
         }
     }
@@ -237,7 +245,11 @@ impl Listener<TestEvent> for Flaky {
         "flaky"
     }
 
-    async fn handle(&self, event: Arc<Envelope<TestEvent>>) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        event: Arc<Envelope<TestEvent>>,
+        _: event_bus::Meta,
+    ) -> Result<(), HandlerError> {
         let call = self
             .calls
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

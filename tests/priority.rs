@@ -40,7 +40,11 @@ struct Held {
 }
 
 impl Listener<Job> for Held {
-    async fn handle(&self, event: Arc<Envelope<Job>>) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        event: Arc<Envelope<Job>>,
+        _: event_bus::Meta,
+    ) -> Result<(), HandlerError> {
         if !*self.entered.borrow() {
             self.entered.send_replace(true);
             let _ = self.release.acquire().await?;
@@ -329,7 +333,7 @@ async fn the_emit_can_override_the_kind_priority() {
 struct Ignore;
 
 impl Listener<Job> for Ignore {
-    async fn handle(&self, _: Arc<Envelope<Job>>) -> Result<(), HandlerError> {
+    async fn handle(&self, _: Arc<Envelope<Job>>, _: event_bus::Meta) -> Result<(), HandlerError> {
         Ok(())
     }
 }

@@ -29,7 +29,11 @@ impl Listener<TestEvent> for Relay {
         self.from.into()
     }
 
-    async fn handle(&self, event: Arc<Envelope<TestEvent>>) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        event: Arc<Envelope<TestEvent>>,
+        _: event_bus::Meta,
+    ) -> Result<(), HandlerError> {
         tokio::task::yield_now().await;
         self.bus.emit(TestEvent::of(self.to, event.value()));
         Ok(())
@@ -98,7 +102,11 @@ async fn quiesce_returns_at_once_without_listeners() {
 async fn quiesce_waits_out_retries() {
     struct Fails;
     impl Listener<TestEvent> for Fails {
-        async fn handle(&self, _: Arc<Envelope<TestEvent>>) -> Result<(), HandlerError> {
+        async fn handle(
+            &self,
+            _: Arc<Envelope<TestEvent>>,
+            _: event_bus::Meta,
+        ) -> Result<(), HandlerError> {
             Err("fails".into())
         }
     }

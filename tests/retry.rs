@@ -33,7 +33,11 @@ impl FailsThenSucceeds {
 }
 
 impl Listener<TestEvent> for FailsThenSucceeds {
-    async fn handle(&self, _: Arc<Envelope<TestEvent>>) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        _: Arc<Envelope<TestEvent>>,
+        _: event_bus::Meta,
+    ) -> Result<(), HandlerError> {
         let mut attempts = self.attempts.lock().unwrap();
         attempts.push(Instant::now());
         if attempts.len() <= self.failures {
@@ -106,7 +110,11 @@ impl Listener<TestEvent> for AlwaysFails {
         "indexer"
     }
 
-    async fn handle(&self, _: Arc<Envelope<TestEvent>>) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        _: Arc<Envelope<TestEvent>>,
+        _: event_bus::Meta,
+    ) -> Result<(), HandlerError> {
         let cause = std::io::Error::other("connection refused");
         Err(IndexError(cause).into())
     }

@@ -13,7 +13,11 @@ use support::{Gate, Gated, Recorder, TestEvent, TestKind, stuck_listener, until,
 struct Yielding;
 
 impl Listener<TestEvent> for Yielding {
-    async fn handle(&self, _: Arc<Envelope<TestEvent>>) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        _: Arc<Envelope<TestEvent>>,
+        _: event_bus::Meta,
+    ) -> Result<(), HandlerError> {
         for _ in 0..3 {
             tokio::task::yield_now().await;
         }
@@ -108,7 +112,11 @@ impl Listener<TestEvent> for FollowUp {
         TestKind::A.into()
     }
 
-    async fn handle(&self, event: Arc<Envelope<TestEvent>>) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        event: Arc<Envelope<TestEvent>>,
+        _: event_bus::Meta,
+    ) -> Result<(), HandlerError> {
         tokio::task::yield_now().await;
         self.0.emit(TestEvent::B(event.value()));
         Ok(())
@@ -281,7 +289,11 @@ impl Listener<TestEvent> for Relay {
         TestKind::A.into()
     }
 
-    async fn handle(&self, event: Arc<Envelope<TestEvent>>) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        event: Arc<Envelope<TestEvent>>,
+        _: event_bus::Meta,
+    ) -> Result<(), HandlerError> {
         self.gate.pass().await;
         self.bus.emit(TestEvent::B(event.value()));
         Ok(())

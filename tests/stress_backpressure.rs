@@ -171,7 +171,11 @@ impl Listener<TestEvent> for Lossless {
         self.interests.clone()
     }
 
-    async fn handle(&self, event: Arc<Envelope<TestEvent>>) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        event: Arc<Envelope<TestEvent>>,
+        _: event_bus::Meta,
+    ) -> Result<(), HandlerError> {
         self.order.lock().unwrap().saw(&self.breaches, &event);
         for _ in 0..self.yields {
             tokio::task::yield_now().await;

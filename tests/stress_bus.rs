@@ -325,7 +325,11 @@ impl Listener<TestEvent> for StressListener {
         self.probe.interests.clone()
     }
 
-    async fn handle(&self, event: Arc<Envelope<TestEvent>>) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        event: Arc<Envelope<TestEvent>>,
+        _: event_bus::Meta,
+    ) -> Result<(), HandlerError> {
         let roll = self.probe.called(event.sequence());
         self.probe.saw(&event);
         if self.behaviour.attempt(roll).await {

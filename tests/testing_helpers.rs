@@ -18,7 +18,11 @@ impl Listener<TestEvent> for FollowUp {
         TestKind::A.into()
     }
 
-    async fn handle(&self, event: Arc<Envelope<TestEvent>>) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        event: Arc<Envelope<TestEvent>>,
+        _: event_bus::Meta,
+    ) -> Result<(), HandlerError> {
         self.0.emit(TestEvent::B(event.value() * 10));
         Ok(())
     }

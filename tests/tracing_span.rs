@@ -64,7 +64,11 @@ where
 struct Indexer;
 
 impl Listener<TestEvent> for Indexer {
-    async fn handle(&self, _: Arc<Envelope<TestEvent>>) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        _: Arc<Envelope<TestEvent>>,
+        _: event_bus::Meta,
+    ) -> Result<(), HandlerError> {
         tracing::info!("indexing");
         Ok(())
     }

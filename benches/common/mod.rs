@@ -428,7 +428,11 @@ impl Count {
 }
 
 impl Listener<BenchEvent> for Count {
-    async fn handle(&self, event: Arc<Envelope<BenchEvent>>) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        event: Arc<Envelope<BenchEvent>>,
+        _: event_bus::Meta,
+    ) -> Result<(), HandlerError> {
         Count::handle(self, event.event());
         Ok(())
     }
@@ -481,7 +485,11 @@ pub async fn latencies(bus: bool, samples: usize) -> Vec<Duration> {
     if bus {
         struct Stamp(tokio::sync::mpsc::UnboundedSender<Instant>);
         impl Listener<BenchEvent> for Stamp {
-            async fn handle(&self, _: Arc<Envelope<BenchEvent>>) -> Result<(), HandlerError> {
+            async fn handle(
+                &self,
+                _: Arc<Envelope<BenchEvent>>,
+                _: event_bus::Meta,
+            ) -> Result<(), HandlerError> {
                 let _ = self.0.send(Instant::now());
                 Ok(())
             }

@@ -283,21 +283,21 @@ impl Expander<'_> {
             let method = on_method(v);
             let params = match &v.shape {
                 Shape::Unit => quote!(),
-                Shape::Newtype(ty) => quote!(data: &#ty),
+                Shape::Newtype(ty) => quote!(data: &#ty,),
                 Shape::Struct(fields) => {
-                    let params = fields.iter().map(|(name, ty)| quote!(#name: &#ty));
-                    quote!(#(#params),*)
+                    let params = fields.iter().map(|(name, ty)| quote!(#name: &#ty,));
+                    quote!(#(#params)*)
                 }
                 Shape::Tuple(_) => return None,
             };
             let doc = format!(
-                "Handles `{}` ([`{event}::{ident}`]). Unless implemented, does nothing, and a `#[listener]` is not subscribed to it.",
+                "Handles `{}` ([`{event}::{ident}`]); `meta` has the event's id and the attempt. Unless implemented, does nothing, and a `#[listener]` is not subscribed to it. Under `#[listener]`, an implementation may leave `meta` out.",
                 v.name()
             );
             Some(quote_spanned! {ident.span()=>
                 #[doc = #doc]
                 #[allow(unused_variables)]
-                fn #method(&self, #params) -> #output {
+                fn #method(&self, #params meta: #private::Meta) -> #output {
                     async { #private::Result::Ok(()) }
                 }
             })
@@ -306,11 +306,13 @@ impl Expander<'_> {
             let ident = v.ident;
             let method = on_method(v);
             match &v.shape {
-                Shape::Unit => quote!(#event::#ident => self.#method().await),
-                Shape::Newtype(_) => quote!(#event::#ident(ref data) => self.#method(data).await),
+                Shape::Unit => quote!(#event::#ident => self.#method(meta).await),
+                Shape::Newtype(_) => {
+                    quote!(#event::#ident(ref data) => self.#method(data, meta).await)
+                }
                 Shape::Struct(fields) => {
                     let names: Vec<_> = fields.iter().map(|(name, _)| name).collect();
-                    quote!(#event::#ident { #(ref #names),* } => self.#method(#(#names),*).await)
+                    quote!(#event::#ident { #(ref #names),* } => self.#method(#(#names,)* meta).await)
                 }
                 Shape::Tuple(_) => quote!(#event::#ident(..) => #private::Result::Ok(())),
             }
@@ -328,9 +330,9 @@ impl Expander<'_> {
             #vis trait #handler: ::core::marker::Send + ::core::marker::Sync + 'static {
                 #(#methods)*
 
-                /// Calls the method of `event`'s variant: the exhaustive `match`
-                /// the derive writes.
-                fn dispatch(&self, event: &#event) -> #output {
+                /// Calls the method of `event`'s variant with `meta`: the
+                /// exhaustive `match` the derive writes.
+                fn dispatch(&self, event: &#event, meta: #private::Meta) -> #output {
                     async move {
                         // On the place, not the reference, so that an enum
                         // without variants still matches exhaustively.
@@ -375,10 +377,11 @@ impl Expander<'_> {
                 fn route<'a>(
                     handler: &'a __H,
                     event: &'a Self,
+                    meta: #private::Meta,
                 ) -> impl #private::Future<Output = #private::Result<(), #private::HandlerError>>
                        + ::core::marker::Send
                        + 'a {
-                    #handler::dispatch(handler, event)
+                    #handler::dispatch(handler, event, meta)
                 }
             }
         }

@@ -5,7 +5,7 @@
 use proc_macro2::TokenStream;
 use quote::{ToTokens, quote};
 use syn::parse::Parser;
-use syn::{ImplItem, ItemImpl, LitStr, Path};
+use syn::{FnArg, ImplItem, ItemImpl, LitStr, Path, Signature, Type};
 
 use crate::ctxt::Ctxt;
 
@@ -105,6 +105,15 @@ fn expand_impl(cx: &Ctxt, args: &Args, block: &ItemImpl) -> TokenStream {
         .clone()
         .unwrap_or_else(|| syn::parse_quote!(::event_bus));
     let private = quote!(#krate::__private);
+    let mut block = block.clone();
+    for item in &mut block.items {
+        if let ImplItem::Fn(method) = item {
+            if method.sig.ident.to_string().starts_with("on_") {
+                pass_meta(&mut method.sig, &private);
+            }
+        }
+    }
+    let block = &block;
     let self_ty = &block.self_ty;
     // One impl per trait the block may implement; only the one whose routes
     // exist for the event type can ever hold.
@@ -152,8 +161,9 @@ fn expand_impl(cx: &Ctxt, args: &Args, block: &ItemImpl) -> TokenStream {
             async fn handle(
                 &self,
                 event: #private::Arc<#private::Envelope<__E>>,
+                meta: #private::Meta,
             ) -> #private::Result<(), #private::HandlerError> {
-                <__E as #private::Routes<Self>>::route(self, event.event()).await
+                <__E as #private::Routes<Self>>::route(self, event.event(), meta).await
             }
         }
 
@@ -170,5 +180,44 @@ fn expand_impl(cx: &Ctxt, args: &Args, block: &ItemImpl) -> TokenStream {
                 <__E as #private::BatchRoutes<Self>>::route_batch(self, batch).await
             }
         }
+    }
+}
+
+/// Appends the `meta: Meta` parameter of the handler trait's method to a
+/// method that leaves it out, so that a handler names it only when it reads
+/// it. Batch handler methods (one slice of payloads, or a `usize` count)
+/// take no `Meta` and are left as they are.
+fn pass_meta(sig: &mut Signature, private: &TokenStream) {
+    let params: Vec<&Type> = sig
+        .inputs
+        .iter()
+        .filter_map(|input| match input {
+            FnArg::Typed(typed) => Some(&*typed.ty),
+            FnArg::Receiver(_) => None,
+        })
+        .collect();
+    let names_meta = |ty: &Type| match ty {
+        Type::Path(path) => path
+            .path
+            .segments
+            .last()
+            .is_some_and(|segment| segment.ident == "Meta"),
+        _ => false,
+    };
+    // A batch method's one parameter is `&[…]` (the payloads) or `usize`
+    // (a run of unit events); a handler method's are references to the
+    // variant's fields, which are never slices.
+    let is_batch = |ty: &Type| match ty {
+        Type::Reference(reference) => matches!(*reference.elem, Type::Slice(_)),
+        Type::Path(path) => path.path.is_ident("usize"),
+        _ => false,
+    };
+    let leave = match params.as_slice() {
+        [.., last] if names_meta(last) => true,
+        [only] if is_batch(only) => true,
+        _ => false,
+    };
+    if !leave {
+        sig.inputs.push(syn::parse_quote!(_: #private::Meta));
     }
 }

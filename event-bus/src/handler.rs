@@ -9,6 +9,7 @@ use std::future::Future;
 use crate::batch::{Batch, BatchError};
 use crate::error::HandlerError;
 use crate::event::Event;
+use crate::meta::Meta;
 
 /// An event type that routes each of its events to the matching method of a
 /// handler `H`.
@@ -29,10 +30,11 @@ pub trait Routes<H: ?Sized>: Event {
     /// `"on_user_created"`; `None` for a name that is not a handler method.
     fn kind_of(method: &str) -> Option<Self::Kind>;
 
-    /// Calls `handler`'s method for the variant of `event`.
+    /// Calls `handler`'s method for the variant of `event`, with `meta`.
     fn route<'a>(
         handler: &'a H,
         event: &'a Self,
+        meta: Meta,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send + 'a;
 }
 

@@ -419,7 +419,7 @@
 //! struct Checksum;
 //!
 //! impl Listener<Tick> for Checksum {
-//!     async fn handle(&self, tick: Arc<Envelope<Tick>>) -> Result<(), HandlerError> {
+//!     async fn handle(&self, tick: Arc<Envelope<Tick>>, _: event_bus::Meta) -> Result<(), HandlerError> {
 //!         std::hint::black_box(&tick); // CPU work: never awaits
 //!         Ok(())
 //!     }
@@ -450,7 +450,7 @@
 //! struct Flaky;
 //!
 //! impl Listener<Tick> for Flaky {
-//!     async fn handle(&self, tick: Arc<Envelope<Tick>>) -> Result<(), HandlerError> {
+//!     async fn handle(&self, tick: Arc<Envelope<Tick>>, _: event_bus::Meta) -> Result<(), HandlerError> {
 //!         match **tick {
 //!             Tick::Fast(0) => panic!("bug"),
 //!             Tick::Fast(_) => Err("timeout".into()),
@@ -504,7 +504,7 @@
 //! struct Archiver;
 //!
 //! impl Listener<Tick> for Archiver {
-//!     async fn handle(&self, _: Arc<Envelope<Tick>>) -> Result<(), HandlerError> {
+//!     async fn handle(&self, _: Arc<Envelope<Tick>>, _: event_bus::Meta) -> Result<(), HandlerError> {
 //!         tokio::time::sleep(Duration::from_millis(10)).await; // slow work
 //!         Ok(())
 //!     }
@@ -545,6 +545,7 @@ mod event;
 mod handler;
 mod listener;
 mod memory;
+mod meta;
 pub mod metrics;
 pub mod runner;
 mod sync;
@@ -569,6 +570,7 @@ pub use memory::bus::{
 };
 pub use memory::dead_letters::{DeadLetterSubscription, DeadLetters};
 pub use memory::runtime::{ABORT_GRACE, ListenerHandle, ListenerReport, ShutdownReport};
+pub use meta::Meta;
 pub use metrics::{
     BusMetrics, KindCount, LaneMetrics, LatencySummary, ListenerMetrics, ListenerStatus,
 };
@@ -885,7 +887,7 @@ pub use event_bus_derive::listener;
 pub mod __private {
     pub use crate::{
         Batch, BatchError, BatchFailure, BatchListener, BatchRoutes, Envelope, Event, EventBus,
-        EventKind, HandlerError, KindSet, Listener, Priority, Routes,
+        EventKind, HandlerError, KindSet, Listener, Meta, Priority, Routes,
     };
     pub use core::future::Future;
     pub use core::option::Option;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::envelope::Envelope;
 use crate::error::HandlerError;
 use crate::event::{Event, KindSet};
+use crate::meta::Meta;
 
 /// A background consumer of events, run and supervised by the bus.
 ///
@@ -51,7 +52,7 @@ use crate::event::{Event, KindSet};
 ///         KindSet::from(AppEventKind::UserCreated)
 ///     }
 ///
-///     async fn handle(&self, event: Arc<Envelope<AppEvent>>) -> Result<(), HandlerError> {
+///     async fn handle(&self, event: Arc<Envelope<AppEvent>>, _: event_bus::Meta) -> Result<(), HandlerError> {
 ///         if let AppEvent::UserCreated(id) = **event {
 ///             println!("welcome, user {id}");
 ///         }
@@ -74,13 +75,15 @@ pub trait Listener<E: Event>: Send + Sync + 'static {
         KindSet::all()
     }
 
-    /// Handles one event.
+    /// Handles one event; `meta` says which attempt this is.
     ///
     /// With the default concurrency of 1, calls are sequential and in emit
-    /// order. A retried event is handled again with the same envelope.
+    /// order. A retried event is handled again with the same envelope, and
+    /// a [`Meta::attempt`] one higher.
     fn handle(
         &self,
         event: Arc<Envelope<E>>,
+        meta: Meta,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send;
 }
 

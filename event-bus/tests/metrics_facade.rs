@@ -61,7 +61,11 @@ impl Listener<TestEvent> for Mixed {
         "mixed"
     }
 
-    async fn handle(&self, event: Arc<Envelope<TestEvent>>) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        event: Arc<Envelope<TestEvent>>,
+        _: event_bus::Meta,
+    ) -> Result<(), HandlerError> {
         match **event {
             TestEvent::A(_) => Ok(()),
             TestEvent::B(_) => {
@@ -183,7 +187,11 @@ impl Listener<TestEvent> for Stuck {
         self.0.clone()
     }
 
-    async fn handle(&self, _: Arc<Envelope<TestEvent>>) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        _: Arc<Envelope<TestEvent>>,
+        _: event_bus::Meta,
+    ) -> Result<(), HandlerError> {
         std::future::pending().await
     }
 }

@@ -115,7 +115,11 @@ impl Gate {
 pub struct Gated(pub Gate);
 
 impl Listener<TestEvent> for Gated {
-    async fn handle(&self, _: Arc<Envelope<TestEvent>>) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        _: Arc<Envelope<TestEvent>>,
+        _: event_bus::Meta,
+    ) -> Result<(), HandlerError> {
         self.0.pass().await;
         Ok(())
     }
@@ -232,7 +236,11 @@ impl Listener<TestEvent> for Recorder {
         self.interests.clone()
     }
 
-    async fn handle(&self, event: Arc<Envelope<TestEvent>>) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        event: Arc<Envelope<TestEvent>>,
+        _: event_bus::Meta,
+    ) -> Result<(), HandlerError> {
         self.seen.lock().unwrap().push(event);
         self.handled.send_modify(|n| *n += 1);
         Ok(())

@@ -43,7 +43,7 @@ use crate::throttle::Throttle;
 /// struct Broken;
 ///
 /// impl Listener<Ping> for Broken {
-///     async fn handle(&self, _: Arc<Envelope<Ping>>) -> Result<(), HandlerError> {
+///     async fn handle(&self, _: Arc<Envelope<Ping>>, _: event_bus::Meta) -> Result<(), HandlerError> {
 ///         Err("database unavailable".into())
 ///     }
 /// }

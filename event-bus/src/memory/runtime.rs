@@ -682,7 +682,11 @@ mod tests {
     struct Idle;
 
     impl Listener<Tick> for Idle {
-        async fn handle(&self, _: Arc<Envelope<Tick>>) -> Result<(), crate::HandlerError> {
+        async fn handle(
+            &self,
+            _: Arc<Envelope<Tick>>,
+            _: crate::Meta,
+        ) -> Result<(), crate::HandlerError> {
             Ok(())
         }
     }

@@ -17,6 +17,7 @@ use crate::envelope::Envelope;
 use crate::error::chain;
 use crate::event::Event;
 use crate::listener::Listener;
+use crate::meta::Meta;
 use crate::metrics::ListenerStatus;
 
 /// Runs one listener over a source: takes its deliveries, calls its
@@ -152,9 +153,10 @@ impl<L, K> Supervisor<L, K> {
         loop {
             let envelope: Arc<Envelope<E>> = delivery.envelope().clone();
             let attempt = delivery.attempt();
+            let meta = Meta::new(&envelope, attempt);
             // The handler's future is made, run and dropped inside the
             // catch: a panic in any of the three is the handler's.
-            let outcome = AssertUnwindSafe(async { self.listener.handle(envelope).await })
+            let outcome = AssertUnwindSafe(async { self.listener.handle(envelope, meta).await })
                 .catch_unwind()
                 .await;
             self.core.took(started.elapsed());

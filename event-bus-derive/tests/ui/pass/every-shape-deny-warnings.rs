@@ -2,7 +2,7 @@
 //! generated items carry docs and trigger no lint.
 #![deny(warnings, missing_docs)]
 
-use event_bus::{DomainEvent, EventBus, HandlerError, listener};
+use event_bus::{DomainEvent, EventBus, HandlerError, Meta, listener};
 
 /// A user, as listeners see it.
 #[derive(Debug, Clone)]
@@ -38,6 +38,16 @@ pub struct Mailer;
 impl AppEventHandler for Mailer {
     async fn on_user_created(&self, data: &UserEventData) -> Result<(), HandlerError> {
         let _ = data.id;
+        Ok(())
+    }
+
+    async fn on_user_deleted(&self, id: &u64, _: &String, meta: Meta) -> Result<(), HandlerError> {
+        let _ = (id, meta.id(), meta.attempt());
+        Ok(())
+    }
+
+    async fn on_cache_flushed(&self, meta: event_bus::Meta) -> Result<(), HandlerError> {
+        let _ = meta;
         Ok(())
     }
 }

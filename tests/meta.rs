@@ -1,0 +1,126 @@
+//! Handlers see the event's id and the attempt: plain listeners through
+//! `Listener::handle`'s `Meta`, derive handlers when their method declares
+//! it.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use event_bus::{
+    DomainEvent, Envelope, EventBus, HandlerError, Listener, ListenerOptions, Meta, Priority,
+    RetryPolicy, listener,
+};
+
+#[derive(Debug, DomainEvent)]
+enum Shop {
+    OrderPaid {
+        order: u64,
+    },
+    #[event(priority = "high")]
+    OrderRefunded(u64),
+    StockCounted,
+}
+
+/// An attempt as a handler saw it: the event's id, the attempt, the name.
+type Seen = (uuid::Uuid, u32, &'static str);
+
+/// Fails every event's first two attempts, recording what each attempt saw.
+#[derive(Clone, Default)]
+struct Flaky {
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Flaky {
+    fn saw(&self, meta: Meta) -> Result<(), HandlerError> {
+        self.seen
+            .lock()
+            .unwrap()
+            .push((meta.id(), meta.attempt(), meta.name()));
+        if meta.attempt() < 3 {
+            return Err("not yet".into());
+        }
+        Ok(())
+    }
+}
+
+#[listener]
+impl ShopHandler for Flaky {
+    async fn on_order_paid(&self, order: &u64, meta: Meta) -> Result<(), HandlerError> {
+        assert_eq!(*order, 7);
+        self.saw(meta)
+    }
+
+    async fn on_order_refunded(&self, _: &u64, meta: event_bus::Meta) -> Result<(), HandlerError> {
+        assert_eq!(meta.priority(), Priority::High);
+        self.saw(meta)
+    }
+
+    // No `meta`: `#[listener]` passes it to the methods that declare it.
+    async fn on_stock_counted(&self) -> Result<(), HandlerError> {
+        Ok(())
+    }
+}
+
+fn retrying() -> ListenerOptions {
+    ListenerOptions::new()
+        .retry(RetryPolicy::exponential(3).initial_backoff(Duration::from_millis(1)))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_derive_handler_that_declares_meta_sees_the_id_and_every_attempt() {
+    let bus = EventBus::new();
+    let mut ids = event_bus::testing::EventRecorder::new(&bus);
+    let flaky = Flaky::default();
+    let handle = bus.spawn_with(flaky.clone(), retrying());
+    bus.emit_order_paid(7);
+    bus.emit_order_refunded(8);
+    bus.emit_stock_counted();
+    bus.quiesce().await;
+
+    let emitted: Vec<uuid::Uuid> = ids.take().iter().map(|e| e.id()).collect();
+    let seen = flaky.seen.lock().unwrap().clone();
+    // The refund is high priority: handled first, three attempts each.
+    assert_eq!(
+        seen,
+        [
+            (emitted[1], 1, "order.refunded"),
+            (emitted[1], 2, "order.refunded"),
+            (emitted[1], 3, "order.refunded"),
+            (emitted[0], 1, "order.paid"),
+            (emitted[0], 2, "order.paid"),
+            (emitted[0], 3, "order.paid"),
+        ]
+    );
+    assert_eq!(handle.metrics().handled, 3);
+}
+
+/// Records each attempt's sequence, attempt and id.
+struct Attempts(Arc<Mutex<Vec<(u64, u32, uuid::Uuid)>>>);
+
+impl Listener<Shop> for Attempts {
+    async fn handle(&self, event: Arc<Envelope<Shop>>, meta: Meta) -> Result<(), HandlerError> {
+        assert_eq!(meta.sequence(), event.sequence());
+        self.0
+            .lock()
+            .unwrap()
+            .push((event.sequence(), meta.attempt(), meta.id()));
+        match meta.attempt() {
+            1 => panic!("first attempt"),
+            2 => Err("second attempt".into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_listener_is_told_the_attempt_after_errors_and_panics_alike() {
+    let bus = EventBus::new();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    bus.spawn_with(Attempts(seen.clone()), retrying());
+    let mut ids = event_bus::testing::EventRecorder::new(&bus);
+    bus.emit_stock_counted();
+    bus.quiesce().await;
+    let id = ids.take()[0].id();
+    let seen = seen.lock().unwrap().clone();
+    let attempts: Vec<(u32, uuid::Uuid)> = seen.iter().map(|&(_, a, id)| (a, id)).collect();
+    assert_eq!(attempts, [(1, id), (2, id), (3, id)]);
+}
