@@ -71,6 +71,40 @@ pub struct WaitTimeout {
     pub recorded: Vec<&'static str>,
 }
 
+/// Error returned when a string is not a valid W3C `traceparent`, by
+/// [`TraceParent`](crate::TraceParent)'s `FromStr`.
+///
+/// The header came from outside the process; a caller that cannot use it
+/// goes on without the trace (the specification says to start a new one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ParseTraceParentError {
+    /// Shorter than the 55 characters of a version `00` header, or, for
+    /// version `00`, longer.
+    #[error("traceparent has the wrong length")]
+    Length,
+    /// The fields are not separated by single `-` at their places: a field
+    /// has the wrong length.
+    #[error("traceparent fields are not where they belong")]
+    Format,
+    /// A field (`version`, `trace-id`, `parent-id` or `trace-flags`) has a
+    /// character that is not a lowercase hex digit.
+    #[error("traceparent {field} is not lowercase hex")]
+    Hex {
+        /// The field, as the specification names it.
+        field: &'static str,
+    },
+    /// The version is `ff`, which the specification forbids.
+    #[error("traceparent version ff is invalid")]
+    Version,
+    /// The trace id is all zeros.
+    #[error("traceparent trace-id is all zeros")]
+    ZeroTraceId,
+    /// The parent id is all zeros.
+    #[error("traceparent parent-id is all zeros")]
+    ZeroParentId,
+}
+
 /// Formats an error with its chain of sources: `"outer: middle: root"`.
 pub(crate) fn chain(error: &(dyn StdError + 'static)) -> String {
     let mut text = error.to_string();

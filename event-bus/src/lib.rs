@@ -552,6 +552,7 @@ mod subscription;
 mod sync;
 pub mod testing;
 mod throttle;
+mod trace;
 
 #[cfg(all(test, loom))]
 mod loom_tests;
@@ -570,6 +571,7 @@ pub use metrics::{BusMetrics, KindCount, LaneMetrics, LatencySummary, ListenerMe
 pub use queue::{LagPolicy, OVERFLOW_FACTOR};
 pub use runtime::{ABORT_GRACE, ListenerHandle, ListenerReport, ListenerStatus, ShutdownReport};
 pub use subscription::Subscription;
+pub use trace::TraceParent;
 
 /// Derives [`Event`] for an enum, and writes the code around it: the kind
 /// enum, an emit helper per variant, a handler trait with one method per
