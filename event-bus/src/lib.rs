@@ -562,7 +562,7 @@ pub use bus::{
     Builder, DEFAULT_CAPACITY, DEFAULT_DEAD_LETTER_CAPACITY, DEFAULT_FAIRNESS, EventBus,
 };
 pub use dead_letter::{DeadLetter, DeadLetterSubscription, DeadLetters};
-pub use envelope::Envelope;
+pub use envelope::{Envelope, Metadata};
 pub use error::{HandlerError, Lagged, RecvError, TryRecvError};
 pub use event::{Event, EventKind, KindSet, KindSetIter, Priority};
 pub use handler::{BatchRoutes, Routes};
