@@ -1,8 +1,10 @@
 //! Code generation for `#[derive(DomainEvent)]`.
 
+use std::collections::HashSet;
+
 use proc_macro2::{Span, TokenStream};
 use quote::{format_ident, quote, quote_spanned};
-use syn::{DeriveInput, Ident, Path};
+use syn::{DeriveInput, Ident, LitStr, Path};
 
 use crate::ast::{Input, Shape, Variant};
 use crate::ctxt::Ctxt;
@@ -129,6 +131,36 @@ impl Expander<'_> {
                     }
                 }
             });
+        // A `match` on names and aliases. Each string leads to its first
+        // variant only: a duplicate is already an error, and must not add
+        // an unreachable-pattern warning to it.
+        let mut taken = HashSet::new();
+        let lookup = variants.iter().filter_map(|v| {
+            let ident = v.ident;
+            let strings: Vec<String> = std::iter::once(v.name())
+                .chain(v.attrs.aliases.iter().map(LitStr::value))
+                .filter(|string| taken.insert(string.clone()))
+                .collect();
+            (!strings.is_empty())
+                .then(|| quote!(#(#strings)|* => #private::Option::Some(Self::#ident)))
+        });
+        // Like `priority`, written only when a variant has one.
+        let aliases = variants
+            .iter()
+            .any(|v| !v.attrs.aliases.is_empty())
+            .then(|| {
+                let lists = variants.iter().map(|v| {
+                    let aliases = &v.attrs.aliases;
+                    quote!(&[#(#aliases),*])
+                });
+                quote! {
+                    fn aliases(self) -> &'static [&'static str] {
+                        match self {
+                            #(Self::#idents => #lists,)*
+                        }
+                    }
+                }
+            });
         quote! {
             #[doc = #enum_doc]
             #[derive(
@@ -164,6 +196,15 @@ impl Expander<'_> {
                         #(Self::#idents => #names,)*
                     }
                 }
+
+                fn from_name(name: &str) -> #private::Option<Self> {
+                    match name {
+                        #(#lookup,)*
+                        _ => #private::Option::None,
+                    }
+                }
+
+                #aliases
 
                 #priority
             }

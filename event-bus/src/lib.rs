@@ -646,7 +646,8 @@ pub use trace::TraceParent;
 ///
 /// ```text
 /// enum AppEventKind { UserCreated, UserDeleted, CacheFlushed }   // Copy, Eq, Ord, Hash, Debug
-/// impl EventKind for AppEventKind { … }   // "user.created", "user.deleted", "cache.purged"
+/// impl EventKind for AppEventKind { … }   // "user.created", "user.deleted", "cache.purged";
+///                                         // `from_name` a `match` on names and aliases
 /// impl Event for AppEvent { type Kind = AppEventKind; … }
 ///
 /// trait EmitAppEvent: AsRef<EventBus<AppEvent>> {            // for every such type
@@ -714,6 +715,7 @@ pub use trace::TraceParent;
 /// | key | effect | example |
 /// |---|---|---|
 /// | `name` | the event name, instead of the dotted snake case of the variant (`UserCreated` → `"user.created"`); lowercase words separated by dots | `#[event(name = "user.signed_up")]` |
+/// | `alias` | a former name of the event, still accepted by [`EventKind::from_name`] (so a codec reads events stored under it) and listed by [`EventKind::aliases`]; repeat the key for several; a valid name that no variant has and no other alias is | `#[event(alias = "user.registered")]` |
 /// | `priority` | the kind's [`Priority`]: `"high"`, `"normal"` (the default) or `"low"` | `#[event(priority = "high")]` |
 /// | `skip_emit` | no emit helpers for this variant (it can still be emitted with `bus.emit(…)`) | `#[event(skip_emit)]` |
 ///
@@ -736,10 +738,28 @@ pub use trace::TraceParent;
 /// assert_eq!(Topic::Stopped.priority(), Priority::High);
 /// ```
 ///
+/// An event renamed after it was stored keeps its old names as aliases:
+///
+/// ```
+/// use event_bus::{DomainEvent, EventKind};
+///
+/// #[derive(DomainEvent)]
+/// enum AppEvent {
+///     // Was `UserRegistered`, then `#[event(name = "account.opened")]`.
+///     #[event(alias = "user.registered", alias = "account.opened")]
+///     UserCreated { id: u64 },
+/// }
+///
+/// let kind = AppEventKind::UserCreated;
+/// assert_eq!(kind.name(), "user.created"); // what is written from now on
+/// assert_eq!(kind.aliases(), ["user.registered", "account.opened"]);
+/// assert_eq!(AppEventKind::from_name("user.registered"), Some(kind));
+/// ```
+///
 /// # Errors
 ///
 /// Every misuse is a compile error on your own tokens, all of them at once.
-/// The three most common:
+/// The most common:
 ///
 /// Deriving on a struct:
 ///
@@ -761,7 +781,7 @@ pub use trace::TraceParent;
 /// A misspelled key:
 ///
 /// ```text
-/// error: unknown `event` attribute key `nmae`; expected one of `name`, `priority`, `skip_emit`
+/// error: unknown `event` attribute key `nmae`; expected one of `name`, `alias`, `priority`, `skip_emit`
 ///  --> src/events.rs:6:13
 ///   |
 /// 6 |     #[event(nmae = "user.created")]
@@ -795,8 +815,27 @@ pub use trace::TraceParent;
 /// }
 /// ```
 ///
+/// An alias that is already an event's name, or another variant's alias:
+///
+/// ```text
+/// error: alias `user.created` is already the name of `UserCreated`; remove the alias, or give `UserCreated` another name with `#[event(name = "…")]`
+///  --> src/events.rs:6:21
+///   |
+/// 6 |     #[event(alias = "user.created")]
+///   |                     ^^^^^^^^^^^^^^
+/// ```
+///
+/// ```compile_fail
+/// #[derive(event_bus::DomainEvent)]
+/// enum AppEvent {
+///     UserCreated,
+///     #[event(alias = "user.created")]
+///     UserRegistered,
+/// }
+/// ```
+///
 /// Also rejected: unions, empty and generic enums, tuple variants of more than
-/// one field, duplicate keys, invalid names.
+/// one field, duplicate keys, invalid names and aliases.
 #[cfg(feature = "derive")]
 #[doc(inline)]
 pub use event_bus_derive::DomainEvent;

@@ -16,8 +16,10 @@ pub struct UserEventData {
 pub enum AppEvent {
     /// A user signed up.
     UserCreated(UserEventData),
-    /// A user was removed.
-    #[event(name = "user.removed")]
+    /// A user was removed: stored as `user.deleted` and `account.closed`
+    /// before its rename.
+    #[event(name = "user.removed", alias = "user.deleted")]
+    #[event(alias = "account.closed")]
     UserDeleted {
         /// Id.
         id: u64,
@@ -45,6 +47,18 @@ impl AppEventHandler for Mailer {
 fn assert_send<T: Send>(_: &T) {}
 
 fn main() {
+    use event_bus::EventKind;
+    assert_eq!(
+        AppEventKind::UserDeleted.aliases(),
+        ["user.deleted", "account.closed"]
+    );
+    assert_eq!(AppEventKind::CacheFlushed.aliases(), [] as [&str; 0]);
+    for name in ["user.removed", "user.deleted", "account.closed"] {
+        assert_eq!(AppEventKind::from_name(name), Some(AppEventKind::UserDeleted));
+    }
+    assert_eq!(AppEventKind::from_name("internal"), Some(AppEventKind::Internal));
+    assert_eq!(AppEventKind::from_name("user.gone"), None);
+
     let bus = EventBus::<AppEvent>::new();
     bus.emit_user_created(UserEventData { id: 1 });
     bus.emit_user_deleted(1, "spam".to_owned());
