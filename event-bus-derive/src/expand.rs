@@ -246,8 +246,7 @@ impl Expander<'_> {
         let Self { private, event, .. } = self;
         let vis = self.input.vis;
         let emitter = self.input.emitter_ident();
-        let bus = quote!(#private::EventBus<#event>);
-        let as_bus = quote!(<Self as ::core::convert::AsRef<#bus>>::as_ref(self));
+        let publish = quote!(#private::Publish<#event>);
         let helpers = self
             .input
             .variants
@@ -277,39 +276,41 @@ impl Expander<'_> {
                     Shape::Tuple(_) => return None,
                 };
                 let doc = format!(
-                    "Emits [`{event}::{ident}`] (`{}`): never blocks, never fails. See `EventBus::emit`.",
+                    "Emits [`{event}::{ident}`] (`{}`): never blocks, never fails. See `Publish::publish`; on a bus, `EventBus::emit`.",
                     v.name(),
                 );
                 let wait_doc = format!(
-                    "Emits [`{event}::{ident}`] (`{}`), first waiting for room in backpressure subscribers. See `EventBus::emit_wait`.",
+                    "Emits [`{event}::{ident}`] (`{}`), first waiting for room where the publisher has a notion of it. See `Publish::publish_wait`; on a bus, `EventBus::emit_wait`, which waits for backpressure subscribers.",
                     v.name(),
                 );
                 Some(quote_spanned! {span=>
                     #[doc = #doc]
+                    #[inline]
                     fn #emit(&self, #params) {
-                        #as_bus.emit(#construct)
+                        <Self as #publish>::publish(self, #construct)
                     }
 
                     #[doc = #wait_doc]
+                    #[inline]
                     fn #emit_wait(&self, #params) -> impl #private::Future<Output = ()> + ::core::marker::Send {
                         let event = #construct;
-                        #as_bus.emit_wait(event)
+                        <Self as #publish>::publish_wait(self, event)
                     }
                 })
             });
         let doc = format!(
-            "Emit helpers for [`{event}`], one per variant, on anything that implements `AsRef<EventBus<{event}>>`: the bus itself, or the application's state once it has that one-method impl."
+            "Emit helpers for [`{event}`], one per variant, on anything that implements `Publish<{event}>`: the bus itself, the application's state once it implements `AsRef<EventBus<{event}>>`, or a publisher of its own, such as an outbox transaction."
         );
         // A helper the application does not call is not dead code it wrote.
         quote! {
             #[doc = #doc]
             #[allow(dead_code, clippy::too_many_arguments)]
-            #vis trait #emitter: ::core::convert::AsRef<#bus> {
+            #vis trait #emitter: #publish {
                 #(#helpers)*
             }
 
             #[automatically_derived]
-            impl<__T: ::core::convert::AsRef<#bus> + ?::core::marker::Sized> #emitter for __T {}
+            impl<__T: #publish + ?::core::marker::Sized> #emitter for __T {}
         }
     }
 

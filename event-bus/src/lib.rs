@@ -546,6 +546,7 @@ mod event;
 mod handler;
 mod listener;
 pub mod metrics;
+mod publish;
 mod queue;
 mod runtime;
 mod subscription;
@@ -568,6 +569,7 @@ pub use event::{Event, EventKind, KindSet, KindSetIter, Priority};
 pub use handler::{BatchRoutes, Routes};
 pub use listener::{DEFAULT_MAX_BATCH, Listener, ListenerOptions, RetryPolicy};
 pub use metrics::{BusMetrics, KindCount, LaneMetrics, LatencySummary, ListenerMetrics};
+pub use publish::Publish;
 pub use queue::{LagPolicy, OVERFLOW_FACTOR};
 pub use runtime::{ABORT_GRACE, ListenerHandle, ListenerReport, ListenerStatus, ShutdownReport};
 pub use subscription::Subscription;
@@ -650,7 +652,7 @@ pub use trace::TraceParent;
 ///                                         // `from_name` a `match` on names and aliases
 /// impl Event for AppEvent { type Kind = AppEventKind; … }
 ///
-/// trait EmitAppEvent: AsRef<EventBus<AppEvent>> {            // for every such type
+/// trait EmitAppEvent: Publish<AppEvent> {                    // for every such type
 ///     fn emit_user_created(&self, data: impl Into<UserEventData>);
 ///     fn emit_user_created_wait(&self, data: impl Into<UserEventData>) -> impl Future<Output = ()> + Send;
 ///     fn emit_user_deleted(&self, id: i64);
@@ -694,9 +696,16 @@ pub use trace::TraceParent;
 /// exists; a primitive payload (`UserDeleted(u64)`) is taken as it is, so an
 /// integer literal needs no suffix.
 ///
+/// The emit helpers work on anything that [publishes](Publish) the enum's
+/// events: the bus, anything that exposes one through `AsRef<EventBus<E>>`
+/// (the application's state above), or a type of your own, such as an
+/// outbox transaction that writes the events when it commits. The `_wait`
+/// helpers call [`Publish::publish_wait`], the others [`Publish::publish`];
+/// on a bus those are [`EventBus::emit_wait`] and [`EventBus::emit`],
+/// inlined, with nothing boxed.
+///
 /// The handler methods are declared as `fn … -> impl Future<…> + Send`;
-/// implement them with `async fn`. The `_wait` helpers call
-/// [`EventBus::emit_wait`]; the others [`EventBus::emit`].
+/// implement them with `async fn`.
 ///
 /// # Attributes
 ///
@@ -922,7 +931,7 @@ pub use event_bus_derive::listener;
 pub mod __private {
     pub use crate::{
         Batch, BatchError, BatchFailure, BatchListener, BatchRoutes, Envelope, Event, EventBus,
-        EventKind, HandlerError, KindSet, Listener, Priority, Routes,
+        EventKind, HandlerError, KindSet, Listener, Priority, Publish, Routes,
     };
     pub use core::future::Future;
     pub use core::option::Option;

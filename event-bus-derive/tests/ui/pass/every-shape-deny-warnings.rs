@@ -2,7 +2,9 @@
 //! generated items carry docs and trigger no lint.
 #![deny(warnings, missing_docs)]
 
-use event_bus::{DomainEvent, EventBus, HandlerError, listener};
+use std::sync::Mutex;
+
+use event_bus::{DomainEvent, EventBus, HandlerError, Publish, listener};
 
 /// A user, as listeners see it.
 #[derive(Debug, Clone)]
@@ -44,6 +46,18 @@ impl AppEventHandler for Mailer {
     }
 }
 
+/// A publisher of its own: buffers events, like an outbox transaction.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    pending: Mutex<Vec<AppEvent>>,
+}
+
+impl Publish<AppEvent> for Outbox {
+    fn publish(&self, event: AppEvent) {
+        self.pending.lock().unwrap().push(event);
+    }
+}
+
 fn assert_send<T: Send>(_: &T) {}
 
 fn main() {
@@ -66,6 +80,12 @@ fn main() {
     let waiting = bus.emit_user_created_wait(UserEventData { id: 2 });
     assert_send(&waiting);
     drop(waiting);
+    let outbox = Outbox::default();
+    outbox.emit_user_created(UserEventData { id: 3 });
+    let waiting = outbox.emit_cache_flushed_wait();
+    assert_send(&waiting);
+    drop(waiting);
+    assert_eq!(outbox.pending.lock().unwrap().len(), 2);
     let _: fn(&EventBus<AppEvent>, Mailer) = |bus, mailer| {
         bus.spawn(mailer);
     };
