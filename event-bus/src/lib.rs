@@ -535,10 +535,15 @@
 //!   [`listener`](macro@listener), from `event-bus-derive`.
 //! - `metrics`: exports the bus's counters through the
 //!   [`metrics`](https://docs.rs/metrics) facade; see [`mod@metrics`].
-//! - `serde`: `Serialize` for metrics snapshots and shutdown reports.
+//! - `serde`: `Serialize` for metrics snapshots and shutdown reports, and
+//!   the `codec` module: events to and from JSON, for tiers that store or
+//!   carry them out of the process. Without it, nothing of serde is
+//!   compiled.
 
 mod batch;
 mod bus;
+#[cfg(feature = "serde")]
+pub mod codec;
 mod dead_letter;
 mod envelope;
 pub mod error;
