@@ -144,6 +144,25 @@ async fn helpers_on_the_bus_and_an_app_state_emit_at_once() {
     assert_eq!(state.events.metrics().emitted, 4);
 }
 
+#[test]
+fn whatever_exposes_a_bus_publishes_in_generic_code() {
+    fn publishes<P: Publish<AppEvent> + ?Sized>(publisher: &P) {
+        publisher.emit_cache_flushed();
+    }
+    let bus = EventBus::new();
+    let state = AppState {
+        events: bus.clone(),
+    };
+    publishes(&bus);
+    publishes(&&bus);
+    publishes(&Arc::new(bus.clone()));
+    publishes(&Box::new(bus.clone()));
+    publishes(&state);
+    publishes(&&state);
+    publishes(&Outbox::default());
+    assert_eq!(bus.metrics().emitted, 6);
+}
+
 #[tokio::test]
 async fn wait_helpers_on_a_bus_wait_for_backpressure_room() {
     let state = AppState {
