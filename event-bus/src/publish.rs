@@ -3,7 +3,7 @@
 
 use std::future::{self, Future};
 
-use crate::bus::EventBus;
+use crate::EventBus;
 use crate::event::Event;
 
 /// Something events of type `E` can be published on: the bus, the
