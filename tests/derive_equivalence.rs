@@ -21,7 +21,7 @@ enum Derived {
 
 /// What the derive generates for `Derived`, written out.
 mod manual {
-    use event_bus::{Event, EventBus, EventKind, HandlerError, Meta, Routes};
+    use event_bus::{Event, EventKind, HandlerError, Meta, Publish, Routes};
     use std::future::Future;
 
     #[derive(Debug, Clone, PartialEq)]
@@ -70,24 +70,24 @@ mod manual {
         }
     }
 
-    pub(crate) trait EmitManual: AsRef<EventBus<Manual>> {
+    pub(crate) trait EmitManual: Publish<Manual> {
         // A primitive payload is taken as it is; other payloads as
         // `impl Into<Payload>`.
         fn emit_user_created(&self, data: u64) {
-            self.as_ref().emit(Manual::UserCreated(data))
+            self.publish(Manual::UserCreated(data))
         }
 
         fn emit_user_deleted(&self, id: u64, reason: String) {
-            self.as_ref().emit(Manual::UserDeleted { id, reason })
+            self.publish(Manual::UserDeleted { id, reason })
         }
 
         fn emit_cache_flushed(&self) {
-            self.as_ref().emit(Manual::CacheFlushed)
+            self.publish(Manual::CacheFlushed)
         }
-        // …and an `emit_*_wait` twin of each, calling `emit_wait`.
+        // …and an `emit_*_wait` twin of each, calling `publish_wait`.
     }
 
-    impl<T: AsRef<EventBus<Manual>> + ?Sized> EmitManual for T {}
+    impl<T: Publish<Manual> + ?Sized> EmitManual for T {}
 
     type Handled = Result<(), HandlerError>;
 

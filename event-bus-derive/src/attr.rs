@@ -10,7 +10,7 @@ use crate::ctxt::Ctxt;
 /// Keys of the enum's `#[event(...)]`.
 pub(crate) const ENUM_KEYS: &[&str] = &["kind", "handler", "batch_handler", "emitter", "crate"];
 /// Keys of a variant's `#[event(...)]`.
-pub(crate) const VARIANT_KEYS: &[&str] = &["name", "priority", "skip_emit"];
+pub(crate) const VARIANT_KEYS: &[&str] = &["name", "alias", "priority", "skip_emit"];
 /// The values of a variant's `priority`: the names of `Priority`'s variants.
 const PRIORITIES: &[(&str, &str)] = &[("high", "High"), ("normal", "Normal"), ("low", "Low")];
 
@@ -34,6 +34,8 @@ pub(crate) struct EnumAttrs {
 pub(crate) struct VariantAttrs {
     /// The event name, replacing the dotted snake case default.
     pub(crate) name: Option<LitStr>,
+    /// Former names the event is still read under, in order; the key repeats.
+    pub(crate) aliases: Vec<LitStr>,
     /// The kind's priority: the `Priority` variant, spanned at the value.
     pub(crate) priority: Option<Ident>,
     /// Leave the variant out of the emit helpers.
@@ -115,9 +117,12 @@ pub(crate) fn variant_attrs(cx: &Ctxt, attrs: &[syn::Attribute]) -> VariantAttrs
     let mut name = Once::new(cx, "name");
     let mut priority = Once::new(cx, "priority");
     let mut skip_emit = Once::new(cx, "skip_emit");
+    let mut aliases = Vec::new();
     each_key(cx, attrs, |meta| {
         if meta.path.is_ident("name") {
             name.set(&meta.path, string_value(&meta, "name", "user.created")?);
+        } else if meta.path.is_ident("alias") {
+            aliases.push(string_value(&meta, "alias", "user.registered")?);
         } else if meta.path.is_ident("priority") {
             let lit = string_value(&meta, "priority", "high")?;
             match PRIORITIES.iter().find(|(value, _)| lit.value() == *value) {
@@ -137,6 +142,7 @@ pub(crate) fn variant_attrs(cx: &Ctxt, attrs: &[syn::Attribute]) -> VariantAttrs
     });
     VariantAttrs {
         name: name.value,
+        aliases,
         priority: priority.value,
         skip_emit: skip_emit.value,
     }

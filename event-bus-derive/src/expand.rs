@@ -1,8 +1,10 @@
 //! Code generation for `#[derive(DomainEvent)]`.
 
+use std::collections::HashSet;
+
 use proc_macro2::{Span, TokenStream};
 use quote::{format_ident, quote, quote_spanned};
-use syn::{DeriveInput, Ident, Path};
+use syn::{DeriveInput, Ident, LitStr, Path};
 
 use crate::ast::{Input, Shape, Variant};
 use crate::ctxt::Ctxt;
@@ -129,6 +131,36 @@ impl Expander<'_> {
                     }
                 }
             });
+        // A `match` on names and aliases. Each string leads to its first
+        // variant only: a duplicate is already an error, and must not add
+        // an unreachable-pattern warning to it.
+        let mut taken = HashSet::new();
+        let lookup = variants.iter().filter_map(|v| {
+            let ident = v.ident;
+            let strings: Vec<String> = std::iter::once(v.name())
+                .chain(v.attrs.aliases.iter().map(LitStr::value))
+                .filter(|string| taken.insert(string.clone()))
+                .collect();
+            (!strings.is_empty())
+                .then(|| quote!(#(#strings)|* => #private::Option::Some(Self::#ident)))
+        });
+        // Like `priority`, written only when a variant has one.
+        let aliases = variants
+            .iter()
+            .any(|v| !v.attrs.aliases.is_empty())
+            .then(|| {
+                let lists = variants.iter().map(|v| {
+                    let aliases = &v.attrs.aliases;
+                    quote!(&[#(#aliases),*])
+                });
+                quote! {
+                    fn aliases(self) -> &'static [&'static str] {
+                        match self {
+                            #(Self::#idents => #lists,)*
+                        }
+                    }
+                }
+            });
         quote! {
             #[doc = #enum_doc]
             #[derive(
@@ -164,6 +196,15 @@ impl Expander<'_> {
                         #(Self::#idents => #names,)*
                     }
                 }
+
+                fn from_name(name: &str) -> #private::Option<Self> {
+                    match name {
+                        #(#lookup,)*
+                        _ => #private::Option::None,
+                    }
+                }
+
+                #aliases
 
                 #priority
             }
@@ -205,8 +246,7 @@ impl Expander<'_> {
         let Self { private, event, .. } = self;
         let vis = self.input.vis;
         let emitter = self.input.emitter_ident();
-        let bus = quote!(#private::EventBus<#event>);
-        let as_bus = quote!(<Self as ::core::convert::AsRef<#bus>>::as_ref(self));
+        let publish = quote!(#private::Publish<#event>);
         let helpers = self
             .input
             .variants
@@ -236,39 +276,41 @@ impl Expander<'_> {
                     Shape::Tuple(_) => return None,
                 };
                 let doc = format!(
-                    "Emits [`{event}::{ident}`] (`{}`): never blocks, never fails. See `EventBus::emit`.",
+                    "Emits [`{event}::{ident}`] (`{}`): never blocks, never fails. See `Publish::publish`; on a bus, `EventBus::emit`.",
                     v.name(),
                 );
                 let wait_doc = format!(
-                    "Emits [`{event}::{ident}`] (`{}`), first waiting for room in backpressure subscribers. See `EventBus::emit_wait`.",
+                    "Emits [`{event}::{ident}`] (`{}`), first waiting for room where the publisher has a notion of it. See `Publish::publish_wait`; on a bus, `EventBus::emit_wait`, which waits for backpressure subscribers.",
                     v.name(),
                 );
                 Some(quote_spanned! {span=>
                     #[doc = #doc]
+                    #[inline]
                     fn #emit(&self, #params) {
-                        #as_bus.emit(#construct)
+                        <Self as #publish>::publish(self, #construct)
                     }
 
                     #[doc = #wait_doc]
+                    #[inline]
                     fn #emit_wait(&self, #params) -> impl #private::Future<Output = ()> + ::core::marker::Send {
                         let event = #construct;
-                        #as_bus.emit_wait(event)
+                        <Self as #publish>::publish_wait(self, event)
                     }
                 })
             });
         let doc = format!(
-            "Emit helpers for [`{event}`], one per variant, on anything that implements `AsRef<EventBus<{event}>>`: the bus itself, or the application's state once it has that one-method impl."
+            "Emit helpers for [`{event}`], one per variant, on anything that implements `Publish<{event}>`: the bus itself, the application's state once it implements `AsRef<EventBus<{event}>>`, or a publisher of its own, such as an outbox transaction."
         );
         // A helper the application does not call is not dead code it wrote.
         quote! {
             #[doc = #doc]
             #[allow(dead_code, clippy::too_many_arguments)]
-            #vis trait #emitter: ::core::convert::AsRef<#bus> {
+            #vis trait #emitter: #publish {
                 #(#helpers)*
             }
 
             #[automatically_derived]
-            impl<__T: ::core::convert::AsRef<#bus> + ?::core::marker::Sized> #emitter for __T {}
+            impl<__T: #publish + ?::core::marker::Sized> #emitter for __T {}
         }
     }
 

@@ -9,7 +9,8 @@ use crate::ctxt::Ctxt;
 pub(crate) fn check(cx: &Ctxt, input: &Input<'_>) {
     check_generics(cx, input);
     check_variants(cx, input);
-    check_names(cx, input);
+    let names = check_names(cx, input);
+    check_aliases(cx, input, &names);
     check_methods(cx, input);
 }
 
@@ -43,7 +44,8 @@ fn check_variants(cx: &Ctxt, input: &Input<'_>) {
     }
 }
 
-fn check_names(cx: &Ctxt, input: &Input<'_>) {
+/// Checks every event name; returns the valid ones with their variants.
+fn check_names<'a>(cx: &Ctxt, input: &Input<'a>) -> HashMap<String, &'a syn::Ident> {
     let mut seen: HashMap<String, &syn::Ident> = HashMap::new();
     for variant in &input.variants {
         let name = variant.name();
@@ -65,6 +67,47 @@ fn check_names(cx: &Ctxt, input: &Input<'_>) {
             ));
         } else {
             seen.insert(name, variant.ident);
+        }
+    }
+    seen
+}
+
+/// An alias is read as its variant's name, so it must be a valid name that
+/// no variant has and no other alias is.
+fn check_aliases(cx: &Ctxt, input: &Input<'_>, names: &HashMap<String, &syn::Ident>) {
+    let mut seen: HashMap<String, &syn::Ident> = HashMap::new();
+    for variant in &input.variants {
+        for alias in &variant.attrs.aliases {
+            let value = alias.value();
+            if let Some(problem) = name_problem(&value) {
+                cx.error_spanned_by(
+                    alias,
+                    format!(
+                        "invalid event alias `{value}`: {problem}; an alias is a former event name, lowercase words separated by dots, like `user.registered`"
+                    ),
+                );
+            } else if let Some(&owner) = names.get(&value) {
+                let fix = if owner == variant.ident {
+                    "remove the alias: an event is always read under its own name".to_owned()
+                } else {
+                    format!(
+                        "remove the alias, or give `{owner}` another name with `#[event(name = \"…\")]`"
+                    )
+                };
+                cx.error_spanned_by(
+                    alias,
+                    format!("alias `{value}` is already the name of `{owner}`; {fix}"),
+                );
+            } else if let Some(&owner) = seen.get(&value) {
+                cx.error_spanned_by(
+                    alias,
+                    format!(
+                        "alias `{value}` is already an alias of `{owner}`; remove one of them: an old name can lead to one variant only"
+                    ),
+                );
+            } else {
+                seen.insert(value, variant.ident);
+            }
         }
     }
 }

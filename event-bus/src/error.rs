@@ -2,6 +2,9 @@
 
 use std::error::Error as StdError;
 
+#[cfg(feature = "serde")]
+use uuid::Uuid;
+
 /// The error a listener's handler returns: any error type, boxed.
 ///
 /// Handlers use `?` on any `std::error::Error + Send + Sync`; the runtime logs
@@ -69,6 +72,200 @@ pub struct WaitTimeout {
     pub timeout: std::time::Duration,
     /// The names of the events recorded when the wait gave up.
     pub recorded: Vec<&'static str>,
+}
+
+/// Error returned when a string is not a valid W3C `traceparent`, by
+/// [`TraceParent`](crate::TraceParent)'s `FromStr`.
+///
+/// The header came from outside the process; a caller that cannot use it
+/// goes on without the trace (the specification says to start a new one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ParseTraceParentError {
+    /// Shorter than the 55 characters of a version `00` header, or, for
+    /// version `00`, longer.
+    #[error("traceparent has the wrong length")]
+    Length,
+    /// The fields are not separated by single `-` at their places: a field
+    /// has the wrong length.
+    #[error("traceparent fields are not where they belong")]
+    Format,
+    /// A field (`version`, `trace-id`, `parent-id` or `trace-flags`) has a
+    /// character that is not a lowercase hex digit.
+    #[error("traceparent {field} is not lowercase hex")]
+    Hex {
+        /// The field, as the specification names it.
+        field: &'static str,
+    },
+    /// The version is `ff`, which the specification forbids.
+    #[error("traceparent version ff is invalid")]
+    Version,
+    /// The trace id is all zeros.
+    #[error("traceparent trace-id is all zeros")]
+    ZeroTraceId,
+    /// The parent id is all zeros.
+    #[error("traceparent parent-id is all zeros")]
+    ZeroParentId,
+}
+
+/// Error returned when an event cannot be encoded, by a
+/// [`Codec`](crate::codec::Codec).
+///
+/// The event's own `Serialize` impl is at fault: fix the type, since every
+/// event of that kind will fail the same way.
+#[cfg(feature = "serde")]
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EncodeError {
+    /// The event's `Serialize` impl returned an error (a map with non-string
+    /// keys, a `#[serde(skip_serializing)]` variant, a failing custom impl).
+    #[error("event `{name}` could not be serialized")]
+    Serialize {
+        /// The event's name.
+        name: &'static str,
+        /// What the serializer said.
+        #[source]
+        source: Box<dyn StdError + Send + Sync>,
+    },
+    /// The event did not serialize as an externally tagged enum (serde's
+    /// default: `"Variant"` or `{"Variant": data}`), so its payload cannot be
+    /// told apart from its variant: remove `#[serde(tag = "…")]` or
+    /// `#[serde(untagged)]` from the enum.
+    #[error("event `{name}` is not serialized as an externally tagged enum")]
+    NotExternallyTagged {
+        /// The event's name.
+        name: &'static str,
+    },
+    /// The emit time is outside the years 0000 to 9999 that RFC 3339 can
+    /// write.
+    #[error("event `{name}` has an emit time out of range")]
+    Time {
+        /// The event's name.
+        name: &'static str,
+    },
+}
+
+#[cfg(feature = "serde")]
+impl EncodeError {
+    /// The name of the event that could not be encoded.
+    pub fn name(&self) -> &'static str {
+        match *self {
+            Self::Serialize { name, .. }
+            | Self::NotExternallyTagged { name }
+            | Self::Time { name } => name,
+        }
+    }
+}
+
+/// Error returned when bytes cannot be decoded into an event, by a
+/// [`Codec`](crate::codec::Codec).
+///
+/// Decoding again will fail again: a tier turns the event into a dead
+/// letter with this error as the reason, never into a retry loop. As much
+/// of the event's identity as could be read comes with the error, so the
+/// dead letter still says what the event was: see [`name`](Self::name) and
+/// [`id`](Self::id).
+#[cfg(feature = "serde")]
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The bytes are not in the codec's format at all (for JSON: not a JSON
+    /// object).
+    #[error("malformed event")]
+    Malformed {
+        /// What the parser said.
+        #[source]
+        source: Box<dyn StdError + Send + Sync>,
+    },
+    /// A field of the envelope is missing or of the wrong type.
+    #[error("malformed event envelope: {reason}")]
+    Envelope {
+        /// Which field, and what is wrong with it.
+        reason: String,
+        /// The event's type tag, if it could be read.
+        name: Option<String>,
+        /// The event's id, if it could be read.
+        id: Option<Uuid>,
+    },
+    /// No kind of the event enum has this name or alias: an event of a newer
+    /// version of the enum, or one renamed without an
+    /// `#[event(alias = "…")]`.
+    #[error("unknown event type `{name}`")]
+    UnknownType {
+        /// The type tag.
+        name: String,
+        /// The event's id, if it could be read.
+        id: Option<Uuid>,
+    },
+    /// The payload does not fit the variant of its type: the variant's
+    /// fields changed incompatibly since the event was stored.
+    #[error("payload of `{name}` does not fit: {message}")]
+    Payload {
+        /// The type tag.
+        name: String,
+        /// The event's id, if it could be read.
+        id: Option<Uuid>,
+        /// What serde said.
+        message: String,
+    },
+    /// The id is not a UUID.
+    #[error("invalid event id `{value}`")]
+    Id {
+        /// The id as it was read.
+        value: String,
+        /// The event's type tag, if it could be read.
+        name: Option<String>,
+    },
+    /// The emit time is not an RFC 3339 time, or not one this platform's
+    /// `SystemTime` can hold.
+    #[error("invalid event time `{value}`")]
+    Time {
+        /// The time as it was read.
+        value: String,
+        /// The event's type tag, if it could be read.
+        name: Option<String>,
+        /// The event's id, if it could be read.
+        id: Option<Uuid>,
+    },
+    /// The trace context is not a valid W3C `traceparent`.
+    #[error("invalid event traceparent")]
+    TraceParent {
+        /// What is wrong with it.
+        #[source]
+        source: ParseTraceParentError,
+        /// The event's type tag, if it could be read.
+        name: Option<String>,
+        /// The event's id, if it could be read.
+        id: Option<Uuid>,
+    },
+}
+
+#[cfg(feature = "serde")]
+impl DecodeError {
+    /// The event's type tag (its name, or an alias, as stored), when the
+    /// bytes had a readable one.
+    pub fn name(&self) -> Option<&str> {
+        match self {
+            Self::Malformed { .. } => None,
+            Self::UnknownType { name, .. } | Self::Payload { name, .. } => Some(name),
+            Self::Envelope { name, .. } | Self::Id { name, .. } | Self::Time { name, .. } => {
+                name.as_deref()
+            }
+            Self::TraceParent { name, .. } => name.as_deref(),
+        }
+    }
+
+    /// The event's id, when the bytes had a valid one.
+    pub fn id(&self) -> Option<Uuid> {
+        match *self {
+            Self::Malformed { .. } | Self::Id { .. } => None,
+            Self::Envelope { id, .. }
+            | Self::UnknownType { id, .. }
+            | Self::Payload { id, .. }
+            | Self::Time { id, .. }
+            | Self::TraceParent { id, .. } => id,
+        }
+    }
 }
 
 /// Formats an error with its chain of sources: `"outer: middle: root"`.

@@ -100,9 +100,43 @@ pub trait EventKind: Copy + Eq + Hash + fmt::Debug + Send + Sync + 'static {
         Self::ALL.get(index).copied()
     }
 
-    /// The kind whose [`name`](EventKind::name) is `name`.
+    /// The kind whose [`name`](EventKind::name) or one of whose
+    /// [`aliases`](EventKind::aliases) is `name`: how a codec finds the kind
+    /// of a stored event, under the name it was stored with.
+    ///
+    /// The default scans [`ALL`](Self::ALL); the derive writes a `match`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use event_bus::{DomainEvent, EventKind};
+    ///
+    /// #[derive(DomainEvent)]
+    /// enum AppEvent {
+    ///     #[event(alias = "user.registered")]
+    ///     UserCreated,
+    ///     UserDeleted,
+    /// }
+    ///
+    /// assert_eq!(AppEventKind::from_name("user.deleted"), Some(AppEventKind::UserDeleted));
+    /// assert_eq!(AppEventKind::from_name("user.registered"), Some(AppEventKind::UserCreated));
+    /// assert_eq!(AppEventKind::from_name("user.renamed"), None);
+    /// ```
     fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.iter().copied().find(|kind| kind.name() == name)
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|kind| kind.name() == name || kind.aliases().contains(&name))
+    }
+
+    /// The names this kind was known by before, which
+    /// [`from_name`](EventKind::from_name) also accepts: events stored
+    /// under an old name still decode after a rename. Defaults to none; the
+    /// derive sets them from `#[event(alias = "...")]` on the variant.
+    ///
+    /// No alias is another kind's name or alias (the derive checks).
+    fn aliases(self) -> &'static [&'static str] {
+        &[]
     }
 
     /// The priority events of this kind are emitted with, unless the emit

@@ -535,9 +535,14 @@
 //!   [`listener`](macro@listener), from `event-bus-derive`.
 //! - `metrics`: exports the bus's counters through the
 //!   [`metrics`](https://docs.rs/metrics) facade; see [`mod@metrics`].
-//! - `serde`: `Serialize` for metrics snapshots and shutdown reports.
+//! - `serde`: `Serialize` for metrics snapshots and shutdown reports, and
+//!   the `codec` module: events to and from JSON, for tiers that store or
+//!   carry them out of the process. Without it, nothing of serde is
+//!   compiled.
 
 mod batch;
+#[cfg(feature = "serde")]
+pub mod codec;
 mod dead_letter;
 mod envelope;
 pub mod error;
@@ -547,17 +552,19 @@ mod listener;
 mod memory;
 mod meta;
 pub mod metrics;
+mod publish;
 pub mod runner;
 mod sync;
 pub mod testing;
 mod throttle;
+mod trace;
 
 #[cfg(all(test, loom))]
 mod loom_tests;
 
 pub use batch::{Batch, BatchError, BatchListener};
 pub use dead_letter::DeadLetter;
-pub use envelope::Envelope;
+pub use envelope::{Envelope, Metadata};
 pub use error::{HandlerError, Lagged, RecvError, TryRecvError};
 pub use event::{Event, EventKind, KindSet, KindSetIter, Priority};
 pub use handler::{BatchRoutes, Routes};
@@ -570,12 +577,13 @@ pub use memory::bus::{
 };
 pub use memory::dead_letters::{DeadLetterSubscription, DeadLetters};
 pub use memory::runtime::{ABORT_GRACE, ListenerHandle, ListenerReport, ShutdownReport};
+pub use memory::subscription::Subscription;
 pub use meta::Meta;
 pub use metrics::{
     BusMetrics, KindCount, LaneMetrics, LatencySummary, ListenerMetrics, ListenerStatus,
 };
-
-pub use memory::subscription::Subscription;
+pub use publish::Publish;
+pub use trace::TraceParent;
 
 /// Derives [`Event`] for an enum, and writes the code around it: the kind
 /// enum, an emit helper per variant, a handler trait with one method per
@@ -650,10 +658,11 @@ pub use memory::subscription::Subscription;
 ///
 /// ```text
 /// enum AppEventKind { UserCreated, UserDeleted, CacheFlushed }   // Copy, Eq, Ord, Hash, Debug
-/// impl EventKind for AppEventKind { … }   // "user.created", "user.deleted", "cache.purged"
+/// impl EventKind for AppEventKind { … }   // "user.created", "user.deleted", "cache.purged";
+///                                         // `from_name` a `match` on names and aliases
 /// impl Event for AppEvent { type Kind = AppEventKind; … }
 ///
-/// trait EmitAppEvent: AsRef<EventBus<AppEvent>> {            // for every such type
+/// trait EmitAppEvent: Publish<AppEvent> {                    // for every such type
 ///     fn emit_user_created(&self, data: impl Into<UserEventData>);
 ///     fn emit_user_created_wait(&self, data: impl Into<UserEventData>) -> impl Future<Output = ()> + Send;
 ///     fn emit_user_deleted(&self, id: i64);
@@ -697,9 +706,16 @@ pub use memory::subscription::Subscription;
 /// exists; a primitive payload (`UserDeleted(u64)`) is taken as it is, so an
 /// integer literal needs no suffix.
 ///
+/// The emit helpers work on anything that [publishes](Publish) the enum's
+/// events: the bus, anything that exposes one through `AsRef<EventBus<E>>`
+/// (the application's state above), or a type of your own, such as an
+/// outbox transaction that writes the events when it commits. The `_wait`
+/// helpers call [`Publish::publish_wait`], the others [`Publish::publish`];
+/// on a bus those are [`EventBus::emit_wait`] and [`EventBus::emit`],
+/// inlined, with nothing boxed.
+///
 /// The handler methods are declared as `fn … -> impl Future<…> + Send`;
-/// implement them with `async fn`. The `_wait` helpers call
-/// [`EventBus::emit_wait`]; the others [`EventBus::emit`].
+/// implement them with `async fn`.
 ///
 /// # Attributes
 ///
@@ -718,6 +734,7 @@ pub use memory::subscription::Subscription;
 /// | key | effect | example |
 /// |---|---|---|
 /// | `name` | the event name, instead of the dotted snake case of the variant (`UserCreated` → `"user.created"`); lowercase words separated by dots | `#[event(name = "user.signed_up")]` |
+/// | `alias` | a former name of the event, still accepted by [`EventKind::from_name`] (so a codec reads events stored under it) and listed by [`EventKind::aliases`]; repeat the key for several; a valid name that no variant has and no other alias is | `#[event(alias = "user.registered")]` |
 /// | `priority` | the kind's [`Priority`]: `"high"`, `"normal"` (the default) or `"low"` | `#[event(priority = "high")]` |
 /// | `skip_emit` | no emit helpers for this variant (it can still be emitted with `bus.emit(…)`) | `#[event(skip_emit)]` |
 ///
@@ -740,10 +757,28 @@ pub use memory::subscription::Subscription;
 /// assert_eq!(Topic::Stopped.priority(), Priority::High);
 /// ```
 ///
+/// An event renamed after it was stored keeps its old names as aliases:
+///
+/// ```
+/// use event_bus::{DomainEvent, EventKind};
+///
+/// #[derive(DomainEvent)]
+/// enum AppEvent {
+///     // Was `UserRegistered`, then `#[event(name = "account.opened")]`.
+///     #[event(alias = "user.registered", alias = "account.opened")]
+///     UserCreated { id: u64 },
+/// }
+///
+/// let kind = AppEventKind::UserCreated;
+/// assert_eq!(kind.name(), "user.created"); // what is written from now on
+/// assert_eq!(kind.aliases(), ["user.registered", "account.opened"]);
+/// assert_eq!(AppEventKind::from_name("user.registered"), Some(kind));
+/// ```
+///
 /// # Errors
 ///
 /// Every misuse is a compile error on your own tokens, all of them at once.
-/// The three most common:
+/// The most common:
 ///
 /// Deriving on a struct:
 ///
@@ -765,7 +800,7 @@ pub use memory::subscription::Subscription;
 /// A misspelled key:
 ///
 /// ```text
-/// error: unknown `event` attribute key `nmae`; expected one of `name`, `priority`, `skip_emit`
+/// error: unknown `event` attribute key `nmae`; expected one of `name`, `alias`, `priority`, `skip_emit`
 ///  --> src/events.rs:6:13
 ///   |
 /// 6 |     #[event(nmae = "user.created")]
@@ -799,8 +834,27 @@ pub use memory::subscription::Subscription;
 /// }
 /// ```
 ///
+/// An alias that is already an event's name, or another variant's alias:
+///
+/// ```text
+/// error: alias `user.created` is already the name of `UserCreated`; remove the alias, or give `UserCreated` another name with `#[event(name = "…")]`
+///  --> src/events.rs:6:21
+///   |
+/// 6 |     #[event(alias = "user.created")]
+///   |                     ^^^^^^^^^^^^^^
+/// ```
+///
+/// ```compile_fail
+/// #[derive(event_bus::DomainEvent)]
+/// enum AppEvent {
+///     UserCreated,
+///     #[event(alias = "user.created")]
+///     UserRegistered,
+/// }
+/// ```
+///
 /// Also rejected: unions, empty and generic enums, tuple variants of more than
-/// one field, duplicate keys, invalid names.
+/// one field, duplicate keys, invalid names and aliases.
 #[cfg(feature = "derive")]
 #[doc(inline)]
 pub use event_bus_derive::DomainEvent;
@@ -887,7 +941,7 @@ pub use event_bus_derive::listener;
 pub mod __private {
     pub use crate::{
         Batch, BatchError, BatchFailure, BatchListener, BatchRoutes, Envelope, Event, EventBus,
-        EventKind, HandlerError, KindSet, Listener, Meta, Priority, Routes,
+        EventKind, HandlerError, KindSet, Listener, Meta, Priority, Publish, Routes,
     };
     pub use core::future::Future;
     pub use core::option::Option;

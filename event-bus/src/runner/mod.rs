@@ -19,7 +19,7 @@
 //!   than `delay`, with its attempt one higher, and a durable source makes
 //!   that survive a crash).
 //! - [`terminate`](Delivery::terminate): the last attempt failed; the runner
-//!   has recorded a [`DeadLetter`] in its [`DeadLetterSink`] with the reason,
+//!   has recorded a [`DeadLetter`](crate::DeadLetter) in its [`DeadLetterSink`] with the reason,
 //!   and the source never delivers the event to this listener again.
 //!
 //! [`Delivery::attempt`] is what the handler sees as the attempt, and what
