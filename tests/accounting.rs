@@ -167,7 +167,7 @@ proptest! {
             match op {
                 Op::Emit(kind, priority) => {
                     let event = TestEvent::of(TestKind::ALL_KINDS[kind], value as u64);
-                    bus.emit_with_priority(event, priority);
+                    bus.with_priority(priority).emit(event);
                     for (i, spec) in specs.iter().enumerate() {
                         if spec.interests & (1 << kind) != 0 {
                             models[i].push(spec, priority, value as u64);
@@ -248,7 +248,7 @@ proptest! {
             let mut emitted_of_interest = vec![[0u64; LANES]; specs.len()];
             for burst in &bursts {
                 for &(kind, priority) in burst {
-                    bus.emit_with_priority(TestEvent::of(TestKind::ALL_KINDS[kind], 0), priority);
+                    bus.with_priority(priority).emit(TestEvent::of(TestKind::ALL_KINDS[kind], 0));
                     for (i, spec) in specs.iter().enumerate() {
                         if spec.interests & (1 << kind) != 0 {
                             emitted_of_interest[i][lane(priority)] += 1;

@@ -130,7 +130,7 @@ fn outcomes<E: Event>(handle: &ListenerHandle<E>) -> (u64, u64, u64, u64) {
 async fn batches_hold_at_most_max_batch_events() {
     let bus = EventBus::new();
     let batches = Batches::default();
-    let handle = bus.spawn_batch_with(batches.clone(), ListenerOptions::new().max_batch(30));
+    let handle = bus.spawn_with(batches.clone(), ListenerOptions::new().max_batch(30));
     // Queued before the listener first runs: one task, nothing awaited.
     for event in values(0..100) {
         bus.emit(event);
@@ -151,7 +151,7 @@ async fn a_batch_waits_max_wait_after_its_first_event() {
     let options = ListenerOptions::new()
         .max_batch(10)
         .max_wait(Duration::from_millis(100));
-    let handle = bus.spawn_batch_with(batches.clone(), options);
+    let handle = bus.spawn_with(batches.clone(), options);
 
     bus.emit(TestEvent::A(1));
     bus.emit(TestEvent::A(2));
@@ -175,7 +175,7 @@ async fn a_batch_waits_max_wait_after_its_first_event() {
 
     // Nor does one holding a high-priority event.
     bus.emit(TestEvent::A(30));
-    bus.emit_with_priority(TestEvent::A(31), Priority::High);
+    bus.with_priority(Priority::High).emit(TestEvent::A(31));
     turns_until("urgent batch handled", || handle.metrics().handled == 15).await;
     assert_eq!(batches.batches()[2], (1, vec![31, 30]));
 }
@@ -191,7 +191,7 @@ async fn failed_events_are_retried_as_a_smaller_batch_then_dead_lettered() {
     let retry = RetryPolicy::exponential(3)
         .initial_backoff(Duration::from_millis(10))
         .jitter(false);
-    let handle = bus.spawn_batch_with(
+    let handle = bus.spawn_with(
         batches.clone(),
         ListenerOptions::new().max_batch(6).retry(retry),
     );
@@ -230,7 +230,7 @@ async fn a_panicking_batch_fails_as_a_whole() {
         ..Batches::default()
     };
     let retry = RetryPolicy::exponential(2).jitter(false);
-    let handle = bus.spawn_batch_with(
+    let handle = bus.spawn_with(
         batches.clone(),
         ListenerOptions::new().max_batch(4).retry(retry),
     );
@@ -269,7 +269,7 @@ impl BatchListener<TestEvent> for Confused {
 #[tokio::test]
 async fn an_error_naming_an_event_outside_the_batch_fails_the_whole_batch() {
     let bus = EventBus::new();
-    let handle = bus.spawn_batch(Confused);
+    let handle = bus.spawn(Confused);
     for event in values(0..3) {
         bus.emit(event);
     }
@@ -298,7 +298,7 @@ async fn a_question_mark_on_any_error_fails_the_whole_batch() {
     }
 
     let bus = EventBus::new();
-    bus.spawn_batch(Parses);
+    bus.spawn(Parses);
     bus.emit(TestEvent::A(0));
     bus.emit(TestEvent::A(1));
     within("quiesce", bus.quiesce()).await;
@@ -312,7 +312,7 @@ async fn concurrent_batches_handle_every_event_once() {
     let bus = EventBus::new();
     let batches = Batches::default();
     let options = ListenerOptions::new().max_batch(7).concurrency(3);
-    let handle = bus.spawn_batch_with(batches.clone(), options);
+    let handle = bus.spawn_with(batches.clone(), options);
     for round in 0..10u64 {
         for event in values(round * 50..round * 50 + 50) {
             bus.emit(event);
@@ -334,7 +334,7 @@ async fn a_batch_listener_drains_its_queue_on_shutdown() {
     let options = ListenerOptions::new()
         .max_batch(8)
         .max_wait(Duration::from_secs(3600));
-    bus.spawn_batch_with(batches.clone(), options);
+    bus.spawn_with(batches.clone(), options);
     for event in values(0..20) {
         bus.emit(event);
     }
@@ -390,7 +390,7 @@ impl CatalogBatchHandler for Indexer {
 async fn the_derived_batch_handler_hands_each_run_of_one_kind_to_its_method_in_batch_order() {
     let bus = EventBus::new();
     let indexer = Indexer::default();
-    let handle = bus.spawn_batch(indexer.clone());
+    let handle = bus.spawn(indexer.clone());
     bus.emit(Catalog::Published(1));
     bus.emit(Catalog::Cleared);
     bus.emit(Catalog::Unwatched(9)); // no method: not subscribed
@@ -448,7 +448,7 @@ async fn run_writes(store: &Store, mode: BatchFailure) -> ListenerHandle<Kv> {
     let options = ListenerOptions::new()
         .batch_failure(mode)
         .retry(three_attempts());
-    let handle = bus.spawn_batch_with(store.clone(), options);
+    let handle = bus.spawn_with(store.clone(), options);
     for write in writes() {
         bus.emit(write);
     }
@@ -530,7 +530,7 @@ async fn stop_at_first_dead_letters_the_first_failure_and_goes_on_with_the_event
         .max_batch(6)
         .batch_failure(BatchFailure::StopAtFirst)
         .retry(three_attempts());
-    let handle = bus.spawn_batch_with(batches.clone(), options);
+    let handle = bus.spawn_with(batches.clone(), options);
     for event in values(1..7) {
         bus.emit(event);
     }
@@ -601,7 +601,7 @@ proptest! {
                 .max_batch(max_batch)
                 .batch_failure(mode)
                 .retry(retry);
-            let handle = bus.spawn_batch_with(batches.clone(), options);
+            let handle = bus.spawn_with(batches.clone(), options);
             for event in values(0..30) {
                 bus.emit(event);
             }
@@ -652,7 +652,7 @@ async fn max_wait_duration_max_waits_until_full_or_urgent_and_drains_on_close() 
     let bus = EventBus::new();
     let batches = Batches::default();
     let options = ListenerOptions::new().max_batch(4).max_wait(Duration::MAX);
-    let handle = bus.spawn_batch_with(batches.clone(), options);
+    let handle = bus.spawn_with(batches.clone(), options);
 
     // A full batch goes at once.
     for event in values(0..4) {
@@ -671,7 +671,7 @@ async fn max_wait_duration_max_waits_until_full_or_urgent_and_drains_on_close() 
     assert_eq!(batches.sizes(), [4], "handed over before it was full");
 
     // Until it takes a high-priority event.
-    bus.emit_with_priority(TestEvent::A(5), Priority::High);
+    bus.with_priority(Priority::High).emit(TestEvent::A(5));
     turns_until("urgent batch handled", || handle.metrics().handled == 6).await;
     assert_eq!(batches.batches()[1], (1, vec![4, 5]));
 
@@ -767,7 +767,7 @@ fn writes() -> Vec<Kv> {
 async fn set_clear_set_in_one_batch_ends_with_the_last_value_stored() {
     let bus = EventBus::new();
     let store = Store::default();
-    bus.spawn_batch(store.clone());
+    bus.spawn(store.clone());
     // Emitted before the listener first runs: one batch.
     bus.emit(set(1, 10));
     bus.emit(Kv::Clear(1));
@@ -780,7 +780,7 @@ async fn set_clear_set_in_one_batch_ends_with_the_last_value_stored() {
 async fn the_derived_batch_handler_handles_events_in_delivered_order_across_kinds() {
     let bus = EventBus::new();
     let store = Store::default();
-    let handle = bus.spawn_batch(store.clone());
+    let handle = bus.spawn(store.clone());
     for write in writes() {
         bus.emit(write);
     }

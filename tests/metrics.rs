@@ -353,7 +353,7 @@ fn every_metrics_snapshot_under_load_keeps_the_counting_identities() {
             support::Recorder::new("lossy", event_bus::KindSet::all()),
             ListenerOptions::new().capacity(8),
         );
-        bus.spawn_batch_with(
+        bus.spawn_with(
             PartlyFailingBatches,
             ListenerOptions::new()
                 .max_batch(16)
@@ -396,8 +396,8 @@ fn every_metrics_snapshot_under_load_keeps_the_counting_identities() {
                 for i in 0..EMITS {
                     let event = TestEvent::of(*rng.pick(&TestKind::ALL_KINDS), i);
                     match rng.below(8) {
-                        0 => bus.emit_with_priority(event, event_bus::Priority::High),
-                        1 => bus.emit_with_priority(event, event_bus::Priority::Low),
+                        0 => bus.with_priority(event_bus::Priority::High).emit(event),
+                        1 => bus.with_priority(event_bus::Priority::Low).emit(event),
                         2 => handle.block_on(async {
                             within("emit_wait", bus.emit_wait(event)).await;
                         }),

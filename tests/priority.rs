@@ -295,7 +295,7 @@ async fn emit_wait_of_a_high_event_does_not_wait_behind_a_full_normal_lane() {
     // So does a normal event raised to high at the emit.
     within(
         "raised emit_wait",
-        bus.emit_wait_with_priority(Job::Routine(8), Priority::High),
+        bus.with_priority(Priority::High).emit_wait(Job::Routine(8)),
     )
     .await;
 
@@ -314,9 +314,9 @@ async fn emit_wait_of_a_high_event_does_not_wait_behind_a_full_normal_lane() {
 async fn the_emit_can_override_the_kind_priority() {
     let bus = EventBus::new();
     let mut jobs = bus.subscribe(KindSet::all());
-    bus.emit_with_priority(Job::Urgent(1), Priority::Low);
+    bus.with_priority(Priority::Low).emit(Job::Urgent(1));
     bus.emit(Job::Routine(2));
-    bus.emit_with_priority(Job::Chore(3), Priority::High);
+    bus.with_priority(Priority::High).emit(Job::Chore(3));
     let order: Vec<(u64, Priority)> = std::iter::from_fn(|| jobs.try_recv().ok())
         .map(|e| (e.value(), e.priority()))
         .collect();

@@ -320,7 +320,7 @@ async fn a_batch_listener_spawned_while_shutdown_drains_does_not_wait_for_its_ba
     })
     .await;
     // Spawned while the bus drains, with batches that would wait an hour.
-    let batches = bus.spawn_batch_with(
+    let batches = bus.spawn_with(
         Collects,
         event_bus::ListenerOptions::new()
             .max_batch(100)

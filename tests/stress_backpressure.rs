@@ -271,13 +271,14 @@ fn scenario(seed: u64) {
         println!(
             "  {name}: {interests:?}, capacity {capacity}, concurrency {concurrency}, batch {batch}"
         );
+        // It is both kinds of listener: say which it is spawned as.
         let handle = if batch {
-            bus.spawn_batch_with(
+            bus.spawn_with::<_, event_bus::InBatches>(
                 lossless.clone(),
                 options.max_batch(1 + rng.below(8) as usize),
             )
         } else {
-            bus.spawn_with(lossless.clone(), options)
+            bus.spawn_with::<_, event_bus::OneByOne>(lossless.clone(), options)
         };
         listeners.push((handle, lossless));
     }
@@ -297,7 +298,9 @@ fn scenario(seed: u64) {
                         Priority::Normal,
                         Priority::Low,
                     ]);
-                    let emit = bus.emit_wait_with_priority(TestEvent::of(kind, i), priority);
+                    let emit = bus
+                        .with_priority(priority)
+                        .emit_wait(TestEvent::of(kind, i));
                     let waited =
                         handle.block_on(async { tokio::time::timeout(DEADLINE, emit).await });
                     if waited.is_err() {

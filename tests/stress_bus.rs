@@ -521,10 +521,13 @@ fn spawn_shaped(run: &Shared, name: String, interests: KindSet<TestKind>, shape:
             probe: probe.clone(),
             behaviour: shape.behaviour,
         };
+        // It is both kinds of listener: say which it is spawned as.
         if shape.batch {
-            run.bus.spawn_batch_with(listener, shape.options())
+            run.bus
+                .spawn_with::<_, event_bus::InBatches>(listener, shape.options())
         } else {
-            run.bus.spawn_with(listener, shape.options())
+            run.bus
+                .spawn_with::<_, event_bus::OneByOne>(listener, shape.options())
         }
     });
     Spawned {
@@ -721,7 +724,7 @@ fn emitter(
         if kind == WAIT_ONLY || rng.one_in(6) {
             let waited = run.tally.count(kind, priority, || {
                 handle.block_on(async {
-                    let emit = run.bus.emit_wait_with_priority(event, priority);
+                    let emit = run.bus.with_priority(priority).emit_wait(event);
                     tokio::time::timeout(DEADLINE, emit).await
                 })
             });
@@ -734,7 +737,7 @@ fn emitter(
         } else {
             let started = Instant::now();
             run.tally.count(kind, priority, || {
-                run.bus.emit_with_priority(event, priority)
+                run.bus.with_priority(priority).emit(event)
             });
             slowest = slowest.max(started.elapsed());
         }

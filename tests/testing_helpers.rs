@@ -100,8 +100,10 @@ async fn recorder_keeps_events_in_emit_order_across_priorities() {
     let bus = EventBus::new();
     let mut recorder = EventRecorder::new(&bus);
     bus.emit(TestEvent::A(1));
-    bus.emit_with_priority(TestEvent::B(2), event_bus::Priority::High);
-    bus.emit_with_priority(TestEvent::C(3), event_bus::Priority::Low);
+    bus.with_priority(event_bus::Priority::High)
+        .emit(TestEvent::B(2));
+    bus.with_priority(event_bus::Priority::Low)
+        .emit(TestEvent::C(3));
     bus.emit(TestEvent::D(4));
 
     let sequences: Vec<u64> = recorder.events().iter().map(|e| e.sequence()).collect();
@@ -113,7 +115,8 @@ async fn recorder_keeps_events_in_emit_order_across_priorities() {
 
     // Events that arrive while the recorder waits are kept in emit order too.
     bus.emit(TestEvent::A(5));
-    bus.emit_with_priority(TestEvent::B(6), event_bus::Priority::High);
+    bus.with_priority(event_bus::Priority::High)
+        .emit(TestEvent::B(6));
     let events = recorder.wait_for_count(6, support::DEADLINE).await.unwrap();
     let values: Vec<u64> = events.iter().map(|e| e.value()).collect();
     assert_eq!(values, [1, 2, 3, 4, 5, 6]);

@@ -130,7 +130,7 @@ async fn a_batch_span_follows_from_the_span_of_every_emit_in_it() {
         tracing::subscriber::set_default(tracing_subscriber::registry().with(recorder.clone()));
 
     let bus = EventBus::new();
-    bus.spawn_batch(BatchIndexer);
+    bus.spawn(BatchIndexer);
     let requests: Vec<u64> = (0..2)
         .map(|n| {
             let request = tracing::info_span!("request", n);

@@ -65,7 +65,7 @@ impl Fixture {
         let options = ListenerOptions::new()
             .max_batch(max_batch)
             .capacity(self.posts.len());
-        let handle = bus.spawn_batch_with(indexer, options);
+        let handle = bus.spawn_with(indexer, options);
         let started = Instant::now();
         for post in &self.posts {
             bus.emit(AppEvent::PostPublished(post.clone()));

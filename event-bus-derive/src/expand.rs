@@ -519,7 +519,7 @@ impl Expander<'_> {
             "Handles [`{event}`]s in batches: one `on_*` method per variant, each taking the payloads of a run of consecutive events of its kind in a batch and doing nothing until implemented. The runs are handed over in batch order, so events are handled in the order they were delivered.\n\n\
              Implement the methods for the events a listener wants in an `impl` block marked \
              `#[event_bus::listener]`; the listener is then a `BatchListener` subscribed to \
-             exactly those kinds, to be spawned with `EventBus::spawn_batch`."
+             exactly those kinds, to be spawned with `EventBus::spawn`."
         );
         quote! {
             #[doc = #doc]

@@ -16,7 +16,7 @@ use crate::listener::BatchFailure;
 /// A listener that handles its events in batches, run and supervised by the
 /// bus like a [`Listener`](crate::Listener).
 ///
-/// Spawn one with [`EventBus::spawn_batch`](crate::EventBus::spawn_batch).
+/// Spawn one with [`EventBus::spawn`](crate::EventBus::spawn).
 /// The runtime hands it up to [`max_batch`](crate::ListenerOptions::max_batch)
 /// events at once: whatever its queue holds when it is free, and, with a
 /// [`max_wait`](crate::ListenerOptions::max_wait), whatever else arrives until that
@@ -100,7 +100,7 @@ use crate::listener::BatchFailure;
 /// let options = ListenerOptions::new()
 ///     .max_batch(100)
 ///     .max_wait(Duration::from_millis(20));
-/// let indexer = bus.spawn_batch_with(Indexer, options);
+/// let indexer = bus.spawn_with(Indexer, options);
 /// for id in 0..250 {
 ///     bus.emit(AppEvent::PostPublished(id));
 /// }

@@ -191,7 +191,7 @@
 //!
 //! Each event kind has a [`Priority`], normal unless its variant says
 //! `#[event(priority = "high")]` (or `"low"`); an emit can override it with
-//! [`EventBus::emit_with_priority`]. Every queue hands out the oldest event
+//! [`EventBus::with_priority`]. Every queue hands out the oldest event
 //! of its highest non-empty lane: a high-priority event goes before every
 //! normal and low event still queued, even those the consumer has already
 //! taken in a batch, while events of one priority keep their emit order. A
@@ -245,7 +245,7 @@
 //!
 //! A [`BatchListener`] handles events in batches: a search index that
 //! commits once per batch, a cache that purges many keys at once. Spawned
-//! with [`EventBus::spawn_batch_with`], it is handed up to
+//! with [`EventBus::spawn_with`], it is handed up to
 //! [`ListenerOptions::max_batch`] events: what its queue holds when it is
 //! free, and, with a [`ListenerOptions::max_wait`], whatever else arrives
 //! until that long after the batch's first event
@@ -308,7 +308,7 @@
 //!     .max_batch(50)
 //!     .max_wait(Duration::from_millis(20))
 //!     .retry(RetryPolicy::exponential(2));
-//! let indexer = bus.spawn_batch_with(Indexer, options);
+//! let indexer = bus.spawn_with(Indexer, options);
 //! for id in 0..100 {
 //!     bus.emit(Catalog::PostPublished(id));
 //! }
@@ -368,7 +368,7 @@
 //! let options = ListenerOptions::new()
 //!     .batch_failure(BatchFailure::StopAtFirst)
 //!     .retry(RetryPolicy::exponential(3));
-//! bus.spawn_batch_with(store.clone(), options);
+//! bus.spawn_with(store.clone(), options);
 //! bus.emit(Kv::Set { key: 1, value: 10 });
 //! bus.emit(Kv::Set { key: 1, value: 20 }); // fails once
 //! bus.emit(Kv::Clear(1));
@@ -573,7 +573,8 @@ pub use listener::{
     RetryPolicy,
 };
 pub use memory::bus::{
-    Builder, DEFAULT_CAPACITY, DEFAULT_DEAD_LETTER_CAPACITY, DEFAULT_FAIRNESS, EventBus,
+    Builder, DEFAULT_CAPACITY, DEFAULT_DEAD_LETTER_CAPACITY, DEFAULT_FAIRNESS, EventBus, InBatches,
+    OneByOne, Prioritized, Spawnable,
 };
 pub use memory::dead_letters::{DeadLetterSubscription, DeadLetters};
 pub use memory::runtime::{ABORT_GRACE, ListenerHandle, ListenerReport, ShutdownReport};

@@ -2,6 +2,7 @@
 //! listeners with.
 
 use std::fmt;
+use std::future::Future;
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
@@ -224,8 +225,10 @@ impl<E: Event> EventBus<E> {
         self.emit_as(event, kind, kind.priority());
     }
 
-    /// As [`emit`](EventBus::emit), with `priority` instead of the priority
-    /// of the event's kind.
+    /// A view of the bus that emits with `priority` instead of the priority
+    /// of each event's kind: `bus.with_priority(Priority::High).emit(event)`.
+    /// It [publishes](crate::Publish), so the derive's emit helpers work on
+    /// it too.
     ///
     /// # Examples
     ///
@@ -241,16 +244,18 @@ impl<E: Event> EventBus<E> {
     /// let bus = EventBus::new();
     /// let mut jobs = bus.subscribe(JobKind::Thumbnail);
     /// bus.emit(Job::Thumbnail(1));
-    /// bus.emit_with_priority(Job::Thumbnail(2), Priority::High); // the one a user waits for
+    /// bus.with_priority(Priority::High).emit_thumbnail(2); // the one a user waits for
     ///
     /// let first = jobs.recv().await.unwrap();
     /// assert_eq!(first.priority(), Priority::High);
     /// assert!(matches!(**first, Job::Thumbnail(2)));
     /// # }
     /// ```
-    pub fn emit_with_priority(&self, event: E, priority: Priority) {
-        let kind = event.kind();
-        self.emit_as(event, kind, priority);
+    pub fn with_priority(&self, priority: Priority) -> Prioritized<'_, E> {
+        Prioritized {
+            bus: self,
+            priority,
+        }
     }
 
     /// Emits `event`, of `kind`, with `priority`: the kind is read once.
@@ -281,14 +286,6 @@ impl<E: Event> EventBus<E> {
     pub async fn emit_wait(&self, event: E) {
         let kind = event.kind();
         self.emit_wait_as(event, kind, kind.priority()).await;
-    }
-
-    /// As [`emit_wait`](EventBus::emit_wait), with `priority` instead of the
-    /// priority of the event's kind. It waits for room in that priority's
-    /// lane only: a flood of normal events does not hold up a high one.
-    pub async fn emit_wait_with_priority(&self, event: E, priority: Priority) {
-        let kind = event.kind();
-        self.emit_wait_as(event, kind, priority).await;
     }
 
     /// Emits `event`, of `kind`, with `priority`, waiting for room as
@@ -334,48 +331,21 @@ impl<E: Event> EventBus<E> {
     }
 
     /// Spawns `listener` on the current tokio runtime with default
-    /// [`ListenerOptions`].
-    ///
-    /// # Panics
-    ///
-    /// When called outside a tokio runtime, as [`tokio::spawn`] does.
-    pub fn spawn<L: Listener<E>>(&self, listener: L) -> ListenerHandle<E> {
-        self.spawn_with(listener, ListenerOptions::new())
-    }
-
-    /// Spawns `listener` with `options`.
-    ///
-    /// The listener's queue is registered before this returns, so it receives
-    /// every event of interest emitted afterwards.
-    ///
-    /// # Panics
-    ///
-    /// When called outside a tokio runtime, as [`tokio::spawn`] does.
-    pub fn spawn_with<L: Listener<E>>(
-        &self,
-        listener: L,
-        options: ListenerOptions,
-    ) -> ListenerHandle<E> {
-        let queue = self
-            .shared
-            .listener_queue(listener.name(), listener.interests(), &options);
-        crate::memory::runtime::spawn(&self.shared, queue, listener, options)
-    }
-
-    /// Spawns a [`BatchListener`] on the current tokio runtime with default
-    /// [`ListenerOptions`]: batches of what is queued when it is free, up to
+    /// [`ListenerOptions`]: a [`Listener`], or a [`BatchListener`], handed
+    /// batches of what is queued when it is free, up to
     /// [`DEFAULT_MAX_BATCH`](crate::DEFAULT_MAX_BATCH) events.
     ///
     /// # Panics
     ///
     /// When called outside a tokio runtime, as [`tokio::spawn`] does.
-    pub fn spawn_batch<L: BatchListener<E>>(&self, listener: L) -> ListenerHandle<E> {
-        self.spawn_batch_with(listener, ListenerOptions::new())
+    pub fn spawn<L: Spawnable<E, M>, M>(&self, listener: L) -> ListenerHandle<E> {
+        self.spawn_with(listener, ListenerOptions::new())
     }
 
-    /// Spawns a [`BatchListener`] with `options`, whose
+    /// Spawns `listener` with `options`: a [`Listener`], or a
+    /// [`BatchListener`], whose batches
     /// [`max_batch`](ListenerOptions::max_batch) and
-    /// [`max_wait`](ListenerOptions::max_wait) shape its batches.
+    /// [`max_wait`](ListenerOptions::max_wait) shape.
     ///
     /// The listener's queue is registered before this returns, so it receives
     /// every event of interest emitted afterwards.
@@ -383,15 +353,12 @@ impl<E: Event> EventBus<E> {
     /// # Panics
     ///
     /// When called outside a tokio runtime, as [`tokio::spawn`] does.
-    pub fn spawn_batch_with<L: BatchListener<E>>(
+    pub fn spawn_with<L: Spawnable<E, M>, M>(
         &self,
         listener: L,
         options: ListenerOptions,
     ) -> ListenerHandle<E> {
-        let queue = self
-            .shared
-            .listener_queue(listener.name(), listener.interests(), &options);
-        crate::memory::runtime::spawn_batch(&self.shared, queue, listener, options)
+        listener.spawn_on(self, options)
     }
 
     /// Waits until every listener's queue is empty and no handler is running.
@@ -540,6 +507,95 @@ impl<E: Event> fmt::Debug for EventBus<E> {
             .field("capacity", &self.shared.capacity)
             .field("closed", &self.is_closed())
             .finish_non_exhaustive()
+    }
+}
+
+/// What [`EventBus::spawn`] spawns: a [`Listener`], or a [`BatchListener`].
+///
+/// Implemented for both; `M` tells the two impls apart and is inferred, so
+/// `bus.spawn(indexer)` works for either. (A type that implemented both
+/// traits would have to say which it is spawned as; `#[listener]` implements
+/// one.)
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is neither a `Listener<{E}>` nor a `BatchListener<{E}>`",
+    label = "not a listener of this bus's events",
+    note = "implement `Listener<{E}>`, or mark an `impl` of the derive's handler trait with `#[listener]`"
+)]
+pub trait Spawnable<E: Event, M>: Send + Sync + 'static {
+    /// Spawns the listener on `bus` with `options`.
+    #[doc(hidden)]
+    fn spawn_on(self, bus: &EventBus<E>, options: ListenerOptions) -> ListenerHandle<E>;
+}
+
+/// [`Spawnable`]'s marker for a [`Listener`]: name it to spawn a type that
+/// implements both traits as a `Listener`, with
+/// `bus.spawn_with::<_, OneByOne>(listener, options)`.
+#[derive(Debug)]
+pub enum OneByOne {}
+
+/// [`Spawnable`]'s marker for a [`BatchListener`]: name it to spawn a type
+/// that implements both traits as a `BatchListener`, with
+/// `bus.spawn_with::<_, InBatches>(listener, options)`.
+#[derive(Debug)]
+pub enum InBatches {}
+
+impl<E: Event, L: Listener<E>> Spawnable<E, OneByOne> for L {
+    fn spawn_on(self, bus: &EventBus<E>, options: ListenerOptions) -> ListenerHandle<E> {
+        let queue = bus
+            .shared
+            .listener_queue(self.name(), self.interests(), &options);
+        crate::memory::runtime::spawn(&bus.shared, queue, self, options)
+    }
+}
+
+impl<E: Event, L: BatchListener<E>> Spawnable<E, InBatches> for L {
+    fn spawn_on(self, bus: &EventBus<E>, options: ListenerOptions) -> ListenerHandle<E> {
+        let queue = bus
+            .shared
+            .listener_queue(self.name(), self.interests(), &options);
+        crate::memory::runtime::spawn_batch(&bus.shared, queue, self, options)
+    }
+}
+
+/// An [`EventBus`] that emits with one priority: see
+/// [`EventBus::with_priority`].
+///
+/// With [`emit_wait`](Prioritized::emit_wait), an event waits for room in
+/// its priority's lane only: a flood of normal events does not hold up a
+/// high one.
+#[derive(Debug, Clone, Copy)]
+pub struct Prioritized<'a, E: Event> {
+    bus: &'a EventBus<E>,
+    priority: Priority,
+}
+
+impl<'a, E: Event> Prioritized<'a, E> {
+    /// As [`EventBus::emit`], with this view's priority.
+    pub fn emit(&self, event: E) {
+        let kind = event.kind();
+        self.bus.emit_as(event, kind, self.priority);
+    }
+
+    /// As [`EventBus::emit_wait`], with this view's priority. The future
+    /// borrows the bus, not this view, so
+    /// `bus.with_priority(p).emit_wait(event)` can be held and awaited later.
+    pub fn emit_wait(&self, event: E) -> impl Future<Output = ()> + Send + use<'a, E> {
+        let (bus, priority) = (self.bus, self.priority);
+        async move {
+            let kind = event.kind();
+            bus.emit_wait_as(event, kind, priority).await;
+        }
+    }
+}
+
+impl<E: Event> crate::Publish<E> for Prioritized<'_, E> {
+    #[inline]
+    fn publish(&self, event: E) {
+        self.emit(event);
+    }
+
+    fn publish_wait(&self, event: E) -> impl Future<Output = ()> + Send {
+        self.emit_wait(event)
     }
 }
 

@@ -81,7 +81,7 @@ pub(crate) async fn build(
         index.rebuild(&db).await?;
         // One index commit per batch: a burst of edits costs a few commits,
         // not one each.
-        bus.spawn_batch(search::SearchIndexer {
+        bus.spawn(search::SearchIndexer {
             db: db.clone(),
             index: index.clone(),
         });

@@ -83,7 +83,7 @@ fn main() {
         .unwrap();
     runtime.block_on(async {
         let bus = EventBus::<AppEvent>::new();
-        let handle = bus.spawn_batch(Indexer);
+        let handle = bus.spawn(Indexer);
         assert_eq!(handle.name(), "indexer");
 
         // The dispatcher takes a `Batch`, whose failure mode it follows.
