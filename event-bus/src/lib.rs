@@ -573,8 +573,8 @@ pub use listener::{
     RetryPolicy,
 };
 pub use memory::bus::{
-    Builder, DEFAULT_CAPACITY, DEFAULT_DEAD_LETTER_CAPACITY, DEFAULT_FAIRNESS, EventBus, InBatches,
-    OneByOne, Prioritized, Spawnable,
+    Builder, DEFAULT_CAPACITY, DEFAULT_DEAD_LETTER_CAPACITY, DEFAULT_FAIRNESS, EventBus,
+    Prioritized,
 };
 pub use memory::dead_letters::{DeadLetterSubscription, DeadLetters};
 pub use memory::runtime::{ABORT_GRACE, ListenerHandle, ListenerReport, ShutdownReport};
@@ -584,6 +584,7 @@ pub use metrics::{
     BusMetrics, KindCount, LaneMetrics, LatencySummary, ListenerMetrics, ListenerStatus,
 };
 pub use publish::Publish;
+pub use runner::{InBatches, OneByOne, Spawnable};
 pub use trace::TraceParent;
 
 /// Derives [`Event`] for an enum, and writes the code around it: the kind

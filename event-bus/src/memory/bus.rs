@@ -8,15 +8,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::dead_letters::{DeadLetters, Store};
-use crate::batch::BatchListener;
 use crate::envelope::Envelope;
 use crate::event::{Event, EventKind, KindSet, Priority};
 use crate::listener::LagPolicy;
-use crate::listener::{Listener, ListenerOptions};
+use crate::listener::ListenerOptions;
 use crate::memory::queue::{Evicted, Queue, QueueConfig, Reserve, WakeList};
 use crate::memory::runtime::{ListenerHandle, Runtime, ShutdownReport};
 use crate::memory::subscription::Subscription;
 use crate::metrics::{BusExport, BusMetrics, KindCount};
+use crate::runner::Spawnable;
 use crate::sync::{AtomicU8, AtomicU64, AtomicUsize, Mutex, MutexGuard, Ordering, lock};
 
 /// The default queue capacity of subscriptions and listeners.
@@ -331,7 +331,8 @@ impl<E: Event> EventBus<E> {
     }
 
     /// Spawns `listener` on the current tokio runtime with default
-    /// [`ListenerOptions`]: a [`Listener`], or a [`BatchListener`], handed
+    /// [`ListenerOptions`]: a [`Listener`](crate::Listener), or a
+    /// [`BatchListener`](crate::BatchListener), handed
     /// batches of what is queued when it is free, up to
     /// [`DEFAULT_MAX_BATCH`](crate::DEFAULT_MAX_BATCH) events.
     ///
@@ -342,8 +343,8 @@ impl<E: Event> EventBus<E> {
         self.spawn_with(listener, ListenerOptions::new())
     }
 
-    /// Spawns `listener` with `options`: a [`Listener`], or a
-    /// [`BatchListener`], whose batches
+    /// Spawns `listener` with `options`: a [`Listener`](crate::Listener), or a
+    /// [`BatchListener`](crate::BatchListener), whose batches
     /// [`max_batch`](ListenerOptions::max_batch) and
     /// [`max_wait`](ListenerOptions::max_wait) shape.
     ///
@@ -358,7 +359,12 @@ impl<E: Event> EventBus<E> {
         listener: L,
         options: ListenerOptions,
     ) -> ListenerHandle<E> {
-        listener.spawn_on(self, options)
+        let queue = self.shared.listener_queue(
+            listener.listener_name(),
+            listener.listener_interests(),
+            &options,
+        );
+        crate::memory::runtime::spawn(&self.shared, queue, listener, options)
     }
 
     /// Waits until every listener's queue is empty and no handler is running.
@@ -507,53 +513,6 @@ impl<E: Event> fmt::Debug for EventBus<E> {
             .field("capacity", &self.shared.capacity)
             .field("closed", &self.is_closed())
             .finish_non_exhaustive()
-    }
-}
-
-/// What [`EventBus::spawn`] spawns: a [`Listener`], or a [`BatchListener`].
-///
-/// Implemented for both; `M` tells the two impls apart and is inferred, so
-/// `bus.spawn(indexer)` works for either. (A type that implemented both
-/// traits would have to say which it is spawned as; `#[listener]` implements
-/// one.)
-#[diagnostic::on_unimplemented(
-    message = "`{Self}` is neither a `Listener<{E}>` nor a `BatchListener<{E}>`",
-    label = "not a listener of this bus's events",
-    note = "implement `Listener<{E}>`, or mark an `impl` of the derive's handler trait with `#[listener]`"
-)]
-pub trait Spawnable<E: Event, M>: Send + Sync + 'static {
-    /// Spawns the listener on `bus` with `options`.
-    #[doc(hidden)]
-    fn spawn_on(self, bus: &EventBus<E>, options: ListenerOptions) -> ListenerHandle<E>;
-}
-
-/// [`Spawnable`]'s marker for a [`Listener`]: name it to spawn a type that
-/// implements both traits as a `Listener`, with
-/// `bus.spawn_with::<_, OneByOne>(listener, options)`.
-#[derive(Debug)]
-pub enum OneByOne {}
-
-/// [`Spawnable`]'s marker for a [`BatchListener`]: name it to spawn a type
-/// that implements both traits as a `BatchListener`, with
-/// `bus.spawn_with::<_, InBatches>(listener, options)`.
-#[derive(Debug)]
-pub enum InBatches {}
-
-impl<E: Event, L: Listener<E>> Spawnable<E, OneByOne> for L {
-    fn spawn_on(self, bus: &EventBus<E>, options: ListenerOptions) -> ListenerHandle<E> {
-        let queue = bus
-            .shared
-            .listener_queue(self.name(), self.interests(), &options);
-        crate::memory::runtime::spawn(&bus.shared, queue, self, options)
-    }
-}
-
-impl<E: Event, L: BatchListener<E>> Spawnable<E, InBatches> for L {
-    fn spawn_on(self, bus: &EventBus<E>, options: ListenerOptions) -> ListenerHandle<E> {
-        let queue = bus
-            .shared
-            .listener_queue(self.name(), self.interests(), &options);
-        crate::memory::runtime::spawn_batch(&bus.shared, queue, self, options)
     }
 }
 

@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 use futures_core::Stream;
 use tokio::sync::mpsc;
 
-use crate::dead_letter::{DeadLetter, DeadLetterSink};
+use crate::dead_letter::{DeadLetter, DeadLetterSink, UndecodableLetter};
 use crate::sync::{Mutex, lock};
 use crate::throttle::Throttle;
 
@@ -236,6 +236,20 @@ impl<E> Store<E> {
 impl<E: Send + Sync + 'static> DeadLetterSink<E> for Store<E> {
     fn record(&self, letter: DeadLetter<E>) -> impl Future<Output = ()> + Send {
         self.store(letter);
+        std::future::ready(())
+    }
+
+    /// The memory tier never decodes, so this is never called on the bus's
+    /// own store; should it be, the letter is logged at error level, whole.
+    fn record_undecodable(&self, letter: UndecodableLetter) -> impl Future<Output = ()> + Send {
+        tracing::error!(
+            listener = %letter.listener,
+            event = letter.name.as_deref().unwrap_or("?"),
+            event_id = ?letter.id,
+            error = %letter.error,
+            payload = %String::from_utf8_lossy(&letter.payload),
+            "an event did not decode; dropped it as a dead letter",
+        );
         std::future::ready(())
     }
 }

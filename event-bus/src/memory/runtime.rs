@@ -14,12 +14,11 @@ use super::bus::Shared;
 use super::dead_letters::Store;
 use super::queue::{Queue, QueueCounts};
 use super::source::MemorySource;
-use crate::batch::BatchListener;
 use crate::event::Event;
-use crate::listener::{Listener, ListenerOptions, RetryPolicy};
+use crate::listener::{ListenerOptions, RetryPolicy};
 use crate::metrics::ListenerMetrics;
 use crate::metrics::ListenerStatus;
-use crate::runner::{ListenerCore, ListenerCounts as RunnerCounts, Supervisor, panicked};
+use crate::runner::{ListenerCore, ListenerCounts as RunnerCounts, Run, Spawnable, panicked};
 use crate::sync::{
     AtomicU8, AtomicU64, AtomicUsize, Mutex, Notify, Ordering, dekker_fence, lock, wait_until,
 };
@@ -435,34 +434,21 @@ pub struct ListenerReport {
     pub status: ListenerStatus,
 }
 
-pub(crate) fn spawn<E: Event, L: Listener<E>>(
+pub(crate) fn spawn<E: Event, M, L: Spawnable<E, M>>(
     shared: &Arc<Shared<E>>,
     queue: Arc<Queue<E>>,
     listener: L,
     options: ListenerOptions,
 ) -> ListenerHandle<E> {
-    spawn_task(
-        shared,
-        queue,
-        listener,
-        options.retry,
-        |supervisor, source| supervisor.run(source, options.concurrency),
-    )
-}
-
-pub(crate) fn spawn_batch<E: Event, L: BatchListener<E>>(
-    shared: &Arc<Shared<E>>,
-    queue: Arc<Queue<E>>,
-    listener: L,
-    options: ListenerOptions,
-) -> ListenerHandle<E> {
-    spawn_task(
-        shared,
-        queue,
-        listener,
-        options.retry,
-        |supervisor, source| supervisor.run_batches(source, options),
-    )
+    let sink = shared.dead_letters.clone();
+    spawn_task(shared, queue, options.retry, move |core, source| {
+        listener.run(Run {
+            core,
+            source,
+            sink,
+            options,
+        })
+    })
 }
 
 /// Lists `listener`, routes its `queue` (made, not yet routed) and spawns
@@ -474,12 +460,11 @@ pub(crate) fn spawn_batch<E: Event, L: BatchListener<E>>(
 /// while the bus drains) and catches a panic of the runtime's own code: the
 /// listener is then logged and reported [`ListenerStatus::Crashed`], never
 /// silently gone.
-pub(crate) fn spawn_task<E: Event, L, F>(
+pub(crate) fn spawn_task<E: Event, F>(
     shared: &Arc<Shared<E>>,
     queue: Arc<Queue<E>>,
-    listener: L,
     retry: RetryPolicy,
-    run: impl FnOnce(Supervisor<L, Arc<Store<E>>>, MemorySource<E>) -> F,
+    run: impl FnOnce(Arc<ListenerCore>, MemorySource<E>) -> F,
 ) -> ListenerHandle<E>
 where
     F: Future<Output = ()> + Send + 'static,
@@ -487,11 +472,6 @@ where
     let state = Arc::new(ListenerState::new(queue, retry));
     shared.runtime.add(&state);
     shared.route(&state.queue);
-    let supervisor = Supervisor {
-        core: state.core.clone(),
-        listener,
-        sink: shared.dead_letters.clone(),
-    };
     // The guard moves into the task's future, so it runs even when the task
     // is aborted before its first poll.
     let finished = FinishGuard {
@@ -499,7 +479,7 @@ where
         state: state.clone(),
     };
     let source = MemorySource::new(shared.clone(), state.queue.clone());
-    let run = run(supervisor, source);
+    let run = run(state.core.clone(), source);
     let task = async move {
         let finished = finished;
         if let Err(payload) = AssertUnwindSafe(run).catch_unwind().await {
@@ -647,11 +627,10 @@ impl Drop for DecrementOnDrop<'_> {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
-    use crate::envelope::Envelope;
     use crate::event::{EventKind, KindSet};
     use crate::memory::queue::QueueConfig;
     use crate::runner::Source;
-    use crate::{EventBus, LagPolicy, Listener};
+    use crate::{EventBus, LagPolicy};
 
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
     struct Kind;
@@ -679,18 +658,6 @@ mod tests {
         }
     }
 
-    struct Idle;
-
-    impl Listener<Tick> for Idle {
-        async fn handle(
-            &self,
-            _: Arc<Envelope<Tick>>,
-            _: crate::Meta,
-        ) -> Result<(), crate::HandlerError> {
-            Ok(())
-        }
-    }
-
     /// The runtime's own code is not supposed to panic; if it does, the
     /// listener must end as crashed, stay listed, and be reported, with
     /// what it had not handled.
@@ -707,7 +674,6 @@ mod tests {
         let handle = spawn_task(
             &shared,
             queue,
-            Idle,
             RetryPolicy::none(),
             |_, mut source| async move {
                 let _ = std::future::poll_fn(|cx| source.poll_next(cx)).await;

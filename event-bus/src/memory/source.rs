@@ -11,7 +11,7 @@ use super::queue::{Queue, Receiver};
 use crate::envelope::Envelope;
 use crate::error::{RecvError, TryRecvError};
 use crate::event::Event;
-use crate::runner::{Delivery, Ended, Retry, Source};
+use crate::runner::{Delivery, Ended, Retry, Source, Undecodable};
 
 /// A listener's queue, as its runner takes from it.
 pub(crate) struct MemorySource<E: Event> {
@@ -53,11 +53,14 @@ impl<E: Event> MemorySource<E> {
 impl<E: Event> Source<E> for MemorySource<E> {
     type Delivery = MemoryDelivery<E>;
 
-    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<MemoryDelivery<E>>> {
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<MemoryDelivery<E>, Undecodable>>> {
         loop {
             // The receiver takes part in the cooperative budget.
             match std::task::ready!(self.receiver.poll_recv(cx, true)) {
-                Ok(envelope) => return Poll::Ready(Some(self.delivery(envelope))),
+                Ok(envelope) => return Poll::Ready(Some(Ok(self.delivery(envelope)))),
                 // The queue logged and counted the drop.
                 Err(RecvError::Lagged(_)) => {}
                 Err(RecvError::Closed) => return Poll::Ready(None),
@@ -65,10 +68,10 @@ impl<E: Event> Source<E> for MemorySource<E> {
         }
     }
 
-    fn try_next(&mut self) -> Result<Option<MemoryDelivery<E>>, Ended> {
+    fn try_next(&mut self) -> Result<Option<Result<MemoryDelivery<E>, Undecodable>>, Ended> {
         loop {
             match self.receiver.try_recv(true) {
-                Ok(envelope) => return Ok(Some(self.delivery(envelope))),
+                Ok(envelope) => return Ok(Some(Ok(self.delivery(envelope)))),
                 Err(TryRecvError::Lagged(_)) => {}
                 Err(TryRecvError::Empty) => return Ok(None),
                 Err(TryRecvError::Closed) => return Err(Ended),

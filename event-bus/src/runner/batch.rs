@@ -9,7 +9,7 @@ use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tracing::Instrument;
 
-use super::{DeadLetterSink, Delivery, Retry, Source, Supervisor, panicked};
+use super::{DeadLetterSink, Delivery, Retry, Source, Supervisor, Undecodable, panicked};
 use crate::batch::{Batch, BatchListener};
 use crate::event::{Event, Priority};
 use crate::listener::BatchFailure;
@@ -19,6 +19,8 @@ use crate::listener::ListenerOptions;
 /// `pending` when the future of [`next`](Collector::next) is dropped.
 struct Collector<D> {
     pending: Vec<D>,
+    /// Events that did not decode, handed over with the next batch.
+    undecodable: Vec<Undecodable>,
     /// When the pending batch stops waiting for more; `None` while nothing
     /// is pending, or when `max_wait` reaches past the clock's range (the
     /// batch then waits until full, urgent or ended).
@@ -34,6 +36,7 @@ impl<D> Collector<D> {
     fn new(options: &ListenerOptions) -> Self {
         Self {
             pending: Vec::new(),
+            undecodable: Vec::new(),
             deadline: None,
             urgent: false,
             ended: false,
@@ -42,8 +45,9 @@ impl<D> Collector<D> {
         }
     }
 
-    /// The next batch, or `None` once the source has ended and is drained.
-    async fn next<E, S>(&mut self, source: &mut S) -> Option<Vec<D>>
+    /// The next batch with the undecodable events met while collecting it,
+    /// or `None` once the source has ended and is drained.
+    async fn next<E, S>(&mut self, source: &mut S) -> Option<Collected<D>>
     where
         E: Event,
         S: Source<E, Delivery = D>,
@@ -55,8 +59,12 @@ impl<D> Collector<D> {
             }
             // Take what is ready already, without waiting.
             match source.try_next() {
-                Ok(Some(delivery)) => {
+                Ok(Some(Ok(delivery))) => {
                     self.add(delivery);
+                    continue;
+                }
+                Ok(Some(Err(undecodable))) => {
+                    self.undecodable.push(undecodable);
                     continue;
                 }
                 Ok(None) => {}
@@ -65,8 +73,12 @@ impl<D> Collector<D> {
                     continue;
                 }
             }
-            // A shutting-down tier waits for no batch to fill up.
-            if self.urgent || (!self.pending.is_empty() && source.is_draining()) {
+            // A shutting-down tier waits for no batch to fill up, and an
+            // undecodable event for none at all.
+            if self.urgent
+                || !self.undecodable.is_empty()
+                || (!self.pending.is_empty() && source.is_draining())
+            {
                 return self.take();
             }
             let next = if self.pending.is_empty() {
@@ -87,7 +99,8 @@ impl<D> Collector<D> {
                 }
             };
             match next {
-                Some(delivery) => self.add(delivery),
+                Some(Ok(delivery)) => self.add(delivery),
+                Some(Err(undecodable)) => self.undecodable.push(undecodable),
                 None => self.ended = true,
             }
         }
@@ -106,17 +119,26 @@ impl<D> Collector<D> {
         self.pending.push(delivery);
     }
 
-    fn take(&mut self) -> Option<Vec<D>> {
+    fn take(&mut self) -> Option<Collected<D>> {
         self.deadline = None;
         self.urgent = false;
-        if self.pending.is_empty() {
+        if self.pending.is_empty() && self.undecodable.is_empty() {
             return None;
         }
-        Some(std::mem::replace(
-            &mut self.pending,
-            Vec::with_capacity(self.max_batch.min(1024)),
-        ))
+        Some(Collected {
+            deliveries: std::mem::replace(
+                &mut self.pending,
+                Vec::with_capacity(self.max_batch.min(1024)),
+            ),
+            undecodable: std::mem::take(&mut self.undecodable),
+        })
     }
+}
+
+/// A batch, and the events met while collecting it that did not decode.
+struct Collected<D> {
+    deliveries: Vec<D>,
+    undecodable: Vec<Undecodable>,
 }
 
 /// What a failed attempt leaves to do: these deliveries again, after
@@ -147,7 +169,7 @@ impl<L, K> Supervisor<L, K> {
                 match collector.next(&mut source).await {
                     // A stop is final: the batch stays unhandled.
                     Some(_) if self.is_cancelled() => break,
-                    Some(deliveries) => self.process_batch(deliveries, mode).await,
+                    Some(collected) => self.process_batch(collected, mode).await,
                     None => break,
                 }
             }
@@ -163,7 +185,7 @@ impl<L, K> Supervisor<L, K> {
                     }, if running.len() < options.concurrency => {
                         match next {
                             Some(_) if self.is_cancelled() => break,
-                            Some(deliveries) => running.push(self.process_batch(deliveries, mode)),
+                            Some(collected) => running.push(self.process_batch(collected, mode)),
                             None => break,
                         }
                     }
@@ -174,13 +196,23 @@ impl<L, K> Supervisor<L, K> {
         self.ended();
     }
 
-    async fn process_batch<E, D>(&self, deliveries: Vec<D>, mode: BatchFailure)
+    async fn process_batch<E, D>(&self, collected: Collected<D>, mode: BatchFailure)
     where
         E: Event,
         L: BatchListener<E>,
         K: DeadLetterSink<E>,
         D: Delivery<E>,
     {
+        let Collected {
+            deliveries,
+            undecodable,
+        } = collected;
+        for undecodable in undecodable {
+            self.undecodable(undecodable).await;
+        }
+        if deliveries.is_empty() {
+            return;
+        }
         let span = tracing::info_span!(
             "event_bus.handle_batch",
             listener = %self.name(),

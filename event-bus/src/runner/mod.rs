@@ -52,17 +52,24 @@ mod batch;
 mod core;
 mod supervisor;
 
+use std::fmt;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use uuid::Uuid;
+
+use crate::batch::BatchListener;
 use crate::envelope::Envelope;
-use crate::event::Event;
+use crate::event::{Event, KindSet};
+use crate::listener::{Listener, ListenerOptions};
+use crate::metrics::ListenerStatus;
 
 pub(crate) use self::core::{ListenerCore, ListenerCounts};
 pub(crate) use self::supervisor::{Supervisor, panicked};
-pub use crate::dead_letter::DeadLetterSink;
+pub use crate::dead_letter::{DeadLetterSink, UndecodableLetter};
 
 /// Where a listener's deliveries come from: one per listener, or per group
 /// of listener instances sharing the work.
@@ -82,16 +89,24 @@ pub trait Source<E: Event>: Send + 'static {
     /// cooperative budget ([`tokio::task::coop`]), as tokio's channels do,
     /// so that a listener whose handler never awaits still lets other tasks
     /// run.
-    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Self::Delivery>>;
+    ///
+    /// An event the source cannot decode comes as `Err`: the runner records
+    /// it as a dead letter with the reason and terminates it, and never
+    /// calls the handler with it.
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Self::Delivery, Undecodable>>>;
 
     /// The next delivery if one is ready now, without waiting: `Ok(None)`
     /// when none is, `Err(Ended)` once the source has ended. Batching
     /// listeners collect what is ready through this.
     ///
     /// Defaults to polling once with a waker that does nothing.
-    fn try_next(&mut self) -> Result<Option<Self::Delivery>, Ended> {
+    #[allow(clippy::type_complexity)]
+    fn try_next(&mut self) -> Result<Option<Result<Self::Delivery, Undecodable>>, Ended> {
         match self.poll_next(&mut Context::from_waker(Waker::noop())) {
-            Poll::Ready(Some(delivery)) => Ok(Some(delivery)),
+            Poll::Ready(Some(next)) => Ok(Some(next)),
             Poll::Ready(None) => Err(Ended),
             Poll::Pending => Ok(None),
         }
@@ -157,4 +172,305 @@ pub enum Retry<D> {
     /// The source took the delivery back and will yield it again, no sooner
     /// than the delay, with its attempt one higher.
     Redelivered,
+}
+
+/// How an [`Undecodable`] is terminated, given the reason.
+type Terminate = Box<dyn FnOnce(String) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
+/// An event a source could not decode into the listener's event type: a
+/// payload stored by an older or newer version of the application, or
+/// corrupted. The runner records it as an [`UndecodableLetter`] in its sink
+/// and terminates it through the callback its source gave.
+pub struct Undecodable {
+    name: Option<String>,
+    id: Option<Uuid>,
+    error: String,
+    payload: Vec<u8>,
+    attempt: u32,
+    terminate: Terminate,
+}
+
+impl Undecodable {
+    /// The event whose `payload` failed to decode with `error`; `terminate`
+    /// is called with the reason once the dead letter is recorded, so that
+    /// the source never delivers it again (a broker's `term`, a log's dead
+    /// mark).
+    pub fn new<F, Fut>(error: impl fmt::Display, payload: Vec<u8>, terminate: F) -> Self
+    where
+        F: FnOnce(String) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        Self {
+            name: None,
+            id: None,
+            error: error.to_string(),
+            payload,
+            attempt: 1,
+            terminate: Box::new(move |reason| Box::pin(terminate(reason))),
+        }
+    }
+
+    /// The event's name, when the source could read it.
+    #[must_use]
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// The event's id, when the source could read it.
+    #[must_use]
+    pub fn with_id(mut self, id: Uuid) -> Self {
+        self.id = Some(id);
+        self
+    }
+
+    /// Which delivery of the bytes this is (1 by default).
+    #[must_use]
+    pub fn with_attempt(mut self, attempt: u32) -> Self {
+        self.attempt = attempt;
+        self
+    }
+}
+
+impl fmt::Debug for Undecodable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Undecodable")
+            .field("name", &self.name)
+            .field("id", &self.id)
+            .field("error", &self.error)
+            .field("payload", &self.payload.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`run`] spawns: a [`Listener`], or a [`BatchListener`].
+///
+/// Implemented for both; `M` tells the two impls apart and is inferred, so
+/// `bus.spawn(indexer)` works for either. A type that implements both
+/// traits says which it is spawned as by naming the marker:
+/// `bus.spawn_with::<_, InBatches>(listener, options)`.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is neither a `Listener<{E}>` nor a `BatchListener<{E}>`",
+    label = "not a listener of this bus's events",
+    note = "implement `Listener<{E}>`, or mark an `impl` of the derive's handler trait with `#[listener]`"
+)]
+pub trait Spawnable<E: Event, M>: Send + Sync + 'static {
+    /// The listener's name.
+    #[doc(hidden)]
+    fn listener_name(&self) -> &str;
+
+    /// The listener's interests.
+    #[doc(hidden)]
+    fn listener_interests(&self) -> KindSet<E::Kind>;
+
+    /// Runs the listener over `run`'s source until it ends or is stopped.
+    #[doc(hidden)]
+    fn run<S: Source<E>, K: DeadLetterSink<E>>(
+        self,
+        run: Run<S, K>,
+    ) -> impl Future<Output = ()> + Send + 'static;
+}
+
+/// [`Spawnable`]'s marker for a [`Listener`]: name it to spawn a type that
+/// implements both traits as a `Listener`.
+#[derive(Debug)]
+pub enum OneByOne {}
+
+/// [`Spawnable`]'s marker for a [`BatchListener`]: name it to spawn a type
+/// that implements both traits as a `BatchListener`.
+#[derive(Debug)]
+pub enum InBatches {}
+
+/// What a listener runs with: its counters, source, dead-letter sink and
+/// options.
+#[doc(hidden)]
+pub struct Run<S, K> {
+    pub(crate) core: Arc<ListenerCore>,
+    pub(crate) source: S,
+    pub(crate) sink: K,
+    pub(crate) options: ListenerOptions,
+}
+
+impl<S, K> fmt::Debug for Run<S, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Run")
+            .field("listener", &self.core.name)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<E: Event, L: Listener<E>> Spawnable<E, OneByOne> for L {
+    fn listener_name(&self) -> &str {
+        self.name()
+    }
+
+    fn listener_interests(&self) -> KindSet<E::Kind> {
+        self.interests()
+    }
+
+    fn run<S: Source<E>, K: DeadLetterSink<E>>(
+        self,
+        run: Run<S, K>,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let supervisor = Supervisor {
+            core: run.core,
+            listener: self,
+            sink: run.sink,
+        };
+        supervisor.run(run.source, run.options.concurrency)
+    }
+}
+
+impl<E: Event, L: BatchListener<E>> Spawnable<E, InBatches> for L {
+    fn listener_name(&self) -> &str {
+        self.name()
+    }
+
+    fn listener_interests(&self) -> KindSet<E::Kind> {
+        self.interests()
+    }
+
+    fn run<S: Source<E>, K: DeadLetterSink<E>>(
+        self,
+        run: Run<S, K>,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let supervisor = Supervisor {
+            core: run.core,
+            listener: self,
+            sink: run.sink,
+        };
+        supervisor.run_batches(run.source, run.options)
+    }
+}
+
+/// Runs `listener` over `source` with `options` until the source ends,
+/// recording dead letters in `sink`, and reports what it did.
+///
+/// This is how a tier of one's own runs listeners: the same supervision,
+/// retries, dead letters, batching and concurrency as on the bus. Only the
+/// options that shape how a listener runs apply (retry, concurrency,
+/// batching); those of the memory tier's queue do not. Dropping the future
+/// stops the listener: the deliveries it holds are dropped unfinished.
+///
+/// # Examples
+///
+/// ```
+/// use std::collections::VecDeque;
+/// use std::sync::{Arc, Mutex};
+/// use std::task::{Context, Poll};
+/// use std::time::Duration;
+/// use event_bus::runner::{self, DeadLetterSink, Delivery, Retry, Source, Undecodable, UndecodableLetter};
+/// use event_bus::{DeadLetter, DomainEvent, Envelope, HandlerError, ListenerOptions, Meta, listener};
+///
+/// #[derive(Debug, DomainEvent)]
+/// enum Shop {
+///     OrderPaid(u64),
+/// }
+///
+/// // A source over a list of events, as a log would be, read to its end.
+/// struct Log(VecDeque<Arc<Envelope<Shop>>>);
+///
+/// struct Entry(Arc<Envelope<Shop>>, u32);
+///
+/// impl Delivery<Shop> for Entry {
+///     fn envelope(&self) -> &Arc<Envelope<Shop>> { &self.0 }
+///     fn attempt(&self) -> u32 { self.1 }
+///     async fn ack(self) {}
+///     async fn retry(self, _delay: Duration) -> Retry<Self> { Retry::InPlace(Entry(self.0, self.1 + 1)) }
+///     async fn terminate(self, _reason: &str) {}
+/// }
+///
+/// impl Source<Shop> for Log {
+///     type Delivery = Entry;
+///     fn poll_next(&mut self, _: &mut Context<'_>) -> Poll<Option<Result<Entry, Undecodable>>> {
+///         Poll::Ready(self.0.pop_front().map(|envelope| Ok(Entry(envelope, 1))))
+///     }
+/// }
+///
+/// #[derive(Default)]
+/// struct Letters(Mutex<Vec<String>>);
+///
+/// impl DeadLetterSink<Shop> for Letters {
+///     async fn record(&self, letter: DeadLetter<Shop>) {
+///         self.0.lock().unwrap().push(letter.error);
+///     }
+///     async fn record_undecodable(&self, letter: UndecodableLetter) {
+///         self.0.lock().unwrap().push(letter.error);
+///     }
+/// }
+///
+/// struct Receipts;
+///
+/// #[listener]
+/// impl ShopHandler for Receipts {
+///     async fn on_order_paid(&self, order: &u64) -> Result<(), HandlerError> {
+///         if *order == 13 { return Err("printer jammed".into()) }
+///         Ok(())
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let log = Log([1, 13, 2].map(|order| Arc::new(Envelope::new(Shop::OrderPaid(order)))).into());
+/// let letters = Arc::new(Letters::default());
+/// let report = runner::run(Receipts, log, letters.clone(), ListenerOptions::new()).await;
+/// assert_eq!((report.handled, report.dead_lettered), (2, 1));
+/// assert_eq!(*letters.0.lock().unwrap(), ["printer jammed"]);
+/// # }
+/// ```
+pub async fn run<E, M, L, S, K>(
+    listener: L,
+    source: S,
+    sink: K,
+    options: ListenerOptions,
+) -> RunReport
+where
+    E: Event,
+    L: Spawnable<E, M>,
+    S: Source<E>,
+    K: DeadLetterSink<E>,
+{
+    let core = Arc::new(ListenerCore::new(
+        listener.listener_name().into(),
+        options.retry,
+    ));
+    listener
+        .run(Run {
+            core: core.clone(),
+            source,
+            sink,
+            options,
+        })
+        .await;
+    let counts = core.counts();
+    RunReport {
+        name: core.name.to_string(),
+        handled: counts.handled,
+        failed: counts.retried + counts.dead_lettered,
+        retried: counts.retried,
+        dead_lettered: counts.dead_lettered,
+        panicked: counts.panicked,
+        status: core.outcome(),
+    }
+}
+
+/// What [`run`] did, once its source ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RunReport {
+    /// The listener's name.
+    pub name: String,
+    /// Events handled successfully.
+    pub handled: u64,
+    /// Failed attempts: `retried + dead_lettered`.
+    pub failed: u64,
+    /// Failed attempts that were tried again.
+    pub retried: u64,
+    /// Events recorded as dead letters, undecodable ones included.
+    pub dead_lettered: u64,
+    /// Failed attempts that panicked.
+    pub panicked: u64,
+    /// How the run ended.
+    pub status: ListenerStatus,
 }

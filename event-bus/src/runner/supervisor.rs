@@ -8,11 +8,13 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use futures_util::FutureExt;
+use futures_util::future::Either;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tracing::Instrument;
 
-use super::{DeadLetterSink, Delivery, ListenerCore, Retry, Source};
+use super::{DeadLetterSink, Delivery, ListenerCore, Retry, Source, Undecodable};
 use crate::dead_letter::DeadLetter;
+use crate::dead_letter::UndecodableLetter;
 use crate::envelope::Envelope;
 use crate::error::chain;
 use crate::event::Event;
@@ -77,6 +79,44 @@ impl<L, K> Supervisor<L, K> {
 }
 
 impl<L, K> Supervisor<L, K> {
+    /// Records an event the source could not decode as a dead letter, and
+    /// terminates it; the handler never sees it.
+    pub(crate) async fn undecodable<E>(&self, undecodable: Undecodable)
+    where
+        E: Event,
+        K: DeadLetterSink<E>,
+    {
+        let Undecodable {
+            name,
+            id,
+            error,
+            payload,
+            attempt,
+            terminate,
+        } = undecodable;
+        tracing::error!(
+            listener = %self.name(),
+            event = name.as_deref().unwrap_or("?"),
+            event_id = ?id,
+            error = %error,
+            "an event did not decode; recorded a dead letter",
+        );
+        self.core.dead_lettered(false);
+        let reason = format!("does not decode: {error}");
+        self.sink
+            .record_undecodable(UndecodableLetter {
+                listener: self.core.name.clone(),
+                name,
+                id,
+                error: reason.clone(),
+                payload,
+                attempts: attempt,
+                failed_at: SystemTime::now(),
+            })
+            .await;
+        terminate(reason).await;
+    }
+
     /// Runs the listener until its source ends or it is stopped, with up to
     /// `concurrency` deliveries handled at once.
     pub(crate) async fn run<E, S>(self, mut source: S, concurrency: usize)
@@ -92,7 +132,8 @@ impl<L, K> Supervisor<L, K> {
                     // Checked again: the source may have been ready at once,
                     // and a stop is final.
                     Some(_) if self.is_cancelled() => break,
-                    Some(delivery) => self.process(delivery).await,
+                    Some(Ok(delivery)) => self.process(delivery).await,
+                    Some(Err(undecodable)) => self.undecodable(undecodable).await,
                     None => break,
                 }
             }
@@ -104,7 +145,8 @@ impl<L, K> Supervisor<L, K> {
                     Some(()) = running.next(), if !running.is_empty() => {}
                     next = std::future::poll_fn(|cx| source.poll_next(cx)), if running.len() < concurrency => match next {
                         Some(_) if self.is_cancelled() => break,
-                        Some(delivery) => running.push(self.process(delivery)),
+                        Some(Ok(delivery)) => running.push(Either::Left(self.process(delivery))),
+                        Some(Err(undecodable)) => running.push(Either::Right(self.undecodable(undecodable))),
                         None => break,
                     },
                 }
