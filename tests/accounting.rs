@@ -81,6 +81,7 @@ impl Model {
         let ceiling = match spec.policy {
             LagPolicy::DropOldest => spec.capacity,
             LagPolicy::Backpressure => spec.capacity * event_bus::OVERFLOW_FACTOR,
+            policy => panic!("the model does not know {policy:?}"),
         };
         // The capacity bounds what is queued; what the receiver has taken
         // cannot be dropped.

@@ -4,7 +4,8 @@ mod support;
 
 use std::sync::{Arc, Mutex};
 
-use event_bus::{DomainEvent, Event, EventBus, EventKind, HandlerError, KindSet, Routes, listener};
+use event_bus::handler::Routes;
+use event_bus::{DomainEvent, Event, EventBus, EventKind, HandlerError, KindSet, listener};
 use support::within;
 
 #[derive(Debug, Clone, PartialEq)]

@@ -6,7 +6,8 @@ mod support;
 
 use std::sync::Mutex;
 
-use event_bus::{DomainEvent, Envelope, Event, EventBus, EventKind, HandlerError, Meta, Routes};
+use event_bus::handler::Routes;
+use event_bus::{DomainEvent, Envelope, Event, EventBus, EventKind, HandlerError, Meta};
 
 #[derive(Debug, Clone, PartialEq, DomainEvent)]
 enum Derived {
@@ -21,7 +22,8 @@ enum Derived {
 
 /// What the derive generates for `Derived`, written out.
 mod manual {
-    use event_bus::{Event, EventKind, HandlerError, Meta, Publish, Routes};
+    use event_bus::handler::Routes;
+    use event_bus::{Event, EventKind, HandlerError, Meta, Publish};
     use std::future::Future;
 
     #[derive(Debug, Clone, PartialEq)]

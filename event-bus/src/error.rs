@@ -65,6 +65,7 @@ impl From<Lagged> for RecvError {
 
 /// Error returned by [`EventRecorder`](crate::testing::EventRecorder)'s
 /// waiting methods when the condition did not hold before the deadline.
+#[cfg(feature = "testing")]
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("condition not met within {timeout:?}; recorded {recorded:?}")]
 pub struct WaitTimeout {

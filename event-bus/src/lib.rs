@@ -535,6 +535,9 @@
 //!   [`listener`](macro@listener), from `event-bus-derive`.
 //! - `metrics`: exports the bus's counters through the
 //!   [`metrics`](https://docs.rs/metrics) facade; see [`mod@metrics`].
+//! - `testing`: the `testing` module, `EventRecorder` and its assertions,
+//!   for the application's tests of what its handlers emit (enable it in
+//!   `[dev-dependencies]`).
 //! - `serde`: `Serialize` for metrics snapshots and shutdown reports, and
 //!   the `codec` module: events to and from JSON, for tiers that store or
 //!   carry them out of the process. Without it, nothing of serde is
@@ -547,7 +550,7 @@ mod dead_letter;
 mod envelope;
 pub mod error;
 mod event;
-mod handler;
+pub mod handler;
 mod listener;
 mod memory;
 mod meta;
@@ -555,6 +558,7 @@ pub mod metrics;
 mod publish;
 pub mod runner;
 mod sync;
+#[cfg(feature = "testing")]
 pub mod testing;
 mod throttle;
 mod trace;
@@ -567,10 +571,9 @@ pub use dead_letter::DeadLetter;
 pub use envelope::{Envelope, Metadata};
 pub use error::{HandlerError, Lagged, RecvError, TryRecvError};
 pub use event::{Event, EventKind, KindSet, KindSetIter, Priority};
-pub use handler::{BatchRoutes, Routes};
 pub use listener::{
     BatchFailure, DEFAULT_MAX_BATCH, LagPolicy, Listener, ListenerOptions, OVERFLOW_FACTOR,
-    RetryPolicy,
+    RetryPolicy, Scope,
 };
 pub use memory::bus::{
     Builder, DEFAULT_CAPACITY, DEFAULT_DEAD_LETTER_CAPACITY, DEFAULT_FAIRNESS, EventBus,
@@ -941,9 +944,10 @@ pub use event_bus_derive::listener;
 /// names. Not public API: it may change in any release.
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::handler::{BatchRoutes, Routes};
     pub use crate::{
-        Batch, BatchError, BatchFailure, BatchListener, BatchRoutes, Envelope, Event, EventBus,
-        EventKind, HandlerError, KindSet, Listener, Meta, Priority, Publish, Routes,
+        Batch, BatchError, BatchFailure, BatchListener, Envelope, Event, EventBus, EventKind,
+        HandlerError, KindSet, Listener, Meta, Priority, Publish,
     };
     pub use core::future::Future;
     pub use core::option::Option;

@@ -120,6 +120,7 @@ pub struct ListenerOptions {
     pub(crate) max_batch: usize,
     pub(crate) max_wait: Duration,
     pub(crate) batch_failure: BatchFailure,
+    pub(crate) scope: Scope,
 }
 
 impl ListenerOptions {
@@ -138,6 +139,7 @@ impl ListenerOptions {
             max_batch: DEFAULT_MAX_BATCH,
             max_wait: Duration::ZERO,
             batch_failure: BatchFailure::Independent,
+            scope: Scope::Group,
         }
     }
 
@@ -231,6 +233,71 @@ impl ListenerOptions {
         self.batch_failure = mode;
         self
     }
+
+    /// Whether the listener handles each event once across all the
+    /// processes that run it ([`Scope::Group`], the default) or once in
+    /// every process ([`Scope::Instance`]). The memory tier treats both
+    /// alike: it has one process.
+    #[must_use]
+    pub fn scope(mut self, scope: Scope) -> Self {
+        self.scope = scope;
+        self
+    }
+}
+
+/// Who handles an event when a listener runs in several processes.
+///
+/// A listener has a name; the processes that spawn a listener of that name
+/// run instances of it. Its scope says how they share the events:
+///
+/// | | memory | durable (SQL log) | distributed (NATS JetStream) |
+/// |---|---|---|---|
+/// | [`Group`](Scope::Group) | the one process handles every event | one checkpoint per listener name; instances lease positions, so each event is handled by one of them | one durable consumer per listener name, pulled by every instance: each event goes to one |
+/// | [`Instance`](Scope::Instance) | the same | one checkpoint per listener name and process, so every process handles every event | one consumer per process (ordered, or durable with the process's id), so every process sees every event |
+///
+/// A mailer, a payment capture, a projection into a shared database are
+/// group listeners: their effect must happen once. A local cache, a local
+/// search index, a websocket fan-out are instance listeners: each process
+/// keeps its own copy of the state they update.
+///
+/// # Examples
+///
+/// ```
+/// use event_bus::{DomainEvent, EventBus, HandlerError, ListenerOptions, Scope, listener};
+///
+/// #[derive(Debug, DomainEvent)]
+/// enum Catalog {
+///     PostUpdated(u64),
+/// }
+///
+/// // Every process keeps its own cache: each must see every update.
+/// struct PageCache;
+///
+/// #[listener]
+/// impl CatalogHandler for PageCache {
+///     async fn on_post_updated(&self, id: &u64) -> Result<(), HandlerError> {
+///         println!("evict post {id}");
+///         Ok(())
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let bus = EventBus::<Catalog>::new();
+/// bus.spawn_with(PageCache, ListenerOptions::new().scope(Scope::Instance));
+/// # }
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[non_exhaustive]
+pub enum Scope {
+    /// Each event is handled once by one of the listener's instances,
+    /// whichever process it runs in. The default.
+    #[default]
+    Group,
+    /// Each event is handled once in every process that runs the listener.
+    Instance,
 }
 
 /// The default [`ListenerOptions::max_batch`].
@@ -350,6 +417,7 @@ impl Default for RetryPolicy {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[non_exhaustive]
 pub enum LagPolicy {
     /// Drop the oldest queued event to make room, count it, and report the
     /// gap to the consumer as [`RecvError::Lagged`](crate::RecvError::Lagged) before the next event.

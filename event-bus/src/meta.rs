@@ -5,6 +5,7 @@ use uuid::Uuid;
 
 use crate::envelope::Envelope;
 use crate::event::{Event, Priority};
+use crate::trace::TraceParent;
 
 /// The identity of the event a handler is handling, and which attempt this
 /// is.
@@ -58,6 +59,7 @@ pub struct Meta {
     name: &'static str,
     sequence: u64,
     priority: Priority,
+    traceparent: Option<TraceParent>,
     attempt: u32,
 }
 
@@ -70,6 +72,7 @@ impl Meta {
             name: envelope.name(),
             sequence: envelope.sequence(),
             priority: envelope.priority(),
+            traceparent: envelope.traceparent(),
             attempt,
         }
     }
@@ -94,6 +97,13 @@ impl Meta {
     /// The priority the event was emitted with.
     pub fn priority(&self) -> Priority {
         self.priority
+    }
+
+    /// The W3C trace context the event carries, if it has one: a tracing
+    /// layer of the application can continue the trace from it. See
+    /// [`Envelope::traceparent`].
+    pub fn traceparent(&self) -> Option<TraceParent> {
+        self.traceparent
     }
 
     /// Which attempt this is: 1 for the first, 2 for the first retry.
