@@ -1,14 +1,18 @@
 //! The shortest tour of `event-bus`: derive the events, emit them, two
-//! listeners (one of them failing), wait for the bus to settle, then shut
-//! down and read the report.
+//! listeners (one of them failing, and reading each event's id and attempt),
+//! wait for the bus to settle, then shut down and read the report.
 //!
 //! ```text
 //! cargo run --example quickstart
 //! ```
 
+use std::collections::HashSet;
+use std::sync::Mutex;
 use std::time::Duration;
 
-use event_bus::{DomainEvent, EventBus, HandlerError, ListenerOptions, RetryPolicy, listener};
+use event_bus::{
+    DomainEvent, EventBus, HandlerError, ListenerOptions, Meta, RetryPolicy, listener,
+};
 
 // The application's events. The derive writes `AppEventKind`, the emit
 // helpers (`bus.emit_user_created(…)`) and the handler trait
@@ -30,16 +34,32 @@ impl AppEventHandler for SearchIndexer {
     }
 }
 
-/// Sends welcome mail; the mail server rejects one address.
-struct Mailer;
+/// Sends welcome mail, once per event however often it is delivered; the
+/// mail server rejects one address.
+#[derive(Default)]
+struct Mailer {
+    sent: Mutex<HashSet<uuid::Uuid>>,
+}
 
 #[listener]
 impl AppEventHandler for Mailer {
-    async fn on_user_created(&self, id: &u64, email: &String) -> Result<(), HandlerError> {
+    // A handler that declares `meta` as its last parameter gets the event's
+    // id (the same on every attempt and every tier) and the attempt.
+    async fn on_user_created(
+        &self,
+        id: &u64,
+        email: &String,
+        meta: Meta,
+    ) -> Result<(), HandlerError> {
+        if self.sent.lock().unwrap().contains(&meta.id()) {
+            return Ok(()); // a redelivery of a mail already sent
+        }
         if email.ends_with(".invalid") {
-            return Err(format!("mail server rejected {email}").into());
+            let attempt = meta.attempt();
+            return Err(format!("mail server rejected {email} (attempt {attempt})").into());
         }
         println!("mailer: welcomed user {id} at {email}");
+        self.sent.lock().unwrap().insert(meta.id());
         Ok(())
     }
 }
@@ -53,7 +73,7 @@ async fn main() {
     bus.spawn(SearchIndexer);
     // Retry twice, about 10ms then 20ms apart, before recording a dead letter.
     let retry = RetryPolicy::exponential(3).initial_backoff(Duration::from_millis(10));
-    bus.spawn_with(Mailer, ListenerOptions::new().retry(retry));
+    bus.spawn_with(Mailer::default(), ListenerOptions::new().retry(retry));
 
     // Request handlers emit and move on: emitting never blocks and never fails.
     bus.emit_user_created(1, "ada@example.com".into());

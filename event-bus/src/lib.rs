@@ -529,6 +529,71 @@
 //! # }
 //! ```
 //!
+//! ## Tiers: the same listeners over other carriers
+//!
+//! The bus is the *memory tier*: events live in per-listener queues in the
+//! process. The listener code does not depend on it. Everything above is
+//! done by the [`runner`], which runs a listener over any
+//! [`Source`](runner::Source) of deliveries; the bus's queues are one source,
+//! and a durable log or a broker's consumer are others (see the [`runner`]
+//! module for how their acks, retries and leases map onto it).
+//! [`runner::run`] runs any listener over a source of one's own with the same
+//! supervision, retries, dead letters and batching.
+//!
+//! What a handler can count on, on every tier:
+//!
+//! - [`Meta`]: the event's id, the same on every attempt and every tier, and
+//!   the attempt. A tier that stores events delivers *at least once*, so a
+//!   handler whose effect must happen once records the ids it applied.
+//! - Retries per its [`RetryPolicy`], then a [`DeadLetter`]; an event that
+//!   no longer decodes is a dead letter with the reason, never a crash loop.
+//! - Its [`Scope`]: handled once across processes, or once in each.
+//!
+//! Priority lanes, fairness, lag policies, the bus-wide sequence and
+//! [`quiesce`](EventBus::quiesce) are the memory tier's.
+//!
+//! Publishing is a trait too: [`Publish`]. The derive's emit helpers work on
+//! anything that publishes: the bus, [`bus.with_priority(p)`](EventBus::with_priority),
+//! the application's state (through `AsRef<EventBus<E>>`), or a type of the
+//! application's own, such as an outbox transaction that buffers its events
+//! and writes them when it commits. Events cross a process boundary through
+//! the `codec` module (feature `serde`): JSON, tagged by the event's name
+//! (`user.created`), never its variant's position, so reordering the enum
+//! breaks nothing, and `#[event(alias = "…")]` reads events stored under an
+//! old name.
+//!
+//! ```
+//! use std::sync::Mutex;
+//! use event_bus::{DomainEvent, EventBus, Priority, Publish};
+//!
+//! #[derive(Debug, DomainEvent)]
+//! enum Shop {
+//!     OrderPaid(u64),
+//! }
+//!
+//! /// Buffers what a request emits, as an outbox transaction would.
+//! #[derive(Default)]
+//! struct Outbox(Mutex<Vec<Shop>>);
+//!
+//! impl Publish<Shop> for Outbox {
+//!     fn publish(&self, event: Shop) {
+//!         self.0.lock().unwrap().push(event);
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let outbox = Outbox::default();
+//! outbox.emit_order_paid(7); // the same helper as on the bus
+//! assert_eq!(outbox.0.lock().unwrap().len(), 1);
+//!
+//! let bus = EventBus::new();
+//! let mut orders = bus.subscribe(ShopKind::OrderPaid);
+//! bus.with_priority(Priority::High).emit_order_paid(8);
+//! assert_eq!(orders.recv().await.unwrap().priority(), Priority::High);
+//! # }
+//! ```
+//!
 //! # Feature flags
 //!
 //! - `derive` (default): [`DomainEvent`](derive@DomainEvent) and
