@@ -124,3 +124,56 @@ async fn a_listener_is_told_the_attempt_after_errors_and_panics_alike() {
     let attempts: Vec<(u32, uuid::Uuid)> = seen.iter().map(|&(_, a, id)| (a, id)).collect();
     assert_eq!(attempts, [(1, id), (2, id), (3, id)]);
 }
+
+/// A batch handler that declares `metas` sees each event's id, in the order
+/// of its payloads, and the batch's attempt.
+#[derive(Clone, Default)]
+struct Batches {
+    seen: Arc<Mutex<Vec<(u64, uuid::Uuid, u32)>>>,
+}
+
+#[listener]
+impl ShopBatchHandler for Batches {
+    async fn on_order_refunded(
+        &self,
+        orders: &[&u64],
+        metas: &[Meta],
+    ) -> Result<(), event_bus::BatchError> {
+        assert_eq!(orders.len(), metas.len());
+        let mut seen = self.seen.lock().unwrap();
+        for (order, meta) in orders.iter().zip(metas) {
+            seen.push((**order, meta.id(), meta.attempt()));
+        }
+        if metas[0].attempt() == 1 {
+            return Err(event_bus::BatchError::all("try again"));
+        }
+        Ok(())
+    }
+
+    // No `metas`: `#[listener]` passes them to the methods that declare them.
+    async fn on_stock_counted(&self, count: usize) -> Result<(), event_bus::BatchError> {
+        assert!(count > 0);
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_derive_batch_handler_that_declares_metas_sees_each_id_and_the_attempt() {
+    let bus = EventBus::new();
+    let mut ids = event_bus::testing::EventRecorder::new(&bus);
+    let batches = Batches::default();
+    bus.spawn_with(batches.clone(), retrying().max_batch(8));
+    for order in 0..3 {
+        bus.emit_order_refunded(order);
+    }
+    bus.emit_stock_counted();
+    bus.quiesce().await;
+
+    let emitted: Vec<uuid::Uuid> = ids.take().iter().map(|e| e.id()).collect();
+    let seen = batches.seen.lock().unwrap().clone();
+    let expected: Vec<(u64, uuid::Uuid, u32)> = (1..=2)
+        .flat_map(|attempt| (0..3).map(move |order| (order, attempt)))
+        .map(|(order, attempt)| (order, emitted[order as usize], attempt))
+        .collect();
+    assert_eq!(seen, expected);
+}

@@ -466,10 +466,13 @@ impl Expander<'_> {
                     v.name()
                 ),
             };
+            let doc = format!(
+                "{doc} `metas` has each event's id and the attempt, in the same order; under `#[listener]`, an implementation may leave it out."
+            );
             Some(quote_spanned! {ident.span()=>
                 #[doc = #doc]
                 #[allow(unused_variables)]
-                fn #method(&self, #param) -> #output {
+                fn #method(&self, #param, metas: &[#private::Meta]) -> #output {
                     async { #private::Result::Ok(()) }
                 }
             })
@@ -480,7 +483,7 @@ impl Expander<'_> {
             let method = on_method(v);
             let (pattern, item) = match &v.shape {
                 Shape::Unit => {
-                    return quote!(#event::#ident => self.#method(run.len()).await);
+                    return quote!(#event::#ident => self.#method(run.len(), &metas).await);
                 }
                 Shape::Newtype(_) => (quote!(#event::#ident(ref __data)), quote!(__data)),
                 Shape::Struct(fields) => {
@@ -511,7 +514,7 @@ impl Expander<'_> {
                             _ => #private::Option::None,
                         })
                         .collect();
-                    self.#method(&items).await
+                    self.#method(&items, &metas).await
                 }
             }
         });
@@ -541,6 +544,7 @@ impl Expander<'_> {
                     async move {
                         let stop_at_first = #private::Batch::failure_mode(batch)
                             == #private::BatchFailure::StopAtFirst;
+                        let attempt = #private::Batch::attempt(batch);
                         let batch = #private::Batch::events(batch);
                         let kind = |envelope: &#private::Arc<#private::Envelope<#event>>| {
                             #private::EventKind::index(#private::Event::kind(envelope.event()))
@@ -554,6 +558,10 @@ impl Expander<'_> {
                                 .position(|envelope| kind(envelope) != first)
                                 .map_or(batch.len(), |len| start + len);
                             let run = &batch[start..end];
+                            let metas: #private::Vec<#private::Meta> = run
+                                .iter()
+                                .map(|__envelope| #private::Meta::new(__envelope, attempt))
+                                .collect();
                             let outcome: #result = match *run[0].event() {
                                 #(#arms,)*
                             };

@@ -183,10 +183,9 @@ fn expand_impl(cx: &Ctxt, args: &Args, block: &ItemImpl) -> TokenStream {
     }
 }
 
-/// Appends the `meta: Meta` parameter of the handler trait's method to a
-/// method that leaves it out, so that a handler names it only when it reads
-/// it. Batch handler methods (one slice of payloads, or a `usize` count)
-/// take no `Meta` and are left as they are.
+/// Appends the `meta: Meta` parameter of the handler trait's method (or
+/// the `metas: &[Meta]` of a batch handler's) to a method that leaves it
+/// out, so that a handler names it only when it reads it.
 fn pass_meta(sig: &mut Signature, private: &TokenStream) {
     let params: Vec<&Type> = sig
         .inputs
@@ -196,15 +195,20 @@ fn pass_meta(sig: &mut Signature, private: &TokenStream) {
             FnArg::Receiver(_) => None,
         })
         .collect();
-    let names_meta = |ty: &Type| match ty {
-        Type::Path(path) => path
-            .path
-            .segments
-            .last()
-            .is_some_and(|segment| segment.ident == "Meta"),
-        _ => false,
+    // `Meta`, or `&[Meta]` when `slice`, as the last segment of the path.
+    let names_meta = |ty: &Type, slice: bool| {
+        let ty = match ty {
+            Type::Reference(reference) if slice => match &*reference.elem {
+                Type::Slice(inner) => &*inner.elem,
+                _ => return false,
+            },
+            ty if !slice => ty,
+            _ => return false,
+        };
+        matches!(ty, Type::Path(path)
+            if path.path.segments.last().is_some_and(|segment| segment.ident == "Meta"))
     };
-    // A batch method's one parameter is `&[…]` (the payloads) or `usize`
+    // A batch method's first parameter is `&[…]` (the payloads) or `usize`
     // (a run of unit events); a handler method's are references to the
     // variant's fields, which are never slices.
     let is_batch = |ty: &Type| match ty {
@@ -212,12 +216,10 @@ fn pass_meta(sig: &mut Signature, private: &TokenStream) {
         Type::Path(path) => path.path.is_ident("usize"),
         _ => false,
     };
-    let leave = match params.as_slice() {
-        [.., last] if names_meta(last) => true,
-        [only] if is_batch(only) => true,
-        _ => false,
-    };
-    if !leave {
-        sig.inputs.push(syn::parse_quote!(_: #private::Meta));
+    match params.as_slice() {
+        [_, last] if names_meta(last, true) => {}
+        [only] if is_batch(only) => sig.inputs.push(syn::parse_quote!(_: &[#private::Meta])),
+        [.., last] if names_meta(last, false) => {}
+        _ => sig.inputs.push(syn::parse_quote!(_: #private::Meta)),
     }
 }

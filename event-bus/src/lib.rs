@@ -938,6 +938,12 @@ pub use event_bus_derive::DomainEvent;
 /// is the type's name unless `name` is given; `crate` is the path of
 /// `event_bus` for crates that re-export it.
 ///
+/// The trait's methods end with a [`Meta`] parameter (`meta: Meta`, or
+/// `metas: &[Meta]` for a batch handler, one per payload): the event's id
+/// and the attempt. A method that does not read it leaves it out, and the
+/// attribute adds it; write its type as `Meta` (or a path ending in `Meta`)
+/// so that the attribute sees it.
+///
 /// # Examples
 ///
 /// ```

@@ -5,7 +5,9 @@
 
 use std::sync::Arc;
 
-use event_bus::{Batch, BatchError, BatchFailure, DomainEvent, Envelope, EventBus, listener};
+use event_bus::{
+    Batch, BatchError, BatchFailure, DomainEvent, Envelope, EventBus, Meta, listener,
+};
 
 /// Events.
 #[derive(Debug, DomainEvent)]
@@ -43,8 +45,8 @@ struct Indexer;
 
 #[listener(name = "indexer")]
 impl AppEventBatchHandler for Indexer {
-    async fn on_cache_cleared(&self, count: usize) -> Result<(), BatchError> {
-        assert!(count > 0);
+    async fn on_cache_cleared(&self, count: usize, metas: &[event_bus::Meta]) -> Result<(), BatchError> {
+        assert_eq!(count, metas.len());
         Ok(())
     }
 
@@ -53,8 +55,8 @@ impl AppEventBatchHandler for Indexer {
         Ok(())
     }
 
-    async fn on_user_deleted(&self, batch: &[&u64]) -> Result<(), BatchError> {
-        let _ = batch;
+    async fn on_user_deleted(&self, batch: &[&u64], metas: &[Meta]) -> Result<(), BatchError> {
+        assert_eq!(batch.len(), metas.len());
         Ok(())
     }
 
