@@ -645,7 +645,8 @@ pub use memory::bus::{
     Prioritized,
 };
 pub use memory::dead_letters::{DeadLetterSubscription, DeadLetters};
-pub use memory::runtime::{ABORT_GRACE, ListenerHandle, ListenerReport, ShutdownReport};
+pub use memory::listeners::{ListenerHandle, ListenerReport, ShutdownReport};
+pub use memory::runtime::ABORT_GRACE;
 pub use memory::subscription::Subscription;
 pub use meta::Meta;
 pub use metrics::{

@@ -3,7 +3,6 @@
 
 use std::future::{self, Future};
 
-use crate::EventBus;
 use crate::event::Event;
 
 /// Something events of type `E` can be published on: the bus, the
@@ -19,9 +18,9 @@ use crate::event::Event;
 /// # Which types publish
 ///
 /// - A type that exposes a bus, through `AsRef<EventBus<E>>`, publishes on
-///   it: [`EventBus`] itself, `&EventBus`, `Arc<EventBus>`, and the
+///   it: [`EventBus`](crate::EventBus) itself, `&EventBus`, `Arc<EventBus>`, and the
 ///   application's state once it has that one-method impl. `publish` is
-///   [`EventBus::emit`] and `publish_wait` is [`EventBus::emit_wait`],
+///   [`EventBus::emit`](crate::EventBus::emit) and `publish_wait` is [`EventBus::emit_wait`](crate::EventBus::emit_wait),
 ///   inlined: the helpers cost what a direct `emit` costs.
 /// - Any other type implements `Publish` itself, as the outbox below does.
 ///
@@ -106,12 +105,12 @@ pub trait Publish<E: Event> {
     ///
     /// Synchronous: never blocks and never fails the caller. What that
     /// means for delivery is the publisher's to say: the bus queues the
-    /// event for its subscribers now ([`EventBus::emit`]); an outbox
+    /// event for its subscribers now ([`EventBus::emit`](crate::EventBus::emit)); an outbox
     /// transaction buffers it and writes it when it commits.
     fn publish(&self, event: E);
 
     /// Publishes `event`, first waiting for room where the publisher has a
-    /// notion of it: on a bus, [`EventBus::emit_wait`], which waits while a
+    /// notion of it: on a bus, [`EventBus::emit_wait`](crate::EventBus::emit_wait), which waits while a
     /// backpressure subscriber is full.
     ///
     /// The default publishes at once and returns a ready future, which is
@@ -119,21 +118,5 @@ pub trait Publish<E: Event> {
     fn publish_wait(&self, event: E) -> impl Future<Output = ()> + Send {
         self.publish(event);
         future::ready(())
-    }
-}
-
-/// The bus, and everything that exposes one: see [which types
-/// publish](Publish#which-types-publish).
-impl<E: Event, T: AsRef<EventBus<E>> + ?Sized> Publish<E> for T {
-    /// [`EventBus::emit`].
-    #[inline]
-    fn publish(&self, event: E) {
-        self.as_ref().emit(event);
-    }
-
-    /// [`EventBus::emit_wait`].
-    #[inline]
-    fn publish_wait(&self, event: E) -> impl Future<Output = ()> + Send {
-        self.as_ref().emit_wait(event)
     }
 }

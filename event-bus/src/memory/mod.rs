@@ -4,7 +4,9 @@
 
 pub(crate) mod bus;
 pub(crate) mod dead_letters;
+pub(crate) mod listeners;
 pub(crate) mod queue;
 pub(crate) mod runtime;
+pub(crate) mod shared;
 pub(crate) mod source;
 pub(crate) mod subscription;

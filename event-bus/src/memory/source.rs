@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use super::bus::Shared;
 use super::queue::{Queue, Receiver};
+use super::shared::Shared;
 use crate::envelope::Envelope;
 use crate::error::{RecvError, TryRecvError};
 use crate::event::Event;

@@ -11,8 +11,8 @@ use crate::envelope::Envelope;
 use crate::error::{Lagged, RecvError, TryRecvError};
 use crate::event::{Event, KindSet, Priority};
 use crate::listener::LagPolicy;
-use crate::memory::bus::Shared;
 use crate::memory::queue::{Queue, Receiver};
+use crate::memory::shared::Shared;
 use crate::metrics::LaneMetrics;
 
 /// Receives the events of the kinds it subscribed to, in emit order.
