@@ -215,8 +215,10 @@ impl ModelListener {
 
     /// Takes the next event as the runner does (in flight until finished).
     fn take(&mut self) -> Ev {
-        let delivery = block_on(std::future::poll_fn(|cx| self.source.poll_next(cx)))
-            .expect("the source has not ended");
+        let Some(Ok(delivery)) = block_on(std::future::poll_fn(|cx| self.source.poll_next(cx)))
+        else {
+            panic!("the source has ended");
+        };
         let event = ***delivery.envelope();
         self.taken = Some(delivery);
         event
