@@ -17,8 +17,10 @@
 // capabilities allow; what one tier skips is dead code in its crate.
 #![allow(dead_code)]
 
+pub(crate) mod decoding;
 pub(crate) mod delivery;
 pub(crate) mod probes;
+pub(crate) mod retries;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -415,6 +417,14 @@ macro_rules! scenarios {
                 publish_subscribe_delivers_every_event_once_with_its_payload,
                 concurrent_subscribe_each_listener_receives_every_later_event_in_order,
                 a_listener_with_concurrency_one_sees_events_in_publish_order,
+            }
+            retries {
+                a_failing_handler_is_resent_with_the_attempt_count_and_the_same_id,
+                an_unacked_event_blocks_the_next_one_with_concurrency_one,
+                after_a_dead_letter_the_listener_handles_the_next_events,
+            }
+            decoding {
+                an_undecodable_event_becomes_a_dead_letter_and_the_listener_goes_on,
             }
         );
     };
