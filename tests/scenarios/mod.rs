@@ -17,6 +17,7 @@
 // capabilities allow; what one tier skips is dead code in its crate.
 #![allow(dead_code)]
 
+pub(crate) mod closing;
 pub(crate) mod decoding;
 pub(crate) mod delivery;
 pub(crate) mod probes;
@@ -422,6 +423,12 @@ macro_rules! scenarios {
                 a_failing_handler_is_resent_with_the_attempt_count_and_the_same_id,
                 an_unacked_event_blocks_the_next_one_with_concurrency_one,
                 after_a_dead_letter_the_listener_handles_the_next_events,
+            }
+            closing {
+                concurrent_close_accounts_for_every_event_published_before_shutdown,
+                events_published_after_shutdown_are_refused_and_never_handled,
+                an_aborted_listener_handles_nothing_after_it_stopped,
+                graceful_shutdown_drains_every_queued_event_exactly_once,
             }
             decoding {
                 an_undecodable_event_becomes_a_dead_letter_and_the_listener_goes_on,
