@@ -20,6 +20,7 @@
 pub(crate) mod closing;
 pub(crate) mod decoding;
 pub(crate) mod delivery;
+pub(crate) mod handlers;
 pub(crate) mod probes;
 pub(crate) mod retries;
 
@@ -429,6 +430,10 @@ macro_rules! scenarios {
                 events_published_after_shutdown_are_refused_and_never_handled,
                 an_aborted_listener_handles_nothing_after_it_stopped,
                 graceful_shutdown_drains_every_queued_event_exactly_once,
+            }
+            handlers {
+                a_derive_handler_sees_the_emitted_id_and_attempt_one,
+                a_batch_listener_gets_every_event_once_in_bounded_ordered_batches,
             }
             decoding {
                 an_undecodable_event_becomes_a_dead_letter_and_the_listener_goes_on,
