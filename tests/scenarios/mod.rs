@@ -23,6 +23,7 @@ pub(crate) mod delivery;
 pub(crate) mod handlers;
 pub(crate) mod probes;
 pub(crate) mod retries;
+pub(crate) mod tier_semantics;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -144,6 +145,31 @@ pub(crate) trait Tier:
     fn publish_raw(&self, bytes: Vec<u8>) -> impl Future<Output = ()> + Send {
         let _ = bytes;
         unsupported::<Self, _>("publish_raw", Need::Decodes)
+    }
+
+    /// Spawns `listener` as one instance of `group`: the instances of a
+    /// group share its events, each handled by one of them. Only with
+    /// [`Capabilities::groups`].
+    fn spawn_in_group<L: Listener<ScenarioEvent>>(
+        &self,
+        group: &'static str,
+        listener: L,
+        options: ListenerOptions,
+    ) -> impl Future<Output = Self::Handle> + Send {
+        let _ = (group, listener, options);
+        unsupported::<Self, _>("spawn_in_group", Need::Groups)
+    }
+
+    /// Spawns `listener` to be handed every event the tier still holds,
+    /// from the first, then what is published afterwards. Only with
+    /// [`Capabilities::replay`].
+    fn spawn_replaying<L: Listener<ScenarioEvent>>(
+        &self,
+        listener: L,
+        options: ListenerOptions,
+    ) -> impl Future<Output = Self::Handle> + Send {
+        let _ = (listener, options);
+        unsupported::<Self, _>("spawn_replaying", Need::Replay)
     }
 }
 
@@ -274,13 +300,14 @@ impl Capabilities {
     }
 
     /// Consumer groups: instances of a listener in many processes share its
-    /// events.
+    /// events: [`Tier::spawn_in_group`].
     pub(crate) const fn groups(mut self) -> Self {
         self.groups = true;
         self
     }
 
-    /// A listener can start from an earlier position.
+    /// A listener can start from an earlier position:
+    /// [`Tier::spawn_replaying`].
     pub(crate) const fn replay(mut self) -> Self {
         self.replay = true;
         self
@@ -437,6 +464,13 @@ macro_rules! scenarios {
             }
             decoding {
                 an_undecodable_event_becomes_a_dead_letter_and_the_listener_goes_on,
+            }
+            tier_semantics {
+                a_high_priority_event_overtakes_queued_normal_ones,
+                a_full_drop_oldest_listener_accounts_for_every_event,
+                a_persistent_listener_resumes_after_a_restart,
+                a_group_shares_its_events_each_once_across_instances,
+                a_replaying_listener_starts_from_the_first_event,
             }
         );
     };
