@@ -325,3 +325,28 @@ fn struct_variants_of_many_fields_keep_their_order() {
         }
     );
 }
+
+/// Variants that share a prefix, which clippy's `enum_variant_names` flags:
+/// the user's `allow` reaches the kind enum the derive writes beside it (the
+/// workspace's `cargo clippy --all-targets -- -D warnings` fails otherwise).
+#[allow(clippy::enum_variant_names)]
+#[derive(Debug, DomainEvent)]
+enum ItemEvent {
+    ItemCreated(u64),
+    ItemUpdated(u64),
+    ItemDeleted(u64),
+}
+
+#[test]
+fn lint_levels_on_the_enum_reach_its_kind_enum() {
+    let bus = EventBus::<ItemEvent>::new();
+    let mut recorder = event_bus::testing::EventRecorder::new(&bus);
+    bus.emit_item_created(1);
+    bus.emit_item_updated(1);
+    bus.emit_item_deleted(1);
+    recorder.assert_kinds(&[
+        ItemEventKind::ItemCreated,
+        ItemEventKind::ItemUpdated,
+        ItemEventKind::ItemDeleted,
+    ]);
+}

@@ -161,8 +161,17 @@ impl Expander<'_> {
                     }
                 }
             });
+        // The kind enum mirrors the event enum's variants, so a lint the user
+        // allowed on the enum (`clippy::enum_variant_names`, say) would fire
+        // on it where they cannot reach it: it carries the same lint levels.
+        let lints = self.input.original.attrs.iter().filter(|attr| {
+            ["allow", "expect", "warn", "deny", "forbid"]
+                .iter()
+                .any(|level| attr.path().is_ident(level))
+        });
         quote! {
             #[doc = #enum_doc]
+            #(#lints)*
             #[derive(
                 ::core::fmt::Debug,
                 ::core::clone::Clone,
