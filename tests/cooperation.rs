@@ -178,3 +178,50 @@ async fn shutdown_returns_at_its_deadline_on_one_thread_though_a_listener_never_
     );
     assert_eq!(listener.metrics().handled, reported.handled);
 }
+
+/// Fails the first event of every batch, at once and without waiting: under
+/// `StopAtFirst` with no retries, each becomes a dead letter and the rest
+/// of the batch goes on, attempt after attempt, with no await between them.
+struct FailsTheFirst(Arc<std::sync::atomic::AtomicU64>);
+
+impl event_bus::BatchListener<TestEvent> for FailsTheFirst {
+    async fn handle_batch(
+        &self,
+        _: &event_bus::Batch<TestEvent>,
+    ) -> Result<(), event_bus::BatchError> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Err(event_bus::BatchError::event(0, "unreadable"))
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_stop_at_first_batch_going_on_after_dead_letters_lets_other_tasks_run_and_stops() {
+    const EVENTS: u64 = 5_000;
+    let bus = EventBus::new();
+    let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let options = ListenerOptions::new()
+        .capacity(ROOMY)
+        .max_batch(EVENTS as usize)
+        .batch_failure(event_bus::BatchFailure::StopAtFirst);
+    let listener = bus.spawn_with(FailsTheFirst(calls.clone()), options);
+    for i in 0..EVENTS {
+        bus.emit(TestEvent::A(i));
+    }
+    // Queued behind the listener's task: it runs when the listener yields,
+    // and stops it there.
+    let probe = tokio::spawn({
+        let (listener, calls) = (listener.clone(), calls.clone());
+        async move {
+            listener.abort();
+            calls.load(Ordering::Relaxed)
+        }
+    });
+    let calls_when_the_probe_ran = within("probe task", probe).await.unwrap();
+    within("the aborted listener to end", listener.finished()).await;
+    assert!(
+        calls_when_the_probe_ran < BUDGET,
+        "{calls_when_the_probe_ran} handler calls before another task ran"
+    );
+    // Nothing was handled after the stop.
+    assert_eq!(calls.load(Ordering::Relaxed), calls_when_the_probe_ran);
+}

@@ -177,3 +177,54 @@ async fn a_derive_batch_handler_that_declares_metas_sees_each_id_and_the_attempt
         .collect();
     assert_eq!(seen, expected);
 }
+
+/// Under `StopAtFirst`, the retried first event is on its second attempt
+/// and the events after it, never attempted, on their first: each `Meta`
+/// says its own event's attempt.
+#[derive(Clone, Default)]
+struct FailsTheFirstOnce {
+    seen: Arc<Mutex<Vec<Call>>>,
+}
+
+/// One call of a batch handler: each order with its meta's attempt.
+type Call = Vec<(u64, u32)>;
+
+#[listener]
+impl ShopBatchHandler for FailsTheFirstOnce {
+    async fn on_order_refunded(
+        &self,
+        orders: &[&u64],
+        metas: &[Meta],
+    ) -> Result<(), event_bus::BatchError> {
+        let call: Vec<(u64, u32)> = orders
+            .iter()
+            .zip(metas)
+            .map(|(o, m)| (**o, m.attempt()))
+            .collect();
+        let first = self.seen.lock().unwrap().is_empty();
+        self.seen.lock().unwrap().push(call);
+        if first {
+            return Err(event_bus::BatchError::event(0, "busy"));
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_meta_of_a_batch_has_its_own_events_attempt() {
+    let bus = EventBus::new();
+    let listener = FailsTheFirstOnce::default();
+    let options = retrying()
+        .max_batch(8)
+        .batch_failure(event_bus::BatchFailure::StopAtFirst);
+    bus.spawn_with(listener.clone(), options);
+    for order in 1..=3 {
+        bus.emit_order_refunded(order);
+    }
+    bus.quiesce().await;
+    let seen = listener.seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        [vec![(1, 1), (2, 1), (3, 1)], vec![(1, 2), (2, 1), (3, 1)]]
+    );
+}

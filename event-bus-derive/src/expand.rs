@@ -553,7 +553,7 @@ impl Expander<'_> {
                     async move {
                         let stop_at_first = #private::Batch::failure_mode(batch)
                             == #private::BatchFailure::StopAtFirst;
-                        let attempt = #private::Batch::attempt(batch);
+                        let attempts = #private::Batch::attempts(batch);
                         let batch = #private::Batch::events(batch);
                         let kind = |envelope: &#private::Arc<#private::Envelope<#event>>| {
                             #private::EventKind::index(#private::Event::kind(envelope.event()))
@@ -569,7 +569,8 @@ impl Expander<'_> {
                             let run = &batch[start..end];
                             let metas: #private::Vec<#private::Meta> = run
                                 .iter()
-                                .map(|__envelope| #private::Meta::new(__envelope, attempt))
+                                .zip(&attempts[start..end])
+                                .map(|(__envelope, &__attempt)| #private::Meta::new(__envelope, __attempt))
                                 .collect();
                             let outcome: #result = match *run[0].event() {
                                 #(#arms,)*

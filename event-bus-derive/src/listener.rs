@@ -5,7 +5,9 @@
 use proc_macro2::TokenStream;
 use quote::{ToTokens, quote};
 use syn::parse::Parser;
-use syn::{FnArg, ImplItem, ItemImpl, LitStr, Path, Signature, Type};
+use syn::{
+    FnArg, GenericArgument, ImplItem, ItemImpl, LitStr, Path, PathArguments, Signature, Type,
+};
 
 use crate::ctxt::Ctxt;
 
@@ -186,6 +188,13 @@ fn expand_impl(cx: &Ctxt, args: &Args, block: &ItemImpl) -> TokenStream {
 /// Appends the `meta: Meta` parameter of the handler trait's method (or
 /// the `metas: &[Meta]` of a batch handler's) to a method that leaves it
 /// out, so that a handler names it only when it reads it.
+///
+/// A handler method's other parameters are references to the variant's
+/// fields, so a last parameter taken by value, or whose type names `Meta`,
+/// is its meta. A batch method's first parameter is its payloads (`&[…]`)
+/// or a count taken by value, and its meta comes second. Either way the
+/// compiler checks the meta's type against the trait's, on the user's
+/// tokens.
 fn pass_meta(sig: &mut Signature, private: &TokenStream) {
     let params: Vec<&Type> = sig
         .inputs
@@ -195,31 +204,36 @@ fn pass_meta(sig: &mut Signature, private: &TokenStream) {
             FnArg::Receiver(_) => None,
         })
         .collect();
-    // `Meta`, or `&[Meta]` when `slice`, as the last segment of the path.
-    let names_meta = |ty: &Type, slice: bool| {
-        let ty = match ty {
-            Type::Reference(reference) if slice => match &*reference.elem {
-                Type::Slice(inner) => &*inner.elem,
-                _ => return false,
-            },
-            ty if !slice => ty,
-            _ => return false,
-        };
-        matches!(ty, Type::Path(path)
-            if path.path.segments.last().is_some_and(|segment| segment.ident == "Meta"))
-    };
-    // A batch method's first parameter is `&[…]` (the payloads) or `usize`
-    // (a run of unit events); a handler method's are references to the
-    // variant's fields, which are never slices.
+    let by_value = |ty: &Type| !matches!(ty, Type::Reference(_));
+    let is_meta = |ty: &Type| by_value(ty) || names_meta(ty);
     let is_batch = |ty: &Type| match ty {
         Type::Reference(reference) => matches!(*reference.elem, Type::Slice(_)),
-        Type::Path(path) => path.path.is_ident("usize"),
-        _ => false,
+        ty => !names_meta(ty),
     };
     match params.as_slice() {
-        [_, last] if names_meta(last, true) => {}
-        [only] if is_batch(only) => sig.inputs.push(syn::parse_quote!(_: &[#private::Meta])),
-        [.., last] if names_meta(last, false) => {}
+        [first, ..] if is_batch(first) => {
+            if params.len() == 1 {
+                sig.inputs.push(syn::parse_quote!(_: &[#private::Meta]));
+            }
+        }
+        [.., last] if is_meta(last) => {}
         _ => sig.inputs.push(syn::parse_quote!(_: #private::Meta)),
+    }
+}
+
+/// Whether `ty` names `Meta`: `Meta`, a path ending in it, or a reference,
+/// slice or generic argument around one.
+fn names_meta(ty: &Type) -> bool {
+    match ty {
+        Type::Path(path) => path.path.segments.last().is_some_and(|segment| {
+            segment.ident == "Meta"
+                || matches!(&segment.arguments, PathArguments::AngleBracketed(args)
+                    if args.args.iter().any(|arg| matches!(arg, GenericArgument::Type(ty) if names_meta(ty))))
+        }),
+        Type::Reference(reference) => names_meta(&reference.elem),
+        Type::Slice(slice) => names_meta(&slice.elem),
+        Type::Array(array) => names_meta(&array.elem),
+        Type::Paren(paren) => names_meta(&paren.elem),
+        _ => false,
     }
 }

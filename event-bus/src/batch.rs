@@ -144,6 +144,8 @@ pub trait BatchListener<E: Event>: Send + Sync + 'static {
 pub struct Batch<E> {
     pub(crate) events: Vec<Arc<Envelope<E>>>,
     pub(crate) attempt: u32,
+    /// Each event's attempt, in batch order.
+    pub(crate) attempts: Vec<u32>,
     pub(crate) failure_mode: BatchFailure,
 }
 
@@ -153,6 +155,7 @@ impl<E> Batch<E> {
     /// handler directly.
     pub fn new(events: Vec<Arc<Envelope<E>>>) -> Self {
         Self {
+            attempts: vec![1; events.len()],
             events,
             attempt: 1,
             failure_mode: BatchFailure::default(),
@@ -175,6 +178,14 @@ impl<E> Batch<E> {
     /// attempt, since those that followed a failure were not attempted.
     pub fn attempt(&self) -> u32 {
         self.attempt
+    }
+
+    /// Each event's attempt, in batch order: under
+    /// [`BatchFailure::StopAtFirst`] the first event may be on a retry while
+    /// those after it are at their first attempt, and a source that
+    /// redelivers may batch a retried event with new ones.
+    pub fn attempts(&self) -> &[u32] {
+        &self.attempts
     }
 
     /// How a failure of this batch is retried: the listener's

@@ -188,6 +188,9 @@ impl JsonCodec {
         envelope: &Envelope<E>,
     ) -> Result<Vec<u8>, EncodeError> {
         let name = envelope.name();
+        if !probe::is_externally_tagged(envelope.event()) {
+            return Err(EncodeError::NotExternallyTagged { name });
+        }
         let data = match serde_json::to_value(envelope.event()) {
             // A unit variant is its name, any other `{"Variant": content}`.
             Ok(Value::String(_)) => Value::Null,
@@ -410,12 +413,16 @@ fn rfc3339(at: SystemTime) -> Option<String> {
         .ok()
 }
 
-/// The time an RFC 3339 string names; `None` when it is not one, or when
-/// `SystemTime` cannot hold it.
+/// The time an RFC 3339 string names; `None` when it is not one, when its
+/// UTC year is outside 0000 to 9999 (which [`rfc3339`] could not write
+/// back), or when `SystemTime` cannot hold it.
 fn parse_rfc3339(text: &str) -> Option<SystemTime> {
-    let nanos = OffsetDateTime::parse(text, &Rfc3339)
-        .ok()?
-        .unix_timestamp_nanos();
+    let at = OffsetDateTime::parse(text, &Rfc3339).ok()?;
+    let utc = OffsetDateTime::from_unix_timestamp(at.unix_timestamp()).ok()?;
+    if !(0..=9999).contains(&utc.year()) {
+        return None;
+    }
+    let nanos = at.unix_timestamp_nanos();
     let since = |nanos: u128| {
         let secs = u64::try_from(nanos / 1_000_000_000).ok()?;
         Some(Duration::new(secs, (nanos % 1_000_000_000) as u32))
@@ -453,7 +460,9 @@ impl<'de> Deserializer<'de> for ContentOf {
         variants: &'static [&'static str],
         visitor: V,
     ) -> Result<V::Value, Self::Error> {
-        if variants.len() != self.kinds {
+        // serde lists a variant's aliases among its variants, so there may
+        // be more; fewer means serde skips one, which shifts its indices.
+        if variants.len() < self.kinds {
             return Err(de::Error::custom(format_args!(
                 "serde reads {} variants and the event has {} kinds: a variant skipped by serde shifts serde's variant order",
                 variants.len(),
@@ -538,5 +547,149 @@ fn unexpected(value: &Value) -> de::Unexpected<'_> {
         Value::String(s) => de::Unexpected::Str(s),
         Value::Array(_) => de::Unexpected::Seq,
         Value::Object(_) => de::Unexpected::Map,
+    }
+}
+
+/// Which shape a `Serialize` impl writes an enum in, read from the first
+/// call it makes, which is all the probe lets it make.
+mod probe {
+    use std::fmt;
+
+    use serde::Serialize;
+    use serde::ser::{self, Impossible};
+
+    /// Whether `value` serializes as an externally tagged enum variant,
+    /// serde's default: its first call names the variant. An internally
+    /// tagged enum starts a struct or a map, an untagged one writes its
+    /// content as it is. An impl that fails before its first call (a
+    /// skipped variant) passes, so that its own error is the one reported.
+    pub(super) fn is_externally_tagged<T: Serialize + ?Sized>(value: &T) -> bool {
+        !matches!(value.serialize(Probe), Err(Stop(Some(false))))
+    }
+
+    /// Ends the serialization at its first call: whether it was a
+    /// variant's, or `None` when the impl failed on its own.
+    #[derive(Debug)]
+    pub(super) struct Stop(Option<bool>);
+
+    impl fmt::Display for Stop {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("probed")
+        }
+    }
+
+    impl std::error::Error for Stop {}
+
+    impl ser::Error for Stop {
+        fn custom<M: fmt::Display>(_: M) -> Self {
+            Stop(None)
+        }
+    }
+
+    struct Probe;
+
+    macro_rules! not_a_variant {
+        ($($method:ident($($ty:ty),*)),* $(,)?) => {
+            $(fn $method(self, $(_: $ty),*) -> Result<(), Stop> { Err(Stop(Some(false))) })*
+        };
+    }
+
+    impl ser::Serializer for Probe {
+        type Ok = ();
+        type Error = Stop;
+        type SerializeSeq = Impossible<(), Stop>;
+        type SerializeTuple = Impossible<(), Stop>;
+        type SerializeTupleStruct = Impossible<(), Stop>;
+        type SerializeTupleVariant = Impossible<(), Stop>;
+        type SerializeMap = Impossible<(), Stop>;
+        type SerializeStruct = Impossible<(), Stop>;
+        type SerializeStructVariant = Impossible<(), Stop>;
+
+        not_a_variant! {
+            serialize_bool(bool), serialize_i8(i8), serialize_i16(i16), serialize_i32(i32),
+            serialize_i64(i64), serialize_u8(u8), serialize_u16(u16), serialize_u32(u32),
+            serialize_u64(u64), serialize_f32(f32), serialize_f64(f64), serialize_char(char),
+            serialize_str(&str), serialize_bytes(&[u8]), serialize_none(), serialize_unit(),
+            serialize_unit_struct(&'static str),
+        }
+
+        fn serialize_some<T: Serialize + ?Sized>(self, _: &T) -> Result<(), Stop> {
+            Err(Stop(Some(false)))
+        }
+
+        fn serialize_unit_variant(
+            self,
+            _: &'static str,
+            _: u32,
+            _: &'static str,
+        ) -> Result<(), Stop> {
+            Err(Stop(Some(true)))
+        }
+
+        fn serialize_newtype_struct<T: Serialize + ?Sized>(
+            self,
+            _: &'static str,
+            _: &T,
+        ) -> Result<(), Stop> {
+            Err(Stop(Some(false)))
+        }
+
+        fn serialize_newtype_variant<T: Serialize + ?Sized>(
+            self,
+            _: &'static str,
+            _: u32,
+            _: &'static str,
+            _: &T,
+        ) -> Result<(), Stop> {
+            Err(Stop(Some(true)))
+        }
+
+        fn serialize_seq(self, _: Option<usize>) -> Result<Self::SerializeSeq, Stop> {
+            Err(Stop(Some(false)))
+        }
+
+        fn serialize_tuple(self, _: usize) -> Result<Self::SerializeTuple, Stop> {
+            Err(Stop(Some(false)))
+        }
+
+        fn serialize_tuple_struct(
+            self,
+            _: &'static str,
+            _: usize,
+        ) -> Result<Self::SerializeTupleStruct, Stop> {
+            Err(Stop(Some(false)))
+        }
+
+        fn serialize_tuple_variant(
+            self,
+            _: &'static str,
+            _: u32,
+            _: &'static str,
+            _: usize,
+        ) -> Result<Self::SerializeTupleVariant, Stop> {
+            Err(Stop(Some(true)))
+        }
+
+        fn serialize_map(self, _: Option<usize>) -> Result<Self::SerializeMap, Stop> {
+            Err(Stop(Some(false)))
+        }
+
+        fn serialize_struct(
+            self,
+            _: &'static str,
+            _: usize,
+        ) -> Result<Self::SerializeStruct, Stop> {
+            Err(Stop(Some(false)))
+        }
+
+        fn serialize_struct_variant(
+            self,
+            _: &'static str,
+            _: u32,
+            _: &'static str,
+            _: usize,
+        ) -> Result<Self::SerializeStructVariant, Stop> {
+            Err(Stop(Some(true)))
+        }
     }
 }

@@ -243,6 +243,28 @@ impl ListenerOptions {
         self.scope = scope;
         self
     }
+
+    /// The [concurrency](Self::concurrency): for a tier's source, how many
+    /// unfinished deliveries (batches, for a batch listener) it may have out
+    /// at once.
+    pub fn get_concurrency(&self) -> usize {
+        self.concurrency
+    }
+
+    /// The [`max_batch`](Self::max_batch).
+    pub fn get_max_batch(&self) -> usize {
+        self.max_batch
+    }
+
+    /// The [retry policy](Self::retry).
+    pub fn get_retry(&self) -> RetryPolicy {
+        self.retry
+    }
+
+    /// The [scope](Self::scope).
+    pub fn get_scope(&self) -> Scope {
+        self.scope
+    }
 }
 
 /// Who handles an event when a listener runs in several processes.

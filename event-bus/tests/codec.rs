@@ -471,3 +471,73 @@ fn a_time_rfc_3339_cannot_write_is_an_encode_error() {
     ));
     assert_eq!(EventKind::name(ShapesKind::CacheFlushed), error.name());
 }
+
+/// Internally tagged unit variants, and untagged enums, start no variant
+/// either: their bytes would never decode.
+#[derive(Debug, DomainEvent, Serialize, Deserialize)]
+#[serde(tag = "t")]
+enum TaggedUnit {
+    Flushed,
+}
+
+#[derive(Debug, DomainEvent, Serialize, Deserialize)]
+#[serde(untagged)]
+enum Untagged {
+    Named(String),
+    Counted(u64),
+}
+
+#[test]
+fn internally_tagged_units_and_untagged_enums_are_refused_too() {
+    let tagged = JsonCodec.encode(&Envelope::new(TaggedUnit::Flushed));
+    assert!(
+        matches!(
+            tagged,
+            Err(EncodeError::NotExternallyTagged { name: "flushed" })
+        ),
+        "{tagged:?}"
+    );
+    for event in [Untagged::Named("ada".into()), Untagged::Counted(7)] {
+        let encoded = JsonCodec.encode(&Envelope::new(event));
+        assert!(
+            matches!(encoded, Err(EncodeError::NotExternallyTagged { .. })),
+            "{encoded:?}"
+        );
+    }
+}
+
+/// serde lists a variant's aliases among its variants.
+#[derive(Debug, PartialEq, DomainEvent, Serialize, Deserialize)]
+enum SerdeAliased {
+    #[serde(alias = "UserRegistered")]
+    UserCreated(u64),
+    PostPublished(u64),
+}
+
+#[test]
+fn a_serde_alias_on_a_variant_does_not_stop_decoding() {
+    for event in [SerdeAliased::UserCreated(1), SerdeAliased::PostPublished(3)] {
+        let envelope = Envelope::new(event);
+        let bytes = JsonCodec.encode(&envelope).unwrap();
+        let decoded: Envelope<SerdeAliased> = JsonCodec.decode(&bytes).unwrap();
+        assert_eq!(decoded.event(), envelope.event());
+    }
+}
+
+#[test]
+fn a_time_the_encoder_could_not_write_back_does_not_decode() {
+    for time in ["9999-12-31T23:59:59-01:00", "0000-01-01T00:00:00+01:00"] {
+        let bytes = format!(
+            r#"{{"id":"0190c0a4-7b3e-7cc2-9a41-2f6d1e8b5a73","type":"cache.flushed","time":"{time}"}}"#
+        );
+        let decoded = JsonCodec.decode::<Shapes>(bytes.as_bytes());
+        assert!(
+            matches!(decoded, Err(DecodeError::Time { .. })),
+            "{time}: {decoded:?}"
+        );
+    }
+    // The years' ends themselves still read.
+    let bytes = br#"{"id":"0190c0a4-7b3e-7cc2-9a41-2f6d1e8b5a73","type":"cache.flushed","time":"9999-12-31T23:59:59Z"}"#;
+    let decoded = JsonCodec.decode::<Shapes>(bytes).unwrap();
+    assert!(JsonCodec.encode(&decoded).is_ok());
+}

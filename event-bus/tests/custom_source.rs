@@ -32,6 +32,7 @@ struct Outcomes {
     acked: Vec<u64>,
     terminated: Vec<String>,
     redelivered: usize,
+    released: usize,
 }
 
 /// An entry's bytes and how many times it was delivered.
@@ -105,6 +106,14 @@ impl Delivery<Shop> for Entry {
     async fn terminate(self, reason: &str) {
         let mut outcomes = self.log.outcomes.lock().unwrap();
         outcomes.terminated.push(reason.to_owned());
+    }
+
+    /// Given back unattempted: delivered again after what is queued, at
+    /// the same attempt.
+    async fn release(self) {
+        self.log.outcomes.lock().unwrap().released += 1;
+        let entry = (self.bytes, self.attempt);
+        self.log.entries.lock().unwrap().push_back(entry);
     }
 }
 
@@ -323,4 +332,210 @@ async fn a_batch_listener_gets_every_decodable_event_and_the_rest_are_dead_lette
         log.outcomes.lock().unwrap().acked,
         (0..15).collect::<Vec<_>>()
     );
+}
+
+/// Fails every event's first attempt.
+#[derive(Clone, Default)]
+struct FirstTimeUnlucky(Arc<Mutex<Vec<(u64, u32)>>>);
+
+impl BatchListener<Shop> for FirstTimeUnlucky {
+    async fn handle_batch(&self, batch: &Batch<Shop>) -> Result<(), BatchError> {
+        let mut failed = Vec::new();
+        for (at, (envelope, &attempt)) in batch.iter().zip(batch.attempts()).enumerate() {
+            self.0.lock().unwrap().push((order(envelope), attempt));
+            if attempt == 1 {
+                failed.push(at);
+            }
+        }
+        match failed.is_empty() {
+            true => Ok(()),
+            false => Err(BatchError::events(failed, "first attempt")),
+        }
+    }
+}
+
+#[tokio::test]
+async fn what_goes_back_to_a_source_that_ended_is_still_handled_by_a_batch_listener() {
+    // The log ends as soon as it is read to its end; the retries it takes
+    // back after that come again, and are handled.
+    let log = Log::of(&[Shop::OrderPaid(1), Shop::OrderPaid(2)]);
+    let letters = Arc::new(Letters::default());
+    let listener = FirstTimeUnlucky::default();
+
+    let report = runner::run(
+        listener.clone(),
+        log.clone(),
+        letters.clone(),
+        three_attempts(),
+    )
+    .await;
+
+    assert_eq!(
+        (report.handled, report.retried, report.dead_lettered),
+        (2, 2, 0)
+    );
+    assert_eq!(log.outcomes.lock().unwrap().acked, [1, 2]);
+    assert!(log.entries.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn what_goes_back_to_a_source_that_ended_is_still_handled_at_concurrency_above_one() {
+    let log = Log::of(&[Shop::OrderPaid(7), Shop::OrderPaid(3)]);
+    let letters = Arc::new(Letters::default());
+    let shipping = Shipping::default();
+
+    let options = three_attempts().concurrency(2);
+    let report = runner::run(shipping.clone(), log.clone(), letters.clone(), options).await;
+
+    // Order 7 fails its first attempt and goes back to the log, which had
+    // ended: it is handled on its second.
+    assert_eq!((report.handled, report.retried), (2, 1));
+    let mut acked = log.outcomes.lock().unwrap().acked.clone();
+    acked.sort_unstable();
+    assert_eq!(acked, [3, 7]);
+}
+
+/// Processes a batch in order, stopping at the first event it fails, and
+/// fails each event the first time it processes it.
+#[derive(Clone, Default)]
+struct InOrder {
+    processed: Arc<Mutex<Vec<(u64, u32)>>>,
+    failed_once: Arc<Mutex<Vec<u64>>>,
+}
+
+impl BatchListener<Shop> for InOrder {
+    async fn handle_batch(&self, batch: &Batch<Shop>) -> Result<(), BatchError> {
+        for (at, (envelope, &attempt)) in batch.iter().zip(batch.attempts()).enumerate() {
+            let order = order(envelope);
+            self.processed.lock().unwrap().push((order, attempt));
+            let mut failed_once = self.failed_once.lock().unwrap();
+            if !failed_once.contains(&order) {
+                failed_once.push(order);
+                return Err(BatchError::event(at, "busy"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn stop_at_first_gives_back_the_events_after_a_retry_the_source_took_unattempted() {
+    let log = Log::of(&[Shop::OrderPaid(1), Shop::OrderPaid(2), Shop::OrderPaid(3)]);
+    let letters = Arc::new(Letters::default());
+    let listener = InOrder::default();
+
+    let options = ListenerOptions::new()
+        .batch_failure(event_bus::BatchFailure::StopAtFirst)
+        .retry(RetryPolicy::exponential(2).initial_backoff(Duration::ZERO));
+    let report = runner::run(listener.clone(), log.clone(), letters.clone(), options).await;
+
+    // Every event fails once and succeeds on its second attempt: the
+    // events after a failure went back unattempted, so none used up an
+    // attempt it did not make, and they were handled in order.
+    assert_eq!(
+        (report.handled, report.retried, report.dead_lettered),
+        (3, 3, 0)
+    );
+    assert!(letters.letters.lock().unwrap().is_empty());
+    assert_eq!(log.outcomes.lock().unwrap().acked, [1, 2, 3]);
+    let processed = listener.processed.lock().unwrap().clone();
+    assert_eq!(processed, [(1, 1), (1, 2), (2, 1), (2, 2), (3, 1), (3, 2)]);
+    assert_eq!(log.outcomes.lock().unwrap().released, 3);
+}
+
+/// A delivery whose lease must be extended while its handler works.
+struct Leased {
+    entry: Entry,
+    extended: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Delivery<Shop> for Leased {
+    fn envelope(&self) -> &Arc<Envelope<Shop>> {
+        self.entry.envelope()
+    }
+
+    fn attempt(&self) -> u32 {
+        self.entry.attempt
+    }
+
+    async fn ack(self) {
+        self.entry.ack().await;
+    }
+
+    async fn retry(self, _delay: Duration) -> Retry<Self> {
+        Retry::InPlace(Leased {
+            entry: Entry {
+                attempt: self.entry.attempt + 1,
+                ..self.entry
+            },
+            extended: self.extended,
+        })
+    }
+
+    async fn terminate(self, reason: &str) {
+        self.entry.terminate(reason).await;
+    }
+
+    async fn release(self) {
+        self.entry.release().await;
+    }
+
+    fn in_progress(&self) {
+        self.extended
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn progress_interval(&self) -> Option<Duration> {
+        Some(Duration::from_secs(10))
+    }
+}
+
+/// A log whose deliveries are leased.
+struct LeasedLog(Log, Arc<std::sync::atomic::AtomicUsize>);
+
+impl Source<Shop> for LeasedLog {
+    type Delivery = Leased;
+
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Leased, Undecodable>>> {
+        self.0.poll_next(cx).map(|next| {
+            next.map(|next| {
+                next.map(|entry| Leased {
+                    entry,
+                    extended: self.1.clone(),
+                })
+            })
+        })
+    }
+}
+
+/// Works a minute on the clock, and fails its first attempt.
+struct Slow;
+
+impl event_bus::Listener<Shop> for Slow {
+    async fn handle(&self, _: Arc<Envelope<Shop>>, meta: Meta) -> Result<(), HandlerError> {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        match meta.attempt() {
+            1 => Err("slow and wrong".into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_leased_delivery_is_kept_alive_while_its_handler_works_and_its_retry_waits() {
+    let extended = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let log = LeasedLog(Log::of(&[Shop::OrderPaid(1)]), extended.clone());
+    let letters = Arc::new(Letters::default());
+    let options = ListenerOptions::new().retry(
+        RetryPolicy::exponential(2)
+            .initial_backoff(Duration::from_secs(30))
+            .jitter(false),
+    );
+
+    let report = runner::run(Slow, log, letters, options).await;
+
+    assert_eq!(report.handled, 1);
+    // Every 10s while held: 5 times in each minute-long attempt (at 10s to
+    // 50s; at 60s it is done) and twice in the 30s backoff.
+    assert_eq!(extended.load(std::sync::atomic::Ordering::Relaxed), 12);
 }

@@ -129,7 +129,6 @@ impl QueueCounts {
         self.lanes.iter().map(|l| l.depth).sum()
     }
 
-    /// The counts of `priority`'s lane.
     /// The per-lane part of a snapshot, highest priority first.
     pub(crate) fn lane_metrics(&self) -> Vec<LaneMetrics> {
         Priority::ALL
@@ -147,6 +146,7 @@ impl QueueCounts {
             .collect()
     }
 
+    /// The counts of `priority`'s lane.
     pub(crate) fn lane(&self, priority: Priority) -> LaneCounts {
         self.lanes[priority.lane()]
     }

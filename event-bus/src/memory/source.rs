@@ -122,4 +122,11 @@ impl<E: Event> Delivery<E> for MemoryDelivery<E> {
         self.finish.finished();
         std::future::ready(())
     }
+
+    /// Never called: the memory tier keeps every retry in place. Were it
+    /// called, the event would leave the queue unhandled, and be reported
+    /// as still in flight.
+    fn release(self) -> impl Future<Output = ()> + Send {
+        std::future::ready(())
+    }
 }

@@ -9,6 +9,7 @@ use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tracing::Instrument;
 
+use super::supervisor::keeping_alive;
 use super::{DeadLetterSink, Delivery, Retry, Source, Supervisor, Undecodable, panicked};
 use crate::batch::{Batch, BatchListener};
 use crate::event::{Event, Priority};
@@ -169,26 +170,41 @@ impl<L, K> Supervisor<L, K> {
                 match collector.next(&mut source).await {
                     // A stop is final: the batch stays unhandled.
                     Some(_) if self.is_cancelled() => break,
-                    Some(collected) => self.process_batch(collected, mode).await,
+                    Some(collected) => {
+                        if self.process_batch(collected, mode).await {
+                            // What went back is the source's to yield again,
+                            // even if it had ended.
+                            collector.ended = false;
+                        }
+                    }
                     None => break,
                 }
             }
         } else {
             let mut running = FuturesUnordered::new();
+            // As for one event at a time: a source that ended is polled
+            // again once a running batch handed some of it back.
+            let mut ended = false;
             while !self.is_cancelled() {
                 tokio::select! {
                     biased;
-                    Some(()) = running.next(), if !running.is_empty() => {}
+                    Some(handed_back) = running.next(), if !running.is_empty() => {
+                        if handed_back {
+                            ended = false;
+                            collector.ended = false;
+                        }
+                    }
                     next = async {
                         tokio::task::coop::consume_budget().await;
                         collector.next(&mut source).await
-                    }, if running.len() < options.concurrency => {
+                    }, if !ended && running.len() < options.concurrency => {
                         match next {
                             Some(_) if self.is_cancelled() => break,
                             Some(collected) => running.push(self.process_batch(collected, mode)),
-                            None => break,
+                            None => ended = true,
                         }
                     }
+                    else => break,
                 }
             }
             while running.next().await.is_some() {}
@@ -196,7 +212,9 @@ impl<L, K> Supervisor<L, K> {
         self.ended();
     }
 
-    async fn process_batch<E, D>(&self, collected: Collected<D>, mode: BatchFailure)
+    /// Handles a collected batch to its end; `true` if some of it went back
+    /// to the source to be redelivered.
+    async fn process_batch<E, D>(&self, collected: Collected<D>, mode: BatchFailure) -> bool
     where
         E: Event,
         L: BatchListener<E>,
@@ -211,7 +229,7 @@ impl<L, K> Supervisor<L, K> {
             self.undecodable(undecodable).await;
         }
         if deliveries.is_empty() {
-            return;
+            return false;
         }
         let span = tracing::info_span!(
             "event_bus.handle_batch",
@@ -219,16 +237,18 @@ impl<L, K> Supervisor<L, K> {
             events = deliveries.len(),
         );
         if span.is_disabled() {
-            self.attempt_batch(deliveries, mode).await;
+            self.attempt_batch(deliveries, mode).await
         } else {
             for delivery in &deliveries {
                 span.follows_from(delivery.envelope().span());
             }
-            self.attempt_batch(deliveries, mode).instrument(span).await;
+            self.attempt_batch(deliveries, mode).instrument(span).await
         }
     }
 
-    async fn attempt_batch<E, D>(&self, mut deliveries: Vec<D>, mode: BatchFailure)
+    /// Attempts the batch until every event is handled, dead-lettered or
+    /// back with the source; `true` if some went back.
+    async fn attempt_batch<E, D>(&self, mut deliveries: Vec<D>, mode: BatchFailure) -> bool
     where
         E: Event,
         L: BatchListener<E>,
@@ -241,18 +261,20 @@ impl<L, K> Supervisor<L, K> {
                 self.core.waited(delivery.envelope(), started);
             }
         }
+        let mut handed_back = false;
         loop {
             let batch = Batch {
                 events: deliveries.iter().map(|d| d.envelope().clone()).collect(),
                 // The batch's attempt is its first event's.
                 attempt: deliveries.first().map_or(1, Delivery::attempt),
+                attempts: deliveries.iter().map(Delivery::attempt).collect(),
                 failure_mode: mode,
             };
             // The handler's future is made, run and dropped inside the
             // catch: a panic in any of the three is the handler's.
-            let outcome = AssertUnwindSafe(async { self.listener.handle_batch(&batch).await })
-                .catch_unwind()
-                .await;
+            let handled =
+                AssertUnwindSafe(async { self.listener.handle_batch(&batch).await }).catch_unwind();
+            let outcome = keeping_alive(&deliveries, handled).await;
             self.core.took(started.elapsed());
             drop(batch);
             let (errors, panicked) = match outcome {
@@ -261,26 +283,34 @@ impl<L, K> Supervisor<L, K> {
                     for delivery in deliveries {
                         delivery.ack().await;
                     }
-                    return;
+                    return handed_back;
                 }
                 Ok(Err(error)) => (error.resolve(deliveries.len()), false),
                 Err(payload) => (vec![Some(panicked(&*payload)); deliveries.len()], true),
             };
-            let next = match mode {
+            let (next, back) = match mode {
                 BatchFailure::Independent => self.retry_failed(deliveries, errors, panicked).await,
                 BatchFailure::StopAtFirst => {
                     self.retry_from_first(deliveries, errors, panicked).await
                 }
             };
+            handed_back |= back;
             let Some(Next {
                 deliveries: next,
                 delay,
             }) = next
             else {
-                return;
+                return handed_back;
             };
-            if let Some(delay) = delay {
-                tokio::time::sleep(delay).await;
+            match delay {
+                Some(delay) => keeping_alive(&next, tokio::time::sleep(delay)).await,
+                // The events after a dead letter go on at once: still a
+                // point to yield and to see a stop, as between batches.
+                None => tokio::task::coop::consume_budget().await,
+            }
+            if self.is_cancelled() {
+                // A stop is final: what is left stays unattempted.
+                return handed_back;
             }
             deliveries = next;
             started = Instant::now();
@@ -295,7 +325,7 @@ impl<L, K> Supervisor<L, K> {
         deliveries: Vec<D>,
         errors: Vec<Option<String>>,
         panicked: bool,
-    ) -> Option<Next<D>>
+    ) -> (Option<Next<D>>, bool)
     where
         E: Event,
         K: DeadLetterSink<E>,
@@ -332,7 +362,9 @@ impl<L, K> Supervisor<L, K> {
             let attempts = delivery.attempt();
             self.dead_letter(delivery, error, attempts, panicked).await;
         }
-        let (first, error) = again.first()?;
+        let Some((first, error)) = again.first() else {
+            return (None, false);
+        };
         let attempt = first.attempt();
         let delay = retry.delay(attempt);
         tracing::warn!(
@@ -347,15 +379,18 @@ impl<L, K> Supervisor<L, K> {
         self.core
             .retried(again.len(), if panicked { again.len() } else { 0 });
         let mut kept = Vec::with_capacity(again.len());
+        let mut handed_back = false;
         for (delivery, _) in again {
-            if let Retry::InPlace(delivery) = delivery.retry(delay).await {
-                kept.push(delivery);
+            match delivery.retry(delay).await {
+                Retry::InPlace(delivery) => kept.push(delivery),
+                Retry::Redelivered => handed_back = true,
             }
         }
-        (!kept.is_empty()).then_some(Next {
+        let next = (!kept.is_empty()).then_some(Next {
             deliveries: kept,
             delay: Some(delay),
-        })
+        });
+        (next, handed_back)
     }
 
     /// [`BatchFailure::StopAtFirst`]: acks the events before the first that
@@ -367,7 +402,7 @@ impl<L, K> Supervisor<L, K> {
         mut deliveries: Vec<D>,
         errors: Vec<Option<String>>,
         panicked: bool,
-    ) -> Option<Next<D>>
+    ) -> (Option<Next<D>>, bool)
     where
         E: Event,
         K: DeadLetterSink<E>,
@@ -402,26 +437,26 @@ impl<L, K> Supervisor<L, K> {
                 "batch handler failed; retrying from the first event that failed, in order",
             );
             self.core.retried(1, usize::from(panicked));
-            let mut kept = Vec::with_capacity(rest.len() + 1);
-            match failed.retry(delay).await {
+            return match failed.retry(delay).await {
                 Retry::InPlace(failed) => {
+                    let mut kept = Vec::with_capacity(rest.len() + 1);
                     kept.push(failed);
                     kept.extend(rest);
+                    let next = Next {
+                        deliveries: kept,
+                        delay: Some(delay),
+                    };
+                    (Some(next), false)
                 }
                 // The source redelivers it: so that the events after it
-                // stay after it, they go back too.
+                // stay after it, they go back too, unattempted.
                 Retry::Redelivered => {
                     for delivery in rest {
-                        if let Retry::InPlace(delivery) = delivery.retry(delay).await {
-                            kept.push(delivery);
-                        }
+                        delivery.release().await;
                     }
+                    (None, true)
                 }
-            }
-            return (!kept.is_empty()).then_some(Next {
-                deliveries: kept,
-                delay: Some(delay),
-            });
+            };
         }
         tracing::error!(
             listener = %self.name(),
@@ -432,9 +467,10 @@ impl<L, K> Supervisor<L, K> {
             "batch handler failed; recorded a dead letter for the first event that failed, going on with those after it",
         );
         self.dead_letter(failed, error, attempt, panicked).await;
-        (!rest.is_empty()).then_some(Next {
+        let next = (!rest.is_empty()).then_some(Next {
             deliveries: rest,
             delay: None,
-        })
+        });
+        (next, false)
     }
 }

@@ -138,7 +138,7 @@ pub struct Ended;
 /// mid-handler) leaves the event unfinished: a durable source delivers it
 /// again after its lease or `ack_wait` expires; the memory tier reports it
 /// undelivered.
-pub trait Delivery<E: Event>: Send + Sized + 'static {
+pub trait Delivery<E: Event>: Send + Sync + Sized + 'static {
     /// The event and its metadata.
     fn envelope(&self) -> &Arc<Envelope<E>>;
 
@@ -157,9 +157,27 @@ pub trait Delivery<E: Event>: Send + Sized + 'static {
     /// again.
     fn terminate(self, reason: &str) -> impl Future<Output = ()> + Send;
 
-    /// The handler is still working: a source whose deliveries expire
-    /// (a lease, an `ack_wait`) extends this one's. Defaults to nothing.
+    /// The handler is still working (or the runner is waiting out the
+    /// delay of an in-place retry): a source whose deliveries expire (a
+    /// lease, an `ack_wait`) extends this one's. The runner calls it every
+    /// [`progress_interval`](Delivery::progress_interval) while it holds
+    /// the delivery. Defaults to nothing.
     fn in_progress(&self) {}
+
+    /// How often the runner calls [`in_progress`](Delivery::in_progress)
+    /// while it holds this delivery: well within the source's lease or
+    /// `ack_wait`. `None` (the default) for a delivery that does not expire.
+    fn progress_interval(&self) -> Option<Duration> {
+        None
+    }
+
+    /// The runner gives the delivery back without attempting it: under
+    /// [`BatchFailure::StopAtFirst`](crate::BatchFailure::StopAtFirst), the
+    /// events after a failed one that the source took back go back too, so
+    /// that they stay after it. The source delivers it again as it is, with
+    /// the same attempt, where it can (a log releases its lease; a broker's
+    /// `nak` may count a delivery regardless).
+    fn release(self) -> impl Future<Output = ()> + Send;
 }
 
 /// How a source carries a retry: see [`Delivery::retry`].
@@ -247,7 +265,8 @@ impl fmt::Debug for Undecodable {
 ///
 /// Implemented for both; `M` tells the two impls apart and is inferred, so
 /// `bus.spawn(indexer)` works for either. A type that implements both
-/// traits says which it is spawned as by naming the marker:
+/// traits (by hand: `#[listener]` makes a type one or the other) says which
+/// it is spawned as by naming the marker:
 /// `bus.spawn_with::<_, InBatches>(listener, options)`.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is neither a `Listener<{E}>` nor a `BatchListener<{E}>`",
@@ -351,7 +370,16 @@ impl<E: Event, L: BatchListener<E>> Spawnable<E, InBatches> for L {
 /// retries, dead letters, batching and concurrency as on the bus. Only the
 /// options that shape how a listener runs apply (retry, concurrency,
 /// batching); those of the memory tier's queue do not. Dropping the future
-/// stops the listener: the deliveries it holds are dropped unfinished.
+/// (or aborting the task it runs on) stops the listener at its next await:
+/// the deliveries it holds are dropped unfinished. A source that must not
+/// hand out anything once its tier stops the listener checks that itself,
+/// as the memory tier's does.
+///
+/// A source may end (`Ready(None)`) while deliveries it yielded are still
+/// with the runner: what the runner then hands back to it
+/// ([`Retry::Redelivered`], [`Delivery::release`]) it is polled for again,
+/// and the run ends once the source has ended with nothing handed back
+/// since.
 ///
 /// # Examples
 ///
@@ -379,6 +407,7 @@ impl<E: Event, L: BatchListener<E>> Spawnable<E, InBatches> for L {
 ///     async fn ack(self) {}
 ///     async fn retry(self, _delay: Duration) -> Retry<Self> { Retry::InPlace(Entry(self.0, self.1 + 1)) }
 ///     async fn terminate(self, _reason: &str) {}
+///     async fn release(self) {}
 /// }
 ///
 /// impl Source<Shop> for Log {

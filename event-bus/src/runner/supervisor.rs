@@ -3,9 +3,10 @@
 //! retries and records dead letters.
 
 use std::any::Any;
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::FutureExt;
 use futures_util::future::Either;
@@ -132,23 +133,37 @@ impl<L, K> Supervisor<L, K> {
                     // Checked again: the source may have been ready at once,
                     // and a stop is final.
                     Some(_) if self.is_cancelled() => break,
-                    Some(Ok(delivery)) => self.process(delivery).await,
+                    // What `process` hands back is the source's to yield
+                    // again before it ends.
+                    Some(Ok(delivery)) => _ = self.process(delivery).await,
                     Some(Err(undecodable)) => self.undecodable(undecodable).await,
                     None => break,
                 }
             }
         } else {
             let mut running = FuturesUnordered::new();
+            // A source that ended yields again what the runner hands back
+            // to it afterwards: it is polled again once a running delivery
+            // went back, and the run ends when it has ended with nothing
+            // running.
+            let mut ended = false;
             while !self.is_cancelled() {
                 tokio::select! {
                     biased;
-                    Some(()) = running.next(), if !running.is_empty() => {}
-                    next = std::future::poll_fn(|cx| source.poll_next(cx)), if running.len() < concurrency => match next {
+                    Some(handed_back) = running.next(), if !running.is_empty() => {
+                        let handed_back: bool = handed_back;
+                        ended &= !handed_back;
+                    }
+                    next = std::future::poll_fn(|cx| source.poll_next(cx)), if !ended && running.len() < concurrency => match next {
                         Some(_) if self.is_cancelled() => break,
                         Some(Ok(delivery)) => running.push(Either::Left(self.process(delivery))),
-                        Some(Err(undecodable)) => running.push(Either::Right(self.undecodable(undecodable))),
-                        None => break,
+                        Some(Err(undecodable)) => running.push(Either::Right(async {
+                            self.undecodable(undecodable).await;
+                            false
+                        })),
+                        None => ended = true,
                     },
+                    else => break,
                 }
             }
             while running.next().await.is_some() {}
@@ -156,7 +171,9 @@ impl<L, K> Supervisor<L, K> {
         self.ended();
     }
 
-    async fn process<E, D>(&self, delivery: D)
+    /// Handles `delivery` to its end; `true` if it went back to the source
+    /// to be redelivered.
+    async fn process<E, D>(&self, delivery: D) -> bool
     where
         E: Event,
         L: Listener<E>,
@@ -173,14 +190,14 @@ impl<L, K> Supervisor<L, K> {
         );
         if span.is_disabled() {
             // Nobody collects the span: skip entering it on every poll.
-            self.attempt_all(delivery).await;
+            self.attempt_all(delivery).await
         } else {
             span.follows_from(envelope.span());
-            self.attempt_all(delivery).instrument(span).await;
+            self.attempt_all(delivery).instrument(span).await
         }
     }
 
-    async fn attempt_all<E, D>(&self, mut delivery: D)
+    async fn attempt_all<E, D>(&self, mut delivery: D) -> bool
     where
         E: Event,
         L: Listener<E>,
@@ -198,15 +215,15 @@ impl<L, K> Supervisor<L, K> {
             let meta = Meta::new(&envelope, attempt);
             // The handler's future is made, run and dropped inside the
             // catch: a panic in any of the three is the handler's.
-            let outcome = AssertUnwindSafe(async { self.listener.handle(envelope, meta).await })
-                .catch_unwind()
-                .await;
+            let handled = AssertUnwindSafe(async { self.listener.handle(envelope, meta).await })
+                .catch_unwind();
+            let outcome = keeping_alive(std::slice::from_ref(&delivery), handled).await;
             self.core.took(started.elapsed());
             let (error, panicked) = match outcome {
                 Ok(Ok(())) => {
                     self.core.handled(1);
                     delivery.ack().await;
-                    return;
+                    return false;
                 }
                 Ok(Err(error)) => (chain(&*error), false),
                 Err(payload) => (panicked(&*payload), true),
@@ -226,12 +243,16 @@ impl<L, K> Supervisor<L, K> {
                 self.core.retried(1, usize::from(panicked));
                 match delivery.retry(delay).await {
                     Retry::InPlace(again) => {
-                        tokio::time::sleep(delay).await;
+                        self.wait_out(&again, delay).await;
+                        if self.is_cancelled() {
+                            // A stop is final: the retry stays unattempted.
+                            return false;
+                        }
                         delivery = again;
                         started = Instant::now();
                         continue;
                     }
-                    Retry::Redelivered => return,
+                    Retry::Redelivered => return true,
                 }
             }
             tracing::error!(
@@ -243,7 +264,41 @@ impl<L, K> Supervisor<L, K> {
                 "handler failed; recorded a dead letter",
             );
             self.dead_letter(delivery, error, attempt, panicked).await;
-            return;
+            return false;
+        }
+    }
+}
+
+impl<L, K> Supervisor<L, K> {
+    /// Waits out the `delay` before an in-place retry of `delivery`,
+    /// keeping it alive meanwhile.
+    pub(crate) async fn wait_out<E: Event, D: Delivery<E>>(&self, delivery: &D, delay: Duration) {
+        keeping_alive(std::slice::from_ref(delivery), tokio::time::sleep(delay)).await;
+    }
+}
+
+/// Runs `work`, telling `deliveries` every
+/// [`progress_interval`](Delivery::progress_interval) that they are still
+/// being worked on.
+pub(crate) async fn keeping_alive<E: Event, D: Delivery<E>, F: Future>(
+    deliveries: &[D],
+    work: F,
+) -> F::Output {
+    let Some(every) = deliveries
+        .iter()
+        .filter_map(Delivery::progress_interval)
+        .min()
+    else {
+        return work.await;
+    };
+    let mut work = std::pin::pin!(work);
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            output = &mut work => return output,
+            _ = ticks.tick() => deliveries.iter().for_each(Delivery::in_progress),
         }
     }
 }
