@@ -788,3 +788,99 @@ impl Tier for LogTier {
 }
 
 scenarios::scenarios!(LogTier);
+
+/// What only the log tier's source has to get right: the drain at shutdown
+/// waits for deliveries the runner still holds, and for retries the source
+/// took back and has not handed out again.
+mod log_tier {
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    use event_bus::RetryPolicy;
+
+    use super::LogTier;
+    use super::scenarios::probes::Probe;
+    use super::scenarios::{
+        DEADLINE, EmitScenarioEvent, Running, Tier, roomy, settle, until, within,
+    };
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_retry_waiting_when_the_shutdown_begins_is_handled_before_the_source_ends() {
+        let tier = LogTier::fresh("retry_across_shutdown").await;
+        let probe = Probe::new("late-retry").failing(0, 1);
+        // Long enough that the shutdown begins while the retry waits.
+        let retry = RetryPolicy::exponential(2)
+            .initial_backoff(Duration::from_millis(200))
+            .jitter(false);
+        // Room for event 1 beside the retry: the source reaches the log's
+        // end while event 0 still waits to come back.
+        let handle = tier
+            .spawn(probe.clone(), roomy().concurrency(2).retry(retry))
+            .await;
+        tier.emit_user_created(0);
+        tier.emit_user_created(1);
+        until("event 0 to be taken back and event 1 handled", || {
+            let counts = handle.counts();
+            counts.retried == 1 && counts.handled == 1
+        })
+        .await;
+
+        let stopped = within("shutdown", tier.shutdown(DEADLINE)).await;
+        assert!(stopped.drained, "{stopped:?}");
+        assert_eq!(stopped.undelivered(), 0, "{stopped:?}");
+        let mut calls: Vec<(u64, u32)> = probe
+            .calls()
+            .iter()
+            .map(|call| (call.value, call.attempt))
+            .collect();
+        assert_eq!(calls.pop(), Some((0, 2)), "the retry came last");
+        calls.sort_unstable();
+        assert_eq!(calls, [(0, 1), (1, 1)]);
+        let counts = handle.counts();
+        assert_eq!(
+            (counts.delivered, counts.handled, counts.retried),
+            (2, 2, 1)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_concurrent_listener_drains_every_event_with_retries_in_flight() {
+        const EVENTS: u64 = 400;
+        let tier = LogTier::fresh("concurrent_drain").await;
+        let probe = (0..EVENTS)
+            .step_by(5)
+            .fold(Probe::new("concurrent").yielding(2), |probe, value| {
+                probe.failing(value, 1)
+            });
+        let retry = RetryPolicy::exponential(2).initial_backoff(Duration::from_millis(3));
+        let handle = tier
+            .spawn(probe.clone(), roomy().concurrency(4).retry(retry))
+            .await;
+        for value in 0..EVENTS {
+            tier.emit_user_created(value);
+        }
+        // At once: most events are still in the log, some retries queued.
+        settle(&tier, "a first retry", || handle.counts().retried > 0).await;
+        let stopped = within("shutdown", tier.shutdown(DEADLINE)).await;
+
+        assert!(stopped.drained, "{stopped:?}");
+        assert_eq!(stopped.undelivered(), 0, "{stopped:?}");
+        let mut per_value: HashMap<u64, usize> = HashMap::new();
+        for call in probe.handled() {
+            *per_value.entry(call.value).or_default() += 1;
+        }
+        assert_eq!(per_value.len() as u64, EVENTS);
+        assert!(per_value.values().all(|&times| times == 1), "{per_value:?}");
+        let counts = handle.counts();
+        assert_eq!(
+            (
+                counts.delivered,
+                counts.handled,
+                counts.retried,
+                counts.dead_lettered
+            ),
+            (EVENTS, EVENTS, EVENTS / 5, 0),
+            "{counts:?}"
+        );
+    }
+}
