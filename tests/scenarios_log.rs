@@ -442,6 +442,10 @@ impl LogSource {
                 Err(_) => None,
             };
             let mut state = lock(&self.reader.state);
+            if state.stopped {
+                // Aborted while the entry was read: it stays unread.
+                return Poll::Pending;
+            }
             state.next = position + 1;
             if let Some(next) = next {
                 state.unfinished += 1;
