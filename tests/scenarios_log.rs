@@ -349,6 +349,29 @@ impl Delivery<ScenarioEvent> for Entry {
     async fn terminate(self, _reason: &str) {
         self.reader.dead_lettered();
     }
+
+    /// Given back unattempted: queued behind the retries already waiting,
+    /// at the same attempt, so it comes again after the event it followed.
+    async fn release(self) {
+        let Self {
+            envelope,
+            attempt,
+            reader,
+        } = self;
+        reader.finish(|state| {
+            let not_before = state
+                .retries
+                .iter()
+                .map(|retried| retried.not_before)
+                .max()
+                .map_or_else(Instant::now, |last| last.max(Instant::now()));
+            state.retries.push(Retried {
+                envelope,
+                attempt,
+                not_before,
+            });
+        });
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -592,25 +615,6 @@ struct TierState {
     letters: Arc<Letters>,
 }
 
-/// Field `field` of `options`. `ListenerOptions` keeps its fields to the
-/// library, and the scenarios build the options they spawn with, so the
-/// tier reads what it needs (concurrency, batch size) off `Debug`.
-fn option(options: &ListenerOptions, field: &str) -> usize {
-    let debug = format!("{options:?}");
-    let key = format!(" {field}: ");
-    let at = debug
-        .find(&key)
-        .unwrap_or_else(|| panic!("no `{field}` in {debug}"))
-        + key.len();
-    let digits: String = debug[at..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
-    digits
-        .parse()
-        .unwrap_or_else(|_| panic!("`{field}` is no number in {debug}"))
-}
-
 impl LogTier {
     /// Starts a listener named `name`, interested in `interests`, with at
     /// most `limit` unfinished deliveries, reading from the log's end:
@@ -710,7 +714,7 @@ impl Tier for LogTier {
         listener: L,
         options: ListenerOptions,
     ) -> Self::Handle {
-        let limit = option(&options, "concurrency");
+        let limit = options.get_concurrency();
         let (name, interests) = (listener.name().to_owned(), listener.interests());
         self.start(&name, interests, limit, |source, letters| {
             runner::run::<_, OneByOne, _, _, _>(listener, source, letters, options)
@@ -724,7 +728,7 @@ impl Tier for LogTier {
         listener: L,
         options: ListenerOptions,
     ) -> Self::Handle {
-        let limit = option(&options, "concurrency").max(1) * option(&options, "max_batch").max(1);
+        let limit = options.get_concurrency() * options.get_max_batch();
         let (name, interests) = (listener.name().to_owned(), listener.interests());
         self.start(&name, interests, limit, |source, letters| {
             runner::run::<_, InBatches, _, _, _>(listener, source, letters, options)
