@@ -67,9 +67,9 @@ impl<E: Event> Envelope<E> {
             metadata: Metadata {
                 id: uuid_v7(wall_clock(emitted)),
                 sequence: 0,
+                emitted,
+                given: None,
                 priority,
-                emitted: Emitted::Monotonic(emitted),
-                traceparent: None,
             },
             span: Span::current(),
         }
@@ -174,14 +174,15 @@ impl<E> Envelope<E> {
     }
 
     /// Monotonic time of the emit.
+    #[inline]
     pub(crate) fn emitted(&self) -> Instant {
-        self.metadata.emitted.instant()
+        self.metadata.emitted
     }
 
     /// The W3C trace context the event was emitted in, when its metadata
     /// has one. Events the bus emits have none.
     pub fn traceparent(&self) -> Option<TraceParent> {
-        self.metadata.traceparent
+        self.metadata.traceparent()
     }
 
     /// The span that was current when the event was emitted.
@@ -236,41 +237,29 @@ impl<E> Envelope<E> {
 pub struct Metadata {
     id: Uuid,
     sequence: u64,
+    /// The emit on the monotonic clock: read once per emit in this process;
+    /// for a given wall-clock time, that time through the anchor.
+    emitted: Instant,
+    /// What events emitted in this process have not: boxed, so that every
+    /// envelope carries one word for them.
+    given: Option<Box<Given>>,
     priority: Priority,
-    emitted: Emitted,
-    traceparent: Option<TraceParent>,
 }
 
-/// When an event was emitted, in the clock it was read from.
-#[derive(Clone, Copy)]
-enum Emitted {
-    /// Emitted in this process: the monotonic clock, read once per emit.
-    Monotonic(Instant),
-    /// Given: a wall-clock time, kept as it is so that it is written back
+/// The parts of an event's metadata it was given from outside the process.
+#[derive(Clone, Copy, Default)]
+struct Given {
+    /// The wall-clock emit time, kept as it is so that it is written back
     /// exactly.
-    Wall(SystemTime),
-}
-
-impl Emitted {
-    fn wall(self) -> SystemTime {
-        match self {
-            Self::Monotonic(at) => wall_clock(at),
-            Self::Wall(at) => at,
-        }
-    }
-
-    fn instant(self) -> Instant {
-        match self {
-            Self::Monotonic(at) => at,
-            Self::Wall(at) => monotonic(at),
-        }
-    }
+    emitted_at: Option<SystemTime>,
+    traceparent: Option<TraceParent>,
 }
 
 impl Metadata {
     /// The metadata of an event with id `id` emitted now: sequence number 0,
-    /// [`Priority::Normal`], the current wall-clock time and no trace
-    /// context. The `with_*` methods set the rest.
+    /// [`Priority::Normal`], the current time (read as a bus's emit reads
+    /// it, see [`emitted_at`](Self::emitted_at)) and no trace context. The
+    /// `with_*` methods set the rest.
     ///
     /// Event ids are UUID v7 when the bus makes them; any id is kept as it
     /// is.
@@ -278,9 +267,9 @@ impl Metadata {
         Self {
             id,
             sequence: 0,
+            emitted: Instant::now(),
+            given: None,
             priority: Priority::Normal,
-            emitted: Emitted::Wall(SystemTime::now()),
-            traceparent: None,
         }
     }
 
@@ -302,7 +291,8 @@ impl Metadata {
     /// Sets the wall-clock time the event was emitted at, kept exactly.
     #[must_use]
     pub fn with_emitted_at(mut self, emitted_at: SystemTime) -> Self {
-        self.emitted = Emitted::Wall(emitted_at);
+        self.emitted = monotonic(emitted_at);
+        self.given_mut().emitted_at = Some(emitted_at);
         self
     }
 
@@ -310,8 +300,15 @@ impl Metadata {
     /// emitted in.
     #[must_use]
     pub fn with_traceparent(mut self, traceparent: impl Into<Option<TraceParent>>) -> Self {
-        self.traceparent = traceparent.into();
+        let traceparent = traceparent.into();
+        if traceparent.is_some() || self.given.is_some() {
+            self.given_mut().traceparent = traceparent;
+        }
         self
+    }
+
+    fn given_mut(&mut self) -> &mut Given {
+        self.given.get_or_insert_default()
     }
 
     /// The event's id.
@@ -343,12 +340,19 @@ impl Metadata {
     /// clock through the same anchor; a time that clock cannot represent
     /// counts from the anchor.)
     pub fn emitted_at(&self) -> SystemTime {
-        self.emitted.wall()
+        match self.given.as_deref() {
+            Some(Given {
+                emitted_at: Some(at),
+                ..
+            }) => *at,
+            _ => wall_clock(self.emitted),
+        }
     }
 
     /// The W3C trace context the event was emitted in, if it has one.
+    #[inline]
     pub fn traceparent(&self) -> Option<TraceParent> {
-        self.traceparent
+        self.given.as_ref().and_then(|given| given.traceparent)
     }
 }
 
@@ -360,7 +364,7 @@ impl PartialEq for Metadata {
             && self.sequence == other.sequence
             && self.priority == other.priority
             && self.emitted_at() == other.emitted_at()
-            && self.traceparent == other.traceparent
+            && self.traceparent() == other.traceparent()
     }
 }
 
@@ -373,7 +377,7 @@ impl fmt::Debug for Metadata {
             .field("sequence", &self.sequence)
             .field("priority", &self.priority)
             .field("emitted_at", &self.emitted_at())
-            .field("traceparent", &self.traceparent)
+            .field("traceparent", &self.traceparent())
             .finish()
     }
 }

@@ -276,6 +276,7 @@ impl Histogram {
     /// Records a sample. One writer at a time (a listener's task records
     /// into its own histograms), so plain loads and stores do; readers may
     /// see a sample half recorded, which a summary tolerates.
+    #[inline]
     pub(crate) fn record(&self, sample: Duration) {
         let nanos = u64::try_from(sample.as_nanos()).unwrap_or(u64::MAX);
         bump(&self.buckets[bucket_of(nanos)], 1);
@@ -322,6 +323,7 @@ impl Histogram {
 
 /// Adds to a counter that only one thread writes: a load and a store,
 /// without the cost of an atomic read-modify-write on the hot path.
+#[inline]
 pub(crate) fn bump(counter: &AtomicU64, by: u64) {
     counter.store(
         counter.load(Ordering::Relaxed).wrapping_add(by),
@@ -331,6 +333,7 @@ pub(crate) fn bump(counter: &AtomicU64, by: u64) {
 
 /// Values below `SUB` get a bucket each; above, each power of two is split
 /// into `SUB` equal buckets.
+#[inline]
 fn bucket_of(value: u64) -> usize {
     if value < SUB as u64 {
         return value as usize;
@@ -485,10 +488,15 @@ mod export {
         pub(crate) fn new(_listener: &str) -> Self {
             Self
         }
+        #[inline]
         pub(crate) fn handled(&self, _events: u64) {}
+        #[inline]
         pub(crate) fn failed(&self, _events: u64, _panicked: u64) {}
+        #[inline]
         pub(crate) fn retried(&self, _events: u64) {}
+        #[inline]
         pub(crate) fn dead_lettered(&self, _events: u64) {}
+        #[inline]
         pub(crate) fn latency(&self, _sample: Duration) {}
     }
 

@@ -508,6 +508,7 @@ impl<E: Event> Queue<E> {
     }
 
     /// Marks `count` tracked events as finished.
+    #[inline]
     pub(crate) fn complete(&self, count: usize) {
         self.in_flight.fetch_sub(count, Ordering::SeqCst);
     }

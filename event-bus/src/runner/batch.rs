@@ -2,13 +2,12 @@
 //! calls the batch handler, retries what failed per its [`BatchFailure`]
 //! mode and records dead letters.
 
-use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
-use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tracing::Instrument;
 
+use super::attempt::attempt;
 use super::supervisor::keeping_alive;
 use super::{DeadLetterSink, Delivery, Retry, Source, Supervisor, Undecodable, panicked};
 use crate::batch::{Batch, BatchListener};
@@ -272,9 +271,7 @@ impl<L, K> Supervisor<L, K> {
             };
             // The handler's future is made, run and dropped inside the
             // catch: a panic in any of the three is the handler's.
-            let handled =
-                AssertUnwindSafe(async { self.listener.handle_batch(&batch).await }).catch_unwind();
-            let outcome = keeping_alive(&deliveries, handled).await;
+            let outcome = attempt(&deliveries, || self.listener.handle_batch(&batch)).await;
             self.core.took(started.elapsed());
             drop(batch);
             let (errors, panicked) = match outcome {

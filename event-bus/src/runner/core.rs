@@ -105,11 +105,13 @@ impl ListenerCore {
         self.cancelled.store(true, Ordering::Release);
     }
 
+    #[inline]
     pub(crate) fn is_cancelled(&self) -> bool {
         self.cancelled.load(Ordering::Acquire)
     }
 
     /// Counts events whose attempt succeeded.
+    #[inline]
     pub(crate) fn handled(&self, events: usize) {
         bump(&self.handled, events as u64);
         self.export.handled(events as u64);
@@ -141,6 +143,7 @@ impl ListenerCore {
     }
 
     /// Records how long one handler attempt took.
+    #[inline]
     pub(crate) fn took(&self, took: Duration) {
         self.handle_latency.record(took);
         self.export.latency(took);
@@ -149,6 +152,7 @@ impl ListenerCore {
 
 /// Adds to a counter that only the listener's task writes, with a release
 /// store: a snapshot that sees the new value sees what the task did before.
+#[inline]
 fn bump(counter: &AtomicU64, by: u64) {
     if by > 0 {
         counter.store(counter.load(Ordering::Relaxed) + by, Ordering::Release);

@@ -48,6 +48,7 @@
 //! lanes, fairness, lag policies, the bus-wide sequence and
 //! [`quiesce`](crate::EventBus::quiesce) are the memory tier's.
 
+mod attempt;
 mod batch;
 mod core;
 mod supervisor;

@@ -4,20 +4,19 @@
 
 use std::any::Any;
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use futures_util::FutureExt;
 use futures_util::future::Either;
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use tracing::Instrument;
+use tracing::{Instrument, Span};
 
+use super::attempt::{Attempt, Panic, attempt};
 use super::{DeadLetterSink, Delivery, ListenerCore, Retry, Source, Undecodable};
 use crate::dead_letter::DeadLetter;
 use crate::dead_letter::UndecodableLetter;
 use crate::envelope::Envelope;
-use crate::error::chain;
+use crate::error::{HandlerError, chain};
 use crate::event::Event;
 use crate::listener::Listener;
 use crate::meta::Meta;
@@ -133,9 +132,29 @@ impl<L, K> Supervisor<L, K> {
                     // Checked again: the source may have been ready at once,
                     // and a stop is final.
                     Some(_) if self.is_cancelled() => break,
-                    // What `process` hands back is the source's to yield
-                    // again before it ends.
-                    Some(Ok(delivery)) => _ = self.process(delivery).await,
+                    // What is handed back is the source's to yield again
+                    // before it ends.
+                    Some(Ok(delivery)) => {
+                        let span = self.span(delivery.envelope());
+                        if !span.is_disabled() {
+                            span.follows_from(delivery.envelope().span());
+                            _ = self.attempt_all(delivery).instrument(span).await;
+                            continue;
+                        }
+                        // Nobody collects the span: `attempt_all` inlined,
+                        // so that no future holding the delivery is made
+                        // and moved per event; only the handler's attempt.
+                        let mut delivery = delivery;
+                        let mut started = self.started(&delivery);
+                        loop {
+                            let outcome = self.attempt(&delivery).await;
+                            match self.finish(delivery, outcome, started).await {
+                                Finished::Again(again) => delivery = again,
+                                Finished::Done { .. } => break,
+                            }
+                            started = Instant::now();
+                        }
+                    }
                     Some(Err(undecodable)) => self.undecodable(undecodable).await,
                     None => break,
                 }
@@ -171,32 +190,41 @@ impl<L, K> Supervisor<L, K> {
         self.ended();
     }
 
-    /// Handles `delivery` to its end; `true` if it went back to the source
-    /// to be redelivered.
-    async fn process<E, D>(&self, delivery: D) -> bool
+    /// Handles `delivery` to its end, in its span when one is collected;
+    /// `true` if it went back to the source to be redelivered.
+    ///
+    /// Not an `async fn`: the attempts' future is awaited as it is, without
+    /// a future around it to be moved per event.
+    fn process<E, D>(&self, delivery: D) -> impl Future<Output = bool> + Send + '_
     where
         E: Event,
         L: Listener<E>,
         K: DeadLetterSink<E>,
         D: Delivery<E>,
     {
-        let envelope = delivery.envelope();
-        let span = tracing::info_span!(
+        let span = self.span(delivery.envelope());
+        if span.is_disabled() {
+            // Nobody collects the span: skip entering it on every poll.
+            Either::Left(self.attempt_all(delivery))
+        } else {
+            span.follows_from(delivery.envelope().span());
+            Either::Right(self.attempt_all(delivery).instrument(span))
+        }
+    }
+
+    /// The span a delivery is handled in.
+    fn span<E: Event>(&self, envelope: &Envelope<E>) -> Span {
+        tracing::info_span!(
             "event_bus.handle",
             listener = %self.core.name,
             event = envelope.name(),
             event_id = %envelope.id(),
             sequence = envelope.sequence(),
-        );
-        if span.is_disabled() {
-            // Nobody collects the span: skip entering it on every poll.
-            self.attempt_all(delivery).await
-        } else {
-            span.follows_from(envelope.span());
-            self.attempt_all(delivery).instrument(span).await
-        }
+        )
     }
 
+    /// Attempts `delivery` until it is finished; `true` if it went back to
+    /// the source.
     async fn attempt_all<E, D>(&self, mut delivery: D) -> bool
     where
         E: Event,
@@ -204,69 +232,144 @@ impl<L, K> Supervisor<L, K> {
         K: DeadLetterSink<E>,
         D: Delivery<E>,
     {
-        let retry = self.core.retry;
-        let mut started = Instant::now();
+        let mut started = self.started(&delivery);
+        loop {
+            let outcome = self.attempt(&delivery).await;
+            match self.finish(delivery, outcome, started).await {
+                Finished::Again(again) => delivery = again,
+                Finished::Done { handed_back } => return handed_back,
+            }
+            started = Instant::now();
+        }
+    }
+
+    /// The time the first attempt of `delivery` starts, recording how long
+    /// the event waited for it.
+    fn started<E: Event, D: Delivery<E>>(&self, delivery: &D) -> Instant {
+        let started = Instant::now();
         if delivery.attempt() <= 1 {
             self.core.waited(delivery.envelope(), started);
         }
-        loop {
-            let envelope: Arc<Envelope<E>> = delivery.envelope().clone();
-            let attempt = delivery.attempt();
-            let meta = Meta::new(&envelope, attempt);
-            // The handler's future is made, run and dropped inside the
-            // catch: a panic in any of the three is the handler's.
-            let handled = AssertUnwindSafe(async { self.listener.handle(envelope, meta).await })
-                .catch_unwind();
-            let outcome = keeping_alive(std::slice::from_ref(&delivery), handled).await;
-            self.core.took(started.elapsed());
-            let (error, panicked) = match outcome {
-                Ok(Ok(())) => {
-                    self.core.handled(1);
-                    delivery.ack().await;
-                    return false;
-                }
-                Ok(Err(error)) => (chain(&*error), false),
-                Err(payload) => (panicked(&*payload), true),
-            };
+        started
+    }
+
+    /// One attempt of the handler on `delivery`. The envelope and meta are
+    /// made in the closure: nothing of them is kept beside the handler's
+    /// future.
+    fn attempt<'a, E, D>(
+        &'a self,
+        delivery: &'a D,
+    ) -> Attempt<'a, E, D, impl Future<Output = Result<(), HandlerError>> + Send + 'a>
+    where
+        E: Event,
+        L: Listener<E>,
+        D: Delivery<E>,
+    {
+        attempt(std::slice::from_ref(delivery), || {
             let envelope = delivery.envelope();
-            if attempt < retry.max_attempts() {
-                let delay = retry.delay(attempt);
-                tracing::warn!(
-                    listener = %self.name(),
-                    event = envelope.name(),
-                    event_id = %envelope.id(),
-                    attempt,
-                    retry_in = ?delay,
-                    error = %error,
-                    "handler failed; retrying",
-                );
-                self.core.retried(1, usize::from(panicked));
-                match delivery.retry(delay).await {
-                    Retry::InPlace(again) => {
-                        self.wait_out(&again, delay).await;
-                        if self.is_cancelled() {
-                            // A stop is final: the retry stays unattempted.
-                            return false;
-                        }
-                        delivery = again;
-                        started = Instant::now();
-                        continue;
-                    }
-                    Retry::Redelivered => return true,
-                }
+            let meta = Meta::new(envelope, delivery.attempt());
+            self.listener.handle(envelope.clone(), meta)
+        })
+    }
+
+    /// Finishes `delivery` after an attempt that started at `started` and
+    /// ended with `outcome`: acked, or retried, or recorded as a dead letter.
+    async fn finish<E, D>(
+        &self,
+        delivery: D,
+        outcome: Result<Result<(), HandlerError>, Panic>,
+        started: Instant,
+    ) -> Finished<D>
+    where
+        E: Event,
+        L: Listener<E>,
+        K: DeadLetterSink<E>,
+        D: Delivery<E>,
+    {
+        self.core.took(started.elapsed());
+        let failure = match outcome {
+            Ok(Ok(())) => {
+                self.core.handled(1);
+                delivery.ack().await;
+                return Finished::Done { handed_back: false };
             }
-            tracing::error!(
+            Ok(Err(error)) => Failure {
+                error: chain(&*error),
+                panicked: false,
+            },
+            Err(payload) => Failure {
+                error: panicked(&*payload),
+                panicked: true,
+            },
+        };
+        // Boxed: the retry's timer and the dead letter's record stay out of
+        // the future every event is finished in.
+        Box::pin(self.failed(delivery, failure)).await
+    }
+
+    /// Retries `delivery` after its attempt failed, or records it as a dead
+    /// letter after its last.
+    async fn failed<E, D>(&self, delivery: D, failure: Failure) -> Finished<D>
+    where
+        E: Event,
+        L: Listener<E>,
+        K: DeadLetterSink<E>,
+        D: Delivery<E>,
+    {
+        let Failure { error, panicked } = failure;
+        let retry = self.core.retry;
+        let attempt = delivery.attempt();
+        let envelope = delivery.envelope();
+        if attempt < retry.max_attempts() {
+            let delay = retry.delay(attempt);
+            tracing::warn!(
                 listener = %self.name(),
                 event = envelope.name(),
                 event_id = %envelope.id(),
-                attempts = attempt,
+                attempt,
+                retry_in = ?delay,
                 error = %error,
-                "handler failed; recorded a dead letter",
+                "handler failed; retrying",
             );
-            self.dead_letter(delivery, error, attempt, panicked).await;
-            return false;
+            self.core.retried(1, usize::from(panicked));
+            return match delivery.retry(delay).await {
+                Retry::InPlace(again) => {
+                    self.wait_out(&again, delay).await;
+                    if self.is_cancelled() {
+                        // A stop is final: the retry stays unattempted.
+                        Finished::Done { handed_back: false }
+                    } else {
+                        Finished::Again(again)
+                    }
+                }
+                Retry::Redelivered => Finished::Done { handed_back: true },
+            };
         }
+        tracing::error!(
+            listener = %self.name(),
+            event = envelope.name(),
+            event_id = %envelope.id(),
+            attempts = attempt,
+            error = %error,
+            "handler failed; recorded a dead letter",
+        );
+        self.dead_letter(delivery, error, attempt, panicked).await;
+        Finished::Done { handed_back: false }
     }
+}
+
+/// How an attempt failed.
+struct Failure {
+    error: String,
+    panicked: bool,
+}
+
+/// What follows an attempt.
+enum Finished<D> {
+    /// Attempt it again, now: its retry's delay was waited out in place.
+    Again(D),
+    /// Finished, or back with the source (`handed_back`).
+    Done { handed_back: bool },
 }
 
 impl<L, K> Supervisor<L, K> {
