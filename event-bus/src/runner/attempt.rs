@@ -47,6 +47,7 @@ struct KeepAlive<'a, D> {
 /// `deliveries` every [`progress_interval`](Delivery::progress_interval)
 /// that they are still being worked on. A panic in making, polling or
 /// dropping the handler's future is the handler's: `Err` with its payload.
+#[inline]
 pub(crate) fn attempt<'a, E, D, F>(
     deliveries: &'a [D],
     make: impl FnOnce() -> F,
@@ -85,6 +86,7 @@ where
 {
     type Output = Result<F::Output, Panic>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         if let Some(payload) = this.made.take() {

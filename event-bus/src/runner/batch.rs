@@ -4,11 +4,10 @@
 
 use std::time::{Duration, Instant};
 
-use futures_util::stream::{FuturesUnordered, StreamExt};
 use tracing::Instrument;
 
 use super::attempt::attempt;
-use super::supervisor::keeping_alive;
+use super::supervisor::{Feed, keeping_alive};
 use super::{DeadLetterSink, Delivery, Retry, Source, Supervisor, Undecodable, panicked};
 use crate::batch::{Batch, BatchListener};
 use crate::event::{Event, Priority};
@@ -148,65 +147,63 @@ struct Next<D> {
     delay: Option<Duration>,
 }
 
+/// A source's deliveries, collected into batches.
+struct Batches<D, S> {
+    collector: Collector<D>,
+    source: S,
+}
+
+impl<E: Event, S: Source<E>> Feed<E> for Batches<S::Delivery, S> {
+    type Unit = Collected<S::Delivery>;
+
+    async fn next(&mut self) -> Option<Collected<S::Delivery>> {
+        // The collector takes what is ready without waiting: spend budget
+        // per batch, so a listener that never waits still lets other tasks
+        // run (and can be stopped) between batches.
+        tokio::task::coop::consume_budget().await;
+        self.collector.next(&mut self.source).await
+    }
+
+    fn reopen(&mut self) {
+        self.collector.ended = false;
+    }
+}
+
 impl<L, K> Supervisor<L, K> {
     /// Runs the batch listener until its source ends or it is stopped, with
     /// up to `options.concurrency` batches handled at once.
-    pub(crate) async fn run_batches<E, S>(self, mut source: S, options: ListenerOptions)
+    pub(crate) async fn run_batches<E, S>(self, source: S, options: ListenerOptions)
     where
         E: Event,
         L: BatchListener<E>,
         K: DeadLetterSink<E>,
         S: Source<E>,
     {
-        let mut collector = Collector::new(&options);
+        let mut batches = Batches {
+            collector: Collector::new(&options),
+            source,
+        };
         let mode = options.batch_failure;
         if options.concurrency <= 1 {
             while !self.is_cancelled() {
-                // The collector takes what is ready without waiting: spend
-                // budget per batch, so a listener that never waits still
-                // lets other tasks run (and can be stopped) between batches.
-                tokio::task::coop::consume_budget().await;
-                match collector.next(&mut source).await {
+                match batches.next().await {
                     // A stop is final: the batch stays unhandled.
                     Some(_) if self.is_cancelled() => break,
                     Some(collected) => {
                         if self.process_batch(collected, mode).await {
                             // What went back is the source's to yield again,
                             // even if it had ended.
-                            collector.ended = false;
+                            batches.reopen();
                         }
                     }
                     None => break,
                 }
             }
         } else {
-            let mut running = FuturesUnordered::new();
-            // As for one event at a time: a source that ended is polled
-            // again once a running batch handed some of it back.
-            let mut ended = false;
-            while !self.is_cancelled() {
-                tokio::select! {
-                    biased;
-                    Some(handed_back) = running.next(), if !running.is_empty() => {
-                        if handed_back {
-                            ended = false;
-                            collector.ended = false;
-                        }
-                    }
-                    next = async {
-                        tokio::task::coop::consume_budget().await;
-                        collector.next(&mut source).await
-                    }, if !ended && running.len() < options.concurrency => {
-                        match next {
-                            Some(_) if self.is_cancelled() => break,
-                            Some(collected) => running.push(self.process_batch(collected, mode)),
-                            None => ended = true,
-                        }
-                    }
-                    else => break,
-                }
-            }
-            while running.next().await.is_some() {}
+            self.concurrently(options.concurrency, batches, |collected| {
+                self.process_batch(collected, mode)
+            })
+            .await;
         }
         self.ended();
     }

@@ -311,6 +311,18 @@ pub struct Run<S, K> {
     pub(crate) options: ListenerOptions,
 }
 
+impl<S, K> Run<S, K> {
+    /// The supervisor of `listener`, and what it runs over.
+    fn supervise<L>(self, listener: L) -> (Supervisor<L, K>, S, ListenerOptions) {
+        let supervisor = Supervisor {
+            core: self.core,
+            listener,
+            sink: self.sink,
+        };
+        (supervisor, self.source, self.options)
+    }
+}
+
 impl<S, K> fmt::Debug for Run<S, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Run")
@@ -333,12 +345,8 @@ impl<E: Event, L: Listener<E>> Spawnable<E, OneByOne> for L {
         self,
         run: Run<S, K>,
     ) -> impl Future<Output = ()> + Send + 'static {
-        let supervisor = Supervisor {
-            core: run.core,
-            listener: self,
-            sink: run.sink,
-        };
-        supervisor.run(run.source, run.options.concurrency)
+        let (supervisor, source, options) = run.supervise(self);
+        supervisor.run(source, options.concurrency)
     }
 }
 
@@ -355,12 +363,8 @@ impl<E: Event, L: BatchListener<E>> Spawnable<E, InBatches> for L {
         self,
         run: Run<S, K>,
     ) -> impl Future<Output = ()> + Send + 'static {
-        let supervisor = Supervisor {
-            core: run.core,
-            listener: self,
-            sink: run.sink,
-        };
-        supervisor.run_batches(run.source, run.options)
+        let (supervisor, source, options) = run.supervise(self);
+        supervisor.run_batches(source, options)
     }
 }
 

@@ -46,6 +46,44 @@ impl<L, K> Supervisor<L, K> {
         });
     }
 
+    /// Runs up to `concurrency` units of work at once until `feed` ends or
+    /// the listener is stopped, then waits for those running. A unit's
+    /// future is `true` when it handed something back to the source: a
+    /// source that ended yields again what is handed back to it afterwards,
+    /// so the feed is polled again once that happens.
+    pub(crate) async fn concurrently<E, F, W>(
+        &self,
+        concurrency: usize,
+        mut feed: F,
+        mut start: impl FnMut(F::Unit) -> W,
+    ) where
+        F: Feed<E>,
+        W: Future<Output = bool>,
+    {
+        let mut running = FuturesUnordered::new();
+        let mut ended = false;
+        while !self.is_cancelled() {
+            tokio::select! {
+                biased;
+                Some(handed_back) = running.next(), if !running.is_empty() => {
+                    if handed_back {
+                        ended = false;
+                        feed.reopen();
+                    }
+                }
+                next = feed.next(), if !ended && running.len() < concurrency => match next {
+                    // Checked again: the feed may have been ready at once,
+                    // and a stop is final.
+                    Some(_) if self.is_cancelled() => break,
+                    Some(unit) => running.push(start(unit)),
+                    None => ended = true,
+                },
+                else => break,
+            }
+        }
+        while running.next().await.is_some() {}
+    }
+
     pub(crate) fn name(&self) -> &Arc<str> {
         &self.core.name
     }
@@ -160,32 +198,14 @@ impl<L, K> Supervisor<L, K> {
                 }
             }
         } else {
-            let mut running = FuturesUnordered::new();
-            // A source that ended yields again what the runner hands back
-            // to it afterwards: it is polled again once a running delivery
-            // went back, and the run ends when it has ended with nothing
-            // running.
-            let mut ended = false;
-            while !self.is_cancelled() {
-                tokio::select! {
-                    biased;
-                    Some(handed_back) = running.next(), if !running.is_empty() => {
-                        let handed_back: bool = handed_back;
-                        ended &= !handed_back;
-                    }
-                    next = std::future::poll_fn(|cx| source.poll_next(cx)), if !ended && running.len() < concurrency => match next {
-                        Some(_) if self.is_cancelled() => break,
-                        Some(Ok(delivery)) => running.push(Either::Left(self.process(delivery))),
-                        Some(Err(undecodable)) => running.push(Either::Right(async {
-                            self.undecodable(undecodable).await;
-                            false
-                        })),
-                        None => ended = true,
-                    },
-                    else => break,
-                }
-            }
-            while running.next().await.is_some() {}
+            self.concurrently(concurrency, Deliveries(&mut source), |next| match next {
+                Ok(delivery) => Either::Left(self.process(delivery)),
+                Err(undecodable) => Either::Right(async {
+                    self.undecodable(undecodable).await;
+                    false
+                }),
+            })
+            .await;
         }
         self.ended();
     }
@@ -355,6 +375,29 @@ impl<L, K> Supervisor<L, K> {
         );
         self.dead_letter(delivery, error, attempt, panicked).await;
         Finished::Done { handed_back: false }
+    }
+}
+
+/// Where [`Supervisor::concurrently`] takes its work from.
+pub(crate) trait Feed<E> {
+    type Unit;
+
+    /// The next unit of work; `None` once the source ended.
+    fn next(&mut self) -> impl Future<Output = Option<Self::Unit>>;
+
+    /// Something went back to the source, which yields it again even if it
+    /// had ended.
+    fn reopen(&mut self) {}
+}
+
+/// A source's deliveries, one at a time.
+struct Deliveries<'a, S>(&'a mut S);
+
+impl<E: Event, S: Source<E>> Feed<E> for Deliveries<'_, S> {
+    type Unit = Result<S::Delivery, Undecodable>;
+
+    fn next(&mut self) -> impl Future<Output = Option<Self::Unit>> {
+        std::future::poll_fn(|cx| self.0.poll_next(cx))
     }
 }
 
