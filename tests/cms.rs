@@ -24,8 +24,7 @@ struct Cms {
     http: reqwest::Client,
     state: Arc<AppState>,
     _data: Option<tempfile::TempDir>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    server: Option<tokio::task::JoinHandle<()>>,
+    server: app::server::Background,
 }
 
 struct Answer {
@@ -55,41 +54,26 @@ impl Cms {
             database_url,
         };
         let state = app::build(&config).await.unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(app::server::serve(
-            listener,
-            app::router(state.clone()),
-            async move {
-                let _ = stopped.await;
-            },
-        ));
+        let server = app::server::Background::start(state.clone()).await.unwrap();
         #[cfg(feature = "search")]
         tokio::time::timeout(Duration::from_secs(30), state.search.ready())
             .await
             .expect("the index was not built within 30s");
         Self {
-            url,
+            url: server.url.clone(),
             http: reqwest::Client::new(),
             state,
             _data: None,
-            stop: Some(stop),
-            server: Some(server),
+            server,
         }
     }
 
     /// Stops the server and drains the bus, as Ctrl-C does.
-    async fn stop(mut self) -> event_bus::ShutdownReport {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(server) = self.server.take() {
-            tokio::time::timeout(Duration::from_secs(30), server)
-                .await
-                .expect("the server did not stop within 30s")
-                .unwrap();
-        }
+    async fn stop(self) -> event_bus::ShutdownReport {
+        tokio::time::timeout(Duration::from_secs(30), self.server.stop())
+            .await
+            .expect("the server did not stop within 30s")
+            .unwrap();
         self.state.writes_done().await;
         self.state.bus.shutdown(Duration::from_secs(10)).await
     }

@@ -39,16 +39,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     })
     .await?;
     tokio::time::timeout(Duration::from_secs(60), state.search.ready()).await?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}", listener.local_addr()?);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(app::server::serve(
-        listener,
-        app::router(state.clone()),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    let server = app::server::Background::start(state.clone()).await?;
+    let url = server.url.clone();
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(MAX_CLIENTS)
         .timeout(Duration::from_secs(10))
@@ -182,8 +174,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         );
     }
 
-    let _ = stop.send(());
-    server.await?;
+    server.stop().await?;
     state.writes_done().await;
     state.bus.shutdown(Duration::from_secs(10)).await;
     Ok(())

@@ -126,3 +126,31 @@ pub(crate) async fn json_errors(request: Request, next: Next) -> Response {
     parts.headers.extend(json.headers().clone());
     Response::from_parts(parts, json.into_body())
 }
+
+/// A server on a task of its own, on an ephemeral port of 127.0.0.1: what
+/// the tests and the load driver run.
+#[allow(dead_code)]
+pub(crate) struct Background {
+    pub(crate) url: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[allow(dead_code)]
+impl Background {
+    pub(crate) async fn start(state: std::sync::Arc<super::AppState>) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(serve(listener, super::router(state), async move {
+            let _ = stopped.await;
+        }));
+        Ok(Self { url, stop, task })
+    }
+
+    /// Stops accepting and waits for the requests in flight, as Ctrl-C does.
+    pub(crate) async fn stop(self) -> Result<(), tokio::task::JoinError> {
+        let _ = self.stop.send(());
+        self.task.await
+    }
+}
