@@ -1,6 +1,7 @@
 //! The example CMS end to end: a server on an ephemeral port, driven by a
-//! real HTTP client. Every wait is on the bus's `quiesce`, with a deadline.
-//! The same scenarios run on SQLite and, in CI, on PostgreSQL.
+//! real HTTP client. Every wait is on a condition (the writes done, the
+//! bus's `quiesce`, the index ready), with a deadline. The same scenarios
+//! run on SQLite and, in CI, on PostgreSQL.
 
 // Built with `--no-default-features`, some helpers serve no test.
 #![cfg_attr(not(all(feature = "search", feature = "cache")), allow(dead_code))]
@@ -22,7 +23,8 @@ struct Cms {
     url: String,
     http: reqwest::Client,
     state: Arc<AppState>,
-    _data: tempfile::TempDir,
+    _data: Option<tempfile::TempDir>,
+    server: app::server::Background,
 }
 
 struct Answer {
@@ -39,20 +41,41 @@ impl Cms {
 
     async fn start_on(database_url: Option<String>) -> Self {
         let data = tempfile::tempdir().unwrap();
+        let mut cms = Self::start_in(data.path(), database_url).await;
+        cms._data = Some(data);
+        cms
+    }
+
+    /// On the data in `dir`, through the same server as `main`'s; returns
+    /// once the search index is built.
+    async fn start_in(dir: &std::path::Path, database_url: Option<String>) -> Self {
         let config = Config {
-            data_dir: data.path().to_owned(),
+            data_dir: dir.to_owned(),
             database_url,
         };
         let state = app::build(&config).await.unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(axum::serve(listener, app::router(state.clone())).into_future());
+        let server = app::server::Background::start(state.clone()).await.unwrap();
+        #[cfg(feature = "search")]
+        tokio::time::timeout(Duration::from_secs(30), state.search.ready())
+            .await
+            .expect("the index was not built within 30s");
         Self {
-            url,
+            url: server.url.clone(),
             http: reqwest::Client::new(),
             state,
-            _data: data,
+            _data: None,
+            server,
         }
+    }
+
+    /// Stops the server and drains the bus, as Ctrl-C does.
+    async fn stop(self) -> event_bus::ShutdownReport {
+        tokio::time::timeout(Duration::from_secs(30), self.server.stop())
+            .await
+            .expect("the server did not stop within 30s")
+            .unwrap();
+        self.state.writes_done().await;
+        self.state.bus.shutdown(Duration::from_secs(10)).await
     }
 
     async fn send(&self, request: reqwest::RequestBuilder) -> Answer {
@@ -96,10 +119,14 @@ impl Cms {
             .await
     }
 
+    /// Waits until every write has run and every listener is idle.
     async fn quiesce(&self) {
-        tokio::time::timeout(Duration::from_secs(30), self.state.bus.quiesce())
-            .await
-            .expect("the bus did not settle within 30s");
+        tokio::time::timeout(Duration::from_secs(30), async {
+            self.state.writes_done().await;
+            self.state.bus.quiesce().await;
+        })
+        .await
+        .expect("the writes and the bus did not settle within 30s");
     }
 
     async fn user(&self, username: &str) -> i64 {
@@ -129,6 +156,29 @@ impl Cms {
         assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
         answer.body["hits"].as_array().unwrap().clone()
     }
+}
+
+/// Each answer has its status and a JSON `error`, and names the field
+/// where one is given.
+fn assert_json_errors(cases: impl IntoIterator<Item = (Answer, u16, Option<&'static str>)>) {
+    for (i, (answer, status, field)) in cases.into_iter().enumerate() {
+        assert_eq!(answer.status.as_u16(), status, "case {i}: {}", answer.body);
+        assert!(
+            answer.body["error"].is_string(),
+            "case {i}: {}",
+            answer.body
+        );
+        if let Some(field) = field {
+            assert_eq!(answer.body["field"], field, "case {i}: {}", answer.body);
+        }
+    }
+}
+
+/// `text` as a query string value: spaces and parentheses escaped.
+fn encoded(text: &str) -> String {
+    text.replace(' ', "%20")
+        .replace('(', "%28")
+        .replace(')', "%29")
 }
 
 fn ids(hits: &[Value]) -> Vec<i64> {
@@ -307,7 +357,7 @@ async fn a_failing_listener_leaves_the_response_unchanged_and_shows_in_metrics()
     let stored = cms.get(&format!("/posts/{id}")).await;
     assert_eq!(stored.body, created);
 
-    let metrics = cms.get("/metrics").await.body;
+    let metrics = cms.get("/metrics/json").await.body;
     let faulty = metrics["listeners"]
         .as_array()
         .unwrap()
@@ -379,15 +429,6 @@ async fn bad_input_scenario(cms: &Cms) {
             409,
             None,
         ),
-        (
-            cms.post(
-                "/posts",
-                json!({ "title": "Taken title", "body": "", "author_id": ada }),
-            )
-            .await,
-            409,
-            None,
-        ),
         (cms.delete(&format!("/users/{ada}")).await, 409, None),
         (cms.get("/users/999").await, 404, None),
         (cms.get("/users/not-a-number").await, 404, None),
@@ -424,17 +465,7 @@ async fn bad_input_scenario(cms: &Cms) {
         (cms.get("/search").await, 400, None),
         (cms.get("/search?q=x&kind=robot").await, 400, None),
     ];
-    for (i, (answer, status, field)) in cases.into_iter().enumerate() {
-        assert_eq!(answer.status.as_u16(), status, "case {i}: {}", answer.body);
-        assert!(
-            answer.body["error"].is_string(),
-            "case {i}: {}",
-            answer.body
-        );
-        if let Some(field) = field {
-            assert_eq!(answer.body["field"], field, "case {i}: {}", answer.body);
-        }
-    }
+    assert_json_errors(cases);
 }
 
 #[cfg(feature = "search")]
@@ -460,10 +491,102 @@ async fn without_the_search_feature_search_answers_501() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn health_and_metrics_answer_json() {
+async fn health_reports_the_database_and_each_listener() {
     let cms = Cms::start().await;
-    assert_eq!(cms.get("/health").await.body, json!({ "status": "ok" }));
-    let metrics = cms.get("/metrics").await.body;
+    let health = cms.get("/health").await;
+    assert_eq!(health.status, StatusCode::OK);
+    assert_eq!(health.body["status"], "ok", "{}", health.body);
+    assert_eq!(health.body["database"]["ok"], true);
+    let listeners = health.body["listeners"].as_array().unwrap();
+    let names: Vec<&str> = listeners
+        .iter()
+        .map(|l| l["name"].as_str().unwrap())
+        .collect();
+    let mut expected = Vec::new();
+    if cfg!(feature = "search") {
+        expected.push("search");
+        assert_eq!(health.body["search_index"]["ready"], true);
+    }
+    if cfg!(feature = "cache") {
+        expected.push("cache");
+    }
+    assert_eq!(names, expected);
+    for listener in listeners {
+        assert_eq!(listener["status"], "running");
+        assert_eq!(listener["lagging"], false);
+        assert_eq!(listener["failing"], false);
+        assert_eq!(listener["dead_letters"], 0);
+    }
+
+    // A listener with a dead letter makes the service degraded, not down.
+    cms.state.bus.spawn(Faulty);
+    let ada = cms.user("ada").await;
+    cms.new_post(ada, "Fails once").await;
+    cms.quiesce().await;
+    let health = cms.get("/health").await;
+    assert_eq!(health.status, StatusCode::OK);
+    assert_eq!(health.body["status"], "degraded");
+    let faulty = health.body["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "faulty")
+        .unwrap()
+        .clone();
+    assert_eq!(faulty["failing"], true);
+    assert_eq!(faulty["dead_letters"], 1);
+
+    // The database gone: 503, and says so.
+    cms.state.db.close().await;
+    let health = cms.get("/health").await;
+    assert_eq!(health.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(health.body["status"], "down");
+    assert_eq!(health.body["database"]["ok"], false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_answer_prometheus_text_and_json() {
+    let cms = Cms::start().await;
+    let ada = cms.user("ada").await;
+    cms.get(&format!("/users/{ada}")).await;
+    cms.quiesce().await;
+
+    let response = cms
+        .http
+        .get(format!("{}/metrics", cms.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let text = response.text().await.unwrap();
+    assert!(
+        text.contains("# TYPE event_bus_emitted_total counter"),
+        "{text}"
+    );
+    assert!(
+        text.contains("event_bus_emitted_total{event=\"user.created\"}"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "cms_http_requests_total{route=\"/users/{id}\",method=\"GET\",status=\"200\"}"
+        ),
+        "{text}"
+    );
+    if cfg!(feature = "search") {
+        assert!(
+            text.contains("event_bus_handled_total{listener=\"search\"}"),
+            "{text}"
+        );
+    }
+
+    let metrics = cms.get("/metrics/json").await.body;
     let names: Vec<&str> = metrics["listeners"]
         .as_array()
         .unwrap()
@@ -478,6 +601,7 @@ async fn health_and_metrics_answer_json() {
         expected.push("cache");
     }
     assert_eq!(names, expected);
+    assert_eq!(metrics["emitted"], 1);
 }
 
 /// 200 writes, most of them concurrent and racing reads that fill the cache;
@@ -490,8 +614,8 @@ async fn a_burst_of_200_writes_leaves_search_and_cache_consistent() {
 
 #[cfg(all(feature = "search", feature = "cache"))]
 async fn burst_scenario(cms: &Cms) {
-    use app::cache::CacheKey;
-    use app::db::{self, Comment, Post, User};
+    use app::db::{self, Post};
+    use futures::StreamExt;
     use futures::future::join_all;
 
     let mut writes = 0;
@@ -570,17 +694,36 @@ async fn burst_scenario(cms: &Cms) {
     }
     writes += burst.len();
     assert_eq!(writes, 200);
-    join_all(burst).await;
+    // 20 clients at a time.
+    futures::stream::iter(burst)
+        .buffer_unordered(20)
+        .collect::<Vec<()>>()
+        .await;
     cms.quiesce().await;
+    assert_search_and_cache_equal_the_database(cms).await;
+
+    let posts: Vec<Post> = db::posts(&cms.state.db).await.unwrap();
+    let burst_posts: Vec<&Post> = posts.iter().filter(|p| post_ids.contains(&p.id)).collect();
+    assert_eq!(burst_posts.len(), 50, "ten posts were deleted");
+    assert_eq!(burst_posts.iter().filter(|p| p.published).count(), 40);
+    let search = cms.state.bus.metrics();
+    for listener in &search.listeners {
+        assert_eq!(listener.dropped, 0, "{listener:?}");
+        assert_eq!(listener.dead_lettered, 0, "{listener:?}");
+    }
+}
+
+/// Once idle: the index holds exactly the users and the published posts, as
+/// they are in the database, and the cache holds no row that differs from
+/// it.
+#[cfg(all(feature = "search", feature = "cache"))]
+async fn assert_search_and_cache_equal_the_database(cms: &Cms) {
+    use app::cache::CacheKey;
+    use app::db::{self, Comment, Post, User};
 
     let state = &cms.state;
     let users: Vec<User> = db::users(&state.db).await.unwrap();
     let posts: Vec<Post> = db::posts(&state.db).await.unwrap();
-    let burst_posts: Vec<&Post> = posts.iter().filter(|p| post_ids.contains(&p.id)).collect();
-    assert_eq!(burst_posts.len(), 50, "ten posts were deleted");
-    assert_eq!(burst_posts.iter().filter(|p| p.published).count(), 40);
-
-    // The index holds exactly the users and the published posts, as they are.
     let mut indexed: Vec<(String, i64, Option<String>)> = state
         .search
         .all()
@@ -602,32 +745,33 @@ async fn burst_scenario(cms: &Cms) {
     expected.sort();
     assert_eq!(indexed, expected);
 
-    // The cache holds no row that differs from the database.
     for user in &users {
         if let Some(cached) = state.cache.peek::<User>(&CacheKey::User(user.id)) {
             assert_eq!(&cached, user);
         }
     }
-    for &id in &post_ids {
+    let max_id = posts.iter().map(|p| p.id).max().unwrap_or(0);
+    for id in 1..=max_id {
         let row = posts.iter().find(|p| p.id == id);
         let by_id = state.cache.peek::<Post>(&CacheKey::Post(id));
         assert!(
             by_id.is_none() || by_id.as_ref() == row,
             "post {id}: {by_id:?} vs {row:?}"
         );
-        if let Some(row) = row {
-            let by_slug = state
-                .cache
-                .peek::<Post>(&CacheKey::PostSlug(row.slug.clone()));
-            assert!(
-                by_slug.is_none() || by_slug.as_ref() == Some(row),
-                "post {}",
-                row.slug
-            );
-            if let Some(comments) = state.cache.peek::<Vec<Comment>>(&CacheKey::Comments(id)) {
-                assert_eq!(comments, db::comments(&state.db, id).await.unwrap());
-            }
+        let comments = state.cache.peek::<Vec<Comment>>(&CacheKey::Comments(id));
+        if let Some(comments) = comments {
+            assert_eq!(comments, db::comments(&state.db, id).await.unwrap());
         }
+    }
+    for row in &posts {
+        let by_slug = state
+            .cache
+            .peek::<Post>(&CacheKey::PostSlug(row.slug.clone()));
+        assert!(
+            by_slug.is_none() || by_slug.as_ref() == Some(row),
+            "post {}",
+            row.slug
+        );
     }
 }
 
@@ -637,6 +781,562 @@ impl Cms {
         self.get(&format!("/users/{id}")).await;
         id
     }
+}
+
+#[cfg(all(feature = "search", feature = "cache"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_whose_clients_hang_up_still_reach_search_and_cache() {
+    disconnect_scenario(&Cms::start().await).await;
+}
+
+/// Clients give up on their writes after 1 to 20 ms, mid-request; every
+/// write the server committed still reaches the index and the cache.
+#[cfg(all(feature = "search", feature = "cache"))]
+async fn disconnect_scenario(cms: &Cms) {
+    use futures::StreamExt;
+
+    let ada = cms.user("hangup").await;
+    let mut ids = Vec::new();
+    for n in 0..10 {
+        let id = cms.new_post(ada, &format!("Steady {n}")).await["id"]
+            .as_i64()
+            .unwrap();
+        cms.post(&format!("/posts/{id}/publish"), json!({})).await;
+        // Cached, so a lost invalidation would show.
+        cms.get(&format!("/posts/{id}")).await;
+        ids.push(id);
+    }
+    cms.quiesce().await;
+
+    let gave_up = futures::stream::iter(0..100_u64)
+        .map(|n| {
+            let id = ids[n as usize % ids.len()];
+            let request = cms
+                .http
+                .put(format!("{}/posts/{id}", cms.url))
+                .json(&json!({ "title": format!("Moved {n}") }))
+                .timeout(Duration::from_millis(1 + n % 20));
+            async move { request.send().await.is_err() }
+        })
+        .buffer_unordered(20)
+        .filter(|gave_up| std::future::ready(*gave_up))
+        .count()
+        .await;
+    assert!(gave_up > 0, "no client hung up; the test proves nothing");
+
+    cms.quiesce().await;
+    assert_search_and_cache_equal_the_database(cms).await;
+    for id in ids {
+        let read = cms.get(&format!("/posts/{id}")).await;
+        let row = app::db::post(&cms.state.db, id).await.unwrap().unwrap();
+        assert_eq!(read.body["title"], row.title.as_str());
+    }
+}
+
+#[cfg(feature = "search")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deeply_nested_or_huge_search_query_is_a_400_and_the_server_stays_up() {
+    let cms = Cms::start().await;
+    let ada = cms.user("ada").await;
+    let id = cms.new_post(ada, "Nested words").await["id"]
+        .as_i64()
+        .unwrap();
+    cms.post(&format!("/posts/{id}/publish"), json!({})).await;
+    cms.quiesce().await;
+
+    let deep = format!("{}nested{}", "(".repeat(400), ")".repeat(400));
+    let nine = format!("{}nested{}", "(".repeat(9), ")".repeat(9));
+    let wide = vec!["nested"; 17].join(" OR ");
+    let long = "a".repeat(257);
+    for query in [&deep, &nine, &wide, &long] {
+        let answer = cms
+            .send(
+                cms.http
+                    .get(format!("{}/search?q={}", cms.url, encoded(query))),
+            )
+            .await;
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{}", answer.body);
+        assert!(answer.body["error"].as_str().unwrap().contains("at most"));
+    }
+    // At the bounds, it searches.
+    let eight = format!("{}nested{}", "(".repeat(8), ")".repeat(8));
+    let sixteen = vec!["nested"; 16].join(" OR ");
+    for query in [&eight, &sixteen] {
+        let answer = cms
+            .send(
+                cms.http
+                    .get(format!("{}/search?q={}", cms.url, encoded(query))),
+            )
+            .await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+        assert_eq!(ids(answer.body["hits"].as_array().unwrap()), [id]);
+    }
+    assert_eq!(cms.get("/health").await.status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn races_with_deletes_answer_4xx_never_500() {
+    race_scenario(&Cms::start().await).await;
+}
+
+/// A comment racing the deletion of its post, and a post racing the
+/// deletion of its author: each answer is a success or the 4xx that says
+/// what happened, and the database holds no orphan.
+async fn race_scenario(cms: &Cms) {
+    use futures::future::join_all;
+
+    let ada = cms.user("racer").await;
+    let posts: Vec<i64> =
+        join_all((0..30).map(|n| async move { cms.new_post(ada, &format!("Race {n}")).await }))
+            .await
+            .iter()
+            .map(|p| p["id"].as_i64().unwrap())
+            .collect();
+    let outcomes = join_all(posts.iter().map(|&id| async move {
+        let (comments, post) = (format!("/posts/{id}/comments"), format!("/posts/{id}"));
+        let comment = cms.post(&comments, json!({ "author_id": ada, "body": "me first" }));
+        let delete = cms.delete(&post);
+        let (comment, delete) = tokio::join!(comment, delete);
+        (comment, delete)
+    }))
+    .await;
+    for (comment, delete) in outcomes {
+        assert!(
+            [StatusCode::CREATED, StatusCode::NOT_FOUND].contains(&comment.status),
+            "comment: {} {}",
+            comment.status,
+            comment.body
+        );
+        assert!(comment.body.is_object(), "{}", comment.body);
+        assert_eq!(delete.status, StatusCode::NO_CONTENT, "{}", delete.body);
+    }
+
+    let authors: Vec<(i64, String)> = join_all((0..30).map(|n| async move {
+        let name = format!("doomed{n}");
+        (cms.user(&name).await, name)
+    }))
+    .await;
+    let outcomes = join_all(authors.iter().map(|(id, name)| async move {
+        let post = cms.post(
+            "/posts",
+            json!({ "title": format!("By {name}"), "body": "", "author_id": id }),
+        );
+        let user = format!("/users/{id}");
+        let delete = cms.delete(&user);
+        tokio::join!(post, delete)
+    }))
+    .await;
+    for (post, delete) in outcomes {
+        match post.status {
+            StatusCode::CREATED => {
+                assert_eq!(delete.status, StatusCode::CONFLICT, "{}", delete.body)
+            }
+            StatusCode::UNPROCESSABLE_ENTITY => {
+                assert_eq!(post.body["field"], "author_id");
+                assert_eq!(delete.status, StatusCode::NO_CONTENT, "{}", delete.body);
+            }
+            other => panic!("post: {other} {}", post.body),
+        }
+        assert!(delete.body.is_null() || delete.body["error"].is_string());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_http_mistake_is_a_4xx_with_a_json_error() {
+    http_mistakes_scenario(&Cms::start().await).await;
+}
+
+async fn http_mistakes_scenario(cms: &Cms) {
+    let ada = cms.user("careless").await;
+    let id = cms.new_post(ada, "Target").await["id"].as_i64().unwrap();
+    let url = &cms.url;
+    let http = &cms.http;
+    let japanese = "語".repeat(10_000);
+    let cases = [
+        // Wrong method.
+        (
+            cms.send(http.patch(format!("{url}/posts/{id}"))).await,
+            405,
+            None,
+        ),
+        (
+            cms.send(http.delete(format!("{url}/posts"))).await,
+            405,
+            None,
+        ),
+        // Body over the 1 MiB limit.
+        (
+            cms.send(
+                http.post(format!("{url}/users"))
+                    .header("content-type", "application/json")
+                    .body(vec![b' '; app::BODY_LIMIT + 1024]),
+            )
+            .await,
+            413,
+            None,
+        ),
+        // URI and headers over their limits.
+        (
+            cms.send(http.get(format!("{url}/posts/{}", "x".repeat(9000))))
+                .await,
+            414,
+            None,
+        ),
+        (
+            cms.send(
+                http.get(format!("{url}/health"))
+                    .header("x-big", "y".repeat(20_000)),
+            )
+            .await,
+            431,
+            None,
+        ),
+        // Not JSON.
+        (
+            cms.send(http.post(format!("{url}/users")).body("username=bob"))
+                .await,
+            415,
+            None,
+        ),
+        // Text no database column should hold: NUL, other controls.
+        (
+            cms.post(
+                "/posts",
+                json!({ "title": "nul\u{0}here", "body": "", "author_id": ada }),
+            )
+            .await,
+            422,
+            Some("title"),
+        ),
+        (
+            cms.put(&format!("/posts/{id}"), json!({ "body": "bell\u{7}" }))
+                .await,
+            422,
+            Some("body"),
+        ),
+        (
+            cms.post(
+                "/users",
+                json!({ "username": "nul", "email": "n\u{0}@example.com" }),
+            )
+            .await,
+            422,
+            Some("email"),
+        ),
+        (
+            cms.post(
+                &format!("/posts/{id}/comments"),
+                json!({ "author_id": ada, "body": "\u{0}" }),
+            )
+            .await,
+            422,
+            Some("body"),
+        ),
+        // Comment length is in characters: 10,000 of them fit, 10,001 not.
+        (
+            cms.post(
+                &format!("/posts/{id}/comments"),
+                json!({ "author_id": ada, "body": format!("{japanese}語") }),
+            )
+            .await,
+            422,
+            Some("body"),
+        ),
+        // Both or neither author.
+        (
+            cms.post("/posts", json!({ "title": "T", "body": "" }))
+                .await,
+            422,
+            Some("author_id"),
+        ),
+        (
+            cms.post(
+                "/posts",
+                json!({ "title": "T", "body": "", "author": "nobody" }),
+            )
+            .await,
+            422,
+            Some("author"),
+        ),
+        // Paging out of bounds.
+        (cms.get("/posts?limit=0").await, 400, None),
+        (cms.get("/users?limit=101").await, 400, None),
+        (cms.get("/users?after=x").await, 400, None),
+    ];
+    assert_json_errors(cases);
+    let fits = cms
+        .post(
+            &format!("/posts/{id}/comments"),
+            json!({ "author_id": ada, "body": japanese }),
+        )
+        .await;
+    assert_eq!(fits.status, StatusCode::CREATED, "{}", fits.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unicode_titles_get_ascii_slugs_and_a_collision_gets_a_suffix() {
+    let cms = Cms::start().await;
+    let ada = cms.user("ada").await;
+    let cases = [
+        ("Grüße aus Köln", "grusse-aus-koln"),
+        ("東京", "dong-jing"),
+        ("Hello, World!", "hello-world"),
+        ("hello world", "hello-world-2"),
+        ("HELLO — WORLD", "hello-world-3"),
+        ("Hello world 2", "hello-world-2-2"),
+        ("2024", "post-2024"),
+        ("!!!", "post"),
+        ("???", "post-2"),
+    ];
+    for (title, slug) in cases {
+        let post = cms.new_post(ada, title).await;
+        assert_eq!(post["slug"], slug, "{title}");
+        let read = cms.get(&format!("/posts/{slug}")).await;
+        assert_eq!(read.status, StatusCode::OK);
+        assert_eq!(read.body["title"], title);
+    }
+}
+
+#[cfg(feature = "cache")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_read_right_after_a_write_sees_the_write() {
+    let cms = Cms::start().await;
+    let ada = cms.user("ada").await;
+    let post = cms.new_post(ada, "First words").await;
+    let id = post["id"].as_i64().unwrap();
+    let slug = post["slug"].as_str().unwrap().to_owned();
+    let paths = [format!("/posts/{id}"), format!("/posts/{slug}")];
+    let comments = format!("/posts/{id}/comments");
+    cms.quiesce().await;
+
+    // Each round: fill the cache, write, read at once (no waiting on the bus).
+    for round in 0..20 {
+        for path in paths.iter().chain([&comments, &format!("/users/{ada}")]) {
+            cms.get(path).await;
+            assert_eq!(cms.get(path).await.cache.as_deref(), Some("hit"), "{path}");
+        }
+        let title = format!("Words {round}");
+        assert_eq!(
+            cms.put(&paths[0], json!({ "title": title })).await.status,
+            StatusCode::OK
+        );
+        for path in &paths {
+            assert_eq!(cms.get(path).await.body["title"], title.as_str(), "{path}");
+        }
+        let body = format!("comment {round}");
+        cms.post(&comments, json!({ "author_id": ada, "body": body }))
+            .await;
+        let listed = cms.get(&comments).await.body;
+        assert_eq!(listed.as_array().unwrap().len(), round + 1);
+        let email = format!("ada{round}@example.com");
+        cms.put(&format!("/users/{ada}"), json!({ "email": email }))
+            .await;
+        assert_eq!(
+            cms.get(&format!("/users/{ada}")).await.body["email"],
+            email.as_str()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_and_posts_are_listed_a_page_at_a_time() {
+    let cms = Cms::start().await;
+    let mut users = Vec::new();
+    for n in 0..5 {
+        users.push(cms.user(&format!("pager{n}")).await);
+    }
+    for n in 0..5 {
+        cms.new_post(users[0], &format!("Page {n}")).await;
+    }
+    for (path, count) in [("/users", 5), ("/posts", 5)] {
+        let mut seen = Vec::new();
+        let mut next = Some(format!("{path}?limit=2"));
+        let mut pages = 0;
+        while let Some(page) = next.take() {
+            pages += 1;
+            assert!(pages <= 4, "more pages than rows");
+            let answer = cms.get(&page).await;
+            assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+            let items = answer.body["items"].as_array().unwrap();
+            assert!(items.len() <= 2);
+            seen.extend(ids(items));
+            next = answer.body["next"].as_str().map(str::to_owned);
+        }
+        assert_eq!(seen.len(), count);
+        assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    }
+    assert_eq!(
+        cms.get("/users").await.body["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        5
+    );
+}
+
+#[cfg(all(feature = "search", feature = "cache"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_printed_walkthrough_works_fresh_after_seed_and_twice() {
+    let cms = Cms::start().await;
+    walk_through(&cms).await;
+    app::welcome::seed(&cms.state).await.unwrap();
+    walk_through(&cms).await;
+    walk_through(&cms).await;
+}
+
+/// Runs the steps `main` prints, as their curl commands would.
+#[cfg(all(feature = "search", feature = "cache"))]
+async fn walk_through(cms: &Cms) {
+    let steps = app::welcome::steps(&cms.state).await.unwrap();
+    let mut slug = None;
+    for step in &steps {
+        let line = step.curl(&cms.url);
+        assert!(line.starts_with("curl -s"), "{line}");
+        let url = format!("{}{}", cms.url, step.path);
+        let mut request = match step.method {
+            "GET" => cms.http.get(&url),
+            "POST" => cms.http.post(&url),
+            other => panic!("unexpected method {other}"),
+        };
+        if let Some(body) = &step.body {
+            request = request.json(body);
+        }
+        if step.path.starts_with("/search") {
+            // As a person types the next command: the bus has caught up.
+            cms.quiesce().await;
+        }
+        let answer = cms.send(request).await;
+        assert!(
+            answer.status.is_success(),
+            "{line}: {} {}",
+            answer.status,
+            answer.body
+        );
+        if step.path == "/posts" {
+            slug = answer.body["slug"].as_str().map(str::to_owned);
+        }
+        if step.path.starts_with("/search") {
+            let titles: Vec<&str> = answer.body["hits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|h| h["title"].as_str())
+                .collect();
+            assert!(titles.contains(&"Hello, events"), "{}", answer.body);
+        }
+        if step.note.contains("x-cache") {
+            assert_eq!(answer.cache.as_deref(), Some("miss"));
+            let again = cms.send(cms.http.get(&url)).await;
+            assert_eq!(again.cache.as_deref(), Some("hit"));
+        }
+    }
+    let slug = slug.expect("the walk-through creates a post");
+    assert!(steps.iter().any(|s| s.path == format!("/posts/{slug}")));
+}
+
+#[cfg(feature = "search")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_blip_is_retried_and_leaves_no_dead_letter() {
+    use std::sync::atomic::Ordering;
+
+    let cms = Cms::start().await;
+    let ada = cms.user("ada").await;
+    let id = cms.new_post(ada, "Before the blip").await["id"]
+        .as_i64()
+        .unwrap();
+    cms.quiesce().await;
+    cms.state.search.failing_reads.store(2, Ordering::Relaxed);
+    cms.post(&format!("/posts/{id}/publish"), json!({})).await;
+    cms.quiesce().await;
+
+    assert_eq!(ids(&cms.search("blip").await), [id]);
+    let search = cms.state.bus.metrics().listener("search").unwrap().clone();
+    assert_eq!(search.retried, 2);
+    assert_eq!(search.dead_lettered, 0);
+}
+
+#[cfg(feature = "search")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_search_dead_letter_reconciles_its_row_and_can_be_redriven() {
+    use std::sync::atomic::Ordering;
+
+    let cms = Cms::start().await;
+    let ada = cms.user("ada").await;
+    let id = cms.new_post(ada, "Outage").await["id"].as_i64().unwrap();
+    cms.quiesce().await;
+    // Every attempt the listener makes fails; the reconciler's read works.
+    cms.state.search.failing_reads.store(6, Ordering::Relaxed);
+    cms.post(&format!("/posts/{id}/publish"), json!({})).await;
+    cms.quiesce().await;
+    assert_eq!(
+        cms.state
+            .bus
+            .metrics()
+            .listener("search")
+            .unwrap()
+            .dead_lettered,
+        1
+    );
+
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while cms.get("/health").await.body["search_index"]["reconciled"] != 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the dead letter was not reconciled within 10s");
+    assert_eq!(ids(&cms.search("outage").await), [id]);
+
+    let letters = cms.get("/admin/dead-letters").await;
+    assert_eq!(letters.status, StatusCode::OK);
+    let listed = letters.body["dead_letters"].as_array().unwrap();
+    assert_eq!(listed.len(), 1, "{}", letters.body);
+    assert_eq!(listed[0]["listener"], "search");
+    assert_eq!(listed[0]["event"], "post.published");
+    assert_eq!(listed[0]["attempts"], 6);
+    assert!(listed[0]["error"].as_str().unwrap().contains("injected"));
+
+    let redriven = cms.post("/admin/dead-letters/redrive", json!({})).await;
+    assert_eq!(redriven.body["redriven"], 1);
+    cms.quiesce().await;
+    let letters = cms.get("/admin/dead-letters").await.body;
+    assert_eq!(letters["dead_letters"], json!([]));
+    assert_eq!(ids(&cms.search("outage").await), [id]);
+}
+
+#[cfg(feature = "search")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_index_is_rebuilt_from_the_database_at_start() {
+    let data = tempfile::tempdir().unwrap();
+    let cms = Cms::start_in(data.path(), None).await;
+    let ada = cms.user("ada").await;
+    let id = cms.new_post(ada, "Survivor").await["id"].as_i64().unwrap();
+    cms.post(&format!("/posts/{id}/publish"), json!({})).await;
+    cms.quiesce().await;
+    let report = cms.stop().await;
+    assert!(report.drained(), "{report}");
+
+    std::fs::write(data.path().join("search/meta.json"), b"{ not json").unwrap();
+    let cms = Cms::start_in(data.path(), None).await;
+    let answer = cms.get("/search?q=survivor").await;
+    assert_eq!(answer.body["source"], "index");
+    assert_eq!(ids(answer.body["hits"].as_array().unwrap()), [id]);
+    cms.stop().await;
+}
+
+#[cfg(feature = "search")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shutdown_report_lists_each_listener() {
+    let cms = Cms::start().await;
+    let ada = cms.user("ada").await;
+    cms.new_post(ada, "Last words").await;
+    let report = cms.stop().await;
+    let search = report.listener("search").unwrap();
+    assert_eq!(search.handled, 1);
+    assert_eq!(search.dropped, 0);
+    assert_eq!(search.dead_lettered, 0);
+    assert_eq!(search.undelivered, 0);
+    assert!(report.drained());
 }
 
 /// The scenarios above on PostgreSQL, in a database made for the run.
@@ -664,6 +1364,9 @@ async fn the_scenarios_pass_on_postgresql() {
 
     let cms = Cms::start_on(Some(format!("{server}/{name}"))).await;
     bad_input_scenario(&cms).await;
+    http_mistakes_scenario(&cms).await;
+    race_scenario(&cms).await;
+    disconnect_scenario(&cms).await;
     burst_scenario(&cms).await;
 
     cms.state.db.close().await;

@@ -2,8 +2,9 @@
 //! search index and a cache kept in sync by events.
 //!
 //! Request handlers only write to the database and emit one event
-//! (`state.emit_post_published(&post)`); background listeners index into
-//! tantivy and invalidate the moka cache, re-reading rows from the database.
+//! (`state.events.emit_post_published_wait(&post)`); background listeners
+//! index into tantivy and invalidate the moka cache, re-reading rows from
+//! the database.
 //!
 //! ```text
 //! cargo run --example cms                          # SQLite in ./cms-data, port 3000
@@ -21,8 +22,6 @@ mod app;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use app::posts::{NewPost, create_post, publish_post};
-use app::users::{NewUser, create_user};
 use app::{AppState, Config};
 
 #[tokio::main]
@@ -38,97 +37,55 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let config = Config::from_env();
     let state = app::build(&config).await?;
     if std::env::args().any(|arg| arg == "--seed") {
-        seed(&state).await?;
+        app::welcome::seed(&state).await?;
+        println!("seeded demo users and posts");
     }
 
     let addr = std::env::var("CMS_ADDR").unwrap_or_else(|_| "127.0.0.1:3000".into());
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     let addr = listener.local_addr()?;
-    print_welcome(addr, &config);
+    print_welcome(&state, addr, &config).await?;
 
-    axum::serve(listener, app::router(state.clone()))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-            tracing::info!("shutting down: draining the event bus");
-        })
-        .await?;
+    app::server::serve(listener, app::router(state.clone()), async {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutting down: finishing requests, then draining the event bus");
+    })
+    .await;
 
+    // Writes whose clients left may still be running: their events too.
+    state.writes_done().await;
     let report = state.bus.shutdown(Duration::from_secs(10)).await;
     println!("event bus: {report}");
-    Ok(())
-}
-
-/// A few users and posts, created through the same code as the API, so their
-/// events index and cache them like any other.
-async fn seed(state: &AppState) -> Result<(), app::error::ApiError> {
-    let posts = [
-        (
-            "ada",
-            "Notes on the Analytical Engine",
-            "It weaves algebraic patterns.",
-            true,
-        ),
-        (
-            "grace",
-            "Debugging the Mark II",
-            "We found a moth in relay 70.",
-            true,
-        ),
-        (
-            "linus",
-            "Just a hobby",
-            "It won't be big and professional.",
-            false,
-        ),
-    ];
-    for (username, title, body, published) in posts {
-        let user = match create_user(
-            state,
-            NewUser {
-                username: username.into(),
-                email: format!("{username}@example.com"),
-            },
-        )
-        .await
-        {
-            Ok(user) => user,
-            // Seeded on an earlier run.
-            Err(app::error::ApiError::Conflict(_)) => continue,
-            Err(error) => return Err(error),
-        };
-        let post = create_post(
-            state,
-            NewPost {
-                title: title.into(),
-                body: body.into(),
-                author_id: user.id,
-            },
-        )
-        .await?;
-        if published {
-            publish_post(state, post.id).await?;
-        }
+    println!(
+        "  {:<8} {:>9} {:>8} {:>14} {:>12}  status",
+        "listener", "handled", "dropped", "dead-lettered", "undelivered"
+    );
+    for l in &report.listeners {
+        println!(
+            "  {:<8} {:>9} {:>8} {:>14} {:>12}  {}",
+            l.name, l.handled, l.dropped, l.dead_lettered, l.undelivered, l.status
+        );
     }
-    state.bus.quiesce().await;
-    println!("seeded demo users and posts");
     Ok(())
 }
 
-fn print_welcome(addr: SocketAddr, config: &Config) {
+async fn print_welcome(
+    state: &AppState,
+    addr: SocketAddr,
+    config: &Config,
+) -> Result<(), app::error::ApiError> {
     let url = format!("http://{addr}");
     println!(
         "CMS listening on {url} (data in {})",
         config.data_dir.display()
     );
     println!("Try:");
+    for step in app::welcome::steps(state).await? {
+        println!("  {}", step.curl(&url));
+    }
+    println!("More: GET /posts, /users (paged: ?after=ID&limit=N), /health, /admin/dead-letters.");
     println!(
-        "  curl -s -X POST {url}/users -H 'content-type: application/json' -d '{{\"username\":\"alice\",\"email\":\"alice@example.com\"}}'"
+        "Metrics: {url}/metrics (Prometheus), {url}/metrics/json. Ctrl-C drains the event bus and exits."
     );
-    println!(
-        "  curl -s -X POST {url}/posts -H 'content-type: application/json' -d '{{\"title\":\"Hello, events\",\"body\":\"First post\",\"author_id\":1}}'"
-    );
-    println!("  curl -s -X POST {url}/posts/1/publish");
-    println!("  curl -s '{url}/search?q=hello'");
-    println!("  curl -si {url}/posts/hello-events   # twice: x-cache miss, then hit");
-    println!("Metrics: {url}/metrics. Ctrl-C drains the event bus and exits.");
+    Ok(())
 }

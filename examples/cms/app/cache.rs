@@ -1,6 +1,12 @@
 //! The read cache (feature `cache`): reads go through it, and a listener
 //! invalidates what each event changes. Without the feature every read is a
 //! miss; the handlers are the same.
+//!
+//! Read-your-writes: a write marks the keys its event will invalidate as in
+//! flux before it emits ([`Events`](super::Events)), and the invalidator
+//! clears the mark when it handles the event. A read of a key in flux goes to
+//! the database and caches nothing, so a client that reads right after its
+//! write sees it, even while the invalidator is behind.
 
 use axum::Json;
 use axum::response::{IntoResponse, Response};
@@ -8,6 +14,7 @@ use serde::Serialize;
 
 use super::AppState;
 use super::error::ApiError;
+use super::events::AppEvent;
 
 /// What can be cached.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -16,6 +23,31 @@ pub(crate) enum CacheKey {
     Post(i64),
     PostSlug(String),
     Comments(i64),
+}
+
+impl CacheKey {
+    /// The cached entries an event makes stale. Creations change nothing
+    /// cached: misses are not cached.
+    pub(crate) fn stale_after(event: &AppEvent) -> Vec<CacheKey> {
+        match event {
+            AppEvent::UserCreated(_) | AppEvent::PostCreated(_) => Vec::new(),
+            AppEvent::UserUpdated(user) | AppEvent::UserDeleted(user) => {
+                vec![CacheKey::User(user.id)]
+            }
+            AppEvent::PostUpdated(post) | AppEvent::PostPublished(post) => vec![
+                CacheKey::Post(post.id),
+                CacheKey::PostSlug(post.slug.clone()),
+            ],
+            AppEvent::PostDeleted(post) => vec![
+                CacheKey::Post(post.id),
+                CacheKey::PostSlug(post.slug.clone()),
+                CacheKey::Comments(post.id),
+            ],
+            AppEvent::CommentCreated(comment) | AppEvent::CommentDeleted(comment) => {
+                vec![CacheKey::Comments(comment.post_id)]
+            }
+        }
+    }
 }
 
 /// A read answered from the cache or not: the JSON body plus an `x-cache`
@@ -61,33 +93,42 @@ pub(crate) use enabled::{Cache, CacheInvalidator};
 #[cfg(feature = "cache")]
 mod enabled {
     use std::any::Any;
-    use std::sync::{Arc, RwLock};
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, MutexGuard};
 
-    use event_bus::{HandlerError, listener};
+    use event_bus::{Envelope, HandlerError, KindSet, Listener, Meta};
 
     use super::*;
-    use crate::app::events::{AppEventHandler, CommentEventData, PostEventData, UserEventData};
+    use crate::app::events::AppEventKind;
 
     type Entry = Arc<dyn Any + Send + Sync>;
 
     pub(crate) struct Cache {
         entries: moka::sync::Cache<CacheKey, Entry>,
-        /// Bumped by every invalidation. A value loaded while it changed may
-        /// be stale and is not cached; inserts and invalidations exclude each
-        /// other through the lock.
-        generation: RwLock<u64>,
+        guard: Mutex<Guard>,
+    }
+
+    /// What decides whether a loaded value may be cached; inserts, marks and
+    /// invalidations exclude each other through its lock.
+    #[derive(Default)]
+    struct Guard {
+        /// Bumped by every invalidation: a value loaded while it changed may
+        /// be stale and is not cached.
+        generation: u64,
+        /// Keys whose invalidation is on its way, with how many events.
+        in_flux: HashMap<CacheKey, usize>,
     }
 
     impl Cache {
         pub(crate) fn new(capacity: u64) -> Self {
             Self {
                 entries: moka::sync::Cache::new(capacity),
-                generation: RwLock::new(0),
+                guard: Mutex::new(Guard::default()),
             }
         }
 
-        fn generation(&self) -> std::sync::RwLockReadGuard<'_, u64> {
-            self.generation.read().unwrap_or_else(|e| e.into_inner())
+        fn guard(&self) -> MutexGuard<'_, Guard> {
+            self.guard.lock().unwrap_or_else(|e| e.into_inner())
         }
 
         pub(crate) async fn get_or_load<T: Clone + Send + Sync + 'static>(
@@ -95,29 +136,55 @@ mod enabled {
             key: CacheKey,
             load: impl Future<Output = Result<T, ApiError>>,
         ) -> Result<Cached<T>, ApiError> {
-            let generation = *self.generation();
-            if let Some(entry) = self.entries.get(&key) {
-                if let Ok(value) = entry.downcast::<T>() {
-                    return Ok(Cached {
-                        value: T::clone(&value),
-                        hit: true,
-                    });
+            let generation = {
+                let guard = self.guard();
+                if !guard.in_flux.contains_key(&key) {
+                    if let Some(entry) = self.entries.get(&key) {
+                        if let Ok(value) = entry.downcast::<T>() {
+                            return Ok(Cached {
+                                value: T::clone(&value),
+                                hit: true,
+                            });
+                        }
+                    }
                 }
-            }
+                guard.generation
+            };
             let value = load.await?;
-            let current = self.generation();
-            if *current == generation {
+            let guard = self.guard();
+            if guard.generation == generation && !guard.in_flux.contains_key(&key) {
                 self.entries.insert(key, Arc::new(value.clone()));
             }
-            drop(current);
+            drop(guard);
             Ok(Cached { value, hit: false })
         }
 
-        pub(crate) fn invalidate(&self, keys: &[CacheKey]) {
-            let mut generation = self.generation.write().unwrap_or_else(|e| e.into_inner());
-            *generation += 1;
+        /// Marks the keys `event` will invalidate: until the invalidator
+        /// handles it, reads of them bypass the cache.
+        pub(crate) fn expect(&self, event: &AppEvent) {
+            let keys = CacheKey::stale_after(event);
+            if keys.is_empty() {
+                return;
+            }
+            let mut guard = self.guard();
             for key in keys {
-                self.entries.invalidate(key);
+                *guard.in_flux.entry(key).or_default() += 1;
+            }
+        }
+
+        /// Drops the entries `event` made stale and clears their marks.
+        fn invalidate(&self, event: &AppEvent) {
+            let keys = CacheKey::stale_after(event);
+            let mut guard = self.guard();
+            guard.generation += 1;
+            for key in keys {
+                self.entries.invalidate(&key);
+                if let Some(count) = guard.in_flux.get_mut(&key) {
+                    *count -= 1;
+                    if *count == 0 {
+                        guard.in_flux.remove(&key);
+                    }
+                }
             }
         }
 
@@ -127,56 +194,42 @@ mod enabled {
             let entry = self.entries.get(key)?;
             entry.downcast::<T>().ok().map(|value| T::clone(&value))
         }
+
+        /// How many keys wait for their invalidation, for `/health`.
+        pub(crate) fn in_flux(&self) -> usize {
+            self.guard().in_flux.len()
+        }
     }
 
-    /// Invalidates the entries each event changes. Creations change nothing
-    /// cached (misses are not cached), so it does not listen to them.
+    /// Invalidates the entries each event changes. It cannot fail, so it
+    /// loses an event only if the bus drops it, which its backpressure
+    /// policy (see `app::build`) prevents for what the handlers emit.
     pub(crate) struct CacheInvalidator(pub Arc<Cache>);
 
-    #[listener(name = "cache")]
-    impl AppEventHandler for CacheInvalidator {
-        async fn on_user_updated(&self, user: &UserEventData) -> Result<(), HandlerError> {
-            self.0.invalidate(&[CacheKey::User(user.id)]);
-            Ok(())
+    impl Listener<AppEvent> for CacheInvalidator {
+        fn name(&self) -> &str {
+            "cache"
         }
 
-        async fn on_user_deleted(&self, user: &UserEventData) -> Result<(), HandlerError> {
-            self.0.invalidate(&[CacheKey::User(user.id)]);
-            Ok(())
+        fn interests(&self) -> KindSet<AppEventKind> {
+            KindSet::from([
+                AppEventKind::UserUpdated,
+                AppEventKind::UserDeleted,
+                AppEventKind::PostUpdated,
+                AppEventKind::PostPublished,
+                AppEventKind::PostDeleted,
+                AppEventKind::CommentCreated,
+                AppEventKind::CommentDeleted,
+            ])
         }
 
-        async fn on_post_updated(&self, post: &PostEventData) -> Result<(), HandlerError> {
-            self.0.invalidate(&post_keys(post));
+        async fn handle(
+            &self,
+            envelope: Arc<Envelope<AppEvent>>,
+            _: Meta,
+        ) -> Result<(), HandlerError> {
+            self.0.invalidate(envelope.event());
             Ok(())
         }
-
-        async fn on_post_published(&self, post: &PostEventData) -> Result<(), HandlerError> {
-            self.0.invalidate(&post_keys(post));
-            Ok(())
-        }
-
-        async fn on_post_deleted(&self, post: &PostEventData) -> Result<(), HandlerError> {
-            let [by_id, by_slug] = post_keys(post);
-            self.0
-                .invalidate(&[by_id, by_slug, CacheKey::Comments(post.id)]);
-            Ok(())
-        }
-
-        async fn on_comment_created(&self, comment: &CommentEventData) -> Result<(), HandlerError> {
-            self.0.invalidate(&[CacheKey::Comments(comment.post_id)]);
-            Ok(())
-        }
-
-        async fn on_comment_deleted(&self, comment: &CommentEventData) -> Result<(), HandlerError> {
-            self.0.invalidate(&[CacheKey::Comments(comment.post_id)]);
-            Ok(())
-        }
-    }
-
-    fn post_keys(post: &PostEventData) -> [CacheKey; 2] {
-        [
-            CacheKey::Post(post.id),
-            CacheKey::PostSlug(post.slug.clone()),
-        ]
     }
 }

@@ -123,6 +123,30 @@ pub(crate) async fn users(db: &AnyPool) -> sqlx::Result<Vec<User>> {
         .await
 }
 
+/// Up to `limit` users with an id above `after`, by id.
+pub(crate) async fn users_page(db: &AnyPool, after: i64, limit: i64) -> sqlx::Result<Vec<User>> {
+    sqlx::query_as(&format!(
+        "SELECT {USER} FROM users WHERE id > $1 ORDER BY id LIMIT $2"
+    ))
+    .bind(after)
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}
+
+pub(crate) async fn user_by_name(db: &AnyPool, username: &str) -> sqlx::Result<Option<User>> {
+    sqlx::query_as(&format!("SELECT {USER} FROM users WHERE username = $1"))
+        .bind(username)
+        .fetch_optional(db)
+        .await
+}
+
+/// Answers when the database does.
+pub(crate) async fn ping(db: &AnyPool) -> sqlx::Result<()> {
+    let (_,): (i64,) = sqlx::query_as("SELECT 1").fetch_one(db).await?;
+    Ok(())
+}
+
 pub(crate) async fn update_user(
     db: &AnyPool,
     id: i64,
@@ -200,6 +224,77 @@ pub(crate) async fn posts(db: &AnyPool) -> sqlx::Result<Vec<Post>> {
     sqlx::query_as(&format!("SELECT {POST} FROM posts ORDER BY id"))
         .fetch_all(db)
         .await
+}
+
+/// Up to `limit` posts with an id above `after`, by id.
+pub(crate) async fn posts_page(db: &AnyPool, after: i64, limit: i64) -> sqlx::Result<Vec<Post>> {
+    sqlx::query_as(&format!(
+        "SELECT {POST} FROM posts WHERE id > $1 ORDER BY id LIMIT $2"
+    ))
+    .bind(after)
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}
+
+/// The slugs that are `base` or `base-…`. A slug is made of `a-z`, `0-9` and
+/// `-`, none of which `LIKE` treats specially.
+pub(crate) async fn slugs_like(db: &AnyPool, base: &str) -> sqlx::Result<Vec<String>> {
+    let rows: Vec<(String,)> =
+        sqlx::query_as("SELECT slug FROM posts WHERE slug = $1 OR slug LIKE $2")
+            .bind(base)
+            .bind(format!("{base}-%"))
+            .fetch_all(db)
+            .await?;
+    Ok(rows.into_iter().map(|(slug,)| slug).collect())
+}
+
+/// Published posts whose title or body holds every one of `terms`
+/// (lowercase), best first by recency: what search answers from while the
+/// index is being built.
+pub(crate) async fn find_posts(
+    db: &AnyPool,
+    terms: &[String],
+    limit: i64,
+) -> sqlx::Result<Vec<Post>> {
+    let mut sql = format!("SELECT {POST} FROM posts WHERE published = 1");
+    for n in 1..=terms.len() {
+        sql.push_str(&format!(
+            " AND (LOWER(title) LIKE ${n} OR LOWER(body) LIKE ${n})"
+        ));
+    }
+    sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", terms.len() + 1));
+    let mut query = sqlx::query_as(&sql);
+    for term in terms {
+        query = query.bind(format!("%{}%", like_escaped(term)));
+    }
+    query.bind(limit).fetch_all(db).await
+}
+
+/// Users whose name holds every one of `terms`, as [`find_posts`].
+pub(crate) async fn find_users(
+    db: &AnyPool,
+    terms: &[String],
+    limit: i64,
+) -> sqlx::Result<Vec<User>> {
+    let mut sql = format!("SELECT {USER} FROM users WHERE 1 = 1");
+    for n in 1..=terms.len() {
+        sql.push_str(&format!(" AND LOWER(username) LIKE ${n}"));
+    }
+    sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", terms.len() + 1));
+    let mut query = sqlx::query_as(&sql);
+    for term in terms {
+        query = query.bind(format!("%{}%", like_escaped(term)));
+    }
+    query.bind(limit).fetch_all(db).await
+}
+
+/// `term` with `LIKE`'s wildcards taken out: the fallback matches words, not
+/// patterns.
+fn like_escaped(term: &str) -> String {
+    term.chars()
+        .filter(|c| !matches!(c, '%' | '_' | '\\'))
+        .collect()
 }
 
 pub(crate) async fn update_post(

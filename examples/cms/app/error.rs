@@ -34,6 +34,16 @@ pub(crate) enum ApiError {
     /// 415
     #[error("expected a request with `Content-Type: application/json`")]
     UnsupportedMediaType,
+    /// 413: the body is over the limit.
+    #[error("the request body is over the limit of {0} bytes")]
+    PayloadTooLarge(usize),
+    /// 503: the server is too busy for this now; try again.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Any other status, with the message to show (the answers the router
+    /// and the HTTP layer make themselves: 405, 408, 414, 431).
+    #[error("{1}")]
+    Status(StatusCode, String),
     /// 501: this build has no search (`--no-default-features`).
     #[cfg_attr(feature = "search", allow(dead_code))]
     #[error("search is not enabled in this build (cargo feature `search`)")]
@@ -51,13 +61,16 @@ impl ApiError {
         }
     }
 
-    fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             Self::Invalid { .. } | Self::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Status(status, _) => *status,
             Self::SearchDisabled => StatusCode::NOT_IMPLEMENTED,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -69,6 +82,24 @@ impl From<sqlx::Error> for ApiError {
         match &error {
             sqlx::Error::Database(db) if db.is_unique_violation() => {
                 Self::Conflict("that value is already taken".into())
+            }
+            // A row this one refers to went away, or one that refers to it
+            // came, while the request ran: the handlers say which.
+            sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
+                Self::Conflict("a row this refers to changed meanwhile; try again".into())
+            }
+            // PostgreSQL's text that the checks did not catch: invalid byte
+            // sequence, untranslatable character.
+            sqlx::Error::Database(db)
+                if matches!(db.code().as_deref(), Some("22021" | "22P05")) =>
+            {
+                Self::Unprocessable {
+                    field: None,
+                    message: "the text holds characters the database cannot store".into(),
+                }
+            }
+            sqlx::Error::PoolTimedOut => {
+                Self::Unavailable("the database is busy; try again".into())
             }
             _ => Self::Internal(error.into()),
         }
@@ -110,8 +141,30 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
                 })
             }
             Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::UnsupportedMediaType),
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ApiError::PayloadTooLarge(super::BODY_LIMIT))
+            }
             Err(rejection) => Err(ApiError::BadRequest(rejection.body_text())),
         }
+    }
+}
+
+/// Checks a text field: no NUL and no other control character but tab and
+/// line breaks, which no database column of the CMS should hold (PostgreSQL
+/// refuses NUL outright).
+pub(crate) fn valid_text<'a>(field: &'static str, text: &'a str) -> Result<&'a str, ApiError> {
+    match text
+        .chars()
+        .find(|&c| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
+    {
+        Some(c) => Err(ApiError::invalid(
+            field,
+            format!(
+                "`{field}` holds the control character U+{:04X}",
+                u32::from(c)
+            ),
+        )),
+        None => Ok(text),
     }
 }
 

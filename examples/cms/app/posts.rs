@@ -1,23 +1,27 @@
 //! `/posts` and their comments: handlers write the database and emit one
 //! event; the search index and the cache follow through listeners.
+//!
+//! Every write runs to its end on a task of its own
+//! ([`AppState::detached`]), so a
+//! client that hangs up mid-request cannot leave a committed row without its
+//! event.
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::{Json, Router, routing};
 use serde::Deserialize;
 
 use super::cache::{CacheKey, Cached};
 use super::db::{self, Comment, Post};
-use super::error::{ApiError, Body};
+use super::error::{ApiError, Body, valid_text};
 use super::events::EmitAppEvent;
-use super::users::taken;
-use super::{AppState, parse_id};
+use super::{AppState, Page, PageParams, parse_id};
 
 pub(crate) fn routes() -> Router<Arc<AppState>> {
     Router::new()
-        .route("/posts", routing::post(create))
+        .route("/posts", routing::post(create).get(list))
         .route("/posts/{id}", routing::get(read).put(update).delete(delete))
         .route("/posts/{id}/publish", routing::post(publish))
         .route(
@@ -27,12 +31,16 @@ pub(crate) fn routes() -> Router<Arc<AppState>> {
         .route("/comments/{id}", routing::delete(delete_comment))
 }
 
+/// A new post's author: `author_id`, or `author` by username.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct NewPost {
     pub(crate) title: String,
     pub(crate) body: String,
-    pub(crate) author_id: i64,
+    #[serde(default)]
+    pub(crate) author_id: Option<i64>,
+    #[serde(default)]
+    pub(crate) author: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -49,11 +57,19 @@ pub(crate) struct NewComment {
     pub(crate) body: String,
 }
 
+/// The most characters of a title, a body and a comment.
+const TITLE_CHARS: usize = 200;
+const BODY_CHARS: usize = 100_000;
+const COMMENT_CHARS: usize = 10_000;
+
 async fn create(
     State(state): State<Arc<AppState>>,
     Body(input): Body<NewPost>,
 ) -> Result<(StatusCode, Json<Post>), ApiError> {
-    let post = create_post(&state, input).await?;
+    let post = state
+        .clone()
+        .detached(async move { create_post(&state, input).await })
+        .await?;
     Ok((StatusCode::CREATED, Json(post)))
 }
 
@@ -61,13 +77,53 @@ async fn create(
 pub(crate) async fn create_post(state: &AppState, input: NewPost) -> Result<Post, ApiError> {
     let title = valid_title(&input.title)?;
     let body = valid_body(&input.body)?;
-    known_author(state, input.author_id).await?;
-    let slug = slugify(title);
-    let post = db::insert_post(&state.db, input.author_id, title, &slug, body)
-        .await
-        .map_err(|e| taken(e, format!("a post with slug `{slug}` exists")))?;
-    state.emit_post_created(&post);
-    Ok(post)
+    let author_id = author_of(state, &input).await?;
+    // A slug taken between the look-up and the insert is looked up again.
+    for _ in 0..5 {
+        let slug = free_slug(&state.db, title).await?;
+        match db::insert_post(&state.db, author_id, title, &slug, body).await {
+            Ok(post) => {
+                state.events.emit_post_created_wait(&post).await;
+                return Ok(post);
+            }
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => continue,
+            Err(sqlx::Error::Database(e)) if e.is_foreign_key_violation() => {
+                return Err(no_author(author_id));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(ApiError::Conflict(
+        "other posts took every slug tried for this title; try again".into(),
+    ))
+}
+
+/// The author named by `author_id` or `author`: exactly one of them.
+async fn author_of(state: &AppState, input: &NewPost) -> Result<i64, ApiError> {
+    match (input.author_id, &input.author) {
+        (Some(id), None) => match db::user(&state.db, id).await? {
+            Some(_) => Ok(id),
+            None => Err(no_author(id)),
+        },
+        (None, Some(name)) => match db::user_by_name(&state.db, name).await? {
+            Some(user) => Ok(user.id),
+            None => Err(ApiError::invalid("author", format!("no user `{name}`"))),
+        },
+        _ => Err(ApiError::invalid(
+            "author_id",
+            "give the author as `author_id` or `author` (a username), not both",
+        )),
+    }
+}
+
+/// `GET /posts?after=ID&limit=N`
+async fn list(
+    State(state): State<Arc<AppState>>,
+    params: Result<Query<PageParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Page<Post>>, ApiError> {
+    let page = PageParams::from_query(params)?;
+    let posts = db::posts_page(&state.db, page.after, page.limit).await?;
+    Ok(Json(Page::of(posts, page, "/posts", |p| p.id)))
 }
 
 /// `GET /posts/{id or slug}`
@@ -95,37 +151,53 @@ async fn read(
     }
 }
 
-async fn update(
-    State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
-    Body(changes): Body<PostChanges>,
-) -> Result<Json<Post>, ApiError> {
-    let id = parse_id(&id, "post")?;
-    let current = db::post(&state.db, id)
-        .await?
-        .ok_or_else(|| no_post(&id.to_string()))?;
-    let title = match &changes.title {
-        Some(title) => valid_title(title)?,
-        None => &current.title,
+/// A post by id or by slug, from the database.
+async fn find(state: &AppState, key: &str) -> Result<Post, ApiError> {
+    let post = match key.parse::<i64>() {
+        Ok(id) => db::post(&state.db, id).await?,
+        Err(_) => db::post_by_slug(&state.db, key).await?,
     };
-    let body = match &changes.body {
-        Some(body) => valid_body(body)?,
-        None => &current.body,
-    };
-    let post = db::update_post(&state.db, id, title, body)
-        .await?
-        .ok_or_else(|| no_post(&id.to_string()))?;
-    state.emit_post_updated(&post);
-    Ok(Json(post))
+    post.ok_or_else(|| no_post(key))
 }
 
+async fn update(
+    State(state): State<Arc<AppState>>,
+    Path(key): Path<String>,
+    Body(changes): Body<PostChanges>,
+) -> Result<Json<Post>, ApiError> {
+    state
+        .clone()
+        .detached(async move {
+            let current = find(&state, &key).await?;
+            let title = match &changes.title {
+                Some(title) => valid_title(title)?,
+                None => &current.title,
+            };
+            let body = match &changes.body {
+                Some(body) => valid_body(body)?,
+                None => &current.body,
+            };
+            let post = db::update_post(&state.db, current.id, title, body)
+                .await?
+                .ok_or_else(|| no_post(&key))?;
+            state.events.emit_post_updated_wait(&post).await;
+            Ok(Json(post))
+        })
+        .await
+}
+
+/// `POST /posts/{id or slug}/publish`
 async fn publish(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    Path(key): Path<String>,
 ) -> Result<Json<Post>, ApiError> {
-    let id = parse_id(&id, "post")?;
-    let post = publish_post(&state, id).await?;
-    Ok(Json(post))
+    state
+        .clone()
+        .detached(async move {
+            let id = find(&state, &key).await?.id;
+            publish_post(&state, id).await.map(Json)
+        })
+        .await
 }
 
 /// Publishes a post; also used by `--seed`.
@@ -133,7 +205,7 @@ pub(crate) async fn publish_post(state: &AppState, id: i64) -> Result<Post, ApiE
     let post = db::publish_post(&state.db, id)
         .await?
         .ok_or_else(|| no_post(&id.to_string()))?;
-    state.emit_post_published(&post);
+    state.events.emit_post_published_wait(&post).await;
     Ok(post)
 }
 
@@ -142,11 +214,16 @@ async fn delete(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let id = parse_id(&id, "post")?;
-    let post = db::delete_post(&state.db, id)
-        .await?
-        .ok_or_else(|| no_post(&id.to_string()))?;
-    state.emit_post_deleted(&post);
-    Ok(StatusCode::NO_CONTENT)
+    state
+        .clone()
+        .detached(async move {
+            let post = db::delete_post(&state.db, id)
+                .await?
+                .ok_or_else(|| no_post(&id.to_string()))?;
+            state.events.emit_post_deleted_wait(&post).await;
+            Ok(StatusCode::NO_CONTENT)
+        })
+        .await
 }
 
 async fn create_comment(
@@ -155,20 +232,41 @@ async fn create_comment(
     Body(input): Body<NewComment>,
 ) -> Result<(StatusCode, Json<Comment>), ApiError> {
     let post_id = parse_id(&id, "post")?;
-    let body = input.body.trim();
-    if body.is_empty() || body.len() > 10_000 {
+    let body = valid_text("body", input.body.trim())?;
+    // Characters, not bytes: a comment in Japanese gets the same room.
+    if body.is_empty() || body.chars().count() > COMMENT_CHARS {
         return Err(ApiError::invalid(
             "body",
-            "a comment must have 1 to 10000 characters",
+            format!("a comment must have 1 to {COMMENT_CHARS} characters"),
         ));
     }
-    if db::post(&state.db, post_id).await?.is_none() {
-        return Err(no_post(&id));
-    }
-    known_author(&state, input.author_id).await?;
-    let comment = db::insert_comment(&state.db, post_id, input.author_id, body).await?;
-    state.emit_comment_created(&comment);
-    Ok((StatusCode::CREATED, Json(comment)))
+    let body = body.to_owned();
+    state
+        .clone()
+        .detached(async move {
+            if db::post(&state.db, post_id).await?.is_none() {
+                return Err(no_post(&id));
+            }
+            if db::user(&state.db, input.author_id).await?.is_none() {
+                return Err(no_author(input.author_id));
+            }
+            let comment = match db::insert_comment(&state.db, post_id, input.author_id, &body).await
+            {
+                Ok(comment) => comment,
+                // The post or the author was deleted since the checks above.
+                Err(sqlx::Error::Database(e)) if e.is_foreign_key_violation() => {
+                    return Err(if db::post(&state.db, post_id).await?.is_none() {
+                        no_post(&id)
+                    } else {
+                        no_author(input.author_id)
+                    });
+                }
+                Err(e) => return Err(e.into()),
+            };
+            state.events.emit_comment_created_wait(&comment).await;
+            Ok((StatusCode::CREATED, Json(comment)))
+        })
+        .await
 }
 
 async fn read_comments(
@@ -191,62 +289,93 @@ async fn delete_comment(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let id = parse_id(&id, "comment")?;
-    let comment = db::delete_comment(&state.db, id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no comment {id}")))?;
-    state.emit_comment_deleted(&comment);
-    Ok(StatusCode::NO_CONTENT)
+    state
+        .clone()
+        .detached(async move {
+            let comment = db::delete_comment(&state.db, id)
+                .await?
+                .ok_or_else(|| ApiError::NotFound(format!("no comment {id}")))?;
+            state.events.emit_comment_deleted_wait(&comment).await;
+            Ok(StatusCode::NO_CONTENT)
+        })
+        .await
 }
 
 fn no_post(key: &str) -> ApiError {
     ApiError::NotFound(format!("no post {key}"))
 }
 
-async fn known_author(state: &AppState, author_id: i64) -> Result<(), ApiError> {
-    match db::user(&state.db, author_id).await? {
-        Some(_) => Ok(()),
-        None => Err(ApiError::invalid(
-            "author_id",
-            format!("no user {author_id}"),
-        )),
-    }
+fn no_author(id: i64) -> ApiError {
+    ApiError::invalid("author_id", format!("no user {id}"))
 }
 
 fn valid_title(title: &str) -> Result<&str, ApiError> {
-    let title = title.trim();
-    if title.is_empty() || title.chars().count() > 200 {
+    let title = valid_text("title", title.trim())?;
+    if title.is_empty() || title.chars().count() > TITLE_CHARS {
         return Err(ApiError::invalid(
             "title",
-            "a title must have 1 to 200 characters",
+            format!("a title must have 1 to {TITLE_CHARS} characters"),
         ));
     }
     Ok(title)
 }
 
 fn valid_body(body: &str) -> Result<&str, ApiError> {
-    if body.len() > 100_000 {
+    let body = valid_text("body", body)?;
+    if body.chars().count() > BODY_CHARS {
         return Err(ApiError::invalid(
             "body",
-            "a body may have 100000 bytes at most",
+            format!("a body may have {BODY_CHARS} characters at most"),
         ));
     }
     Ok(body)
 }
 
-/// `"Hello, Events!"` → `"hello-events"`; never empty, never all digits (so a
-/// slug never reads as an id).
+/// The slug a post titled `title` gets now: [`slugify`]'s, or the first of
+/// `-2`, `-3`, … after it that no post has.
+pub(crate) async fn free_slug(db: &sqlx::AnyPool, title: &str) -> Result<String, ApiError> {
+    let base = slugify(title);
+    let taken = db::slugs_like(db, &base).await?;
+    Ok(next_free(&base, &taken))
+}
+
+/// `base` if it is not in `taken`, else `base-N` for the smallest free N ≥ 2.
+fn next_free(base: &str, taken: &[String]) -> String {
+    if !taken.iter().any(|s| s == base) {
+        return base.to_owned();
+    }
+    let used: std::collections::HashSet<u64> = taken
+        .iter()
+        .filter_map(|s| s.strip_prefix(base)?.strip_prefix('-')?.parse().ok())
+        .collect();
+    let n = (2..).find(|n| !used.contains(n)).unwrap_or(2);
+    format!("{base}-{n}")
+}
+
+/// `"Hello, Events!"` → `"hello-events"`, `"Grüße aus Köln"` →
+/// `"grusse-aus-koln"`, `"東京"` → `"dong-jing"`: Unicode transliterated to
+/// ASCII, so a slug is easy to type and never needs escaping in a URL.
+/// Never empty (`"post"`), never all digits (so a slug never reads as an id).
 pub(crate) fn slugify(title: &str) -> String {
-    let mut slug = String::with_capacity(title.len());
-    for c in title.chars().flat_map(char::to_lowercase) {
+    let ascii = deunicode::deunicode(title);
+    let mut slug = String::with_capacity(ascii.len());
+    for c in ascii.chars().flat_map(char::to_lowercase) {
         if c.is_ascii_alphanumeric() {
             slug.push(c);
         } else if !slug.ends_with('-') && !slug.is_empty() {
             slug.push('-');
         }
     }
+    // Long titles make long slugs: cut at a word.
+    if slug.len() > 80 {
+        let cut = slug[..80].rfind('-').unwrap_or(80);
+        slug.truncate(cut);
+    }
     let slug = slug.trim_end_matches('-');
-    if slug.chars().all(|c| c.is_ascii_digit()) {
-        format!("post-{slug}").trim_end_matches('-').to_owned()
+    if slug.is_empty() {
+        "post".to_owned()
+    } else if slug.chars().all(|c| c.is_ascii_digit()) {
+        format!("post-{slug}")
     } else {
         slug.to_owned()
     }

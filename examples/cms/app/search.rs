@@ -3,6 +3,11 @@
 //! re-reads each row it is told about and writes a whole batch in one index
 //! commit. Without the feature, `GET /search` answers 501; the handlers are
 //! the same.
+//!
+//! The index is rebuilt from the database in the background at every start
+//! (an unreadable index is deleted first); until it is ready, searches
+//! answer from the database. Queries are bounded before they are parsed,
+//! and run on the blocking pool, a few at a time, under a deadline.
 
 use serde::Serialize;
 
@@ -21,6 +26,14 @@ pub(crate) struct Hit {
     pub(crate) score: f32,
 }
 
+/// What a search found, and where it looked.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub(crate) struct Found {
+    pub(crate) hits: Vec<Hit>,
+    /// `"index"`, or `"database"` while the index is being built.
+    pub(crate) source: &'static str,
+}
+
 /// What to search.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Scope {
@@ -29,15 +42,64 @@ pub(crate) enum Scope {
     Posts,
 }
 
+/// The most characters, terms and parenthesis depth of a query.
+pub(crate) const MAX_QUERY_CHARS: usize = 256;
+pub(crate) const MAX_QUERY_TERMS: usize = 16;
+pub(crate) const MAX_QUERY_DEPTH: usize = 8;
+
+/// Refuses a query too long, too deep or with too many terms for the
+/// parser, before it sees it: a deep query would exhaust its stack, a wide
+/// one hold a thread for seconds.
+pub(crate) fn bounded(query: &str) -> Result<&str, ApiError> {
+    let query = query.trim();
+    if query.is_empty() {
+        return Err(ApiError::BadRequest("missing search query `q`".into()));
+    }
+    if query.chars().count() > MAX_QUERY_CHARS {
+        return Err(ApiError::BadRequest(format!(
+            "a search query may have {MAX_QUERY_CHARS} characters at most"
+        )));
+    }
+    let (mut depth, mut deepest) = (0_usize, 0_usize);
+    for c in query.chars() {
+        match c {
+            '(' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            ')' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    if deepest > MAX_QUERY_DEPTH {
+        return Err(ApiError::BadRequest(format!(
+            "a search query may nest parentheses {MAX_QUERY_DEPTH} deep at most"
+        )));
+    }
+    let terms = query
+        .split(|c: char| c.is_whitespace() || c == '(' || c == ')')
+        .filter(|t| !t.is_empty() && !matches!(*t, "AND" | "OR" | "NOT"))
+        .count();
+    if terms > MAX_QUERY_TERMS {
+        return Err(ApiError::BadRequest(format!(
+            "a search query may have {MAX_QUERY_TERMS} terms at most"
+        )));
+    }
+    Ok(query)
+}
+
 impl AppState {
     /// Searches users and published posts.
     ///
     /// # Errors
     ///
-    /// 400 for a query the parser rejects; 501 without the `search` feature.
-    pub(crate) async fn search(&self, query: &str, scope: Scope) -> Result<Vec<Hit>, ApiError> {
+    /// 400 for a query too big or that the parser rejects; 503 when the
+    /// server is too busy to search in time; 501 without the `search`
+    /// feature.
+    pub(crate) async fn search(&self, query: &str, scope: Scope) -> Result<Found, ApiError> {
+        let query = bounded(query)?;
         #[cfg(feature = "search")]
-        return self.search.search(query, scope).await;
+        return self.search.search(&self.db, query, scope).await;
         #[cfg(not(feature = "search"))]
         {
             let _ = (query, scope);
@@ -51,9 +113,11 @@ pub(crate) use enabled::{SearchIndex, SearchIndexer};
 
 #[cfg(feature = "search")]
 mod enabled {
-    use std::collections::HashMap;
+    use std::collections::{HashMap, HashSet};
     use std::path::Path;
+    use std::sync::atomic::AtomicU64;
     use std::sync::{Arc, Mutex};
+    use std::time::Duration;
 
     use event_bus::{Batch, BatchError, BatchListener, HandlerError, KindSet};
     use sqlx::AnyPool;
@@ -61,12 +125,16 @@ mod enabled {
     use tantivy::query::{BooleanQuery, Occur, Query, QueryParser, TermQuery};
     use tantivy::schema::{Field, INDEXED, IndexRecordOption, STORED, STRING, Schema, TEXT, Value};
     use tantivy::{Index, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term, doc};
+    use tokio::sync::{Semaphore, watch};
 
     use super::*;
     use crate::app::db::{self, Post, User};
     use crate::app::events::{AppEvent, AppEventKind};
 
     const LIMIT: usize = 20;
+    /// Searches run at once; more wait, up to [`SEARCH_DEADLINE`].
+    const SEARCHES: usize = 4;
+    const SEARCH_DEADLINE: Duration = Duration::from_secs(2);
 
     struct Fields {
         key: Field,
@@ -106,13 +174,31 @@ mod enabled {
         }
     }
 
+    /// The writer, and what a rebuild in progress must redo once its
+    /// snapshot is in: the rows the listener wrote meanwhile.
+    struct Writer {
+        writer: IndexWriter,
+        rebuilding: bool,
+        dirty: HashSet<Row>,
+    }
+
     /// The index: a writer behind a lock (tantivy allows one), and a reader
     /// reloaded after every commit so a search right after `quiesce` sees it.
     pub(crate) struct SearchIndex {
         index: Index,
         reader: IndexReader,
-        writer: Mutex<IndexWriter>,
+        writer: Mutex<Writer>,
         fields: Fields,
+        ready: watch::Sender<bool>,
+        searches: Arc<Semaphore>,
+        /// Rows a dead letter made the reconciler re-read, and those it
+        /// could not.
+        pub(crate) reconciled: AtomicU64,
+        pub(crate) unreconciled: AtomicU64,
+        /// In the tests: how many row reads fail next, as a database blip
+        /// would.
+        #[cfg(test)]
+        pub(crate) failing_reads: std::sync::atomic::AtomicU32,
     }
 
     fn internal(error: impl std::error::Error + Send + Sync + 'static) -> ApiError {
@@ -120,7 +206,20 @@ mod enabled {
     }
 
     impl SearchIndex {
+        /// Opens the index in `dir`, or, if it cannot be read, deletes it and
+        /// starts an empty one: the rebuild refills it from the database.
         pub(crate) fn open(dir: &Path) -> tantivy::Result<Self> {
+            match Self::open_in(dir) {
+                Ok(index) => Ok(index),
+                Err(error) => {
+                    tracing::warn!(%error, dir = %dir.display(), "search index unreadable; rebuilding it from the database");
+                    std::fs::remove_dir_all(dir)?;
+                    Self::open_in(dir)
+                }
+            }
+        }
+
+        fn open_in(dir: &Path) -> tantivy::Result<Self> {
             let mut schema = Schema::builder();
             let fields = Fields {
                 key: schema.add_text_field("key", STRING),
@@ -141,22 +240,45 @@ mod enabled {
             Ok(Self {
                 index,
                 reader,
-                writer: Mutex::new(writer),
+                writer: Mutex::new(Writer {
+                    writer,
+                    rebuilding: false,
+                    dirty: HashSet::new(),
+                }),
                 fields,
+                ready: watch::Sender::new(false),
+                searches: Arc::new(Semaphore::new(SEARCHES)),
+                reconciled: AtomicU64::new(0),
+                unreconciled: AtomicU64::new(0),
+                #[cfg(test)]
+                failing_reads: std::sync::atomic::AtomicU32::new(0),
             })
+        }
+
+        /// Whether the index holds every row (searches use it).
+        pub(crate) fn is_ready(&self) -> bool {
+            *self.ready.borrow()
+        }
+
+        /// Waits until the index is ready, for the tests.
+        #[allow(dead_code)]
+        pub(crate) async fn ready(&self) {
+            let mut ready = self.ready.subscribe();
+            // The sender lives as long as `self`.
+            let _ = ready.wait_for(|ready| *ready).await;
         }
 
         /// Runs `change` on the writer, commits, and reloads the reader, off
         /// the async threads.
         async fn write(
             self: &Arc<Self>,
-            change: impl FnOnce(&IndexWriter, &Fields) -> tantivy::Result<()> + Send + 'static,
+            change: impl FnOnce(&mut Writer, &Fields) -> tantivy::Result<()> + Send + 'static,
         ) -> tantivy::Result<()> {
             let this = self.clone();
             let task = tokio::task::spawn_blocking(move || {
                 let mut writer = this.writer.lock().unwrap_or_else(|e| e.into_inner());
-                change(&writer, &this.fields)?;
-                writer.commit()?;
+                change(&mut writer, &this.fields)?;
+                writer.writer.commit()?;
                 this.reader.reload()
             });
             match task.await {
@@ -167,12 +289,29 @@ mod enabled {
 
         /// Replaces or removes the document of each row, in one commit.
         async fn apply(self: &Arc<Self>, changes: Vec<Change>) -> tantivy::Result<()> {
-            self.write(move |writer, f| {
+            self.apply_as(changes, false).await
+        }
+
+        /// [`apply`](Self::apply); unless `rebuild` says the rebuild is
+        /// redoing them, the rows are marked dirty while a rebuild runs.
+        async fn apply_as(
+            self: &Arc<Self>,
+            changes: Vec<Change>,
+            rebuild: bool,
+        ) -> tantivy::Result<()> {
+            if changes.is_empty() {
+                return Ok(());
+            }
+            self.write(move |w, f| {
                 for change in changes {
-                    writer.delete_term(Term::from_field_text(f.key, &change.row.key()));
+                    if w.rebuilding && !rebuild {
+                        w.dirty.insert(change.row);
+                    }
+                    w.writer
+                        .delete_term(Term::from_field_text(f.key, &change.row.key()));
                     match change.current {
-                        Some(Current::User(user)) => writer.add_document(f.user(user))?,
-                        Some(Current::Post(post)) => writer.add_document(f.post(post))?,
+                        Some(Current::User(user)) => w.writer.add_document(f.user(user))?,
+                        Some(Current::Post(post)) => w.writer.add_document(f.post(post))?,
                         None => continue,
                     };
                 }
@@ -181,7 +320,80 @@ mod enabled {
             .await
         }
 
-        pub(crate) async fn search(&self, text: &str, scope: Scope) -> Result<Vec<Hit>, ApiError> {
+        /// The row's state as the index should show it.
+        async fn current(&self, db: &AnyPool, row: Row) -> Result<Option<Current>, HandlerError> {
+            #[cfg(test)]
+            if self
+                .failing_reads
+                .fetch_update(
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                    |n| n.checked_sub(1),
+                )
+                .is_ok()
+            {
+                return Err("injected database failure".into());
+            }
+            Ok(match row {
+                Row::User(id) => db::user(db, id).await?.map(Current::User),
+                Row::Post(id) => db::post(db, id)
+                    .await?
+                    .filter(|post| post.published)
+                    .map(Current::Post),
+            })
+        }
+
+        /// Re-reads the row `event` is about and writes it to the index: the
+        /// repair for an event the listener gave up on.
+        pub(crate) async fn reconcile(
+            self: &Arc<Self>,
+            db: &AnyPool,
+            event: &AppEvent,
+        ) -> Result<(), HandlerError> {
+            let Some(row) = Row::of(event) else {
+                return Ok(());
+            };
+            let current = self.current(db, row).await?;
+            self.apply(vec![Change { row, current }]).await?;
+            Ok(())
+        }
+
+        pub(crate) async fn search(
+            self: &Arc<Self>,
+            db: &AnyPool,
+            text: &str,
+            scope: Scope,
+        ) -> Result<Found, ApiError> {
+            if !self.is_ready() {
+                return search_database(db, text, scope).await;
+            }
+            let busy = || ApiError::Unavailable("search is busy; try again".into());
+            let work = async {
+                let permit = self
+                    .searches
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(internal)?;
+                let this = self.clone();
+                let text = text.to_owned();
+                tokio::task::spawn_blocking(move || {
+                    let _permit = permit;
+                    this.search_now(&text, scope)
+                })
+                .await
+                .map_err(internal)?
+            };
+            let hits = tokio::time::timeout(SEARCH_DEADLINE, work)
+                .await
+                .map_err(|_| busy())??;
+            Ok(Found {
+                hits,
+                source: "index",
+            })
+        }
+
+        fn search_now(&self, text: &str, scope: Scope) -> Result<Vec<Hit>, ApiError> {
             let f = &self.fields;
             let parser = QueryParser::for_index(&self.index, vec![f.title, f.body, f.username]);
             let query = parser
@@ -237,6 +449,11 @@ mod enabled {
                 .collect()
         }
 
+        /// Documents in the index, for `/health`.
+        pub(crate) fn documents(&self) -> u64 {
+            self.reader.searcher().num_docs()
+        }
+
         fn hit(&self, doc: &TantivyDocument, score: f32) -> Hit {
             let f = &self.fields;
             let text = |field| {
@@ -259,28 +476,129 @@ mod enabled {
             }
         }
 
+        /// Rebuilds the index from the database on a task of its own, again
+        /// and again with a growing pause while the database fails; searches
+        /// answer from the database until it is done. The listener must be
+        /// running already: what it writes meanwhile is redone after the
+        /// snapshot.
+        pub(crate) fn rebuild_in_background(self: &Arc<Self>, db: AnyPool) {
+            let this = self.clone();
+            tokio::spawn(async move {
+                let mut pause = Duration::from_millis(100);
+                loop {
+                    match this.rebuild(&db).await {
+                        Ok(documents) => {
+                            tracing::info!(documents, "search index ready");
+                            this.ready.send_replace(true);
+                            return;
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, ?pause, "search index rebuild failed; retrying");
+                            tokio::time::sleep(pause).await;
+                            pause = (pause * 2).min(Duration::from_secs(10));
+                        }
+                    }
+                }
+            });
+        }
+
         /// Brings the index in line with every row: what the bus could not
         /// deliver before a crash is repaired at start.
-        pub(crate) async fn rebuild(self: &Arc<Self>, db: &AnyPool) -> Result<(), HandlerError> {
+        async fn rebuild(self: &Arc<Self>, db: &AnyPool) -> Result<u64, HandlerError> {
+            self.writer
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .rebuilding = true;
             let users = db::users(db).await?;
             let posts: Vec<Post> = db::posts(db)
                 .await?
                 .into_iter()
                 .filter(|p| p.published)
                 .collect();
-            self.write(move |writer, f| {
-                writer.delete_all_documents()?;
+            self.write(move |w, f| {
+                w.writer.delete_all_documents()?;
                 for user in users {
-                    writer.add_document(f.user(user))?;
+                    w.writer.add_document(f.user(user))?;
                 }
                 for post in posts {
-                    writer.add_document(f.post(post))?;
+                    w.writer.add_document(f.post(post))?;
                 }
                 Ok(())
             })
             .await?;
-            Ok(())
+            // The snapshot may have overwritten what the listener wrote since
+            // it was read: read those rows again, until none is left.
+            loop {
+                let dirty: Vec<Row> = {
+                    let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+                    if w.dirty.is_empty() {
+                        w.rebuilding = false;
+                        break;
+                    }
+                    w.dirty.drain().collect()
+                };
+                let mut changes = Vec::with_capacity(dirty.len());
+                for row in dirty {
+                    changes.push(Change {
+                        row,
+                        current: self.current(db, row).await?,
+                    });
+                }
+                self.apply_as(changes, true).await?;
+            }
+            Ok(self.documents())
         }
+    }
+
+    /// The search while the index is not ready: a plain `LIKE` over the
+    /// query's words, newest first, score 0.
+    async fn search_database(db: &AnyPool, text: &str, scope: Scope) -> Result<Found, ApiError> {
+        let terms: Vec<String> = text
+            .split(|c: char| !c.is_alphanumeric())
+            .filter(|t| !t.is_empty() && !matches!(*t, "AND" | "OR" | "NOT"))
+            .map(str::to_lowercase)
+            .collect();
+        let mut hits = Vec::new();
+        if terms.is_empty() {
+            return Ok(Found {
+                hits,
+                source: "database",
+            });
+        }
+        let limit = LIMIT as i64;
+        if scope != Scope::Posts {
+            hits.extend(
+                db::find_users(db, &terms, limit)
+                    .await?
+                    .into_iter()
+                    .map(|u| Hit {
+                        kind: "user",
+                        id: u.id,
+                        title: None,
+                        username: Some(u.username),
+                        score: 0.0,
+                    }),
+            );
+        }
+        if scope != Scope::Users {
+            hits.extend(
+                db::find_posts(db, &terms, limit)
+                    .await?
+                    .into_iter()
+                    .map(|p| Hit {
+                        kind: "post",
+                        id: p.id,
+                        title: Some(p.title),
+                        username: None,
+                        score: 0.0,
+                    }),
+            );
+        }
+        hits.truncate(LIMIT);
+        Ok(Found {
+            hits,
+            source: "database",
+        })
     }
 
     /// A row the index holds a document for.
@@ -331,23 +649,12 @@ mod enabled {
     /// the whole batch is one index commit.
     ///
     /// A row that cannot be read fails the events that named it, which are
-    /// retried; a failed commit fails the batch.
+    /// retried with backoff; a failed commit fails the batch. An event still
+    /// failing after the last attempt is a dead letter, and the reconciler
+    /// (`app::reconcile`) re-reads its row.
     pub(crate) struct SearchIndexer {
         pub(crate) db: AnyPool,
         pub(crate) index: Arc<SearchIndex>,
-    }
-
-    impl SearchIndexer {
-        /// The row's state as the index should show it.
-        async fn current(&self, row: Row) -> Result<Option<Current>, HandlerError> {
-            Ok(match row {
-                Row::User(id) => db::user(&self.db, id).await?.map(Current::User),
-                Row::Post(id) => db::post(&self.db, id)
-                    .await?
-                    .filter(|post| post.published)
-                    .map(Current::Post),
-            })
-        }
     }
 
     impl BatchListener<AppEvent> for SearchIndexer {
@@ -384,7 +691,7 @@ mod enabled {
             let mut changes = Vec::with_capacity(rows.len());
             let mut failed: Option<BatchError> = None;
             for (row, positions) in rows {
-                match self.current(row).await {
+                match self.index.current(&self.db, row).await {
                     Ok(current) => changes.push(Change { row, current }),
                     Err(error) => {
                         let error = BatchError::events(positions, error);

@@ -2,20 +2,20 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::{Json, Router, routing};
 use serde::Deserialize;
 
 use super::cache::{CacheKey, Cached};
 use super::db::{self, User};
-use super::error::{ApiError, Body};
+use super::error::{ApiError, Body, valid_text};
 use super::events::EmitAppEvent;
-use super::{AppState, parse_id};
+use super::{AppState, Page, PageParams, parse_id};
 
 pub(crate) fn routes() -> Router<Arc<AppState>> {
     Router::new()
-        .route("/users", routing::post(create))
+        .route("/users", routing::post(create).get(list))
         .route("/users/{id}", routing::get(read).put(update).delete(delete))
 }
 
@@ -37,8 +37,21 @@ async fn create(
     State(state): State<Arc<AppState>>,
     Body(input): Body<NewUser>,
 ) -> Result<(StatusCode, Json<User>), ApiError> {
-    let user = create_user(&state, input).await?;
+    let user = state
+        .clone()
+        .detached(async move { create_user(&state, input).await })
+        .await?;
     Ok((StatusCode::CREATED, Json(user)))
+}
+
+/// `GET /users?after=ID&limit=N`
+async fn list(
+    State(state): State<Arc<AppState>>,
+    params: Result<Query<PageParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Page<User>>, ApiError> {
+    let page = PageParams::from_query(params)?;
+    let users = db::users_page(&state.db, page.after, page.limit).await?;
+    Ok(Json(Page::of(users, page, "/users", |u| u.id)))
 }
 
 /// Creates a user; also used by `--seed`.
@@ -48,7 +61,7 @@ pub(crate) async fn create_user(state: &AppState, input: NewUser) -> Result<User
     let user = db::insert_user(&state.db, username, email)
         .await
         .map_err(|e| taken(e, format!("username `{username}` is taken")))?;
-    state.emit_user_created(&user);
+    state.events.emit_user_created_wait(&user).await;
     Ok(user)
 }
 
@@ -70,21 +83,26 @@ async fn update(
     Body(changes): Body<UserChanges>,
 ) -> Result<Json<User>, ApiError> {
     let id = parse_id(&id, "user")?;
-    let current = db::user(&state.db, id).await?.ok_or_else(|| no_user(id))?;
-    let username = match &changes.username {
-        Some(username) => valid_username(username)?,
-        None => &current.username,
-    };
-    let email = match &changes.email {
-        Some(email) => valid_email(email)?,
-        None => &current.email,
-    };
-    let user = db::update_user(&state.db, id, username, email)
+    state
+        .clone()
+        .detached(async move {
+            let current = db::user(&state.db, id).await?.ok_or_else(|| no_user(id))?;
+            let username = match &changes.username {
+                Some(username) => valid_username(username)?,
+                None => &current.username,
+            };
+            let email = match &changes.email {
+                Some(email) => valid_email(email)?,
+                None => &current.email,
+            };
+            let user = db::update_user(&state.db, id, username, email)
+                .await
+                .map_err(|e| taken(e, format!("username `{username}` is taken")))?
+                .ok_or_else(|| no_user(id))?;
+            state.events.emit_user_updated_wait(&user).await;
+            Ok(Json(user))
+        })
         .await
-        .map_err(|e| taken(e, format!("username `{username}` is taken")))?
-        .ok_or_else(|| no_user(id))?;
-    state.emit_user_updated(&user);
-    Ok(Json(user))
 }
 
 async fn delete(
@@ -92,16 +110,29 @@ async fn delete(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let id = parse_id(&id, "user")?;
-    if db::user_has_content(&state.db, id).await? {
-        return Err(ApiError::Conflict(format!(
+    let in_use = move || {
+        ApiError::Conflict(format!(
             "user {id} still has posts or comments; delete them first"
-        )));
-    }
-    let user = db::delete_user(&state.db, id)
-        .await?
-        .ok_or_else(|| no_user(id))?;
-    state.emit_user_deleted(&user);
-    Ok(StatusCode::NO_CONTENT)
+        ))
+    };
+    state
+        .clone()
+        .detached(async move {
+            if db::user_has_content(&state.db, id).await? {
+                return Err(in_use());
+            }
+            let user = match db::delete_user(&state.db, id).await {
+                Ok(user) => user.ok_or_else(|| no_user(id))?,
+                // A post or comment by the user came since the check.
+                Err(sqlx::Error::Database(e)) if e.is_foreign_key_violation() => {
+                    return Err(in_use());
+                }
+                Err(e) => return Err(e.into()),
+            };
+            state.events.emit_user_deleted_wait(&user).await;
+            Ok(StatusCode::NO_CONTENT)
+        })
+        .await
 }
 
 fn no_user(id: i64) -> ApiError {
@@ -132,6 +163,7 @@ fn valid_username(username: &str) -> Result<&str, ApiError> {
 }
 
 fn valid_email(email: &str) -> Result<&str, ApiError> {
+    let email = valid_text("email", email)?;
     let ok = email.len() <= 254
         && !email.chars().any(char::is_whitespace)
         && email.split_once('@').is_some_and(|(local, domain)| {
