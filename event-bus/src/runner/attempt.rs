@@ -13,11 +13,12 @@ use std::marker::PhantomData;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use pin_project_lite::pin_project;
 use tokio::time::{Interval, MissedTickBehavior};
 
-use super::Delivery;
+use super::{Delivery, MIN_PROGRESS_INTERVAL};
 use crate::event::Event;
 
 /// What a panic in a handler leaves.
@@ -61,21 +62,28 @@ where
         Ok(handler) => (Some(handler), None),
         Err(payload) => (None, Some(payload)),
     };
-    let keep_alive = deliveries
-        .iter()
-        .filter_map(Delivery::progress_interval)
-        .min()
-        .map(|every| {
-            let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-            ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-            Box::new(KeepAlive { deliveries, ticks })
-        });
+    let keep_alive = progress_interval(deliveries).map(|every| {
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        Box::new(KeepAlive { deliveries, ticks })
+    });
     Attempt {
         handler,
         made,
         keep_alive,
         event: PhantomData,
     }
+}
+
+/// The shortest [`progress_interval`](Delivery::progress_interval) of
+/// `deliveries`, no shorter than [`MIN_PROGRESS_INTERVAL`]; `None` when none
+/// expires.
+pub(crate) fn progress_interval<E: Event, D: Delivery<E>>(deliveries: &[D]) -> Option<Duration> {
+    deliveries
+        .iter()
+        .filter_map(Delivery::progress_interval)
+        .min()
+        .map(|every| every.max(MIN_PROGRESS_INTERVAL))
 }
 
 impl<E, D, F> Future for Attempt<'_, E, D, F>

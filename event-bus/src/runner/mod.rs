@@ -128,6 +128,11 @@ pub trait Source<E: Event>: Send + 'static {
     }
 }
 
+/// The shortest [`Delivery::progress_interval`] the runner keeps: a
+/// shorter one (zero, say: a lease configured as 0 or rounded down) is
+/// taken as this.
+pub const MIN_PROGRESS_INTERVAL: Duration = Duration::from_millis(1);
+
 /// The source has ended: it will yield nothing more.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Ended;
@@ -168,6 +173,7 @@ pub trait Delivery<E: Event>: Send + Sync + Sized + 'static {
     /// How often the runner calls [`in_progress`](Delivery::in_progress)
     /// while it holds this delivery: well within the source's lease or
     /// `ack_wait`. `None` (the default) for a delivery that does not expire.
+    /// An interval shorter than [`MIN_PROGRESS_INTERVAL`] is taken as that.
     fn progress_interval(&self) -> Option<Duration> {
         None
     }

@@ -11,7 +11,7 @@ use futures_util::future::Either;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tracing::{Instrument, Span};
 
-use super::attempt::{Attempt, Panic, attempt};
+use super::attempt::{Attempt, Panic, attempt, progress_interval};
 use super::{DeadLetterSink, Delivery, ListenerCore, Retry, Source, Undecodable};
 use crate::dead_letter::DeadLetter;
 use crate::dead_letter::UndecodableLetter;
@@ -430,11 +430,7 @@ pub(crate) async fn keeping_alive<E: Event, D: Delivery<E>, F: Future>(
     deliveries: &[D],
     work: F,
 ) -> F::Output {
-    let Some(every) = deliveries
-        .iter()
-        .filter_map(Delivery::progress_interval)
-        .min()
-    else {
+    let Some(every) = progress_interval(deliveries) else {
         return work.await;
     };
     let mut work = std::pin::pin!(work);
