@@ -535,7 +535,8 @@ async fn a_leased_delivery_is_kept_alive_while_its_handler_works_and_its_retry_w
     let report = runner::run(Slow, log, letters, options).await;
 
     assert_eq!(report.handled, 1);
-    // Every 10s while held: 5 times in each minute-long attempt (at 10s to
-    // 50s; at 60s it is done) and twice in the 30s backoff.
-    assert_eq!(extended.load(std::sync::atomic::Ordering::Relaxed), 12);
+    // Every 10s while held, on one clock from the first attempt to the
+    // ack: at 10s to 140s (150s held: 60s, the 30s backoff, 60s; at 150s
+    // it is done).
+    assert_eq!(extended.load(std::sync::atomic::Ordering::Relaxed), 14);
 }

@@ -1,22 +1,19 @@
 //! One attempt of a handler: its future made, polled and dropped inside a
-//! panic catch, while the deliveries it works on are kept alive.
+//! panic catch; and the keep-alive clock of the deliveries the runner holds.
 //!
-//! One small future instead of a catch wrapped around an `async` block
-//! wrapped in a keep-alive `select!`: every event's attempt is moved into
-//! its run loop's state, so its size is paid per event. It holds the
-//! handler's future and three words; the keep-alive timer is allocated only
-//! for a source whose deliveries expire.
+//! One small future instead of a catch wrapped around an `async` block:
+//! every event's attempt is moved into its run loop's state, so its size is
+//! paid per event. It holds the handler's future and two words.
 
 use std::any::Any;
 use std::future::Future;
-use std::marker::PhantomData;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use pin_project_lite::pin_project;
-use tokio::time::{Interval, MissedTickBehavior};
+use tokio::time::Sleep;
 
 use super::{Delivery, MIN_PROGRESS_INTERVAL};
 use crate::event::Event;
@@ -26,53 +23,104 @@ pub(crate) type Panic = Box<dyn Any + Send + 'static>;
 
 pin_project! {
     /// The future of [`attempt`].
-    pub(crate) struct Attempt<'a, E, D, F> {
+    pub(crate) struct Attempt<F> {
         #[pin]
         handler: Option<F>,
         // The panic of making the handler's future, reported at the first
         // poll.
         made: Option<Panic>,
-        // `Some` when a delivery expires.
-        keep_alive: Option<Box<KeepAlive<'a, D>>>,
-        event: PhantomData<fn() -> E>,
     }
 }
 
-/// Deliveries that expire, and when to tell them they are still worked on.
-struct KeepAlive<'a, D> {
-    deliveries: &'a [D],
-    ticks: Interval,
-}
-
-/// Makes the handler's future with `make` and runs it, telling
-/// `deliveries` every [`progress_interval`](Delivery::progress_interval)
-/// that they are still being worked on. A panic in making, polling or
-/// dropping the handler's future is the handler's: `Err` with its payload.
+/// Makes the handler's future with `make` and runs it. A panic in making,
+/// polling or dropping the handler's future is the handler's: `Err` with
+/// its payload.
 #[inline]
-pub(crate) fn attempt<'a, E, D, F>(
-    deliveries: &'a [D],
-    make: impl FnOnce() -> F,
-) -> Attempt<'a, E, D, F>
-where
-    E: Event,
-    D: Delivery<E>,
-    F: Future,
-{
+pub(crate) fn attempt<F: Future>(make: impl FnOnce() -> F) -> Attempt<F> {
     let (handler, made) = match catch_unwind(AssertUnwindSafe(make)) {
         Ok(handler) => (Some(handler), None),
         Err(payload) => (None, Some(payload)),
     };
-    let keep_alive = progress_interval(deliveries).map(|every| {
-        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        Box::new(KeepAlive { deliveries, ticks })
-    });
-    Attempt {
-        handler,
-        made,
-        keep_alive,
-        event: PhantomData,
+    Attempt { handler, made }
+}
+
+/// The keep-alive clock of what the runner holds (a delivery, a batch
+/// being collected or handled): started when the first of it is taken from
+/// the source, it tells what is held that it is still worked on every
+/// [`progress_interval`](Delivery::progress_interval), through every phase
+/// until the last of it is finished. `None` when nothing held expires.
+pub(crate) type Clock = Option<Box<KeepAlive>>;
+
+/// See [`Clock`].
+pub(crate) struct KeepAlive {
+    every: Duration,
+    next: Pin<Box<Sleep>>,
+}
+
+impl KeepAlive {
+    /// The clock of `deliveries`, taken now.
+    pub(crate) fn of<E: Event, D: Delivery<E>>(deliveries: &[D]) -> Clock {
+        progress_interval(deliveries).map(Self::every)
     }
+
+    fn every(every: Duration) -> Box<Self> {
+        Box::new(Self {
+            every,
+            next: Box::pin(tokio::time::sleep(every)),
+        })
+    }
+
+    /// Adds `delivery`, taken now, to what `clock` keeps alive.
+    pub(crate) fn add<E: Event, D: Delivery<E>>(clock: &mut Clock, delivery: &D) {
+        let Some(every) = progress_interval(std::slice::from_ref(delivery)) else {
+            return;
+        };
+        match clock {
+            None => *clock = Some(Self::every(every)),
+            Some(keep_alive) if every < keep_alive.every => {
+                keep_alive.every = every;
+                let due = tokio::time::Instant::now() + every;
+                if due < keep_alive.next.deadline() {
+                    keep_alive.next.as_mut().reset(due);
+                }
+            }
+            Some(_) => {}
+        }
+    }
+
+    /// Calls `tick` each time the interval has passed, and arranges for
+    /// `cx` to be woken when it next does.
+    fn poll_tick(&mut self, cx: &mut Context<'_>, tick: &impl Fn()) {
+        while self.next.as_mut().poll(cx).is_ready() {
+            tick();
+            let due = tokio::time::Instant::now() + self.every;
+            self.next.as_mut().reset(due);
+        }
+    }
+}
+
+/// Runs `work` while `clock` keeps alive what `tick` tells (calling it
+/// whenever the clock's interval has passed).
+pub(crate) async fn held<F: Future>(clock: &mut Clock, tick: impl Fn(), work: F) -> F::Output {
+    let Some(keep_alive) = clock else {
+        return work.await;
+    };
+    let mut work = std::pin::pin!(work);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(output) = work.as_mut().poll(cx) {
+            return Poll::Ready(output);
+        }
+        keep_alive.poll_tick(cx, &tick);
+        Poll::Pending
+    })
+    .await
+}
+
+/// What `tick` of [`held`] does for `deliveries`.
+pub(crate) fn in_progress<'d, E: Event, D: Delivery<E> + 'd>(
+    deliveries: impl IntoIterator<Item = &'d D>,
+) {
+    deliveries.into_iter().for_each(Delivery::in_progress);
 }
 
 /// The shortest [`progress_interval`](Delivery::progress_interval) of
@@ -86,12 +134,7 @@ pub(crate) fn progress_interval<E: Event, D: Delivery<E>>(deliveries: &[D]) -> O
         .map(|every| every.max(MIN_PROGRESS_INTERVAL))
 }
 
-impl<E, D, F> Future for Attempt<'_, E, D, F>
-where
-    E: Event,
-    D: Delivery<E>,
-    F: Future,
-{
+impl<F: Future> Future for Attempt<F> {
     type Output = Result<F::Output, Panic>;
 
     #[inline]
@@ -112,14 +155,7 @@ where
         }));
         match polled {
             Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
-            Ok(Poll::Pending) => {
-                if let Some(keep_alive) = this.keep_alive {
-                    while keep_alive.ticks.poll_tick(cx).is_ready() {
-                        keep_alive.deliveries.iter().for_each(Delivery::in_progress);
-                    }
-                }
-                Poll::Pending
-            }
+            Ok(Poll::Pending) => Poll::Pending,
             Err(payload) => {
                 // Whatever its drop does after a panic, the first panic is
                 // the one reported.
@@ -171,6 +207,7 @@ mod tests {
     struct Leased {
         envelope: Arc<Envelope<Ping>>,
         kept: Arc<AtomicU32>,
+        interval: Duration,
     }
 
     impl Delivery<Ping> for Leased {
@@ -197,7 +234,7 @@ mod tests {
         }
 
         fn progress_interval(&self) -> Option<Duration> {
-            Some(Duration::from_secs(1))
+            Some(self.interval)
         }
     }
 
@@ -206,6 +243,7 @@ mod tests {
         let delivery = Leased {
             envelope: Arc::new(Envelope::new(Ping)),
             kept: kept.clone(),
+            interval: Duration::from_secs(1),
         };
         (delivery, kept)
     }
@@ -233,32 +271,68 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_long_handler_keeps_its_delivery_alive_every_interval() {
+    async fn the_clock_keeps_what_is_held_alive_across_phases() {
         let (delivery, kept) = leased();
         let deliveries = [delivery];
-        let outcome = attempt(&deliveries, || async {
-            tokio::time::sleep(Duration::from_millis(3500)).await;
+        let mut clock = KeepAlive::of(&deliveries);
+        let tick = || in_progress(&deliveries);
+        // Three phases of 0.9 s each: 2.7 s held, ticks at 1 s and 2 s.
+        for _ in 0..3 {
+            held(
+                &mut clock,
+                tick,
+                tokio::time::sleep(Duration::from_millis(900)),
+            )
+            .await;
+        }
+        assert_eq!(kept.load(Ordering::SeqCst), 2);
+        let output = held(&mut clock, tick, async {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
             7
         })
         .await;
-        assert_eq!(outcome.ok(), Some(7));
-        assert_eq!(kept.load(Ordering::SeqCst), 3, "at 1 s, 2 s and 3 s");
+        assert_eq!(output, 7);
+        assert_eq!(kept.load(Ordering::SeqCst), 4, "and at 3 s and 4 s");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_delivery_with_a_shorter_interval_shortens_the_clock() {
+        let (delivery, kept) = leased();
+        let mut clock = None;
+        KeepAlive::add(&mut clock, &delivery);
+        assert_eq!(
+            clock.as_ref().map(|clock| clock.every),
+            Some(Duration::from_secs(1))
+        );
+        // A zero interval is taken as the floor, and brings the next tick
+        // forward.
+        let zero = Leased {
+            interval: Duration::ZERO,
+            ..leased().0
+        };
+        KeepAlive::add(&mut clock, &zero);
+        assert_eq!(
+            clock.as_ref().map(|clock| clock.every),
+            Some(MIN_PROGRESS_INTERVAL)
+        );
+        held(
+            &mut clock,
+            || delivery.in_progress(),
+            tokio::time::sleep(Duration::from_millis(10)),
+        )
+        .await;
+        assert!((9..=10).contains(&kept.load(Ordering::SeqCst)));
     }
 
     #[tokio::test]
     async fn a_panic_making_polling_or_dropping_the_future_is_the_handlers() {
-        let (delivery, _) = leased();
-        let deliveries = [delivery];
-
-        let made = attempt(&deliveries, || -> std::future::Ready<()> {
-            panic!("in make")
-        });
+        let made = attempt(|| -> std::future::Ready<()> { panic!("in make") });
         assert_eq!(message(&made.await.unwrap_err()), "in make");
 
-        let polled = attempt(&deliveries, || async { panic!("in poll") });
+        let polled = attempt(|| async { panic!("in poll") });
         assert_eq!(message(&polled.await.unwrap_err()), "in poll");
 
-        let dropped = attempt(&deliveries, || {
+        let dropped = attempt(|| {
             let guard = PanicsOnDrop;
             async move {
                 let _guard = guard;
@@ -268,7 +342,7 @@ mod tests {
 
         // A future whose poll panics and whose drop then panics too: the
         // first panic is reported, the second contained.
-        let both = attempt(&deliveries, || PanicsOnPoll(PanicsOnDrop));
+        let both = attempt(|| PanicsOnPoll(PanicsOnDrop));
         assert_eq!(message(&both.await.unwrap_err()), "in poll first");
     }
 }

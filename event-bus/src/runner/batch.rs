@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use tracing::Instrument;
 
 use super::attempt::attempt;
-use super::supervisor::{Feed, keeping_alive};
+use super::attempt::{Clock, KeepAlive, held, in_progress};
+use super::supervisor::Feed;
 use super::{DeadLetterSink, Delivery, Retry, Source, Supervisor, Undecodable, panicked};
 use crate::batch::{Batch, BatchListener};
 use crate::event::{Event, Priority};
@@ -26,6 +27,8 @@ struct Collector<D> {
     deadline: Option<tokio::time::Instant>,
     /// The pending batch holds a high-priority event: hand it over now.
     urgent: bool,
+    /// Keeps the pending batch alive, from its first event on.
+    clock: Clock,
     ended: bool,
     max_batch: usize,
     max_wait: Duration,
@@ -38,6 +41,7 @@ impl<D> Collector<D> {
             undecodable: Vec::new(),
             deadline: None,
             urgent: false,
+            clock: None,
             ended: false,
             max_batch: options.max_batch,
             max_wait: options.max_wait,
@@ -91,10 +95,17 @@ impl<D> Collector<D> {
                     }
                 };
                 let drained = source.draining();
+                let pending = &self.pending;
+                let kept_alive = held(
+                    &mut self.clock,
+                    || in_progress(pending),
+                    std::future::pending::<()>(),
+                );
                 tokio::select! {
                     next = std::future::poll_fn(|cx| source.poll_next(cx)) => next,
                     () = waited_out => return self.take(),
                     () = drained => return self.take(),
+                    () = kept_alive => unreachable!("never ready"),
                 }
             };
             match next {
@@ -115,6 +126,7 @@ impl<D> Collector<D> {
             self.deadline = tokio::time::Instant::now().checked_add(self.max_wait);
         }
         self.urgent |= delivery.envelope().priority() == Priority::High;
+        KeepAlive::add(&mut self.clock, &delivery);
         self.pending.push(delivery);
     }
 
@@ -130,14 +142,17 @@ impl<D> Collector<D> {
                 Vec::with_capacity(self.max_batch.min(1024)),
             ),
             undecodable: std::mem::take(&mut self.undecodable),
+            clock: self.clock.take(),
         })
     }
 }
 
-/// A batch, and the events met while collecting it that did not decode.
+/// A batch, the events met while collecting it that did not decode, and
+/// the clock that keeps it alive.
 struct Collected<D> {
     deliveries: Vec<D>,
     undecodable: Vec<Undecodable>,
+    clock: Clock,
 }
 
 /// What a failed attempt leaves to do: these deliveries again, after
@@ -220,9 +235,11 @@ impl<L, K> Supervisor<L, K> {
         let Collected {
             deliveries,
             undecodable,
+            mut clock,
         } = collected;
         for undecodable in undecodable {
-            self.undecodable(undecodable).await;
+            let tick = || in_progress(&deliveries);
+            held(&mut clock, tick, self.undecodable(undecodable)).await;
         }
         if deliveries.is_empty() {
             return false;
@@ -233,18 +250,26 @@ impl<L, K> Supervisor<L, K> {
             events = deliveries.len(),
         );
         if span.is_disabled() {
-            self.attempt_batch(deliveries, mode).await
+            self.attempt_batch(deliveries, mode, clock).await
         } else {
             for delivery in &deliveries {
                 span.follows_from(delivery.envelope().span());
             }
-            self.attempt_batch(deliveries, mode).instrument(span).await
+            self.attempt_batch(deliveries, mode, clock)
+                .instrument(span)
+                .await
         }
     }
 
     /// Attempts the batch until every event is handled, dead-lettered or
-    /// back with the source; `true` if some went back.
-    async fn attempt_batch<E, D>(&self, mut deliveries: Vec<D>, mode: BatchFailure) -> bool
+    /// back with the source, kept alive by `clock` while held; `true` if
+    /// some went back.
+    async fn attempt_batch<E, D>(
+        &self,
+        mut deliveries: Vec<D>,
+        mode: BatchFailure,
+        mut clock: Clock,
+    ) -> bool
     where
         E: Event,
         L: BatchListener<E>,
@@ -268,24 +293,28 @@ impl<L, K> Supervisor<L, K> {
             };
             // The handler's future is made, run and dropped inside the
             // catch: a panic in any of the three is the handler's.
-            let outcome = attempt(&deliveries, || self.listener.handle_batch(&batch)).await;
+            let tick = || in_progress(&deliveries);
+            let handling = attempt(|| self.listener.handle_batch(&batch));
+            let outcome = held(&mut clock, tick, handling).await;
             self.core.took(started.elapsed());
             drop(batch);
             let (errors, panicked) = match outcome {
                 Ok(Ok(())) => {
                     self.core.handled(deliveries.len());
-                    for delivery in deliveries {
-                        delivery.ack().await;
-                    }
+                    ack_all(deliveries, &mut clock, || {}).await;
                     return handed_back;
                 }
                 Ok(Err(error)) => (error.resolve(deliveries.len()), false),
                 Err(payload) => (vec![Some(panicked(&*payload)); deliveries.len()], true),
             };
             let (next, back) = match mode {
-                BatchFailure::Independent => self.retry_failed(deliveries, errors, panicked).await,
+                BatchFailure::Independent => {
+                    self.retry_failed(deliveries, errors, panicked, &mut clock)
+                        .await
+                }
                 BatchFailure::StopAtFirst => {
-                    self.retry_from_first(deliveries, errors, panicked).await
+                    self.retry_from_first(deliveries, errors, panicked, &mut clock)
+                        .await
                 }
             };
             handed_back |= back;
@@ -297,7 +326,10 @@ impl<L, K> Supervisor<L, K> {
                 return handed_back;
             };
             match delay {
-                Some(delay) => keeping_alive(&next, tokio::time::sleep(delay)).await,
+                Some(delay) => {
+                    let tick = || in_progress(&next);
+                    held(&mut clock, tick, tokio::time::sleep(delay)).await;
+                }
                 // The events after a dead letter go on at once: still a
                 // point to yield and to see a stop, as between batches.
                 None => tokio::task::coop::consume_budget().await,
@@ -319,6 +351,7 @@ impl<L, K> Supervisor<L, K> {
         deliveries: Vec<D>,
         errors: Vec<Option<String>>,
         panicked: bool,
+        clock: &mut Clock,
     ) -> (Option<Next<D>>, bool)
     where
         E: Event,
@@ -336,9 +369,10 @@ impl<L, K> Supervisor<L, K> {
             }
         }
         self.core.handled(handled.len());
-        for delivery in handled {
-            delivery.ack().await;
-        }
+        ack_all(handled, clock, || {
+            in_progress(failed.iter().map(|(d, _)| d))
+        })
+        .await;
         let (again, last): (Vec<_>, Vec<_>) = failed
             .into_iter()
             .partition(|(delivery, _)| delivery.attempt() < retry.max_attempts());
@@ -352,9 +386,13 @@ impl<L, K> Supervisor<L, K> {
                 "batch handler failed; recorded a dead letter per failed event",
             );
         }
-        for (delivery, error) in last {
+        let mut last = last.into_iter();
+        while let Some((delivery, error)) = last.next() {
             let attempts = delivery.attempt();
-            self.dead_letter(delivery, error, attempts, panicked).await;
+            let rest = last.as_slice();
+            let held_too = || in_progress(rest.iter().chain(&again).map(|(d, _)| d));
+            self.dead_letter(delivery, error, attempts, panicked, clock, held_too)
+                .await;
         }
         let Some((first, error)) = again.first() else {
             return (None, false);
@@ -374,8 +412,11 @@ impl<L, K> Supervisor<L, K> {
             .retried(again.len(), if panicked { again.len() } else { 0 });
         let mut kept = Vec::with_capacity(again.len());
         let mut handed_back = false;
-        for (delivery, _) in again {
-            match delivery.retry(delay).await {
+        let mut again = again.into_iter();
+        while let Some((delivery, _)) = again.next() {
+            let rest = again.as_slice();
+            let tick = || in_progress(rest.iter().map(|(d, _)| d).chain(&kept));
+            match held(clock, tick, delivery.retry(delay)).await {
                 Retry::InPlace(delivery) => kept.push(delivery),
                 Retry::Redelivered => handed_back = true,
             }
@@ -396,6 +437,7 @@ impl<L, K> Supervisor<L, K> {
         mut deliveries: Vec<D>,
         errors: Vec<Option<String>>,
         panicked: bool,
+        clock: &mut Clock,
     ) -> (Option<Next<D>>, bool)
     where
         E: Event,
@@ -413,9 +455,7 @@ impl<L, K> Supervisor<L, K> {
             .unwrap_or_else(|| (0, "batch handler failed".to_owned()));
         let mut rest = deliveries.split_off(first);
         self.core.handled(first);
-        for delivery in deliveries {
-            delivery.ack().await;
-        }
+        ack_all(deliveries, clock, || in_progress(&rest)).await;
         let failed = rest.remove(0);
         // The events after it were not attempted in this call.
         let attempt = failed.attempt();
@@ -431,7 +471,8 @@ impl<L, K> Supervisor<L, K> {
                 "batch handler failed; retrying from the first event that failed, in order",
             );
             self.core.retried(1, usize::from(panicked));
-            return match failed.retry(delay).await {
+            let retried = held(clock, || in_progress(&rest), failed.retry(delay)).await;
+            return match retried {
                 Retry::InPlace(failed) => {
                     let mut kept = Vec::with_capacity(rest.len() + 1);
                     kept.push(failed);
@@ -445,8 +486,10 @@ impl<L, K> Supervisor<L, K> {
                 // The source redelivers it: so that the events after it
                 // stay after it, they go back too, unattempted.
                 Retry::Redelivered => {
-                    for delivery in rest {
-                        delivery.release().await;
+                    let mut rest = rest.into_iter();
+                    while let Some(delivery) = rest.next() {
+                        let still = rest.as_slice();
+                        held(clock, || in_progress(still), delivery.release()).await;
                     }
                     (None, true)
                 }
@@ -460,11 +503,32 @@ impl<L, K> Supervisor<L, K> {
             error = %error,
             "batch handler failed; recorded a dead letter for the first event that failed, going on with those after it",
         );
-        self.dead_letter(failed, error, attempt, panicked).await;
+        self.dead_letter(failed, error, attempt, panicked, clock, || {
+            in_progress(&rest)
+        })
+        .await;
         let next = (!rest.is_empty()).then_some(Next {
             deliveries: rest,
             delay: None,
         });
         (next, false)
+    }
+}
+
+/// Acks `deliveries` in order, keeping those not acked yet alive with
+/// `clock`, and what else is held, which `held_too` tells.
+async fn ack_all<E: Event, D: Delivery<E>>(
+    deliveries: Vec<D>,
+    clock: &mut Clock,
+    held_too: impl Fn(),
+) {
+    let mut deliveries = deliveries.into_iter();
+    while let Some(delivery) = deliveries.next() {
+        let rest = deliveries.as_slice();
+        let tick = || {
+            in_progress(rest);
+            held_too();
+        };
+        held(clock, tick, delivery.ack()).await;
     }
 }

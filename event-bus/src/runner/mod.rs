@@ -167,7 +167,10 @@ pub trait Delivery<E: Event>: Send + Sync + Sized + 'static {
     /// delay of an in-place retry): a source whose deliveries expire (a
     /// lease, an `ack_wait`) extends this one's. The runner calls it every
     /// [`progress_interval`](Delivery::progress_interval) while it holds
-    /// the delivery. Defaults to nothing.
+    /// the delivery, on one clock from the source's yield to the finish:
+    /// through a batch being collected, every attempt, the delays of
+    /// in-place retries, dead-letter records and the finishing of the
+    /// events beside it in a batch. Defaults to nothing.
     fn in_progress(&self) {}
 
     /// How often the runner calls [`in_progress`](Delivery::in_progress)

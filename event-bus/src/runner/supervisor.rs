@@ -5,13 +5,13 @@
 use std::any::Any;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use futures_util::future::Either;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tracing::{Instrument, Span};
 
-use super::attempt::{Attempt, Panic, attempt, progress_interval};
+use super::attempt::{Attempt, Clock, KeepAlive, Panic, attempt, held};
 use super::{DeadLetterSink, Delivery, ListenerCore, Retry, Source, Undecodable};
 use crate::dead_letter::DeadLetter;
 use crate::dead_letter::UndecodableLetter;
@@ -90,13 +90,17 @@ impl<L, K> Supervisor<L, K> {
 
     /// Records `envelope` as a dead letter after `attempts` attempts, the
     /// last of which failed with `error` (a panic if `panicked`), and
-    /// terminates its delivery.
+    /// terminates its delivery; `clock` keeps it alive meanwhile, with
+    /// what else is held, which `held_too` tells.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn dead_letter<E, D>(
         &self,
         delivery: D,
         error: String,
         attempts: u32,
         panicked: bool,
+        clock: &mut Clock,
+        held_too: impl Fn(),
     ) where
         E: Event,
         D: Delivery<E>,
@@ -111,7 +115,11 @@ impl<L, K> Supervisor<L, K> {
             failed_at: SystemTime::now(),
         };
         let reason = letter.error.clone();
-        self.sink.record(letter).await;
+        let tick = || {
+            delivery.in_progress();
+            held_too();
+        };
+        held(clock, tick, self.sink.record(letter)).await;
         delivery.terminate(&reason).await;
     }
 }
@@ -183,10 +191,16 @@ impl<L, K> Supervisor<L, K> {
                         // so that no future holding the delivery is made
                         // and moved per event; only the handler's attempt.
                         let mut delivery = delivery;
+                        let mut clock = KeepAlive::of(std::slice::from_ref(&delivery));
                         let mut started = self.started(&delivery);
                         loop {
-                            let outcome = self.attempt(&delivery).await;
-                            match self.finish(delivery, outcome, started).await {
+                            let outcome = if clock.is_none() {
+                                self.attempt(&delivery).await
+                            } else {
+                                let tick = || delivery.in_progress();
+                                held(&mut clock, tick, self.attempt(&delivery)).await
+                            };
+                            match self.finish(delivery, outcome, started, &mut clock).await {
                                 Finished::Again(again) => delivery = again,
                                 Finished::Done { .. } => break,
                             }
@@ -252,10 +266,12 @@ impl<L, K> Supervisor<L, K> {
         K: DeadLetterSink<E>,
         D: Delivery<E>,
     {
+        let mut clock = KeepAlive::of(std::slice::from_ref(&delivery));
         let mut started = self.started(&delivery);
         loop {
-            let outcome = self.attempt(&delivery).await;
-            match self.finish(delivery, outcome, started).await {
+            let tick = || delivery.in_progress();
+            let outcome = held(&mut clock, tick, self.attempt(&delivery)).await;
+            match self.finish(delivery, outcome, started, &mut clock).await {
                 Finished::Again(again) => delivery = again,
                 Finished::Done { handed_back } => return handed_back,
             }
@@ -279,13 +295,13 @@ impl<L, K> Supervisor<L, K> {
     fn attempt<'a, E, D>(
         &'a self,
         delivery: &'a D,
-    ) -> Attempt<'a, E, D, impl Future<Output = Result<(), HandlerError>> + Send + 'a>
+    ) -> Attempt<impl Future<Output = Result<(), HandlerError>> + Send + 'a>
     where
         E: Event,
         L: Listener<E>,
         D: Delivery<E>,
     {
-        attempt(std::slice::from_ref(delivery), || {
+        attempt(|| {
             let envelope = delivery.envelope();
             let meta = Meta::new(envelope, delivery.attempt());
             self.listener.handle(envelope.clone(), meta)
@@ -293,12 +309,14 @@ impl<L, K> Supervisor<L, K> {
     }
 
     /// Finishes `delivery` after an attempt that started at `started` and
-    /// ended with `outcome`: acked, or retried, or recorded as a dead letter.
+    /// ended with `outcome`: acked, or retried, or recorded as a dead letter,
+    /// kept alive by `clock` while it is held.
     async fn finish<E, D>(
         &self,
         delivery: D,
         outcome: Result<Result<(), HandlerError>, Panic>,
         started: Instant,
+        clock: &mut Clock,
     ) -> Finished<D>
     where
         E: Event,
@@ -324,12 +342,12 @@ impl<L, K> Supervisor<L, K> {
         };
         // Boxed: the retry's timer and the dead letter's record stay out of
         // the future every event is finished in.
-        Box::pin(self.failed(delivery, failure)).await
+        Box::pin(self.failed(delivery, failure, clock)).await
     }
 
     /// Retries `delivery` after its attempt failed, or records it as a dead
     /// letter after its last.
-    async fn failed<E, D>(&self, delivery: D, failure: Failure) -> Finished<D>
+    async fn failed<E, D>(&self, delivery: D, failure: Failure, clock: &mut Clock) -> Finished<D>
     where
         E: Event,
         L: Listener<E>,
@@ -354,7 +372,7 @@ impl<L, K> Supervisor<L, K> {
             self.core.retried(1, usize::from(panicked));
             return match delivery.retry(delay).await {
                 Retry::InPlace(again) => {
-                    self.wait_out(&again, delay).await;
+                    held(clock, || again.in_progress(), tokio::time::sleep(delay)).await;
                     if self.is_cancelled() {
                         // A stop is final: the retry stays unattempted.
                         Finished::Done { handed_back: false }
@@ -373,7 +391,8 @@ impl<L, K> Supervisor<L, K> {
             error = %error,
             "handler failed; recorded a dead letter",
         );
-        self.dead_letter(delivery, error, attempt, panicked).await;
+        self.dead_letter(delivery, error, attempt, panicked, clock, || {})
+            .await;
         Finished::Done { handed_back: false }
     }
 }
@@ -413,36 +432,6 @@ enum Finished<D> {
     Again(D),
     /// Finished, or back with the source (`handed_back`).
     Done { handed_back: bool },
-}
-
-impl<L, K> Supervisor<L, K> {
-    /// Waits out the `delay` before an in-place retry of `delivery`,
-    /// keeping it alive meanwhile.
-    pub(crate) async fn wait_out<E: Event, D: Delivery<E>>(&self, delivery: &D, delay: Duration) {
-        keeping_alive(std::slice::from_ref(delivery), tokio::time::sleep(delay)).await;
-    }
-}
-
-/// Runs `work`, telling `deliveries` every
-/// [`progress_interval`](Delivery::progress_interval) that they are still
-/// being worked on.
-pub(crate) async fn keeping_alive<E: Event, D: Delivery<E>, F: Future>(
-    deliveries: &[D],
-    work: F,
-) -> F::Output {
-    let Some(every) = progress_interval(deliveries) else {
-        return work.await;
-    };
-    let mut work = std::pin::pin!(work);
-    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            biased;
-            output = &mut work => return output,
-            _ = ticks.tick() => deliveries.iter().for_each(Delivery::in_progress),
-        }
-    }
 }
 
 /// The error text of a handler that panicked with `payload`.
