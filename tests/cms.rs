@@ -848,7 +848,9 @@ async fn a_deeply_nested_or_huge_search_query_is_a_400_and_the_server_stays_up()
     let nine = format!("{}nested{}", "(".repeat(9), ")".repeat(9));
     let wide = vec!["nested"; 17].join(" OR ");
     let long = "a".repeat(257);
-    for query in [&deep, &nine, &wide, &long] {
+    // Words joined by commas are terms too.
+    let commas = vec!["nested"; 17].join(",");
+    for query in [&deep, &nine, &wide, &long, &commas] {
         let answer = cms
             .send(
                 cms.http
@@ -861,7 +863,9 @@ async fn a_deeply_nested_or_huge_search_query_is_a_400_and_the_server_stays_up()
     // At the bounds, it searches.
     let eight = format!("{}nested{}", "(".repeat(8), ")".repeat(8));
     let sixteen = vec!["nested"; 16].join(" OR ");
-    for query in [&eight, &sixteen] {
+    // Parentheses inside a phrase are text, not nesting.
+    let quoted = format!("\"{}nested{}\"", "(".repeat(9), ")".repeat(9));
+    for query in [&eight, &sixteen, &quoted] {
         let answer = cms
             .send(
                 cms.http
