@@ -1101,6 +1101,47 @@ async fn unicode_titles_get_ascii_slugs_and_a_collision_gets_a_suffix() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_post_route_takes_a_slug_as_well_as_an_id() {
+    let cms = Cms::start().await;
+    let ada = cms.user("ada").await;
+    let post = cms.new_post(ada, "By slug").await;
+    let (id, slug) = (post["id"].as_i64().unwrap(), "by-slug");
+    assert_eq!(post["slug"], slug);
+    let comments = format!("/posts/{slug}/comments");
+    let created = cms
+        .post(&comments, json!({ "author_id": ada, "body": "via slug" }))
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    assert_eq!(created.body["post_id"], id);
+    let listed = cms.get(&comments).await;
+    assert_eq!(listed.status, StatusCode::OK, "{}", listed.body);
+    assert_eq!(
+        listed.body,
+        cms.get(&format!("/posts/{id}/comments")).await.body
+    );
+    assert_eq!(listed.body[0]["body"], "via slug");
+    assert_eq!(
+        cms.post(&format!("/posts/{slug}/publish"), json!({}))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        cms.delete(&format!("/posts/{slug}")).await.status,
+        StatusCode::NO_CONTENT
+    );
+    for path in [format!("/posts/{slug}"), format!("/posts/{id}"), comments] {
+        let answer = cms.get(&path).await;
+        assert_eq!(answer.status, StatusCode::NOT_FOUND, "{path}");
+        assert!(answer.body["error"].is_string(), "{path}");
+    }
+    assert_eq!(
+        cms.delete(&format!("/posts/{slug}")).await.status,
+        StatusCode::NOT_FOUND
+    );
+}
+
 #[cfg(feature = "cache")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cached_read_right_after_a_write_sees_the_write() {

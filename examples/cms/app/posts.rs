@@ -235,11 +235,21 @@ pub(crate) async fn publish_post(state: &AppState, id: i64) -> Result<Post, ApiE
     Ok(post)
 }
 
+/// The id of the post a path names by id or by slug; an id is taken as it
+/// is (the caller finds out whether the row exists), a slug looked up.
+async fn post_id_of(state: &AppState, key: &str) -> Result<i64, ApiError> {
+    match key.parse::<i64>() {
+        Ok(id) => Ok(id),
+        Err(_) => Ok(find(state, key).await?.id),
+    }
+}
+
+/// `DELETE /posts/{id or slug}`
 async fn delete(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    Path(key): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let id = parse_id(&id, "post")?;
+    let id = post_id_of(&state, &key).await?;
     state
         .clone()
         .detached(async move {
@@ -252,12 +262,13 @@ async fn delete(
         .await
 }
 
+/// `POST /posts/{id or slug}/comments`
 async fn create_comment(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
     Body(input): Body<NewComment>,
 ) -> Result<(StatusCode, Json<Comment>), ApiError> {
-    let post_id = parse_id(&id, "post")?;
+    let post_id = post_id_of(&state, &id).await?;
     let body = valid_text("body", input.body.trim())?;
     // Characters, not bytes: a comment in Japanese gets the same room.
     if body.is_empty() || body.chars().count() > COMMENT_CHARS {
@@ -295,11 +306,12 @@ async fn create_comment(
         .await
 }
 
+/// `GET /posts/{id or slug}/comments`
 async fn read_comments(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Cached<Vec<Comment>>, ApiError> {
-    let post_id = parse_id(&id, "post")?;
+    let post_id = post_id_of(&state, &id).await?;
     state
         .cached(CacheKey::Comments(post_id), async {
             if db::post(&state.db, post_id).await?.is_none() {
