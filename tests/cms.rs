@@ -848,7 +848,9 @@ async fn a_deeply_nested_or_huge_search_query_is_a_400_and_the_server_stays_up()
     let nine = format!("{}nested{}", "(".repeat(9), ")".repeat(9));
     let wide = vec!["nested"; 17].join(" OR ");
     let long = "a".repeat(257);
-    for query in [&deep, &nine, &wide, &long] {
+    // Words joined by commas are terms too.
+    let commas = vec!["nested"; 17].join(",");
+    for query in [&deep, &nine, &wide, &long, &commas] {
         let answer = cms
             .send(
                 cms.http
@@ -861,7 +863,9 @@ async fn a_deeply_nested_or_huge_search_query_is_a_400_and_the_server_stays_up()
     // At the bounds, it searches.
     let eight = format!("{}nested{}", "(".repeat(8), ")".repeat(8));
     let sixteen = vec!["nested"; 16].join(" OR ");
-    for query in [&eight, &sixteen] {
+    // Parentheses inside a phrase are text, not nesting.
+    let quoted = format!("\"{}nested{}\"", "(".repeat(9), ")".repeat(9));
+    for query in [&eight, &sixteen, &quoted] {
         let answer = cms
             .send(
                 cms.http
@@ -1095,6 +1099,47 @@ async fn unicode_titles_get_ascii_slugs_and_a_collision_gets_a_suffix() {
         assert_eq!(read.status, StatusCode::OK);
         assert_eq!(read.body["title"], title);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_post_route_takes_a_slug_as_well_as_an_id() {
+    let cms = Cms::start().await;
+    let ada = cms.user("ada").await;
+    let post = cms.new_post(ada, "By slug").await;
+    let (id, slug) = (post["id"].as_i64().unwrap(), "by-slug");
+    assert_eq!(post["slug"], slug);
+    let comments = format!("/posts/{slug}/comments");
+    let created = cms
+        .post(&comments, json!({ "author_id": ada, "body": "via slug" }))
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    assert_eq!(created.body["post_id"], id);
+    let listed = cms.get(&comments).await;
+    assert_eq!(listed.status, StatusCode::OK, "{}", listed.body);
+    assert_eq!(
+        listed.body,
+        cms.get(&format!("/posts/{id}/comments")).await.body
+    );
+    assert_eq!(listed.body[0]["body"], "via slug");
+    assert_eq!(
+        cms.post(&format!("/posts/{slug}/publish"), json!({}))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        cms.delete(&format!("/posts/{slug}")).await.status,
+        StatusCode::NO_CONTENT
+    );
+    for path in [format!("/posts/{slug}"), format!("/posts/{id}"), comments] {
+        let answer = cms.get(&path).await;
+        assert_eq!(answer.status, StatusCode::NOT_FOUND, "{path}");
+        assert!(answer.body["error"].is_string(), "{path}");
+    }
+    assert_eq!(
+        cms.delete(&format!("/posts/{slug}")).await.status,
+        StatusCode::NOT_FOUND
+    );
 }
 
 #[cfg(feature = "cache")]

@@ -78,9 +78,16 @@ pub(crate) async fn create_post(state: &AppState, input: NewPost) -> Result<Post
     let title = valid_title(&input.title)?;
     let body = valid_body(&input.body)?;
     let author_id = author_of(state, &input).await?;
-    // A slug taken between the look-up and the insert is looked up again.
-    for _ in 0..5 {
-        let slug = free_slug(&state.db, title).await?;
+    // A slug taken between the look-up and the insert is looked up again; a
+    // writer that keeps losing that race to others creating the same title
+    // (they all compute the same next suffix) takes a random suffix instead,
+    // which no racer shares.
+    for attempt in 0..SLUG_ATTEMPTS {
+        let slug = if attempt < NUMBERED_SLUG_ATTEMPTS {
+            free_slug(&state.db, title).await?
+        } else {
+            random_slug(title, attempt)
+        };
         match db::insert_post(&state.db, author_id, title, &slug, body).await {
             Ok(post) => {
                 state.events.emit_post_created_wait(&post).await;
@@ -93,9 +100,28 @@ pub(crate) async fn create_post(state: &AppState, input: NewPost) -> Result<Post
             Err(e) => return Err(e.into()),
         }
     }
+    // Only if random suffixes collide SLUG_ATTEMPTS - 3 times in a row.
     Err(ApiError::Conflict(
         "other posts took every slug tried for this title; try again".into(),
     ))
+}
+
+/// Slugs tried for one new post: the first few the next free `-N`, the
+/// rest a random suffix.
+const SLUG_ATTEMPTS: u32 = 8;
+const NUMBERED_SLUG_ATTEMPTS: u32 = 3;
+
+/// [`slugify`]'s slug with a random suffix of 8 hex digits.
+fn random_slug(title: &str, attempt: u32) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    // `RandomState` is seeded per process and per instance: random enough to
+    // keep racers apart, and the unique index settles any collision.
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(attempt);
+    if let Ok(now) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        hasher.write_u128(now.as_nanos());
+    }
+    format!("{}-{:08x}", slugify(title), hasher.finish() as u32)
 }
 
 /// The author named by `author_id` or `author`: exactly one of them.
@@ -209,11 +235,21 @@ pub(crate) async fn publish_post(state: &AppState, id: i64) -> Result<Post, ApiE
     Ok(post)
 }
 
+/// The id of the post a path names by id or by slug; an id is taken as it
+/// is (the caller finds out whether the row exists), a slug looked up.
+async fn post_id_of(state: &AppState, key: &str) -> Result<i64, ApiError> {
+    match key.parse::<i64>() {
+        Ok(id) => Ok(id),
+        Err(_) => Ok(find(state, key).await?.id),
+    }
+}
+
+/// `DELETE /posts/{id or slug}`
 async fn delete(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    Path(key): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let id = parse_id(&id, "post")?;
+    let id = post_id_of(&state, &key).await?;
     state
         .clone()
         .detached(async move {
@@ -226,12 +262,13 @@ async fn delete(
         .await
 }
 
+/// `POST /posts/{id or slug}/comments`
 async fn create_comment(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
     Body(input): Body<NewComment>,
 ) -> Result<(StatusCode, Json<Comment>), ApiError> {
-    let post_id = parse_id(&id, "post")?;
+    let post_id = post_id_of(&state, &id).await?;
     let body = valid_text("body", input.body.trim())?;
     // Characters, not bytes: a comment in Japanese gets the same room.
     if body.is_empty() || body.chars().count() > COMMENT_CHARS {
@@ -269,11 +306,12 @@ async fn create_comment(
         .await
 }
 
+/// `GET /posts/{id or slug}/comments`
 async fn read_comments(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Cached<Vec<Comment>>, ApiError> {
-    let post_id = parse_id(&id, "post")?;
+    let post_id = post_id_of(&state, &id).await?;
     state
         .cached(CacheKey::Comments(post_id), async {
             if db::post(&state.db, post_id).await?.is_none() {

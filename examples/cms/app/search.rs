@@ -60,32 +60,64 @@ pub(crate) fn bounded(query: &str) -> Result<&str, ApiError> {
             "a search query may have {MAX_QUERY_CHARS} characters at most"
         )));
     }
-    let (mut depth, mut deepest) = (0_usize, 0_usize);
-    for c in query.chars() {
-        match c {
-            '(' => {
-                depth += 1;
-                deepest = deepest.max(depth);
-            }
-            ')' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-    }
+    // Parentheses inside a quoted phrase are text, not nesting; with a quote
+    // left open the parser may read them as nesting after all.
+    let deepest = match nesting(query, true) {
+        Some(deepest) => deepest,
+        None => nesting(query, false).unwrap_or(0),
+    };
     if deepest > MAX_QUERY_DEPTH {
         return Err(ApiError::BadRequest(format!(
             "a search query may nest parentheses {MAX_QUERY_DEPTH} deep at most"
         )));
     }
-    let terms = query
-        .split(|c: char| c.is_whitespace() || c == '(' || c == ')')
-        .filter(|t| !t.is_empty() && !matches!(*t, "AND" | "OR" | "NOT"))
-        .count();
+    let terms = terms(query);
     if terms > MAX_QUERY_TERMS {
         return Err(ApiError::BadRequest(format!(
             "a search query may have {MAX_QUERY_TERMS} terms at most"
         )));
     }
     Ok(query)
+}
+
+/// How deep `query`'s parentheses nest, those in quotes left out if
+/// `skip_quoted`; `None` if a quote is left open then.
+fn nesting(query: &str, skip_quoted: bool) -> Option<usize> {
+    let (mut depth, mut deepest, mut quoted, mut escaped) = (0_usize, 0_usize, false, false);
+    for c in query.chars() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            '"' if skip_quoted => quoted = !quoted,
+            '(' if !quoted => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            ')' if !quoted => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    (!quoted).then_some(deepest)
+}
+
+/// The words a query searches for, as the tokenizer will split them: runs of
+/// letters and digits (`a,b,c` is three, quoted or not), but not the
+/// operators `AND`, `OR`, `NOT` nor a field name before `:`.
+fn terms(query: &str) -> usize {
+    let mut terms = 0;
+    let mut rest = query;
+    while let Some(start) = rest.find(char::is_alphanumeric) {
+        rest = &rest[start..];
+        let end = rest
+            .find(|c: char| !c.is_alphanumeric())
+            .unwrap_or(rest.len());
+        let (word, after) = rest.split_at(end);
+        if !after.starts_with(':') && !matches!(word, "AND" | "OR" | "NOT") {
+            terms += 1;
+        }
+        rest = after;
+    }
+    terms
 }
 
 impl AppState {
@@ -191,6 +223,10 @@ mod enabled {
         fields: Fields,
         ready: watch::Sender<bool>,
         searches: Arc<Semaphore>,
+        /// Held from reading a row to writing it, by the listener and the
+        /// reconciler alike: whoever writes a row last read it last, so a
+        /// reconcile cannot put back a state older than the listener's.
+        ordered: tokio::sync::Mutex<()>,
         /// Rows a dead letter made the reconciler re-read, and those it
         /// could not.
         pub(crate) reconciled: AtomicU64,
@@ -203,6 +239,19 @@ mod enabled {
 
     fn internal(error: impl std::error::Error + Send + Sync + 'static) -> ApiError {
         ApiError::Internal(Box::new(error))
+    }
+
+    /// A search that fails on what the query asks for is the client's
+    /// mistake: tantivy parses `title:*` as an `ExistsQuery`, which fails
+    /// only when it runs, as no field of the index is a fast field.
+    fn refused_or_internal(error: tantivy::TantivyError) -> ApiError {
+        use tantivy::TantivyError::{FieldNotFound, InvalidArgument, SchemaError};
+        match error {
+            SchemaError(_) | InvalidArgument(_) | FieldNotFound(_) => {
+                ApiError::BadRequest(format!("cannot run search query: {error}"))
+            }
+            other => internal(other),
+        }
     }
 
     impl SearchIndex {
@@ -248,6 +297,7 @@ mod enabled {
                 fields,
                 ready: watch::Sender::new(false),
                 searches: Arc::new(Semaphore::new(SEARCHES)),
+                ordered: tokio::sync::Mutex::new(()),
                 reconciled: AtomicU64::new(0),
                 unreconciled: AtomicU64::new(0),
                 #[cfg(test)]
@@ -353,6 +403,7 @@ mod enabled {
             let Some(row) = Row::of(event) else {
                 return Ok(());
             };
+            let _ordered = self.ordered.lock().await;
             let current = self.current(db, row).await?;
             self.apply(vec![Change { row, current }]).await?;
             Ok(())
@@ -377,6 +428,10 @@ mod enabled {
                     .map_err(internal)?;
                 let this = self.clone();
                 let text = text.to_owned();
+                // The permit goes with the blocking work: a search past its
+                // deadline answers 503 but runs on to its end (tantivy has no
+                // way to stop it), and holds its slot until then, so that no
+                // more than SEARCHES run at once.
                 tokio::task::spawn_blocking(move || {
                     let _permit = permit;
                     this.search_now(&text, scope)
@@ -420,7 +475,7 @@ mod enabled {
             let searcher = self.reader.searcher();
             let top = searcher
                 .search(&query, &TopDocs::with_limit(LIMIT).order_by_score())
-                .map_err(internal)?;
+                .map_err(refused_or_internal)?;
             let mut hits = Vec::with_capacity(top.len());
             for (score, address) in top {
                 let doc: TantivyDocument = searcher.doc(address).map_err(internal)?;
@@ -688,6 +743,7 @@ mod enabled {
                 });
                 rows[at].1.push(position);
             }
+            let _ordered = self.index.ordered.lock().await;
             let mut changes = Vec::with_capacity(rows.len());
             let mut failed: Option<BatchError> = None;
             for (row, positions) in rows {
