@@ -417,7 +417,11 @@ impl<L, K> Supervisor<L, K> {
             let rest = again.as_slice();
             let tick = || in_progress(rest.iter().map(|(d, _)| d).chain(&kept));
             match held(clock, tick, delivery.retry(delay)).await {
-                Retry::InPlace(delivery) => kept.push(delivery),
+                Retry::InPlace(delivery) => {
+                    // A new delivery: its interval may be another.
+                    KeepAlive::add(clock, &delivery);
+                    kept.push(delivery);
+                }
                 Retry::Redelivered => handed_back = true,
             }
         }
@@ -474,6 +478,7 @@ impl<L, K> Supervisor<L, K> {
             let retried = held(clock, || in_progress(&rest), failed.retry(delay)).await;
             return match retried {
                 Retry::InPlace(failed) => {
+                    KeepAlive::add(clock, &failed);
                     let mut kept = Vec::with_capacity(rest.len() + 1);
                     kept.push(failed);
                     kept.extend(rest);

@@ -170,7 +170,11 @@ pub trait Delivery<E: Event>: Send + Sync + Sized + 'static {
     /// the delivery, on one clock from the source's yield to the finish:
     /// through a batch being collected, every attempt, the delays of
     /// in-place retries, dead-letter records and the finishing of the
-    /// events beside it in a batch. Defaults to nothing.
+    /// events beside it in a batch. A delivery retried in place is a new
+    /// one, whose own interval counts from then on. The delivery's own
+    /// `ack`, `retry`, `terminate` and `release` calls are the source's:
+    /// they consume it, and the runner keeps alive only what is held
+    /// beside it meanwhile. Defaults to nothing.
     fn in_progress(&self) {}
 
     /// How often the runner calls [`in_progress`](Delivery::in_progress)

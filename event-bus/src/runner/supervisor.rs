@@ -120,7 +120,8 @@ impl<L, K> Supervisor<L, K> {
             held_too();
         };
         held(clock, tick, self.sink.record(letter)).await;
-        delivery.terminate(&reason).await;
+        // The terminate is the source's; what is held beside it is kept.
+        held(clock, &held_too, delivery.terminate(&reason)).await;
     }
 }
 
@@ -372,6 +373,8 @@ impl<L, K> Supervisor<L, K> {
             self.core.retried(1, usize::from(panicked));
             return match delivery.retry(delay).await {
                 Retry::InPlace(again) => {
+                    // A new delivery: its interval may be another.
+                    KeepAlive::add(clock, &again);
                     held(clock, || again.in_progress(), tokio::time::sleep(delay)).await;
                     if self.is_cancelled() {
                         // A stop is final: the retry stays unattempted.
