@@ -324,7 +324,7 @@ impl Delivery<ScenarioEvent> for Entry {
 
     /// Taken back: it waits in the source's retry queue, still unfinished,
     /// and comes again no sooner than `delay`, one attempt later.
-    async fn retry(self, delay: Duration) -> Retry<Self> {
+    async fn retry(self, delay: Duration, _error: &str) -> Retry<Self> {
         let now = Instant::now();
         let not_before = now
             .checked_add(delay)

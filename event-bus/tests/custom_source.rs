@@ -93,7 +93,7 @@ impl Delivery<Shop> for Entry {
 
     /// Taken back, as a broker's `nak`: delivered again after the entries
     /// already queued, one attempt later.
-    async fn retry(self, _delay: Duration) -> Retry<Self> {
+    async fn retry(self, _delay: Duration, _error: &str) -> Retry<Self> {
         self.log.outcomes.lock().unwrap().redelivered += 1;
         self.log
             .entries
@@ -462,7 +462,7 @@ impl Delivery<Shop> for Leased {
         self.entry.ack().await;
     }
 
-    async fn retry(self, _delay: Duration) -> Retry<Self> {
+    async fn retry(self, _delay: Duration, _error: &str) -> Retry<Self> {
         Retry::InPlace(Leased {
             entry: Entry {
                 attempt: self.entry.attempt + 1,

@@ -140,7 +140,7 @@ async fn far_away_emit_times_run_through_the_runner() {
             1
         }
         async fn ack(self) {}
-        async fn retry(self, _: Duration) -> Retry<Self> {
+        async fn retry(self, _: Duration, _error: &str) -> Retry<Self> {
             Retry::InPlace(self)
         }
         async fn terminate(self, _: &str) {}

@@ -111,7 +111,7 @@ impl<E: Event> Delivery<E> for MemoryDelivery<E> {
         std::future::ready(())
     }
 
-    fn retry(self, _delay: Duration) -> impl Future<Output = Retry<Self>> + Send {
+    fn retry(self, _delay: Duration, _error: &str) -> impl Future<Output = Retry<Self>> + Send {
         std::future::ready(Retry::InPlace(Self {
             attempt: self.attempt + 1,
             ..self

@@ -221,7 +221,7 @@ mod tests {
 
         async fn ack(self) {}
 
-        async fn retry(self, _: Duration) -> Retry<Self> {
+        async fn retry(self, _: Duration, _: &str) -> Retry<Self> {
             Retry::Redelivered
         }
 

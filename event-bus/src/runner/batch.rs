@@ -413,10 +413,10 @@ impl<L, K> Supervisor<L, K> {
         let mut kept = Vec::with_capacity(again.len());
         let mut handed_back = false;
         let mut again = again.into_iter();
-        while let Some((delivery, _)) = again.next() {
+        while let Some((delivery, error)) = again.next() {
             let rest = again.as_slice();
             let tick = || in_progress(rest.iter().map(|(d, _)| d).chain(&kept));
-            match held(clock, tick, delivery.retry(delay)).await {
+            match held(clock, tick, delivery.retry(delay, &error)).await {
                 Retry::InPlace(delivery) => {
                     // A new delivery: its interval may be another.
                     KeepAlive::add(clock, &delivery);
@@ -475,7 +475,7 @@ impl<L, K> Supervisor<L, K> {
                 "batch handler failed; retrying from the first event that failed, in order",
             );
             self.core.retried(1, usize::from(panicked));
-            let retried = held(clock, || in_progress(&rest), failed.retry(delay)).await;
+            let retried = held(clock, || in_progress(&rest), failed.retry(delay, &error)).await;
             return match retried {
                 Retry::InPlace(failed) => {
                     KeepAlive::add(clock, &failed);

@@ -154,9 +154,12 @@ pub trait Delivery<E: Event>: Send + Sync + Sized + 'static {
     /// The attempt succeeded.
     fn ack(self) -> impl Future<Output = ()> + Send;
 
-    /// The attempt failed and another may follow after `delay`: kept in
-    /// place, or taken back by the source. See [`Retry`].
-    fn retry(self, delay: Duration) -> impl Future<Output = Retry<Self>> + Send;
+    /// The attempt failed with `error` (its source chain, or
+    /// `"panicked: …"`) and another may follow after `delay`: kept in place,
+    /// or taken back by the source. See [`Retry`]. A durable source records
+    /// the error with the attempt count, so that an operator sees why an
+    /// event is being retried.
+    fn retry(self, delay: Duration, error: &str) -> impl Future<Output = Retry<Self>> + Send;
 
     /// The last attempt failed with `reason`; the runner has recorded the
     /// dead letter. The source never delivers this event to this listener
@@ -423,7 +426,7 @@ impl<E: Event, L: BatchListener<E>> Spawnable<E, InBatches> for L {
 ///     fn envelope(&self) -> &Arc<Envelope<Shop>> { &self.0 }
 ///     fn attempt(&self) -> u32 { self.1 }
 ///     async fn ack(self) {}
-///     async fn retry(self, _delay: Duration) -> Retry<Self> { Retry::InPlace(Entry(self.0, self.1 + 1)) }
+///     async fn retry(self, _delay: Duration, _error: &str) -> Retry<Self> { Retry::InPlace(Entry(self.0, self.1 + 1)) }
 ///     async fn terminate(self, _reason: &str) {}
 ///     async fn release(self) {}
 /// }

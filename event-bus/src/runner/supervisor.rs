@@ -371,7 +371,7 @@ impl<L, K> Supervisor<L, K> {
                 "handler failed; retrying",
             );
             self.core.retried(1, usize::from(panicked));
-            return match delivery.retry(delay).await {
+            return match delivery.retry(delay, &error).await {
                 Retry::InPlace(again) => {
                     // A new delivery: its interval may be another.
                     KeepAlive::add(clock, &again);

@@ -250,7 +250,7 @@ impl Delivery<Ev> for Job {
         self.end("ack");
     }
 
-    async fn retry(mut self, _delay: Duration) -> Retry<Self> {
+    async fn retry(mut self, _delay: Duration, _error: &str) -> Retry<Self> {
         if self.src.plan.redeliver {
             self.start("redelivered");
             wait(self.src.plan.retry).await;

@@ -249,7 +249,7 @@ impl Delivery<Ev> for Job {
         self.done(What::Acked { id, attempt });
     }
 
-    async fn retry(self, _delay: Duration) -> Retry<Self> {
+    async fn retry(self, _delay: Duration, _error: &str) -> Retry<Self> {
         let (id, attempt) = (self.id, self.attempt);
         match self.script.mode {
             Mode::InPlace => {
