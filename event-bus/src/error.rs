@@ -280,3 +280,23 @@ pub(crate) fn chain(error: &(dyn StdError + 'static)) -> String {
     }
     text
 }
+
+/// Error returned by the durable tier's [`Store`](crate::sql::Store) and
+/// [`Outbox`](crate::sql::Outbox).
+#[cfg(feature = "sql")]
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The database refused or failed a statement (or could not be
+    /// reached). What the call wrote is rolled back; trying again later may
+    /// succeed.
+    #[error("database error")]
+    Database(#[from] sqlx::Error),
+    /// An event emitted on an outbox could not be encoded, so its
+    /// transaction was not committed: fix the event type's `Serialize`.
+    #[error("an event could not be encoded")]
+    Encode(#[from] EncodeError),
+    /// The store is shutting down: no listener is spawned on it.
+    #[error("the store is shutting down")]
+    Closed,
+}

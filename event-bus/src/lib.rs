@@ -622,6 +622,8 @@ mod meta;
 pub mod metrics;
 mod publish;
 pub mod runner;
+#[cfg(feature = "sql")]
+pub mod sql;
 mod sync;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -1,0 +1,846 @@
+//! The SQL the durable tier runs, per database: the schema, and one method
+//! per statement group, each written once (the `backend!` macro) for every
+//! database whose dialect takes it as it is.
+
+// With the `sql` feature alone, no database's statements are written.
+#![cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(unused))]
+
+use std::future::Future;
+
+use sqlx::{Database, Pool, Row};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::schema;
+
+/// A database the durable tier runs on: SQLite (feature `sqlite`) or
+/// PostgreSQL (feature `postgres`).
+///
+/// Sealed: the tier's statements are written for these databases.
+pub trait Backend: Database + sealed::Sealed {}
+
+/// An event the outbox writes at commit.
+#[derive(Debug)]
+pub struct NewEvent {
+    pub id: String,
+    pub name: &'static str,
+    pub payload: Vec<u8>,
+}
+
+/// An event a claim handed to this process, with its attempt.
+#[derive(Debug)]
+pub struct Claimed {
+    pub position: i64,
+    pub attempts: i64,
+    pub payload: Vec<u8>,
+}
+
+/// What a claim found.
+#[derive(Debug)]
+pub struct Claim {
+    pub claimed: Vec<Claimed>,
+    /// Whether it took as many as it was asked for: there may be more.
+    pub full: bool,
+    /// The log's last position when it looked.
+    pub last_position: i64,
+    /// The listener's checkpoint after it.
+    pub checkpoint: i64,
+}
+
+/// What a claim asks for.
+#[derive(Debug)]
+pub struct ClaimArgs<'a> {
+    pub listener: &'a str,
+    pub owner: &'a str,
+    /// The names of the events the listener wants; `None` for all.
+    pub names: Option<&'a [&'static str]>,
+    pub limit: usize,
+    pub now: i64,
+    pub lease_until: i64,
+}
+
+/// How a delivery was finished, applied in the next batch of finishes.
+#[derive(Debug)]
+pub enum Finish {
+    /// Handled: the delivery row goes.
+    Ack(i64),
+    /// Failed, to be attempted again (`attempts` is the next attempt's
+    /// number) no sooner than `next_try_at`.
+    Retry {
+        position: i64,
+        attempts: i64,
+        next_try_at: i64,
+        error: String,
+    },
+    /// Failed for the last time.
+    Dead {
+        position: i64,
+        attempts: i64,
+        error: String,
+        at: i64,
+    },
+    /// Dropped unfinished (the listener was stopped): another process, or
+    /// the next run, takes it at once, its attempt counted.
+    Abandon(i64),
+    /// Given back unattempted: taken again with the same attempt.
+    Release(i64),
+}
+
+/// A dead delivery as stored.
+#[derive(Debug)]
+pub struct DeadRow {
+    pub listener: String,
+    pub position: i64,
+    pub attempts: i64,
+    pub last_error: Option<String>,
+    pub failed_at: Option<i64>,
+    pub id: String,
+    pub name: String,
+    pub payload: Vec<u8>,
+}
+
+/// A listener's progress as stored.
+#[derive(Debug)]
+pub struct ProgressRow {
+    pub listener: String,
+    pub head: i64,
+    pub checkpoint: i64,
+    pub unfinished: i64,
+    pub dead: i64,
+}
+
+/// Where a listener starts when it is first registered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartAt {
+    Beginning,
+    Now,
+    After(i64),
+}
+
+pub(super) mod sealed {
+    use super::*;
+
+    /// The statements of [`Backend`], per database.
+    pub trait Sealed: Database {
+        /// The channel of PostgreSQL's `NOTIFY` after an outbox commit.
+        const CHANNEL: &'static str = "event_bus";
+
+        /// Whether the database takes one writer at a time (SQLite): then
+        /// the store's own writers queue on a gate in the process rather
+        /// than in the database's busy handler, which sleeps.
+        const ONE_WRITER: bool = false;
+
+        fn migrate(pool: &Pool<Self>) -> impl Future<Output = sqlx::Result<()>> + Send;
+
+        /// Begins a transaction that will write.
+        fn begin_writer(
+            pool: &Pool<Self>,
+        ) -> impl Future<Output = sqlx::Result<sqlx::Transaction<'static, Self>>> + Send;
+
+        /// Spawns the task that bumps `wake` whenever another process
+        /// commits events, where the database can tell.
+        fn listen(pool: &Pool<Self>, wake: watch::Sender<u64>) -> Option<JoinHandle<()>>;
+
+        /// Writes `events` in the open transaction on `conn`, in order.
+        fn insert_events<'a>(
+            conn: &'a mut Self::Connection,
+            events: &'a [NewEvent],
+            now: i64,
+        ) -> impl Future<Output = sqlx::Result<Vec<i64>>> + Send + 'a;
+
+        fn register(
+            pool: &Pool<Self>,
+            listener: &str,
+            start: StartAt,
+            reset: bool,
+        ) -> impl Future<Output = sqlx::Result<()>> + Send;
+
+        fn claim(
+            pool: &Pool<Self>,
+            args: ClaimArgs<'_>,
+        ) -> impl Future<Output = sqlx::Result<Claim>> + Send;
+
+        fn finish(
+            pool: &Pool<Self>,
+            listener: &str,
+            owner: &str,
+            finishes: &[Finish],
+        ) -> impl Future<Output = sqlx::Result<i64>> + Send;
+
+        fn renew(
+            pool: &Pool<Self>,
+            listener: &str,
+            owner: &str,
+            lease_until: i64,
+        ) -> impl Future<Output = sqlx::Result<u64>> + Send;
+
+        fn dead(
+            pool: &Pool<Self>,
+            listener: Option<&str>,
+        ) -> impl Future<Output = sqlx::Result<Vec<DeadRow>>> + Send;
+
+        fn redrive(
+            pool: &Pool<Self>,
+            listener: &str,
+            position: Option<i64>,
+        ) -> impl Future<Output = sqlx::Result<u64>> + Send;
+
+        fn discard(
+            pool: &Pool<Self>,
+            listener: &str,
+            position: Option<i64>,
+        ) -> impl Future<Output = sqlx::Result<u64>> + Send;
+
+        fn progress(
+            pool: &Pool<Self>,
+        ) -> impl Future<Output = sqlx::Result<(i64, Vec<ProgressRow>)>> + Send;
+
+        fn prune(pool: &Pool<Self>) -> impl Future<Output = sqlx::Result<u64>> + Send;
+
+        fn mark_handled<'a>(
+            conn: &'a mut Self::Connection,
+            listener: &'a str,
+            id: &'a str,
+            now: i64,
+        ) -> impl Future<Output = sqlx::Result<bool>> + Send + 'a;
+    }
+}
+
+/// The most rows one statement writes or deletes: within every database's
+/// limit on binds.
+const INSERT_CHUNK: usize = 500;
+
+/// `$from, $from+1, …` for `n` binds.
+fn placeholders(from: usize, n: usize) -> String {
+    (from..from + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The listener's checkpoint: just below its lowest unfinished position, or
+/// its head when nothing is unfinished. Dead deliveries do not hold it.
+const CHECKPOINT: &str = "UPDATE event_bus_listeners SET checkpoint = COALESCE(
+        (SELECT MIN(position) - 1 FROM event_bus_deliveries WHERE listener = $1 AND state <> 'dead'),
+        head)
+    WHERE listener = $1 RETURNING checkpoint";
+
+/// Deliveries due again: given back, or whose lease expired (their process
+/// died), and whose retry time has come.
+const RECLAIM: &str = "UPDATE event_bus_deliveries
+    SET state = 'leased', owner = $2, lease_until = $3, attempts = attempts + 1
+    WHERE listener = $1 AND position IN (
+        SELECT position FROM event_bus_deliveries
+        WHERE listener = $1 AND state <> 'dead' AND lease_until <= $4 AND next_try_at <= $4
+        ORDER BY position LIMIT $5)
+    RETURNING position, attempts";
+
+macro_rules! backend {
+    ($db:ty, one_writer = $one_writer:literal, schema = $schema:expr, lock = $lock:literal, begin = $begin:path, serialize = $serialize:path, notify = $notify:path, listen = $listen:path) => {
+        impl Backend for $db {}
+
+        impl sealed::Sealed for $db {
+            const ONE_WRITER: bool = $one_writer;
+
+            async fn migrate(pool: &Pool<Self>) -> sqlx::Result<()> {
+                let mut tx = $begin(pool).await?;
+                $serialize(&mut *tx).await?;
+                for statement in $schema.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+                    sqlx::query(statement).execute(&mut *tx).await?;
+                }
+                tx.commit().await
+            }
+
+            async fn begin_writer(pool: &Pool<Self>) -> sqlx::Result<sqlx::Transaction<'static, Self>> {
+                $begin(pool).await
+            }
+
+            fn listen(pool: &Pool<Self>, wake: watch::Sender<u64>) -> Option<JoinHandle<()>> {
+                $listen(pool, wake)
+            }
+
+            fn insert_events<'a>(
+                conn: &'a mut Self::Connection,
+                events: &'a [NewEvent],
+                now: i64,
+            ) -> impl Future<Output = sqlx::Result<Vec<i64>>> + Send + 'a {
+                async move {
+                    if events.is_empty() {
+                        return Ok(Vec::new());
+                    }
+                    $serialize(&mut *conn).await?;
+                    let mut positions = Vec::with_capacity(events.len());
+                    // One statement per chunk; the rows are numbered in the
+                    // order of their VALUES.
+                    for chunk in events.chunks(INSERT_CHUNK) {
+                        let values = (0..chunk.len())
+                            .map(|i| format!("(${}, ${}, ${}, $1)", 3 * i + 2, 3 * i + 3, 3 * i + 4))
+                            .collect::<Vec<_>>()
+                            .join(", ");
+                        let sql = format!(
+                            "INSERT INTO event_bus_events (id, name, payload, recorded_at) VALUES {values} RETURNING position"
+                        );
+                        let mut query = sqlx::query_scalar::<_, i64>(&sql).bind(now);
+                        for event in chunk {
+                            query = query.bind(&event.id).bind(event.name).bind(&event.payload);
+                        }
+                        let mut written = query.fetch_all(&mut *conn).await?;
+                        written.sort_unstable();
+                        positions.extend(written);
+                    }
+                    $notify(&mut *conn).await?;
+                    Ok(positions)
+                }
+            }
+
+            async fn register(
+                pool: &Pool<Self>,
+                listener: &str,
+                start: StartAt,
+                reset: bool,
+            ) -> sqlx::Result<()> {
+                let mut tx = $begin(pool).await?;
+                let head = match start {
+                    StartAt::Beginning => 0,
+                    StartAt::After(position) => position,
+                    StartAt::Now => {
+                        sqlx::query_scalar(
+                            "SELECT COALESCE(MAX(position), 0) FROM event_bus_events",
+                        )
+                        .fetch_one(&mut *tx)
+                        .await?
+                    }
+                };
+                if reset {
+                    sqlx::query(
+                        "INSERT INTO event_bus_listeners (listener, head, checkpoint) VALUES ($1, $2, $2)
+                         ON CONFLICT (listener) DO UPDATE SET head = $2, checkpoint = $2",
+                    )
+                    .bind(listener)
+                    .bind(head)
+                    .execute(&mut *tx)
+                    .await?;
+                    sqlx::query(
+                        "DELETE FROM event_bus_deliveries WHERE listener = $1 AND state <> 'dead'",
+                    )
+                    .bind(listener)
+                    .execute(&mut *tx)
+                    .await?;
+                } else {
+                    sqlx::query(
+                        "INSERT INTO event_bus_listeners (listener, head, checkpoint) VALUES ($1, $2, $2)
+                         ON CONFLICT (listener) DO NOTHING",
+                    )
+                    .bind(listener)
+                    .bind(head)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await
+            }
+
+            async fn claim(pool: &Pool<Self>, args: ClaimArgs<'_>) -> sqlx::Result<Claim> {
+                let mut tx = $begin(pool).await?;
+                let head: i64 = sqlx::query_scalar($lock)
+                    .bind(args.listener)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                let limit = i64::try_from(args.limit).unwrap_or(i64::MAX);
+                let reclaimed: Vec<(i64, i64)> = sqlx::query_as(RECLAIM)
+                    .bind(args.listener)
+                    .bind(args.owner)
+                    .bind(args.lease_until)
+                    .bind(args.now)
+                    .bind(limit)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                let mut claimed = Vec::with_capacity(args.limit);
+                for (position, attempts) in reclaimed {
+                    let payload: Vec<u8> = sqlx::query_scalar(
+                        "SELECT payload FROM event_bus_events WHERE position = $1",
+                    )
+                    .bind(position)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    claimed.push(Claimed {
+                        position,
+                        attempts,
+                        payload,
+                    });
+                }
+                // Bounded by the last position now, so that what is
+                // committed meanwhile is not stepped over.
+                let last_position: i64 =
+                    sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM event_bus_events")
+                        .fetch_one(&mut *tx)
+                        .await?;
+                let room = args.limit - claimed.len();
+                let mut new_head = head;
+                if room > 0 && last_position > head {
+                    let names = args.names.unwrap_or(&[]);
+                    let filter = if args.names.is_some() {
+                        format!(" AND name IN ({})", placeholders(4, names.len().max(1)))
+                    } else {
+                        String::new()
+                    };
+                    let sql = format!(
+                        "SELECT position, payload FROM event_bus_events
+                         WHERE position > $1 AND position <= $2{filter}
+                         ORDER BY position LIMIT $3"
+                    );
+                    let mut query = sqlx::query(&sql)
+                        .bind(head)
+                        .bind(last_position)
+                        .bind(i64::try_from(room).unwrap_or(i64::MAX));
+                    if args.names.is_some() {
+                        if names.is_empty() {
+                            query = query.bind("");
+                        }
+                        for name in names {
+                            query = query.bind(*name);
+                        }
+                    }
+                    let rows = query.fetch_all(&mut *tx).await?;
+                    new_head = if rows.len() == room {
+                        rows.last().map_or(last_position, |row| row.get(0))
+                    } else {
+                        last_position
+                    };
+                    if !rows.is_empty() {
+                        // The rows just read: the same range and filter.
+                        let sql = format!(
+                            "INSERT INTO event_bus_deliveries
+                             (listener, position, state, attempts, owner, lease_until, next_try_at)
+                             SELECT $1, position, 'leased', 1, $2, $3, 0 FROM event_bus_events
+                             WHERE position > $4 AND position <= $5{}",
+                            if args.names.is_some() {
+                                format!(" AND name IN ({})", placeholders(6, names.len().max(1)))
+                            } else {
+                                String::new()
+                            }
+                        );
+                        let mut query = sqlx::query(&sql)
+                            .bind(args.listener)
+                            .bind(args.owner)
+                            .bind(args.lease_until)
+                            .bind(head)
+                            .bind(new_head);
+                        if args.names.is_some() {
+                            if names.is_empty() {
+                                query = query.bind("");
+                            }
+                            for name in names {
+                                query = query.bind(*name);
+                            }
+                        }
+                        query.execute(&mut *tx).await?;
+                    }
+                    for row in rows {
+                        claimed.push(Claimed {
+                            position: row.get(0),
+                            attempts: 1,
+                            payload: row.get(1),
+                        });
+                    }
+                }
+                if new_head != head {
+                    sqlx::query("UPDATE event_bus_listeners SET head = $2 WHERE listener = $1")
+                        .bind(args.listener)
+                        .bind(new_head)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                let checkpoint: i64 = sqlx::query_scalar(CHECKPOINT)
+                    .bind(args.listener)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(Claim {
+                    full: claimed.len() == args.limit,
+                    claimed,
+                    last_position,
+                    checkpoint,
+                })
+            }
+
+            async fn finish(
+                pool: &Pool<Self>,
+                listener: &str,
+                owner: &str,
+                finishes: &[Finish],
+            ) -> sqlx::Result<i64> {
+                let mut tx = $begin(pool).await?;
+                let _head: i64 = sqlx::query_scalar($lock)
+                    .bind(listener)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                let acked: Vec<i64> = finishes
+                    .iter()
+                    .filter_map(|finish| match finish {
+                        Finish::Ack(position) => Some(*position),
+                        _ => None,
+                    })
+                    .collect();
+                for chunk in acked.chunks(INSERT_CHUNK) {
+                    let sql = format!(
+                        "DELETE FROM event_bus_deliveries
+                         WHERE listener = $1 AND owner = $2 AND position IN ({})",
+                        placeholders(3, chunk.len())
+                    );
+                    let mut query = sqlx::query(&sql).bind(listener).bind(owner);
+                    for position in chunk {
+                        query = query.bind(*position);
+                    }
+                    query.execute(&mut *tx).await?;
+                }
+                for finish in finishes {
+                    let query = match finish {
+                        Finish::Ack(_) => continue,
+                        Finish::Retry {
+                            position,
+                            attempts,
+                            next_try_at,
+                            error,
+                        } => sqlx::query(
+                            "UPDATE event_bus_deliveries
+                             SET attempts = $4, next_try_at = $5, last_error = $6
+                             WHERE listener = $1 AND position = $2 AND owner = $3",
+                        )
+                        .bind(listener)
+                        .bind(*position)
+                        .bind(owner)
+                        .bind(*attempts)
+                        .bind(*next_try_at)
+                        .bind(error.as_str()),
+                        Finish::Dead {
+                            position,
+                            attempts,
+                            error,
+                            at,
+                        } => sqlx::query(
+                            "UPDATE event_bus_deliveries
+                             SET state = 'dead', owner = NULL, lease_until = 0,
+                                 attempts = $4, last_error = $5, failed_at = $6
+                             WHERE listener = $1 AND position = $2 AND owner = $3",
+                        )
+                        .bind(listener)
+                        .bind(*position)
+                        .bind(owner)
+                        .bind(*attempts)
+                        .bind(error.as_str())
+                        .bind(*at),
+                        Finish::Abandon(position) => sqlx::query(
+                            "UPDATE event_bus_deliveries
+                             SET state = 'pending', owner = NULL, lease_until = 0
+                             WHERE listener = $1 AND position = $2 AND owner = $3",
+                        )
+                        .bind(listener)
+                        .bind(*position)
+                        .bind(owner),
+                        Finish::Release(position) => sqlx::query(
+                            "UPDATE event_bus_deliveries
+                             SET state = 'pending', owner = NULL, lease_until = 0, attempts = attempts - 1
+                             WHERE listener = $1 AND position = $2 AND owner = $3",
+                        )
+                        .bind(listener)
+                        .bind(*position)
+                        .bind(owner),
+                    };
+                    query.execute(&mut *tx).await?;
+                }
+                let checkpoint: i64 = sqlx::query_scalar(CHECKPOINT)
+                    .bind(listener)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(checkpoint)
+            }
+
+            async fn renew(
+                pool: &Pool<Self>,
+                listener: &str,
+                owner: &str,
+                lease_until: i64,
+            ) -> sqlx::Result<u64> {
+                let done = sqlx::query(
+                    "UPDATE event_bus_deliveries SET lease_until = $3
+                     WHERE listener = $1 AND owner = $2 AND state = 'leased'",
+                )
+                .bind(listener)
+                .bind(owner)
+                .bind(lease_until)
+                .execute(pool)
+                .await?;
+                Ok(done.rows_affected())
+            }
+
+            async fn dead(pool: &Pool<Self>, listener: Option<&str>) -> sqlx::Result<Vec<DeadRow>> {
+                let rows = sqlx::query(
+                    "SELECT d.listener, d.position, d.attempts, d.last_error, d.failed_at,
+                            e.id, e.name, e.payload
+                     FROM event_bus_deliveries d
+                     JOIN event_bus_events e ON e.position = d.position
+                     WHERE d.state = 'dead' AND ($1 IS NULL OR d.listener = $1)
+                     ORDER BY d.failed_at, d.position, d.listener",
+                )
+                .bind(listener)
+                .fetch_all(pool)
+                .await?;
+                Ok(rows
+                    .into_iter()
+                    .map(|row| DeadRow {
+                        listener: row.get(0),
+                        position: row.get(1),
+                        attempts: row.get(2),
+                        last_error: row.get(3),
+                        failed_at: row.get(4),
+                        id: row.get(5),
+                        name: row.get(6),
+                        payload: row.get(7),
+                    })
+                    .collect())
+            }
+
+            async fn redrive(
+                pool: &Pool<Self>,
+                listener: &str,
+                position: Option<i64>,
+            ) -> sqlx::Result<u64> {
+                let mut tx = $begin(pool).await?;
+                let Some(_head): Option<i64> = sqlx::query_scalar($lock)
+                    .bind(listener)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                else {
+                    return Ok(0);
+                };
+                let done = sqlx::query(
+                    "UPDATE event_bus_deliveries
+                     SET state = 'pending', attempts = 0, owner = NULL, lease_until = 0,
+                         next_try_at = 0, failed_at = NULL
+                     WHERE listener = $1 AND state = 'dead' AND ($2 IS NULL OR position = $2)",
+                )
+                .bind(listener)
+                .bind(position)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(CHECKPOINT)
+                    .bind(listener)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(done.rows_affected())
+            }
+
+            async fn discard(
+                pool: &Pool<Self>,
+                listener: &str,
+                position: Option<i64>,
+            ) -> sqlx::Result<u64> {
+                let done = sqlx::query(
+                    "DELETE FROM event_bus_deliveries
+                     WHERE listener = $1 AND state = 'dead' AND ($2 IS NULL OR position = $2)",
+                )
+                .bind(listener)
+                .bind(position)
+                .execute(pool)
+                .await?;
+                Ok(done.rows_affected())
+            }
+
+            async fn progress(pool: &Pool<Self>) -> sqlx::Result<(i64, Vec<ProgressRow>)> {
+                let mut tx = pool.begin().await?;
+                let last: i64 =
+                    sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM event_bus_events")
+                        .fetch_one(&mut *tx)
+                        .await?;
+                let rows = sqlx::query(
+                    "SELECT l.listener, l.head, l.checkpoint,
+                        (SELECT COUNT(*) FROM event_bus_deliveries d
+                         WHERE d.listener = l.listener AND d.state <> 'dead'),
+                        (SELECT COUNT(*) FROM event_bus_deliveries d
+                         WHERE d.listener = l.listener AND d.state = 'dead')
+                     FROM event_bus_listeners l ORDER BY l.listener",
+                )
+                .fetch_all(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                let rows = rows
+                    .into_iter()
+                    .map(|row| ProgressRow {
+                        listener: row.get(0),
+                        head: row.get(1),
+                        checkpoint: row.get(2),
+                        unfinished: row.get(3),
+                        dead: row.get(4),
+                    })
+                    .collect();
+                Ok((last, rows))
+            }
+
+            async fn prune(pool: &Pool<Self>) -> sqlx::Result<u64> {
+                let done = sqlx::query(
+                    "DELETE FROM event_bus_events
+                     WHERE position <= (SELECT MIN(checkpoint) FROM event_bus_listeners)
+                       AND NOT EXISTS (SELECT 1 FROM event_bus_deliveries d
+                                       WHERE d.position = event_bus_events.position)",
+                )
+                .execute(pool)
+                .await?;
+                Ok(done.rows_affected())
+            }
+
+            fn mark_handled<'a>(
+                conn: &'a mut Self::Connection,
+                listener: &'a str,
+                id: &'a str,
+                now: i64,
+            ) -> impl Future<Output = sqlx::Result<bool>> + Send + 'a {
+                async move {
+                    let done = sqlx::query(
+                        "INSERT INTO event_bus_handled (listener, event_id, handled_at)
+                         VALUES ($1, $2, $3) ON CONFLICT (listener, event_id) DO NOTHING",
+                    )
+                    .bind(listener)
+                    .bind(id)
+                    .bind(now)
+                    .execute(&mut *conn)
+                    .await?;
+                    Ok(done.rows_affected() == 1)
+                }
+            }
+        }
+    };
+}
+
+#[cfg(feature = "sqlite")]
+mod sqlite {
+    use sqlx::{Pool, Sqlite, SqliteConnection, Transaction};
+
+    /// A writer from the start: a deferred transaction that reads first
+    /// fails with `SQLITE_BUSY`, without waiting, when another wrote
+    /// meanwhile.
+    pub(super) async fn begin(pool: &Pool<Sqlite>) -> sqlx::Result<Transaction<'static, Sqlite>> {
+        pool.begin_with("BEGIN IMMEDIATE").await
+    }
+
+    /// One writer at a time already: positions are assigned in commit order.
+    #[allow(clippy::unused_async)]
+    pub(super) async fn serialize(_: &mut SqliteConnection) -> sqlx::Result<()> {
+        Ok(())
+    }
+
+    /// Other processes poll: SQLite has no notifications.
+    #[allow(clippy::unused_async)]
+    pub(super) async fn notify(_: &mut SqliteConnection) -> sqlx::Result<()> {
+        Ok(())
+    }
+
+    pub(super) fn listen(
+        _: &Pool<Sqlite>,
+        _: tokio::sync::watch::Sender<u64>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        None
+    }
+}
+
+#[cfg(feature = "sqlite")]
+backend!(
+    sqlx::Sqlite,
+    one_writer = true,
+    schema = schema::SQLITE,
+    // The transaction took SQLite's write lock when it began.
+    lock = "SELECT head FROM event_bus_listeners WHERE listener = $1",
+    begin = sqlite::begin,
+    serialize = sqlite::serialize,
+    notify = sqlite::notify,
+    listen = sqlite::listen
+);
+
+#[cfg(feature = "postgres")]
+mod postgres {
+    use sqlx::{PgConnection, Pool, Postgres, Transaction};
+
+    use super::super::schema;
+    use super::sealed::Sealed;
+
+    pub(super) async fn begin(
+        pool: &Pool<Postgres>,
+    ) -> sqlx::Result<Transaction<'static, Postgres>> {
+        pool.begin().await
+    }
+
+    /// Positions come from a sequence, in the order transactions insert,
+    /// not the order they commit: a reader could see position 11 committed
+    /// and move past 10, still to commit. Transactions that write events
+    /// take this lock (until they end), so that they commit in the order
+    /// of their positions.
+    pub(super) async fn serialize(conn: &mut PgConnection) -> sqlx::Result<()> {
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(schema::POSTGRES_LOCK)
+            .execute(conn)
+            .await
+            .map(drop)
+    }
+
+    /// Listens for the commits of every process, on a connection of its
+    /// own: each `NOTIFY` bumps `wake`, and so does every reconnection
+    /// (notifications sent while it was away are lost: the listeners look).
+    pub(super) fn listen(
+        pool: &Pool<Postgres>,
+        wake: tokio::sync::watch::Sender<u64>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let pool = pool.clone();
+        let bump = move || wake.send_modify(|version| *version = version.wrapping_add(1));
+        Some(tokio::spawn(async move {
+            loop {
+                let error = match listen_once(&pool, &bump).await {
+                    Ok(never) => match never {},
+                    Err(error) => error,
+                };
+                tracing::warn!(
+                    error = %error,
+                    "could not listen for other processes' events; polling until it can again",
+                );
+                bump();
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }))
+    }
+
+    async fn listen_once(
+        pool: &Pool<Postgres>,
+        bump: &impl Fn(),
+    ) -> sqlx::Result<std::convert::Infallible> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
+        listener.listen(<Postgres as Sealed>::CHANNEL).await?;
+        bump();
+        loop {
+            // `recv` reconnects by itself after a lost connection, and
+            // fails only when it cannot.
+            listener.recv().await?;
+            bump();
+        }
+    }
+
+    /// Delivered to every listening session when the transaction commits.
+    pub(super) async fn notify(conn: &mut PgConnection) -> sqlx::Result<()> {
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(<Postgres as Sealed>::CHANNEL)
+            .execute(conn)
+            .await
+            .map(drop)
+    }
+}
+
+#[cfg(feature = "postgres")]
+backend!(
+    sqlx::Postgres,
+    one_writer = false,
+    schema = schema::POSTGRES,
+    lock = "SELECT head FROM event_bus_listeners WHERE listener = $1 FOR UPDATE",
+    begin = postgres::begin,
+    serialize = postgres::serialize,
+    notify = postgres::notify,
+    listen = postgres::listen
+);

@@ -1,0 +1,109 @@
+//! The durable tier's tables, as [`Store::new`](super::Store::new) creates
+//! them (idempotently: every statement is `IF NOT EXISTS`).
+//!
+//! - `event_bus_events`: the log. One row per committed event, numbered by
+//!   `position` in commit order; `payload` is the event and its metadata in
+//!   the [`JsonCodec`](crate::codec::JsonCodec) format; `id` is the event's
+//!   id (unique: an event is in the log once).
+//! - `event_bus_listeners`: one row per durable listener (per group of
+//!   processes running it). `head` is the last position it has looked at:
+//!   every event of its kinds up to `head` has a delivery row or is
+//!   finished. `checkpoint` is the last position below which everything is
+//!   finished (handled or dead): `head` minus what is still in flight or
+//!   waiting to be retried.
+//! - `event_bus_deliveries`: one row per (listener, position) not yet
+//!   handled: `leased` by a process (`owner`, until `lease_until`, which the
+//!   process renews while it lives), `pending` (to be taken again: given
+//!   back, or redriven), or `dead` (its last attempt failed: `last_error`,
+//!   `failed_at`). `attempts` counts the attempts handed out;
+//!   `next_try_at` is when a retry is due. Times are milliseconds since the
+//!   Unix epoch, by the clock of the process that wrote them.
+//! - `event_bus_handled`: the ids of events a listener's handler applied
+//!   in its own transaction ([`first_time`](super::first_time)).
+//! - `event_bus_schema`: the schema's version.
+//!
+//! The same SQL, by hand, for a migration tool of one's own:
+//! [`SQLITE`] and [`POSTGRES`].
+
+/// The tables on SQLite.
+pub const SQLITE: &str = "
+CREATE TABLE IF NOT EXISTS event_bus_schema (
+    version INTEGER NOT NULL
+);
+INSERT INTO event_bus_schema (version) SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM event_bus_schema);
+CREATE TABLE IF NOT EXISTS event_bus_events (
+    position    INTEGER PRIMARY KEY AUTOINCREMENT,
+    id          TEXT    NOT NULL UNIQUE,
+    name        TEXT    NOT NULL,
+    payload     BLOB    NOT NULL,
+    recorded_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS event_bus_listeners (
+    listener   TEXT    PRIMARY KEY,
+    head       INTEGER NOT NULL,
+    checkpoint INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS event_bus_deliveries (
+    listener    TEXT    NOT NULL,
+    position    INTEGER NOT NULL,
+    state       TEXT    NOT NULL CHECK (state IN ('pending', 'leased', 'dead')),
+    attempts    INTEGER NOT NULL,
+    owner       TEXT,
+    lease_until INTEGER NOT NULL,
+    next_try_at INTEGER NOT NULL,
+    last_error  TEXT,
+    failed_at   INTEGER,
+    PRIMARY KEY (listener, position)
+);
+CREATE INDEX IF NOT EXISTS event_bus_deliveries_position ON event_bus_deliveries (position);
+CREATE TABLE IF NOT EXISTS event_bus_handled (
+    listener   TEXT    NOT NULL,
+    event_id   TEXT    NOT NULL,
+    handled_at INTEGER NOT NULL,
+    PRIMARY KEY (listener, event_id)
+);
+";
+
+/// The tables on PostgreSQL.
+pub const POSTGRES: &str = "
+CREATE TABLE IF NOT EXISTS event_bus_schema (
+    version INTEGER NOT NULL
+);
+INSERT INTO event_bus_schema (version) SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM event_bus_schema);
+CREATE TABLE IF NOT EXISTS event_bus_events (
+    position    BIGINT  GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id          TEXT    NOT NULL UNIQUE,
+    name        TEXT    NOT NULL,
+    payload     BYTEA   NOT NULL,
+    recorded_at BIGINT  NOT NULL
+);
+CREATE TABLE IF NOT EXISTS event_bus_listeners (
+    listener   TEXT    PRIMARY KEY,
+    head       BIGINT  NOT NULL,
+    checkpoint BIGINT  NOT NULL
+);
+CREATE TABLE IF NOT EXISTS event_bus_deliveries (
+    listener    TEXT    NOT NULL,
+    position    BIGINT  NOT NULL,
+    state       TEXT    NOT NULL CHECK (state IN ('pending', 'leased', 'dead')),
+    attempts    BIGINT  NOT NULL,
+    owner       TEXT,
+    lease_until BIGINT  NOT NULL,
+    next_try_at BIGINT  NOT NULL,
+    last_error  TEXT,
+    failed_at   BIGINT,
+    PRIMARY KEY (listener, position)
+);
+CREATE INDEX IF NOT EXISTS event_bus_deliveries_position ON event_bus_deliveries (position);
+CREATE TABLE IF NOT EXISTS event_bus_handled (
+    listener   TEXT    NOT NULL,
+    event_id   TEXT    NOT NULL,
+    handled_at BIGINT  NOT NULL,
+    PRIMARY KEY (listener, event_id)
+);
+";
+
+/// The advisory lock key PostgreSQL transactions take to write events (and
+/// to create the tables): "evbus" in ASCII.
+#[cfg(feature = "postgres")]
+pub(crate) const POSTGRES_LOCK: i64 = 0x65_76_62_75_73;

@@ -1,0 +1,517 @@
+//! One durable listener's link to the database: a worker task that claims
+//! deliveries (leases them to this process), hands them to the runner
+//! through a [`LogSource`], writes how each was finished, and renews the
+//! leases of what this process holds while it lives.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use serde::de::DeserializeOwned;
+use sqlx::Pool;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, MissedTickBehavior};
+
+use super::backend::{Backend, ClaimArgs, Finish};
+use crate::codec::JsonCodec;
+use crate::envelope::Envelope;
+use crate::event::Event;
+use crate::runner::{Delivery, Retry, Source, Undecodable};
+
+/// How many finishes one transaction writes at most.
+const FINISHES_PER_WRITE: usize = 1024;
+
+/// How long the worker waits after a failed statement before it tries
+/// again.
+const BACKOFF: Duration = Duration::from_millis(200);
+
+/// Milliseconds since the Unix epoch, as the tables keep time.
+pub(crate) fn millis(at: SystemTime) -> i64 {
+    at.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |since| {
+            i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+        })
+}
+
+fn now() -> i64 {
+    millis(SystemTime::now())
+}
+
+fn millis_of(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// What the worker hands the source: a delivery or an event that did not
+/// decode. Dropped without being yielded (the run ended first), a delivery
+/// is given back, its attempt uncounted.
+pub(crate) struct Unyielded<E>(Option<Result<LogDelivery<E>, Undecodable>>);
+
+impl<E> Drop for Unyielded<E> {
+    fn drop(&mut self) {
+        if let Some(Ok(mut delivery)) = self.0.take() {
+            delivery.send(Finish::Release(delivery.position));
+        }
+    }
+}
+
+/// One event of the log delivered to one durable listener, for one attempt.
+///
+/// Finished by the runner; its finish is written in the worker's next batch
+/// of finishes (so an `ack` costs no round trip of its own). Dropped
+/// unfinished (the listener was stopped mid-handler), the event is given
+/// back with its attempt counted.
+pub struct LogDelivery<E> {
+    envelope: Arc<Envelope<E>>,
+    position: i64,
+    attempt: u32,
+    finishes: Option<mpsc::UnboundedSender<Finish>>,
+}
+
+impl<E> std::fmt::Debug for LogDelivery<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogDelivery")
+            .field("position", &self.position)
+            .field("attempt", &self.attempt)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<E> LogDelivery<E> {
+    /// The event's position in the log.
+    #[must_use]
+    pub fn position(&self) -> u64 {
+        self.position.unsigned_abs()
+    }
+
+    /// Hands `finish` to the worker; the delivery is finished after.
+    fn send(&mut self, finish: Finish) {
+        if let Some(finishes) = self.finishes.take() {
+            // The worker outlives every delivery's sender: it ends only
+            // once they are all gone.
+            let _ = finishes.send(finish);
+        }
+    }
+}
+
+impl<E> Drop for LogDelivery<E> {
+    fn drop(&mut self) {
+        self.send(Finish::Abandon(self.position));
+    }
+}
+
+impl<E: Event> Delivery<E> for LogDelivery<E> {
+    fn envelope(&self) -> &Arc<Envelope<E>> {
+        &self.envelope
+    }
+
+    fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    async fn ack(mut self) {
+        self.send(Finish::Ack(self.position));
+    }
+
+    async fn retry(mut self, delay: Duration, error: &str) -> Retry<Self> {
+        let attempt = self.attempt.saturating_add(1);
+        let finishes = self.finishes.clone();
+        self.send(Finish::Retry {
+            position: self.position,
+            attempts: i64::from(attempt),
+            next_try_at: now().saturating_add(millis_of(delay)),
+            error: error.to_owned(),
+        });
+        // The lease stays this process's: the runner waits out the delay
+        // and attempts it again, in order. Should the process die meanwhile,
+        // the retry is taken from the row once the lease has expired and
+        // the delay has passed.
+        Retry::InPlace(Self {
+            envelope: self.envelope.clone(),
+            position: self.position,
+            attempt,
+            finishes,
+        })
+    }
+
+    async fn terminate(mut self, reason: &str) {
+        self.send(Finish::Dead {
+            position: self.position,
+            attempts: i64::from(self.attempt),
+            error: reason.to_owned(),
+            at: now(),
+        });
+    }
+
+    async fn release(mut self) {
+        self.send(Finish::Release(self.position));
+    }
+}
+
+/// A durable listener's [`Source`]: what its worker claimed, in log order.
+pub(crate) struct LogSource<E> {
+    claimed: mpsc::Receiver<Unyielded<E>>,
+    /// Deliveries yielded, for the listener's handle.
+    delivered: Arc<AtomicU64>,
+    closing: watch::Receiver<bool>,
+    /// Keeps the worker running while the source lives.
+    _finishes: mpsc::UnboundedSender<Finish>,
+}
+
+impl<E: Event> Source<E> for LogSource<E> {
+    type Delivery = LogDelivery<E>;
+
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<LogDelivery<E>, Undecodable>>> {
+        loop {
+            // tokio's channel takes part in the cooperative budget.
+            return match self.claimed.poll_recv(cx) {
+                Poll::Ready(Some(mut unyielded)) => match unyielded.0.take() {
+                    Some(next) => {
+                        if next.is_ok() {
+                            self.delivered.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Poll::Ready(Some(next))
+                    }
+                    None => continue,
+                },
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            };
+        }
+    }
+
+    fn is_draining(&self) -> bool {
+        *self.closing.borrow()
+    }
+
+    fn draining(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut closing = self.closing.clone();
+        async move {
+            let _ = closing.wait_for(|closing| *closing).await;
+        }
+    }
+}
+
+/// The store's writers' turn on a database that takes one writer at a
+/// time: see `Sealed::ONE_WRITER`.
+#[derive(Clone, Default)]
+pub(crate) struct Gate(Arc<tokio::sync::Mutex<()>>);
+
+impl Gate {
+    /// Waits for the turn to write, on a database that needs one.
+    pub(crate) async fn turn<DB: Backend>(&self) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        if DB::ONE_WRITER {
+            Some(self.0.clone().lock_owned().await)
+        } else {
+            None
+        }
+    }
+}
+
+/// How a worker runs.
+pub(crate) struct WorkerConfig {
+    pub(crate) listener: Arc<str>,
+    pub(crate) names: Option<Vec<&'static str>>,
+    pub(crate) prefetch: usize,
+    pub(crate) lease: Duration,
+    pub(crate) poll: Duration,
+}
+
+/// The worker of one durable listener in this process.
+pub(crate) struct Worker<E, DB: Backend> {
+    pool: Pool<DB>,
+    gate: Gate,
+    config: WorkerConfig,
+    owner: String,
+    claimed: Option<mpsc::Sender<Unyielded<E>>>,
+    finishes: mpsc::UnboundedReceiver<Finish>,
+    finishes_tx: mpsc::WeakUnboundedSender<Finish>,
+    wake: watch::Receiver<u64>,
+    closing: watch::Receiver<bool>,
+    /// The log's last position as the last claim saw it.
+    last_position: i64,
+    #[cfg(feature = "metrics")]
+    lag: metrics::Gauge,
+}
+
+/// Makes a listener's worker and the source it feeds. The source holds the
+/// only strong sender of finishes besides the deliveries: once it and every
+/// delivery are gone, the worker writes what is left and ends.
+pub(crate) fn worker<E: Event, DB: Backend>(
+    pool: Pool<DB>,
+    gate: Gate,
+    config: WorkerConfig,
+    wake: watch::Receiver<u64>,
+    closing: watch::Receiver<bool>,
+    delivered: Arc<AtomicU64>,
+) -> (Worker<E, DB>, LogSource<E>) {
+    let (claimed_tx, claimed) = mpsc::channel(config.prefetch.max(1));
+    let (finishes_tx, finishes) = mpsc::unbounded_channel();
+    let owner = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    #[cfg(feature = "metrics")]
+    let lag = metrics::gauge!("event_bus_log_lag", "listener" => config.listener.to_string());
+    let worker = Worker {
+        pool,
+        gate,
+        config,
+        owner,
+        claimed: Some(claimed_tx),
+        finishes,
+        finishes_tx: finishes_tx.downgrade(),
+        wake,
+        closing: closing.clone(),
+        last_position: 0,
+        #[cfg(feature = "metrics")]
+        lag,
+    };
+    let source = LogSource {
+        claimed,
+        delivered,
+        closing,
+        _finishes: finishes_tx,
+    };
+    (worker, source)
+}
+
+impl<E, DB> Worker<E, DB>
+where
+    E: Event + DeserializeOwned,
+    DB: Backend,
+{
+    /// Runs until the listener's run has ended and every finish is written.
+    pub(crate) async fn run(mut self) {
+        let mut heartbeat = tokio::time::interval(self.config.lease / 3);
+        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut poll = tokio::time::interval(self.config.poll);
+        poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut pending: Vec<Finish> = Vec::new();
+        // Whether there may be more to claim than the last claim took.
+        let mut more = true;
+        // After a failed statement, nothing is tried again before this.
+        let mut calm_until: Option<Instant> = None;
+        let mut ended = false;
+        let mut draining = false;
+        while !ended || !pending.is_empty() {
+            while pending.len() < FINISHES_PER_WRITE {
+                match self.finishes.try_recv() {
+                    Ok(finish) => pending.push(finish),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        ended = true;
+                        break;
+                    }
+                }
+            }
+            let calm = calm_until.is_some_and(|until| Instant::now() < until);
+            if !pending.is_empty() && !calm {
+                let finished = {
+                    let _turn = self.gate.turn::<DB>().await;
+                    DB::finish(&self.pool, &self.config.listener, &self.owner, &pending).await
+                };
+                match finished {
+                    Ok(checkpoint) => {
+                        pending.clear();
+                        self.checkpointed(None, checkpoint);
+                    }
+                    Err(error) if ended => {
+                        // Nothing is lost: the leases expire and the
+                        // events are delivered again.
+                        tracing::warn!(
+                            listener = %self.config.listener,
+                            error = %error,
+                            unwritten = pending.len(),
+                            "could not record how deliveries finished; they will be delivered again",
+                        );
+                        return;
+                    }
+                    Err(error) => {
+                        tracing::warn!(
+                            listener = %self.config.listener,
+                            error = %error,
+                            "could not record how deliveries finished; trying again",
+                        );
+                        calm_until = Some(Instant::now() + BACKOFF);
+                    }
+                }
+                continue;
+            }
+            if ended {
+                if calm {
+                    tokio::time::sleep_until(calm_until.unwrap_or_else(Instant::now)).await;
+                    calm_until = None;
+                }
+                continue;
+            }
+            if self.closing_now() && !draining {
+                // A drain: claim up to the log's end, then end the source.
+                draining = true;
+                more = true;
+            }
+            if draining && !more {
+                // The source ends once it has yielded what is claimed.
+                self.claimed = None;
+            }
+            let room = self.claimed.as_ref().map_or(0, mpsc::Sender::capacity);
+            if more && room > 0 && !calm {
+                match self.claim(room.min(self.config.prefetch)).await {
+                    Ok(full) => more = full,
+                    Err(error) => {
+                        tracing::warn!(
+                            listener = %self.config.listener,
+                            error = %error,
+                            "could not claim deliveries; trying again",
+                        );
+                        calm_until = Some(Instant::now() + BACKOFF);
+                    }
+                }
+                continue;
+            }
+            let claiming = self.claimed.is_some();
+            let full = claiming && room == 0 && more;
+            let claimed = self.claimed.clone();
+            tokio::select! {
+                biased;
+                finish = self.finishes.recv() => match finish {
+                    Some(finish) => pending.push(finish),
+                    None => ended = true,
+                },
+                _ = self.closing.changed(), if claiming => {}
+                _ = tokio::time::sleep_until(calm_until.unwrap_or_else(Instant::now)), if calm => {
+                    calm_until = None;
+                }
+                changed = self.wake.changed(), if claiming && !full => {
+                    if changed.is_ok() {
+                        more = true;
+                    }
+                }
+                _ = poll.tick(), if claiming && !full => more = true,
+                permit = async { claimed.as_ref()?.reserve().await.ok() }, if full => {
+                    drop(permit);
+                }
+                _ = heartbeat.tick() => self.renew().await,
+            }
+        }
+    }
+
+    fn closing_now(&self) -> bool {
+        self.claimed.is_some() && *self.closing.borrow()
+    }
+
+    /// Claims up to `limit` deliveries and hands them to the source;
+    /// whether it took as many as it could.
+    async fn claim(&mut self, limit: usize) -> sqlx::Result<bool> {
+        let Some(finishes) = self.finishes_tx.upgrade() else {
+            // The run has ended: nothing is claimed for it.
+            self.claimed = None;
+            return Ok(false);
+        };
+        self.wake.borrow_and_update();
+        let now = now();
+        let turn = self.gate.turn::<DB>().await;
+        let claim = DB::claim(
+            &self.pool,
+            ClaimArgs {
+                listener: &self.config.listener,
+                owner: &self.owner,
+                names: self.config.names.as_deref(),
+                limit,
+                now,
+                lease_until: now.saturating_add(millis_of(self.config.lease)),
+            },
+        )
+        .await?;
+        drop(turn);
+        self.checkpointed(Some(claim.last_position), claim.checkpoint);
+        let full = claim.full;
+        for claimed in claim.claimed {
+            let next = decode::<E>(
+                claimed.position,
+                claimed.attempts,
+                claimed.payload,
+                &finishes,
+            );
+            let unyielded = Unyielded(Some(next));
+            if let Some(sender) = &self.claimed {
+                // The claim took no more than the channel has room for,
+                // and only this task sends.
+                if let Err(error) = sender.try_send(unyielded) {
+                    drop(error);
+                }
+            }
+        }
+        Ok(full)
+    }
+
+    /// Renews the leases of everything this process holds for the listener.
+    async fn renew(&self) {
+        let until = now().saturating_add(millis_of(self.config.lease));
+        if let Err(error) = DB::renew(&self.pool, &self.config.listener, &self.owner, until).await {
+            tracing::warn!(
+                listener = %self.config.listener,
+                error = %error,
+                "could not renew the leases of deliveries in progress; another process may take them when they expire",
+            );
+        }
+    }
+
+    /// Records the listener's lag (the log's last position minus its
+    /// checkpoint) in the `event_bus_log_lag` gauge.
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    fn checkpointed(&mut self, last_position: Option<i64>, checkpoint: i64) {
+        if let Some(last) = last_position {
+            self.last_position = self.last_position.max(last);
+        }
+        #[cfg(feature = "metrics")]
+        {
+            #[allow(clippy::cast_precision_loss)]
+            self.lag
+                .set((self.last_position - checkpoint).max(0) as f64);
+        }
+    }
+}
+
+/// The delivery of the claimed `payload`, or why it does not decode.
+fn decode<E: Event + DeserializeOwned>(
+    position: i64,
+    attempts: i64,
+    payload: Vec<u8>,
+    finishes: &mpsc::UnboundedSender<Finish>,
+) -> Result<LogDelivery<E>, Undecodable> {
+    let attempt = u32::try_from(attempts.max(1)).unwrap_or(u32::MAX);
+    match JsonCodec.decode::<E>(&payload) {
+        Ok(envelope) => {
+            let (event, metadata) = envelope.into_parts();
+            let metadata = metadata.with_sequence(position.unsigned_abs());
+            Ok(LogDelivery {
+                envelope: Arc::new(Envelope::from_parts(event, metadata)),
+                position,
+                attempt,
+                finishes: Some(finishes.clone()),
+            })
+        }
+        Err(error) => {
+            let finishes = finishes.clone();
+            let mut undecodable = Undecodable::new(&error, payload, move |reason| {
+                let _ = finishes.send(Finish::Dead {
+                    position,
+                    attempts: i64::from(attempt),
+                    error: reason,
+                    at: now(),
+                });
+                std::future::ready(())
+            })
+            .with_attempt(attempt);
+            if let Some(name) = error.name() {
+                undecodable = undecodable.with_name(name);
+            }
+            if let Some(id) = error.id() {
+                undecodable = undecodable.with_id(id);
+            }
+            Err(undecodable)
+        }
+    }
+}
