@@ -438,10 +438,12 @@ pub(crate) fn roomy() -> ListenerOptions {
 }
 
 /// Defines one `#[tokio::test]` per scenario, for tier `$tier`, grouped in
-/// modules as the scenarios are: `scenarios!(MemoryTier);`.
+/// modules as the scenarios are: `scenarios!(MemoryTier);`. Attributes
+/// after the tier go on every test:
+/// `scenarios!(PgTier, #[ignore = "needs PostgreSQL"]);`.
 macro_rules! scenarios {
-    ($tier:ty) => {
-        $crate::scenarios::scenarios!(@tests $tier;
+    ($tier:ty $(, #[$attr:meta])* $(,)?) => {
+        $crate::scenarios::scenarios!(@tests $tier; [$(#[$attr])*];
             delivery {
                 publish_subscribe_delivers_every_event_once_with_its_payload,
                 concurrent_subscribe_each_listener_receives_every_later_event_in_order,
@@ -474,20 +476,27 @@ macro_rules! scenarios {
             }
         );
     };
-    (@tests $tier:ty; $($group:ident { $($name:ident),* $(,)? })*) => {
+    (@tests $tier:ty; $attrs:tt; $($group:ident { $($name:ident),* $(,)? })*) => {
         $(
-            mod $group {
-                #[allow(unused_imports)]
-                use super::*;
-
-                $(
-                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                    async fn $name() {
-                        $crate::scenarios::$group::$name::<$tier>(stringify!($name)).await;
-                    }
-                )*
-            }
+            $crate::scenarios::scenarios!(@group $tier; $attrs; $group { $($name),* });
         )*
+    };
+    (@group $tier:ty; $attrs:tt; $group:ident { $($name:ident),* }) => {
+        mod $group {
+            #[allow(unused_imports)]
+            use super::*;
+
+            $(
+                $crate::scenarios::scenarios!(@test $tier; $attrs; $group; $name);
+            )*
+        }
+    };
+    (@test $tier:ty; [$(#[$attr:meta])*]; $group:ident; $name:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        $(#[$attr])*
+        async fn $name() {
+            $crate::scenarios::$group::$name::<$tier>(stringify!($name)).await;
+        }
     };
 }
 
