@@ -17,6 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use app::events::{AppEvent, AppEventKind};
+#[cfg(feature = "search")]
+use app::hooks::Gate;
 use cms_support::{Answer, Cms};
 #[cfg(all(feature = "search", feature = "cache"))]
 use cms_support::{Postgres, assert_search_and_cache_equal_the_database};
@@ -1170,6 +1172,76 @@ async fn a_corrupt_index_is_rebuilt_from_the_database_at_start() {
     let answer = cms.get("/search?q=survivor").await;
     assert_eq!(answer.body["source"], "index");
     assert_eq!(ids(answer.body["hits"].as_array().unwrap()), [id]);
+    cms.stop().await;
+}
+
+/// While the index is rebuilt at start, a search answers from the database
+/// (`"source": "database"`) and answers right: the published posts that
+/// match, newest first, a post published during the build among them, no
+/// draft. Once the index is built, searches answer from it, and it holds the
+/// post the rebuild's snapshot had not seen.
+#[cfg(feature = "search")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn searches_answer_from_the_database_while_the_index_is_rebuilt() {
+    let data = tempfile::tempdir().unwrap();
+    let cms = Cms::start_in(data.path(), None).await;
+    let ada = cms.user("ada").await;
+    let engines = cms.new_post(ada, "Analytical engines").await["id"]
+        .as_i64()
+        .unwrap();
+    cms.post(&format!("/posts/{engines}/publish"), json!({}))
+        .await;
+    cms.new_post(ada, "Analytical drafts").await;
+    cms.quiesce().await;
+    assert!(cms.stop().await.drained());
+
+    // Restart on that data, the rebuild held once it has read the database.
+    let rebuild = Gate::closed();
+    let mut config = cms_support::config_in(data.path(), None);
+    config.hooks.rebuild = Some(rebuild.clone());
+    let cms = Cms::launch(&config).await;
+    tokio::time::timeout(Duration::from_secs(30), rebuild.arrivals(1))
+        .await
+        .expect("the rebuild did not read the database within 30s");
+    let health = cms.get("/health").await;
+    assert_eq!(
+        health.body["search_index"]["ready"], false,
+        "{}",
+        health.text
+    );
+
+    let answer = cms.get("/search?q=analytical").await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text);
+    assert_eq!(answer.body["source"], "database", "{}", answer.text);
+    let hits = answer.body["hits"].as_array().unwrap();
+    assert_eq!(ids(hits), [engines], "{}", answer.text);
+    assert_eq!(hits[0]["title"], "Analytical engines");
+    let answer = cms.get("/search?q=ada").await;
+    assert_eq!(answer.body["source"], "database", "{}", answer.text);
+    assert_eq!(answer.body["hits"][0]["username"], "ada", "{}", answer.text);
+
+    let notes = cms.new_post(ada, "Analytical notes").await["id"]
+        .as_i64()
+        .unwrap();
+    cms.post(&format!("/posts/{notes}/publish"), json!({}))
+        .await;
+    cms.quiesce().await;
+    let answer = cms.get("/search?q=analytical").await;
+    assert_eq!(answer.body["source"], "database", "{}", answer.text);
+    assert_eq!(
+        ids(answer.body["hits"].as_array().unwrap()),
+        [notes, engines],
+        "{}",
+        answer.text
+    );
+
+    rebuild.open();
+    cms.index_ready().await;
+    let answer = cms.get("/search?q=analytical").await;
+    assert_eq!(answer.body["source"], "index", "{}", answer.text);
+    let mut found = ids(answer.body["hits"].as_array().unwrap());
+    found.sort_unstable();
+    assert_eq!(found, [engines, notes], "{}", answer.text);
     cms.stop().await;
 }
 

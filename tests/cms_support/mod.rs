@@ -35,11 +35,12 @@ pub(crate) struct Answer {
     pub(crate) body: Value,
 }
 
-/// The config of a CMS on the data in `dir`.
+/// The config of a CMS on the data in `dir`, nothing held.
 pub(crate) fn config_in(dir: &std::path::Path, database_url: Option<String>) -> Config {
     Config {
         data_dir: dir.to_owned(),
         database_url,
+        hooks: app::hooks::Hooks::default(),
     }
 }
 
