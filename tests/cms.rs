@@ -1245,6 +1245,88 @@ async fn searches_answer_from_the_database_while_the_index_is_rebuilt() {
     cms.stop().await;
 }
 
+/// Searches that hold every slot on the blocking pool answer 503 with a
+/// JSON error once their deadline passes, and keep their slots while they
+/// run on; meanwhile `/health` answers at once, and the next search, which
+/// finds no slot free, answers 503 too. Once they end, searching works
+/// again.
+#[cfg(feature = "search")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_search_with_every_slot_taken_is_a_json_503_and_health_still_answers() {
+    // As many as `search::SEARCHES`.
+    const SLOTS: usize = 4;
+    let data = tempfile::tempdir().unwrap();
+    let searches = Gate::closed();
+    // A failed assertion must not leave blocking threads held: the
+    // runtime's shutdown would wait for them for ever.
+    let _open_at_the_end = OpenOnDrop(searches.clone());
+    let mut config = cms_support::config_in(data.path(), None);
+    config.hooks.search = Some(searches.clone());
+    let cms = Cms::launch(&config).await;
+    cms.index_ready().await;
+    let ada = cms.user("ada").await;
+    let id = cms.new_post(ada, "Busy bees").await["id"].as_i64().unwrap();
+    cms.post(&format!("/posts/{id}/publish"), json!({})).await;
+    cms.quiesce().await;
+
+    let held: Vec<_> = (0..SLOTS)
+        .map(|_| {
+            let search = cms.http.get(format!("{}/search?q=busy", cms.url));
+            tokio::spawn(search.send())
+        })
+        .collect();
+    tokio::time::timeout(Duration::from_secs(30), searches.arrivals(SLOTS))
+        .await
+        .expect("the searches did not all start within 30s");
+    let health = tokio::time::timeout(Duration::from_secs(1), cms.get("/health"))
+        .await
+        .expect("/health did not answer within 1s while every search slot was taken");
+    assert_eq!(health.status, StatusCode::OK, "{}", health.text);
+
+    let assert_busy = |status: StatusCode, content_type: Option<&str>, body: &Value| {
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert_eq!(content_type, Some("application/json"));
+        assert!(body["error"].as_str().unwrap().contains("busy"), "{body}");
+    };
+    for search in held {
+        let answer = tokio::time::timeout(Duration::from_secs(30), search)
+            .await
+            .expect("a held search did not answer within 30s")
+            .unwrap()
+            .unwrap();
+        let (status, content_type) = (answer.status(), answer.headers().get("content-type"));
+        let content_type = content_type.map(|v| v.to_str().unwrap().to_owned());
+        let body: Value = answer.json().await.unwrap();
+        assert_busy(status, content_type.as_deref(), &body);
+    }
+    let next = tokio::time::timeout(Duration::from_secs(30), cms.get("/search?q=busy"))
+        .await
+        .expect("a search with every slot taken did not answer within 30s");
+    assert_busy(next.status, next.content_type.as_deref(), &next.body);
+    assert_eq!(
+        searches.arrived(),
+        SLOTS,
+        "the next search got a slot: more than {SLOTS} ran at once"
+    );
+
+    searches.open();
+    let answer = cms.get("/search?q=busy").await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text);
+    assert_eq!(answer.body["source"], "index", "{}", answer.text);
+    assert_eq!(ids(answer.body["hits"].as_array().unwrap()), [id]);
+}
+
+/// Opens its gate when dropped.
+#[cfg(feature = "search")]
+struct OpenOnDrop(Gate);
+
+#[cfg(feature = "search")]
+impl Drop for OpenOnDrop {
+    fn drop(&mut self) {
+        self.0.open();
+    }
+}
+
 #[cfg(feature = "search")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shutdown_report_lists_each_listener() {

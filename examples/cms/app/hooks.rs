@@ -1,7 +1,7 @@
 //! Points where the CMS can be held mid-way until a test lets it go on, so
-//! that a state too brief to catch otherwise (the index being rebuilt) is
-//! checked without timing luck. Nothing is ever held unless a test puts a
-//! [`Gate`] in [`Config::hooks`](super::Config).
+//! that a state too brief to catch otherwise (the index being rebuilt,
+//! searches in progress) is checked without timing luck. Nothing is ever
+//! held unless a test puts a [`Gate`] in [`Config::hooks`](super::Config).
 
 use std::sync::Arc;
 
@@ -14,6 +14,9 @@ pub(crate) struct Hooks {
     /// and before it writes the index: searches answer from the database
     /// meanwhile, and what the listener indexes meanwhile is redone after.
     pub(crate) rebuild: Option<Gate>,
+    /// Each search of the index waits here on the blocking pool, holding
+    /// its slot of the few that may run at once.
+    pub(crate) search: Option<Gate>,
 }
 
 /// A gate, closed until [`open`](Self::open)ed, that counts who reached it.
@@ -41,10 +44,25 @@ impl Gate {
         let _ = self.0.subscribe().wait_for(|p| p.open).await;
     }
 
+    /// [`pass`](Self::pass) on a thread of the blocking pool.
+    ///
+    /// # Panics
+    ///
+    /// Off a thread of a tokio runtime's blocking pool.
+    pub(crate) fn pass_blocking(&self) {
+        tokio::runtime::Handle::current().block_on(self.pass());
+    }
+
     /// Waits until `n` have reached the gate, passed or not.
     #[allow(dead_code)] // for the tests
     pub(crate) async fn arrivals(&self, n: usize) {
         let _ = self.0.subscribe().wait_for(|p| p.arrived >= n).await;
+    }
+
+    /// How many have reached the gate, passed or not.
+    #[allow(dead_code)] // for the tests
+    pub(crate) fn arrived(&self) -> usize {
+        self.0.borrow().arrived
     }
 
     /// Lets through whoever waits and whoever comes later.

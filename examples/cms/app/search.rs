@@ -232,7 +232,7 @@ mod enabled {
         /// could not.
         pub(crate) reconciled: AtomicU64,
         pub(crate) unreconciled: AtomicU64,
-        /// Where the rebuild waits, if a test says so.
+        /// Where the rebuild and the searches wait, if a test says so.
         hooks: Hooks,
         /// In the tests: how many row reads fail next, as a database blip
         /// would.
@@ -438,6 +438,9 @@ mod enabled {
                 // more than SEARCHES run at once.
                 tokio::task::spawn_blocking(move || {
                     let _permit = permit;
+                    if let Some(gate) = &this.hooks.search {
+                        gate.pass_blocking();
+                    }
                     this.search_now(&text, scope)
                 })
                 .await
