@@ -10,153 +10,21 @@
 #[path = "../examples/cms/app/mod.rs"]
 mod app;
 
+mod cms_support;
+
 use std::sync::Arc;
+#[cfg(feature = "search")]
 use std::time::Duration;
 
 use app::events::{AppEvent, AppEventKind};
-use app::{AppState, Config};
+#[cfg(feature = "search")]
+use app::hooks::Gate;
+use cms_support::{Answer, Cms};
+#[cfg(all(feature = "search", feature = "cache"))]
+use cms_support::{Postgres, assert_search_and_cache_equal_the_database};
 use event_bus::{Envelope, HandlerError, KindSet, Listener};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-
-struct Cms {
-    url: String,
-    http: reqwest::Client,
-    state: Arc<AppState>,
-    _data: Option<tempfile::TempDir>,
-    server: app::server::Background,
-}
-
-struct Answer {
-    status: StatusCode,
-    cache: Option<String>,
-    body: Value,
-}
-
-impl Cms {
-    /// On SQLite in a fresh data directory.
-    async fn start() -> Self {
-        Self::start_on(None).await
-    }
-
-    async fn start_on(database_url: Option<String>) -> Self {
-        let data = tempfile::tempdir().unwrap();
-        let mut cms = Self::start_in(data.path(), database_url).await;
-        cms._data = Some(data);
-        cms
-    }
-
-    /// On the data in `dir`, through the same server as `main`'s; returns
-    /// once the search index is built.
-    async fn start_in(dir: &std::path::Path, database_url: Option<String>) -> Self {
-        let config = Config {
-            data_dir: dir.to_owned(),
-            database_url,
-        };
-        let state = app::build(&config).await.unwrap();
-        let server = app::server::Background::start(state.clone()).await.unwrap();
-        #[cfg(feature = "search")]
-        tokio::time::timeout(Duration::from_secs(30), state.search.ready())
-            .await
-            .expect("the index was not built within 30s");
-        Self {
-            url: server.url.clone(),
-            http: reqwest::Client::new(),
-            state,
-            _data: None,
-            server,
-        }
-    }
-
-    /// Stops the server and drains the bus, as Ctrl-C does.
-    async fn stop(self) -> event_bus::ShutdownReport {
-        tokio::time::timeout(Duration::from_secs(30), self.server.stop())
-            .await
-            .expect("the server did not stop within 30s")
-            .unwrap();
-        self.state.writes_done().await;
-        self.state.bus.shutdown(Duration::from_secs(10)).await
-    }
-
-    async fn send(&self, request: reqwest::RequestBuilder) -> Answer {
-        let response = request.send().await.unwrap();
-        let status = response.status();
-        let cache = response
-            .headers()
-            .get("x-cache")
-            .map(|v| v.to_str().unwrap().to_owned());
-        let text = response.text().await.unwrap();
-        let body = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text)
-                .unwrap_or_else(|_| panic!("{status} answer is not JSON: {text}"))
-        };
-        Answer {
-            status,
-            cache,
-            body,
-        }
-    }
-
-    async fn get(&self, path: &str) -> Answer {
-        self.send(self.http.get(format!("{}{path}", self.url)))
-            .await
-    }
-
-    async fn post(&self, path: &str, body: Value) -> Answer {
-        self.send(self.http.post(format!("{}{path}", self.url)).json(&body))
-            .await
-    }
-
-    async fn put(&self, path: &str, body: Value) -> Answer {
-        self.send(self.http.put(format!("{}{path}", self.url)).json(&body))
-            .await
-    }
-
-    async fn delete(&self, path: &str) -> Answer {
-        self.send(self.http.delete(format!("{}{path}", self.url)))
-            .await
-    }
-
-    /// Waits until every write has run and every listener is idle.
-    async fn quiesce(&self) {
-        tokio::time::timeout(Duration::from_secs(30), async {
-            self.state.writes_done().await;
-            self.state.bus.quiesce().await;
-        })
-        .await
-        .expect("the writes and the bus did not settle within 30s");
-    }
-
-    async fn user(&self, username: &str) -> i64 {
-        let answer = self
-            .post(
-                "/users",
-                json!({ "username": username, "email": format!("{username}@example.com") }),
-            )
-            .await;
-        assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
-        answer.body["id"].as_i64().unwrap()
-    }
-
-    async fn new_post(&self, author: i64, title: &str) -> Value {
-        let answer = self
-            .post(
-                "/posts",
-                json!({ "title": title, "body": "Lorem ipsum.", "author_id": author }),
-            )
-            .await;
-        assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
-        answer.body
-    }
-
-    async fn search(&self, query: &str) -> Vec<Value> {
-        let answer = self.get(&format!("/search?q={query}")).await;
-        assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
-        answer.body["hits"].as_array().unwrap().clone()
-    }
-}
 
 /// Each answer has its status and a JSON `error`, and names the field
 /// where one is given.
@@ -713,68 +581,6 @@ async fn burst_scenario(cms: &Cms) {
     }
 }
 
-/// Once idle: the index holds exactly the users and the published posts, as
-/// they are in the database, and the cache holds no row that differs from
-/// it.
-#[cfg(all(feature = "search", feature = "cache"))]
-async fn assert_search_and_cache_equal_the_database(cms: &Cms) {
-    use app::cache::CacheKey;
-    use app::db::{self, Comment, Post, User};
-
-    let state = &cms.state;
-    let users: Vec<User> = db::users(&state.db).await.unwrap();
-    let posts: Vec<Post> = db::posts(&state.db).await.unwrap();
-    let mut indexed: Vec<(String, i64, Option<String>)> = state
-        .search
-        .all()
-        .unwrap()
-        .into_iter()
-        .map(|hit| (hit.kind.to_owned(), hit.id, hit.title.or(hit.username)))
-        .collect();
-    indexed.sort();
-    let mut expected: Vec<(String, i64, Option<String>)> = users
-        .iter()
-        .map(|u| ("user".to_owned(), u.id, Some(u.username.clone())))
-        .chain(
-            posts
-                .iter()
-                .filter(|p| p.published)
-                .map(|p| ("post".to_owned(), p.id, Some(p.title.clone()))),
-        )
-        .collect();
-    expected.sort();
-    assert_eq!(indexed, expected);
-
-    for user in &users {
-        if let Some(cached) = state.cache.peek::<User>(&CacheKey::User(user.id)) {
-            assert_eq!(&cached, user);
-        }
-    }
-    let max_id = posts.iter().map(|p| p.id).max().unwrap_or(0);
-    for id in 1..=max_id {
-        let row = posts.iter().find(|p| p.id == id);
-        let by_id = state.cache.peek::<Post>(&CacheKey::Post(id));
-        assert!(
-            by_id.is_none() || by_id.as_ref() == row,
-            "post {id}: {by_id:?} vs {row:?}"
-        );
-        let comments = state.cache.peek::<Vec<Comment>>(&CacheKey::Comments(id));
-        if let Some(comments) = comments {
-            assert_eq!(comments, db::comments(&state.db, id).await.unwrap());
-        }
-    }
-    for row in &posts {
-        let by_slug = state
-            .cache
-            .peek::<Post>(&CacheKey::PostSlug(row.slug.clone()));
-        assert!(
-            by_slug.is_none() || by_slug.as_ref() == Some(row),
-            "post {}",
-            row.slug
-        );
-    }
-}
-
 impl Cms {
     async fn user_named(&self, i: usize) -> i64 {
         let id = self.user(&format!("user{i}")).await;
@@ -941,7 +747,7 @@ async fn race_scenario(cms: &Cms) {
             }
             other => panic!("post: {other} {}", post.body),
         }
-        assert!(delete.body.is_null() || delete.body["error"].is_string());
+        assert!(delete.text.is_empty() || delete.body["error"].is_string());
     }
 }
 
@@ -1369,6 +1175,158 @@ async fn a_corrupt_index_is_rebuilt_from_the_database_at_start() {
     cms.stop().await;
 }
 
+/// While the index is rebuilt at start, a search answers from the database
+/// (`"source": "database"`) and answers right: the published posts that
+/// match, newest first, a post published during the build among them, no
+/// draft. Once the index is built, searches answer from it, and it holds the
+/// post the rebuild's snapshot had not seen.
+#[cfg(feature = "search")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn searches_answer_from_the_database_while_the_index_is_rebuilt() {
+    let data = tempfile::tempdir().unwrap();
+    let cms = Cms::start_in(data.path(), None).await;
+    let ada = cms.user("ada").await;
+    let engines = cms.new_post(ada, "Analytical engines").await["id"]
+        .as_i64()
+        .unwrap();
+    cms.post(&format!("/posts/{engines}/publish"), json!({}))
+        .await;
+    cms.new_post(ada, "Analytical drafts").await;
+    cms.quiesce().await;
+    assert!(cms.stop().await.drained());
+
+    // Restart on that data, the rebuild held once it has read the database.
+    let rebuild = Gate::closed();
+    let mut config = cms_support::config_in(data.path(), None);
+    config.hooks.rebuild = Some(rebuild.clone());
+    let cms = Cms::launch(&config).await;
+    tokio::time::timeout(Duration::from_secs(30), rebuild.arrivals(1))
+        .await
+        .expect("the rebuild did not read the database within 30s");
+    let health = cms.get("/health").await;
+    assert_eq!(
+        health.body["search_index"]["ready"], false,
+        "{}",
+        health.text
+    );
+
+    let answer = cms.get("/search?q=analytical").await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text);
+    assert_eq!(answer.body["source"], "database", "{}", answer.text);
+    let hits = answer.body["hits"].as_array().unwrap();
+    assert_eq!(ids(hits), [engines], "{}", answer.text);
+    assert_eq!(hits[0]["title"], "Analytical engines");
+    let answer = cms.get("/search?q=ada").await;
+    assert_eq!(answer.body["source"], "database", "{}", answer.text);
+    assert_eq!(answer.body["hits"][0]["username"], "ada", "{}", answer.text);
+
+    let notes = cms.new_post(ada, "Analytical notes").await["id"]
+        .as_i64()
+        .unwrap();
+    cms.post(&format!("/posts/{notes}/publish"), json!({}))
+        .await;
+    cms.quiesce().await;
+    let answer = cms.get("/search?q=analytical").await;
+    assert_eq!(answer.body["source"], "database", "{}", answer.text);
+    assert_eq!(
+        ids(answer.body["hits"].as_array().unwrap()),
+        [notes, engines],
+        "{}",
+        answer.text
+    );
+
+    rebuild.open();
+    cms.index_ready().await;
+    let answer = cms.get("/search?q=analytical").await;
+    assert_eq!(answer.body["source"], "index", "{}", answer.text);
+    let mut found = ids(answer.body["hits"].as_array().unwrap());
+    found.sort_unstable();
+    assert_eq!(found, [engines, notes], "{}", answer.text);
+    cms.stop().await;
+}
+
+/// Searches that hold every slot on the blocking pool answer 503 with a
+/// JSON error once their deadline passes, and keep their slots while they
+/// run on; meanwhile `/health` answers at once, and the next search, which
+/// finds no slot free, answers 503 too. Once they end, searching works
+/// again.
+#[cfg(feature = "search")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_search_with_every_slot_taken_is_a_json_503_and_health_still_answers() {
+    // As many as `search::SEARCHES`.
+    const SLOTS: usize = 4;
+    let data = tempfile::tempdir().unwrap();
+    let searches = Gate::closed();
+    // A failed assertion must not leave blocking threads held: the
+    // runtime's shutdown would wait for them for ever.
+    let _open_at_the_end = OpenOnDrop(searches.clone());
+    let mut config = cms_support::config_in(data.path(), None);
+    config.hooks.search = Some(searches.clone());
+    let cms = Cms::launch(&config).await;
+    cms.index_ready().await;
+    let ada = cms.user("ada").await;
+    let id = cms.new_post(ada, "Busy bees").await["id"].as_i64().unwrap();
+    cms.post(&format!("/posts/{id}/publish"), json!({})).await;
+    cms.quiesce().await;
+
+    let held: Vec<_> = (0..SLOTS)
+        .map(|_| {
+            let search = cms.http.get(format!("{}/search?q=busy", cms.url));
+            tokio::spawn(search.send())
+        })
+        .collect();
+    tokio::time::timeout(Duration::from_secs(30), searches.arrivals(SLOTS))
+        .await
+        .expect("the searches did not all start within 30s");
+    let health = tokio::time::timeout(Duration::from_secs(1), cms.get("/health"))
+        .await
+        .expect("/health did not answer within 1s while every search slot was taken");
+    assert_eq!(health.status, StatusCode::OK, "{}", health.text);
+
+    let assert_busy = |status: StatusCode, content_type: Option<&str>, body: &Value| {
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert_eq!(content_type, Some("application/json"));
+        assert!(body["error"].as_str().unwrap().contains("busy"), "{body}");
+    };
+    for search in held {
+        let answer = tokio::time::timeout(Duration::from_secs(30), search)
+            .await
+            .expect("a held search did not answer within 30s")
+            .unwrap()
+            .unwrap();
+        let (status, content_type) = (answer.status(), answer.headers().get("content-type"));
+        let content_type = content_type.map(|v| v.to_str().unwrap().to_owned());
+        let body: Value = answer.json().await.unwrap();
+        assert_busy(status, content_type.as_deref(), &body);
+    }
+    let next = tokio::time::timeout(Duration::from_secs(30), cms.get("/search?q=busy"))
+        .await
+        .expect("a search with every slot taken did not answer within 30s");
+    assert_busy(next.status, next.content_type.as_deref(), &next.body);
+    assert_eq!(
+        searches.arrived(),
+        SLOTS,
+        "the next search got a slot: more than {SLOTS} ran at once"
+    );
+
+    searches.open();
+    let answer = cms.get("/search?q=busy").await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text);
+    assert_eq!(answer.body["source"], "index", "{}", answer.text);
+    assert_eq!(ids(answer.body["hits"].as_array().unwrap()), [id]);
+}
+
+/// Opens its gate when dropped.
+#[cfg(feature = "search")]
+struct OpenOnDrop(Gate);
+
+#[cfg(feature = "search")]
+impl Drop for OpenOnDrop {
+    fn drop(&mut self) {
+        self.0.open();
+    }
+}
+
 #[cfg(feature = "search")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shutdown_report_lists_each_listener() {
@@ -1389,36 +1347,13 @@ async fn the_shutdown_report_lists_each_listener() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs PostgreSQL on 127.0.0.1:5432 (run by .ci/run)"]
 async fn the_scenarios_pass_on_postgresql() {
-    use sqlx::Executor;
-
-    let server = std::env::var("CMS_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
-    sqlx::any::install_default_drivers();
-    let admin = sqlx::AnyPool::connect(&format!("{server}/postgres"))
-        .await
-        .unwrap();
-    let name = format!("cms_test_{}", std::process::id());
-    admin
-        .execute(format!("DROP DATABASE IF EXISTS {name}").as_str())
-        .await
-        .unwrap();
-    admin
-        .execute(format!("CREATE DATABASE {name}").as_str())
-        .await
-        .unwrap();
-
-    let cms = Cms::start_on(Some(format!("{server}/{name}"))).await;
+    let database = Postgres::create("cms_test").await;
+    let cms = Cms::start_on(Some(database.url.clone())).await;
     bad_input_scenario(&cms).await;
     http_mistakes_scenario(&cms).await;
     race_scenario(&cms).await;
     disconnect_scenario(&cms).await;
     burst_scenario(&cms).await;
 
-    cms.state.db.close().await;
-    // FORCE: a server process can outlive its closed client connection by
-    // more than the 5 seconds a plain DROP waits for it.
-    admin
-        .execute(format!("DROP DATABASE {name} WITH (FORCE)").as_str())
-        .await
-        .unwrap();
+    database.drop(&cms).await;
 }

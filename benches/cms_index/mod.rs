@@ -8,6 +8,7 @@ use event_bus::{EventBus, ListenerOptions};
 
 use crate::app::db;
 use crate::app::events::{AppEvent, PostEventData};
+use crate::app::hooks::Hooks;
 use crate::app::search::{SearchIndex, SearchIndexer};
 
 /// A database of `posts` published posts, shared by the runs.
@@ -55,7 +56,7 @@ impl Fixture {
     /// `max_batch`, and times until the last is indexed.
     pub(crate) async fn index(&self, max_batch: usize) -> Duration {
         let dir = tempfile::tempdir().expect("index directory");
-        let index = Arc::new(SearchIndex::open(dir.path()).expect("index"));
+        let index = Arc::new(SearchIndex::open(dir.path(), Hooks::default()).expect("index"));
         let bus = EventBus::new();
         let indexer = SearchIndexer {
             db: self.db.clone(),

@@ -6,6 +6,7 @@ pub(crate) mod cache;
 pub(crate) mod db;
 pub(crate) mod error;
 pub(crate) mod events;
+pub(crate) mod hooks;
 pub(crate) mod posts;
 pub(crate) mod search;
 pub(crate) mod server;
@@ -42,6 +43,9 @@ pub(crate) struct Config {
     pub(crate) data_dir: PathBuf,
     /// A `sqlite:` or `postgres:` URL; default `sqlite://{data_dir}/cms.db`.
     pub(crate) database_url: Option<String>,
+    /// Where a test holds the CMS mid-way (the index rebuild, searches);
+    /// nothing is held by default, and never from the environment.
+    pub(crate) hooks: hooks::Hooks,
 }
 
 impl Config {
@@ -51,6 +55,7 @@ impl Config {
             data_dir: std::env::var_os("CMS_DATA_DIR")
                 .map_or_else(|| PathBuf::from("cms-data"), PathBuf::from),
             database_url: std::env::var("DATABASE_URL").ok(),
+            hooks: hooks::Hooks::default(),
         }
     }
 
@@ -136,7 +141,10 @@ pub(crate) async fn build(
 
     #[cfg(feature = "search")]
     let search = {
-        let index = Arc::new(search::SearchIndex::open(&config.data_dir.join("search"))?);
+        let index = Arc::new(search::SearchIndex::open(
+            &config.data_dir.join("search"),
+            config.hooks.clone(),
+        )?);
         // One index commit per batch: a burst of edits costs a few commits,
         // not one each. Spawned before the rebuild, so that nothing emitted
         // while it runs is missed.

@@ -162,6 +162,7 @@ mod enabled {
     use super::*;
     use crate::app::db::{self, Post, User};
     use crate::app::events::{AppEvent, AppEventKind};
+    use crate::app::hooks::Hooks;
 
     const LIMIT: usize = 20;
     /// Searches run at once; more wait, up to [`SEARCH_DEADLINE`].
@@ -231,6 +232,8 @@ mod enabled {
         /// could not.
         pub(crate) reconciled: AtomicU64,
         pub(crate) unreconciled: AtomicU64,
+        /// Where the rebuild and the searches wait, if a test says so.
+        hooks: Hooks,
         /// In the tests: how many row reads fail next, as a database blip
         /// would.
         #[cfg(test)]
@@ -257,18 +260,18 @@ mod enabled {
     impl SearchIndex {
         /// Opens the index in `dir`, or, if it cannot be read, deletes it and
         /// starts an empty one: the rebuild refills it from the database.
-        pub(crate) fn open(dir: &Path) -> tantivy::Result<Self> {
-            match Self::open_in(dir) {
+        pub(crate) fn open(dir: &Path, hooks: Hooks) -> tantivy::Result<Self> {
+            match Self::open_in(dir, hooks.clone()) {
                 Ok(index) => Ok(index),
                 Err(error) => {
                     tracing::warn!(%error, dir = %dir.display(), "search index unreadable; rebuilding it from the database");
                     std::fs::remove_dir_all(dir)?;
-                    Self::open_in(dir)
+                    Self::open_in(dir, hooks)
                 }
             }
         }
 
-        fn open_in(dir: &Path) -> tantivy::Result<Self> {
+        fn open_in(dir: &Path, hooks: Hooks) -> tantivy::Result<Self> {
             let mut schema = Schema::builder();
             let fields = Fields {
                 key: schema.add_text_field("key", STRING),
@@ -300,6 +303,7 @@ mod enabled {
                 ordered: tokio::sync::Mutex::new(()),
                 reconciled: AtomicU64::new(0),
                 unreconciled: AtomicU64::new(0),
+                hooks,
                 #[cfg(test)]
                 failing_reads: std::sync::atomic::AtomicU32::new(0),
             })
@@ -434,6 +438,9 @@ mod enabled {
                 // more than SEARCHES run at once.
                 tokio::task::spawn_blocking(move || {
                     let _permit = permit;
+                    if let Some(gate) = &this.hooks.search {
+                        gate.pass_blocking();
+                    }
                     this.search_now(&text, scope)
                 })
                 .await
@@ -570,6 +577,9 @@ mod enabled {
                 .into_iter()
                 .filter(|p| p.published)
                 .collect();
+            if let Some(gate) = &self.hooks.rebuild {
+                gate.pass().await;
+            }
             self.write(move |w, f| {
                 w.writer.delete_all_documents()?;
                 for user in users {
