@@ -31,31 +31,7 @@ impl Db for Sqlite {
         (pool, Box::new(dir))
     }
 
-    async fn insert_raw(pool: &Pool<Self>, id: String, name: String, bytes: Vec<u8>) {
-        sqlx::query(
-            "INSERT INTO event_bus_events (id, name, payload, recorded_at) VALUES ($1, $2, $3, 0)",
-        )
-        .bind(id)
-        .bind(name)
-        .bind(bytes)
-        .execute(pool)
-        .await
-        .expect("insert a raw event");
-    }
-
-    async fn payloads(pool: &Pool<Self>, positions: Vec<u64>) -> Vec<Vec<u8>> {
-        let mut payloads = Vec::with_capacity(positions.len());
-        for position in positions {
-            let payload: Vec<u8> =
-                sqlx::query_scalar("SELECT payload FROM event_bus_events WHERE position = $1")
-                    .bind(position as i64)
-                    .fetch_one(pool)
-                    .await
-                    .expect("read a payload");
-            payloads.push(payload);
-        }
-        payloads
-    }
+    sql_tier::raw_rows!();
 }
 
 scenarios::scenarios!(SqlTier<Sqlite>);

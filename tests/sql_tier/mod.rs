@@ -364,3 +364,37 @@ impl Running for SqlHandle {
         self.0.finished().await;
     }
 }
+
+/// `Db::insert_raw` and `Db::payloads`, whose SQL every database takes as
+/// it is: `impl Db for X { …; sql_tier::raw_rows!(); }`.
+macro_rules! raw_rows {
+    () => {
+        async fn insert_raw(pool: &sqlx::Pool<Self>, id: String, name: String, bytes: Vec<u8>) {
+            sqlx::query(
+                "INSERT INTO event_bus_events (id, name, payload, recorded_at) VALUES ($1, $2, $3, 0)",
+            )
+            .bind(id)
+            .bind(name)
+            .bind(bytes)
+            .execute(pool)
+            .await
+            .expect("insert a raw event");
+        }
+
+        async fn payloads(pool: &sqlx::Pool<Self>, positions: Vec<u64>) -> Vec<Vec<u8>> {
+            let mut payloads = Vec::with_capacity(positions.len());
+            for position in positions {
+                let payload: Vec<u8> =
+                    sqlx::query_scalar("SELECT payload FROM event_bus_events WHERE position = $1")
+                        .bind(i64::try_from(position).expect("a position within i64"))
+                        .fetch_one(pool)
+                        .await
+                        .expect("read a payload");
+                payloads.push(payload);
+            }
+            payloads
+        }
+    };
+}
+
+pub(crate) use raw_rows;

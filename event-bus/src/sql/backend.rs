@@ -3,15 +3,16 @@
 //! database whose dialect takes it as it is.
 
 // With the `sql` feature alone, no database's statements are written.
-#![cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(unused))]
+#![cfg_attr(
+    not(any(feature = "sqlite", feature = "postgres", feature = "any")),
+    allow(unused)
+)]
 
 use std::future::Future;
 
 use sqlx::{Database, Pool, Row};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-
-use super::schema;
 
 /// A database the durable tier runs on: SQLite (feature `sqlite`) or
 /// PostgreSQL (feature `postgres`).
@@ -128,7 +129,7 @@ pub(super) mod sealed {
         /// Whether the database takes one writer at a time (SQLite): then
         /// the store's own writers queue on a gate in the process rather
         /// than in the database's busy handler, which sleeps.
-        const ONE_WRITER: bool = false;
+        fn one_writer(pool: &Pool<Self>) -> bool;
 
         fn migrate(pool: &Pool<Self>) -> impl Future<Output = sqlx::Result<()>> + Send;
 
@@ -236,16 +237,18 @@ const RECLAIM: &str = "UPDATE event_bus_deliveries
     RETURNING position, attempts";
 
 macro_rules! backend {
-    ($db:ty, one_writer = $one_writer:literal, schema = $schema:expr, lock = $lock:literal, begin = $begin:path, serialize = $serialize:path, notify = $notify:path, listen = $listen:path) => {
+    ($db:ty, one_writer = $one_writer:path, schema = $schema:path, lock = $lock:path, begin = $begin:path, serialize = $serialize:path, notify = $notify:path, listen = $listen:path) => {
         impl Backend for $db {}
 
         impl sealed::Sealed for $db {
-            const ONE_WRITER: bool = $one_writer;
+            fn one_writer(pool: &Pool<Self>) -> bool {
+                $one_writer(pool)
+            }
 
             async fn migrate(pool: &Pool<Self>) -> sqlx::Result<()> {
                 let mut tx = $begin(pool).await?;
                 $serialize(&mut *tx).await?;
-                for statement in $schema.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+                for statement in $schema(pool).split(';').map(str::trim).filter(|s| !s.is_empty()) {
                     sqlx::query(statement).execute(&mut *tx).await?;
                 }
                 tx.commit().await
@@ -341,7 +344,7 @@ macro_rules! backend {
 
             async fn claim(pool: &Pool<Self>, args: ClaimArgs<'_>) -> sqlx::Result<Claim> {
                 let mut tx = $begin(pool).await?;
-                let head: i64 = sqlx::query_scalar($lock)
+                let head: i64 = sqlx::query_scalar($lock(pool))
                     .bind(args.listener)
                     .fetch_one(&mut *tx)
                     .await?;
@@ -470,7 +473,7 @@ macro_rules! backend {
                 finishes: &[Finish],
             ) -> sqlx::Result<i64> {
                 let mut tx = $begin(pool).await?;
-                let _head: i64 = sqlx::query_scalar($lock)
+                let _head: i64 = sqlx::query_scalar($lock(pool))
                     .bind(listener)
                     .fetch_one(&mut *tx)
                     .await?;
@@ -607,7 +610,7 @@ macro_rules! backend {
                 position: Option<i64>,
             ) -> sqlx::Result<u64> {
                 let mut tx = $begin(pool).await?;
-                let Some(_head): Option<i64> = sqlx::query_scalar($lock)
+                let Some(_head): Option<i64> = sqlx::query_scalar($lock(pool))
                     .bind(listener)
                     .fetch_optional(&mut *tx)
                     .await?
@@ -713,9 +716,30 @@ macro_rules! backend {
     };
 }
 
+/// Reads a listener's head, locking its row until the transaction ends:
+/// on SQLite the transaction holds the database's write lock already.
+#[cfg(any(feature = "sqlite", feature = "any"))]
+const LOCK_SQLITE: &str = "SELECT head FROM event_bus_listeners WHERE listener = $1";
+#[cfg(any(feature = "postgres", feature = "any"))]
+const LOCK_POSTGRES: &str = "SELECT head FROM event_bus_listeners WHERE listener = $1 FOR UPDATE";
+
 #[cfg(feature = "sqlite")]
 mod sqlite {
     use sqlx::{Pool, Sqlite, SqliteConnection, Transaction};
+
+    use super::super::schema;
+
+    pub(super) fn one_writer(_: &Pool<Sqlite>) -> bool {
+        true
+    }
+
+    pub(super) fn schema(_: &Pool<Sqlite>) -> &'static str {
+        schema::SQLITE
+    }
+
+    pub(super) fn lock(_: &Pool<Sqlite>) -> &'static str {
+        super::LOCK_SQLITE
+    }
 
     /// A writer from the start: a deferred transaction that reads first
     /// fails with `SQLITE_BUSY`, without waiting, when another wrote
@@ -747,10 +771,9 @@ mod sqlite {
 #[cfg(feature = "sqlite")]
 backend!(
     sqlx::Sqlite,
-    one_writer = true,
-    schema = schema::SQLITE,
-    // The transaction took SQLite's write lock when it began.
-    lock = "SELECT head FROM event_bus_listeners WHERE listener = $1",
+    one_writer = sqlite::one_writer,
+    schema = sqlite::schema,
+    lock = sqlite::lock,
     begin = sqlite::begin,
     serialize = sqlite::serialize,
     notify = sqlite::notify,
@@ -763,6 +786,18 @@ mod postgres {
 
     use super::super::schema;
     use super::sealed::Sealed;
+
+    pub(super) fn one_writer(_: &Pool<Postgres>) -> bool {
+        false
+    }
+
+    pub(super) fn schema(_: &Pool<Postgres>) -> &'static str {
+        schema::POSTGRES
+    }
+
+    pub(super) fn lock(_: &Pool<Postgres>) -> &'static str {
+        super::LOCK_POSTGRES
+    }
 
     pub(super) async fn begin(
         pool: &Pool<Postgres>,
@@ -783,18 +818,36 @@ mod postgres {
             .map(drop)
     }
 
-    /// Listens for the commits of every process, on a connection of its
-    /// own: each `NOTIFY` bumps `wake`, and so does every reconnection
-    /// (notifications sent while it was away are lost: the listeners look).
     pub(super) fn listen(
         pool: &Pool<Postgres>,
         wake: tokio::sync::watch::Sender<u64>,
     ) -> Option<tokio::task::JoinHandle<()>> {
         let pool = pool.clone();
+        Some(spawn_listening(
+            move || {
+                let pool = pool.clone();
+                async move { sqlx::postgres::PgListener::connect_with(&pool).await }
+            },
+            wake,
+        ))
+    }
+
+    /// Listens for the commits of every process, on a connection of its
+    /// own that `connect` makes: each `NOTIFY` bumps `wake`, and so does
+    /// every reconnection (notifications sent while it was away are lost:
+    /// the listeners look).
+    pub(super) fn spawn_listening<F, Fut>(
+        connect: F,
+        wake: tokio::sync::watch::Sender<u64>,
+    ) -> tokio::task::JoinHandle<()>
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = sqlx::Result<sqlx::postgres::PgListener>> + Send,
+    {
         let bump = move || wake.send_modify(|version| *version = version.wrapping_add(1));
-        Some(tokio::spawn(async move {
+        tokio::spawn(async move {
             loop {
-                let error = match listen_once(&pool, &bump).await {
+                let error = match listen_once(&connect, &bump).await {
                     Ok(never) => match never {},
                     Err(error) => error,
                 };
@@ -805,14 +858,18 @@ mod postgres {
                 bump();
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             }
-        }))
+        })
     }
 
-    async fn listen_once(
-        pool: &Pool<Postgres>,
+    async fn listen_once<F, Fut>(
+        connect: &F,
         bump: &impl Fn(),
-    ) -> sqlx::Result<std::convert::Infallible> {
-        let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
+    ) -> sqlx::Result<std::convert::Infallible>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = sqlx::Result<sqlx::postgres::PgListener>>,
+    {
+        let mut listener = connect().await?;
         listener.listen(<Postgres as Sealed>::CHANNEL).await?;
         bump();
         loop {
@@ -836,11 +893,116 @@ mod postgres {
 #[cfg(feature = "postgres")]
 backend!(
     sqlx::Postgres,
-    one_writer = false,
-    schema = schema::POSTGRES,
-    lock = "SELECT head FROM event_bus_listeners WHERE listener = $1 FOR UPDATE",
+    one_writer = postgres::one_writer,
+    schema = postgres::schema,
+    lock = postgres::lock,
     begin = postgres::begin,
     serialize = postgres::serialize,
     notify = postgres::notify,
     listen = postgres::listen
+);
+
+#[cfg(feature = "any")]
+mod any {
+    use sqlx::{Any, AnyConnection, Pool, Transaction};
+
+    use super::super::schema;
+
+    fn is_sqlite(pool: &Pool<Any>) -> bool {
+        pool.connect_options()
+            .database_url
+            .scheme()
+            .starts_with("sqlite")
+    }
+
+    fn is_postgres(conn: &AnyConnection) -> bool {
+        conn.backend_name() == "PostgreSQL"
+    }
+
+    pub(super) fn one_writer(pool: &Pool<Any>) -> bool {
+        is_sqlite(pool)
+    }
+
+    pub(super) fn schema(pool: &Pool<Any>) -> &'static str {
+        if is_sqlite(pool) {
+            schema::SQLITE
+        } else {
+            schema::POSTGRES
+        }
+    }
+
+    pub(super) fn lock(pool: &Pool<Any>) -> &'static str {
+        if is_sqlite(pool) {
+            super::LOCK_SQLITE
+        } else {
+            super::LOCK_POSTGRES
+        }
+    }
+
+    pub(super) async fn begin(pool: &Pool<Any>) -> sqlx::Result<Transaction<'static, Any>> {
+        if is_sqlite(pool) {
+            pool.begin_with("BEGIN IMMEDIATE").await
+        } else {
+            pool.begin().await
+        }
+    }
+
+    /// As `postgres::serialize` on PostgreSQL; nothing on SQLite.
+    pub(super) async fn serialize(conn: &mut AnyConnection) -> sqlx::Result<()> {
+        if is_postgres(conn) {
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(schema::POSTGRES_LOCK)
+                .execute(conn)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// As `postgres::notify` on PostgreSQL; nothing on SQLite.
+    pub(super) async fn notify(conn: &mut AnyConnection) -> sqlx::Result<()> {
+        if is_postgres(conn) {
+            sqlx::query("SELECT pg_notify($1, '')")
+                .bind("event_bus")
+                .execute(conn)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// On PostgreSQL with the `postgres` feature, as `postgres::listen`,
+    /// through a connection of its own to the pool's URL; else polling.
+    #[cfg_attr(not(feature = "postgres"), allow(unused_variables))]
+    pub(super) fn listen(
+        pool: &Pool<Any>,
+        wake: tokio::sync::watch::Sender<u64>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        if is_sqlite(pool) {
+            return None;
+        }
+        #[cfg(feature = "postgres")]
+        {
+            let url = pool.connect_options().database_url.to_string();
+            Some(super::postgres::spawn_listening(
+                move || {
+                    let url = url.clone();
+                    async move { sqlx::postgres::PgListener::connect(&url).await }
+                },
+                wake,
+            ))
+        }
+        #[cfg(not(feature = "postgres"))]
+        None
+    }
+}
+
+#[cfg(feature = "any")]
+backend!(
+    sqlx::Any,
+    one_writer = any::one_writer,
+    schema = any::schema,
+    lock = any::lock,
+    begin = any::begin,
+    serialize = any::serialize,
+    notify = any::notify,
+    listen = any::listen
 );

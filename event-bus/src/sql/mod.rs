@@ -1,7 +1,7 @@
 //! The durable tier: events written in the application's own SQL
 //! transaction (a transactional outbox) into a log that durable listeners
 //! read from their checkpoints, at least once, surviving a crash anywhere
-//! (features `sqlite`, `postgres`).
+//! (features `sqlite`, `postgres`, and `any` for `sqlx::Any`).
 //!
 //! A [`Store`] owns the tables (it creates them: see [`schema`]). The
 //! application emits on an [`Outbox`], its transaction, and the events are
@@ -119,3 +119,9 @@ pub type SqliteStore<E> = Store<E, sqlx::Sqlite>;
 /// A [`Store`] on PostgreSQL.
 #[cfg(feature = "postgres")]
 pub type PgStore<E> = Store<E, sqlx::Postgres>;
+
+/// A [`Store`] on `sqlx::Any` (feature `any`): SQLite or PostgreSQL, as
+/// the pool's URL says. On PostgreSQL, other processes' commits wake this
+/// one's listeners with the `postgres` feature; without it they poll.
+#[cfg(feature = "any")]
+pub type AnyStore<E> = Store<E, sqlx::Any>;

@@ -105,5 +105,5 @@ CREATE TABLE IF NOT EXISTS event_bus_handled (
 
 /// The advisory lock key PostgreSQL transactions take to write events (and
 /// to create the tables): "evbus" in ASCII.
-#[cfg(feature = "postgres")]
+#[cfg(any(feature = "postgres", feature = "any"))]
 pub(crate) const POSTGRES_LOCK: i64 = 0x65_76_62_75_73;

@@ -376,7 +376,7 @@ where
     ///
     /// [`Error::Database`] if no transaction could be begun.
     pub async fn begin(&self) -> Result<Outbox<E, DB>, Error> {
-        let turn = self.shared.gate.turn::<DB>().await;
+        let turn = self.shared.gate.turn(&self.shared.pool).await;
         let tx = DB::begin_writer(&self.shared.pool).await?;
         let mut outbox = self.outbox(tx);
         outbox.hold(turn);

@@ -197,14 +197,17 @@ impl<E: Event> Source<E> for LogSource<E> {
 }
 
 /// The store's writers' turn on a database that takes one writer at a
-/// time: see `Sealed::ONE_WRITER`.
+/// time: see `Sealed::one_writer`.
 #[derive(Clone, Default)]
 pub(crate) struct Gate(Arc<tokio::sync::Mutex<()>>);
 
 impl Gate {
     /// Waits for the turn to write, on a database that needs one.
-    pub(crate) async fn turn<DB: Backend>(&self) -> Option<tokio::sync::OwnedMutexGuard<()>> {
-        if DB::ONE_WRITER {
+    pub(crate) async fn turn<DB: Backend>(
+        &self,
+        pool: &Pool<DB>,
+    ) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        if DB::one_writer(pool) {
             Some(self.0.clone().lock_owned().await)
         } else {
             None
@@ -309,7 +312,7 @@ where
             let calm = calm_until.is_some_and(|until| Instant::now() < until);
             if !pending.is_empty() && !calm {
                 let finished = {
-                    let _turn = self.gate.turn::<DB>().await;
+                    let _turn = self.gate.turn(&self.pool).await;
                     DB::finish(&self.pool, &self.config.listener, &self.owner, &pending).await
                 };
                 match finished {
@@ -411,7 +414,7 @@ where
         };
         self.wake.borrow_and_update();
         let now = now();
-        let turn = self.gate.turn::<DB>().await;
+        let turn = self.gate.turn(&self.pool).await;
         let claim = DB::claim(
             &self.pool,
             ClaimArgs {
