@@ -52,12 +52,26 @@ pub struct Claim {
 #[derive(Debug)]
 pub struct ClaimArgs<'a> {
     pub listener: &'a str,
+    /// The lease this claim takes: `<worker>:<claim>`, so that a finish
+    /// of an earlier claim of the same position (forgotten by a replay)
+    /// matches nothing.
     pub owner: &'a str,
+    /// `<worker>:%`: every lease of this worker, which it holds while it
+    /// lives and never takes again as expired.
+    pub worker: &'a str,
     /// The names of the events the listener wants; `None` for all.
     pub names: Option<&'a [&'static str]>,
     pub limit: usize,
-    pub now: i64,
-    pub lease_until: i64,
+    /// How long the lease lasts, in milliseconds from when the claim
+    /// holds the listener's row.
+    pub lease: i64,
+}
+
+/// A finish of the delivery leased as `lease`.
+#[derive(Debug)]
+pub struct Finished {
+    pub lease: std::sync::Arc<str>,
+    pub finish: Finish,
 }
 
 /// How a delivery was finished, applied in the next batch of finishes.
@@ -65,8 +79,9 @@ pub struct ClaimArgs<'a> {
 pub enum Finish {
     /// Handled: the delivery row goes.
     Ack(i64),
-    /// Failed, to be attempted again (`attempts` is the next attempt's
-    /// number) no sooner than `next_try_at`.
+    /// Failed, to be attempted again no sooner than `next_try_at`;
+    /// `attempts` is the failed attempt's number (the next is counted when
+    /// it is handed out again: after a restart, by the reclaim).
     Retry {
         position: i64,
         attempts: i64,
@@ -164,14 +179,14 @@ pub(super) mod sealed {
         fn finish(
             pool: &Pool<Self>,
             listener: &str,
-            owner: &str,
-            finishes: &[Finish],
+            finishes: &[Finished],
         ) -> impl Future<Output = sqlx::Result<i64>> + Send;
 
+        /// Renews every lease of `worker` (a `LIKE` pattern).
         fn renew(
             pool: &Pool<Self>,
             listener: &str,
-            owner: &str,
+            worker: &str,
             lease_until: i64,
         ) -> impl Future<Output = sqlx::Result<u64>> + Send;
 
@@ -197,6 +212,11 @@ pub(super) mod sealed {
         ) -> impl Future<Output = sqlx::Result<(i64, Vec<ProgressRow>)>> + Send;
 
         fn prune(pool: &Pool<Self>) -> impl Future<Output = sqlx::Result<u64>> + Send;
+
+        fn forget(
+            pool: &Pool<Self>,
+            listener: &str,
+        ) -> impl Future<Output = sqlx::Result<bool>> + Send;
 
         fn mark_handled<'a>(
             conn: &'a mut Self::Connection,
@@ -227,14 +247,21 @@ const CHECKPOINT: &str = "UPDATE event_bus_listeners SET checkpoint = COALESCE(
     WHERE listener = $1 RETURNING checkpoint";
 
 /// Deliveries due again: given back, or whose lease expired (their process
-/// died), and whose retry time has come.
+/// died: never this worker's own, which it holds while it lives), and whose
+/// retry time has come.
 const RECLAIM: &str = "UPDATE event_bus_deliveries
     SET state = 'leased', owner = $2, lease_until = $3, attempts = attempts + 1
     WHERE listener = $1 AND position IN (
         SELECT position FROM event_bus_deliveries
         WHERE listener = $1 AND state <> 'dead' AND lease_until <= $4 AND next_try_at <= $4
+          AND (owner IS NULL OR owner NOT LIKE $6)
         ORDER BY position LIMIT $5)
     RETURNING position, attempts";
+
+/// Milliseconds since the Unix epoch, now.
+fn now() -> i64 {
+    super::worker::millis(std::time::SystemTime::now())
+}
 
 macro_rules! backend {
     ($db:ty, one_writer = $one_writer:path, schema = $schema:path, lock = $lock:path, begin = $begin:path, serialize = $serialize:path, notify = $notify:path, listen = $listen:path) => {
@@ -348,16 +375,21 @@ macro_rules! backend {
                     .bind(args.listener)
                     .fetch_one(&mut *tx)
                     .await?;
+                // The lease counts from now, once the claim holds the row:
+                // not from before it waited for it.
+                let now = now();
+                let lease_until = now.saturating_add(args.lease);
                 let limit = i64::try_from(args.limit).unwrap_or(i64::MAX);
                 let reclaimed: Vec<(i64, i64)> = sqlx::query_as(RECLAIM)
                     .bind(args.listener)
                     .bind(args.owner)
-                    .bind(args.lease_until)
-                    .bind(args.now)
+                    .bind(lease_until)
+                    .bind(now)
                     .bind(limit)
+                    .bind(args.worker)
                     .fetch_all(&mut *tx)
                     .await?;
-                let mut claimed = Vec::with_capacity(args.limit);
+                let mut claimed = Vec::new();
                 for (position, attempts) in reclaimed {
                     let payload: Vec<u8> = sqlx::query_scalar(
                         "SELECT payload FROM event_bus_events WHERE position = $1",
@@ -425,7 +457,7 @@ macro_rules! backend {
                         let mut query = sqlx::query(&sql)
                             .bind(args.listener)
                             .bind(args.owner)
-                            .bind(args.lease_until)
+                            .bind(lease_until)
                             .bind(head)
                             .bind(new_head);
                         if args.names.is_some() {
@@ -469,35 +501,37 @@ macro_rules! backend {
             async fn finish(
                 pool: &Pool<Self>,
                 listener: &str,
-                owner: &str,
-                finishes: &[Finish],
+                finishes: &[Finished],
             ) -> sqlx::Result<i64> {
                 let mut tx = $begin(pool).await?;
                 let _head: i64 = sqlx::query_scalar($lock(pool))
                     .bind(listener)
                     .fetch_one(&mut *tx)
                     .await?;
-                let acked: Vec<i64> = finishes
-                    .iter()
-                    .filter_map(|finish| match finish {
-                        Finish::Ack(position) => Some(*position),
-                        _ => None,
-                    })
-                    .collect();
-                for chunk in acked.chunks(INSERT_CHUNK) {
-                    let sql = format!(
-                        "DELETE FROM event_bus_deliveries
-                         WHERE listener = $1 AND owner = $2 AND position IN ({})",
-                        placeholders(3, chunk.len())
-                    );
-                    let mut query = sqlx::query(&sql).bind(listener).bind(owner);
-                    for position in chunk {
-                        query = query.bind(*position);
+                // Acks by lease: one statement per claim they came from.
+                let mut acked: std::collections::BTreeMap<&str, Vec<i64>> = Default::default();
+                for finished in finishes {
+                    if let Finish::Ack(position) = finished.finish {
+                        acked.entry(&finished.lease).or_default().push(position);
                     }
-                    query.execute(&mut *tx).await?;
                 }
-                for finish in finishes {
-                    let query = match finish {
+                for (owner, positions) in acked {
+                    for chunk in positions.chunks(INSERT_CHUNK) {
+                        let sql = format!(
+                            "DELETE FROM event_bus_deliveries
+                             WHERE listener = $1 AND owner = $2 AND position IN ({})",
+                            placeholders(3, chunk.len())
+                        );
+                        let mut query = sqlx::query(&sql).bind(listener).bind(owner);
+                        for position in chunk {
+                            query = query.bind(*position);
+                        }
+                        query.execute(&mut *tx).await?;
+                    }
+                }
+                for finished in finishes {
+                    let owner: &str = &finished.lease;
+                    let query = match &finished.finish {
                         Finish::Ack(_) => continue,
                         Finish::Retry {
                             position,
@@ -562,15 +596,15 @@ macro_rules! backend {
             async fn renew(
                 pool: &Pool<Self>,
                 listener: &str,
-                owner: &str,
+                worker: &str,
                 lease_until: i64,
             ) -> sqlx::Result<u64> {
                 let done = sqlx::query(
                     "UPDATE event_bus_deliveries SET lease_until = $3
-                     WHERE listener = $1 AND owner = $2 AND state = 'leased'",
+                     WHERE listener = $1 AND owner LIKE $2 AND state = 'leased'",
                 )
                 .bind(listener)
-                .bind(owner)
+                .bind(worker)
                 .bind(lease_until)
                 .execute(pool)
                 .await?;
@@ -691,6 +725,20 @@ macro_rules! backend {
                 .execute(pool)
                 .await?;
                 Ok(done.rows_affected())
+            }
+
+            async fn forget(pool: &Pool<Self>, listener: &str) -> sqlx::Result<bool> {
+                let mut tx = $begin(pool).await?;
+                sqlx::query("DELETE FROM event_bus_deliveries WHERE listener = $1")
+                    .bind(listener)
+                    .execute(&mut *tx)
+                    .await?;
+                let done = sqlx::query("DELETE FROM event_bus_listeners WHERE listener = $1")
+                    .bind(listener)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(done.rows_affected() == 1)
             }
 
             fn mark_handled<'a>(

@@ -36,9 +36,11 @@
 //!   ([`Durable::poll_interval`]) is the fallback (and SQLite's only way
 //!   across processes).
 //!
-//! Attempts are counted when a process takes the lease: a process that dies
-//! while waiting out a retry's delay counts the attempt it was about to
-//! make.
+//! An attempt counts from when a process is handed the event, so one cut
+//! short by a crash or a stop counts, and the event comes again with the
+//! next. A retry made in place (the runner waits out its delay and tries
+//! again) is counted when its outcome is written: a process that dies
+//! during it hands the next process that same attempt again.
 //!
 //! # Examples
 //!

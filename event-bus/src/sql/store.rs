@@ -23,7 +23,7 @@ use crate::codec::JsonCodec;
 use crate::dead_letter::{DeadLetter, DeadLetterSink, UndecodableLetter};
 use crate::envelope::Envelope;
 use crate::event::{Event, EventKind, KindSet};
-use crate::listener::ListenerOptions;
+use crate::listener::{ListenerOptions, Scope};
 use crate::meta::Meta;
 use crate::metrics::ListenerStatus;
 use crate::runner::{ListenerCore, Run, RunReport, Spawnable, panicked};
@@ -36,6 +36,13 @@ const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 /// How often a listener looks for work no notification told it about, by
 /// default.
 const DEFAULT_POLL: Duration = Duration::from_millis(500);
+
+/// How long past its deadline a shutdown waits for the finishes to be
+/// written.
+const WRITE_GRACE: Duration = Duration::from_secs(1);
+
+/// The most events a process leases ahead of its handler.
+const MAX_PREFETCH: usize = 1 << 16;
 
 /// The shortest lease kept.
 const MIN_LEASE: Duration = Duration::from_millis(30);
@@ -120,6 +127,12 @@ impl Durable {
     /// How long what this process holds stays its own should it die
     /// (renewed every third of it while it lives): how soon another
     /// process, or a restart, takes its events again. At least 30 ms.
+    ///
+    /// Keep it well above the longest write transaction on the database:
+    /// SQLite takes one writer at a time, and a renewal waits for the
+    /// writer before it, so a lease shorter than an application's
+    /// transaction can lapse while its process lives (another process may
+    /// then take the events too; this process never takes its own again).
     #[must_use]
     pub fn lease(mut self, lease: Duration) -> Self {
         self.lease = lease.max(MIN_LEASE);
@@ -135,12 +148,12 @@ impl Durable {
         self
     }
 
-    /// How many events the process leases ahead of its handler (at least
-    /// 1): more makes a claim cheaper per event, fewer shares a group's
-    /// events more evenly between processes.
+    /// How many events the process leases ahead of its handler (from 1
+    /// to 65,536): more makes a claim cheaper per event, fewer shares a
+    /// group's events more evenly between processes.
     #[must_use]
     pub fn prefetch(mut self, prefetch: usize) -> Self {
-        self.prefetch = Some(prefetch.max(1));
+        self.prefetch = Some(prefetch.clamp(1, MAX_PREFETCH));
         self
     }
 }
@@ -298,6 +311,9 @@ struct Spawned {
 /// Cloning it is cheap: clones share the listeners.
 pub struct Store<E, DB: Backend> {
     shared: Arc<Shared<DB>>,
+    /// This process's name for its instance listeners: see
+    /// [`Store::with_instance`].
+    instance: Arc<str>,
     _event: std::marker::PhantomData<fn(E) -> E>,
 }
 
@@ -305,6 +321,7 @@ impl<E, DB: Backend> Clone for Store<E, DB> {
     fn clone(&self) -> Self {
         Self {
             shared: self.shared.clone(),
+            instance: self.instance.clone(),
             _event: std::marker::PhantomData,
         }
     }
@@ -356,8 +373,31 @@ where
                 notifications,
                 gate: Gate::default(),
             }),
+            instance: format!("{:016x}", fastrand::u64(..)).into(),
             _event: std::marker::PhantomData,
         })
+    }
+
+    /// Names this process for its instance listeners (those spawned with
+    /// [`Scope::Instance`](crate::Scope::Instance)): each keeps its
+    /// checkpoint as `<listener>@<instance>`, so every process handles
+    /// every event, and a restart under the same name goes on from where
+    /// it stopped.
+    ///
+    /// Without a name of its own (the host's name, a pod's) a store has a
+    /// random one: its instance listeners start afresh, at their
+    /// [`Start`], on every run, and the checkpoints of earlier runs stay
+    /// behind (holding back [`prune`](Self::prune)) until
+    /// [`forget`](Self::forget) removes them.
+    #[must_use]
+    pub fn with_instance(mut self, instance: impl Into<Arc<str>>) -> Self {
+        self.instance = instance.into();
+        self
+    }
+
+    /// This process's name for its instance listeners.
+    pub fn instance(&self) -> &str {
+        &self.instance
     }
 
     /// The store's connection pool.
@@ -384,6 +424,11 @@ where
     }
 
     /// Emits on `tx`, a transaction the application began itself.
+    ///
+    /// On SQLite, begin it as a writer (`pool.begin_with("BEGIN
+    /// IMMEDIATE")`): a transaction that reads before it writes fails with
+    /// "database is locked" when another wrote meanwhile, and the store's
+    /// listeners write often. [`begin`](Self::begin) does that for you.
     pub fn outbox(&self, tx: Transaction<'static, DB>) -> Outbox<E, DB> {
         Outbox::new(tx, self.shared.wake.clone())
     }
@@ -422,7 +467,11 @@ where
             return Err(Error::Closed);
         }
         let name: Arc<str> = listener.listener_name().into();
-        let group = durable.group.clone().unwrap_or_else(|| name.clone());
+        let group = match (&durable.group, options.scope) {
+            (Some(group), _) => group.clone(),
+            (None, Scope::Instance) => format!("{name}@{}", self.instance).into(),
+            (None, _) => name.clone(),
+        };
         DB::register(&self.shared.pool, &group, durable.start.at(), false).await?;
         let interests = listener.listener_interests();
         let names = (interests != KindSet::all()).then(|| {
@@ -431,13 +480,16 @@ where
                 .flat_map(|kind| std::iter::once(kind.name()).chain(kind.aliases().iter().copied()))
                 .collect()
         });
-        let at_once = options.concurrency.max(1) * options.max_batch.max(1);
+        let at_once = options
+            .concurrency
+            .max(1)
+            .saturating_mul(options.max_batch.max(1));
         let config = WorkerConfig {
             listener: group.clone(),
             names,
             prefetch: durable
                 .prefetch
-                .unwrap_or_else(|| (2 * at_once).clamp(32, 4096)),
+                .unwrap_or_else(|| at_once.saturating_mul(2).clamp(32, MAX_PREFETCH)),
             lease: durable.lease,
             poll: durable.poll,
         };
@@ -623,6 +675,19 @@ where
         Ok(())
     }
 
+    /// Removes `listener` from the database: its checkpoint and every
+    /// delivery of it, dead ones included (for a listener that will not
+    /// run again, such as the instance listener of a process gone for
+    /// good). Returns whether it was registered. A listener of that name
+    /// spawned later starts afresh, at its [`Start`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`] if it could not be deleted.
+    pub async fn forget(&self, listener: &str) -> Result<bool, Error> {
+        Ok(DB::forget(&self.shared.pool, listener).await?)
+    }
+
     /// Deletes the events every listener registered on the database has
     /// finished (those at or below the lowest checkpoint, and no dead
     /// delivery's): the log's retention. Returns how many were deleted.
@@ -640,8 +705,9 @@ where
     /// Shuts the store's listeners down, draining them: each claims what
     /// the log holds for it up to its end and handles it within
     /// `deadline`, and is stopped after it (what it still held is given
-    /// back, to be handled again); then what they finished is written.
-    /// Returns each listener's report.
+    /// back, to be handled again); then what they finished is written,
+    /// for at most a second more (what is not written by then is delivered
+    /// again). Returns each listener's report.
     ///
     /// Nothing committed is lost either way: what was not handled stays in
     /// the log for the next run. Spawning fails after this.
@@ -665,7 +731,14 @@ where
                 core.cancel();
                 abort.abort();
             }
-            let _ = worker.await;
+            // The worker writes what was finished; should the database keep
+            // it waiting past the deadline (and a grace to write), it is
+            // stopped: the unwritten finishes' events are delivered again.
+            let worker_abort = worker.abort_handle();
+            let write_until = until.max(tokio::time::Instant::now()) + WRITE_GRACE;
+            if tokio::time::timeout_at(write_until, worker).await.is_err() {
+                worker_abort.abort();
+            }
             reports.push(report(&core));
         }
         reports

@@ -14,7 +14,7 @@ use sqlx::Pool;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 
-use super::backend::{Backend, ClaimArgs, Finish};
+use super::backend::{Backend, ClaimArgs, Finish, Finished};
 use crate::codec::JsonCodec;
 use crate::envelope::Envelope;
 use crate::event::Event;
@@ -66,7 +66,9 @@ pub struct LogDelivery<E> {
     envelope: Arc<Envelope<E>>,
     position: i64,
     attempt: u32,
-    finishes: Option<mpsc::UnboundedSender<Finish>>,
+    /// The lease the claim took: what its finish must match.
+    lease: Arc<str>,
+    finishes: Option<mpsc::UnboundedSender<Finished>>,
 }
 
 impl<E> std::fmt::Debug for LogDelivery<E> {
@@ -90,7 +92,10 @@ impl<E> LogDelivery<E> {
         if let Some(finishes) = self.finishes.take() {
             // The worker outlives every delivery's sender: it ends only
             // once they are all gone.
-            let _ = finishes.send(finish);
+            let _ = finishes.send(Finished {
+                lease: self.lease.clone(),
+                finish,
+            });
         }
     }
 }
@@ -119,18 +124,19 @@ impl<E: Event> Delivery<E> for LogDelivery<E> {
         let finishes = self.finishes.clone();
         self.send(Finish::Retry {
             position: self.position,
-            attempts: i64::from(attempt),
+            attempts: i64::from(self.attempt),
             next_try_at: now().saturating_add(millis_of(delay)),
             error: error.to_owned(),
         });
         // The lease stays this process's: the runner waits out the delay
         // and attempts it again, in order. Should the process die meanwhile,
         // the retry is taken from the row once the lease has expired and
-        // the delay has passed.
+        // the delay has passed, as the attempt after the one that failed.
         Retry::InPlace(Self {
             envelope: self.envelope.clone(),
             position: self.position,
             attempt,
+            lease: self.lease.clone(),
             finishes,
         })
     }
@@ -156,7 +162,7 @@ pub(crate) struct LogSource<E> {
     delivered: Arc<AtomicU64>,
     closing: watch::Receiver<bool>,
     /// Keeps the worker running while the source lives.
-    _finishes: mpsc::UnboundedSender<Finish>,
+    _finishes: mpsc::UnboundedSender<Finished>,
 }
 
 impl<E: Event> Source<E> for LogSource<E> {
@@ -229,10 +235,14 @@ pub(crate) struct Worker<E, DB: Backend> {
     pool: Pool<DB>,
     gate: Gate,
     config: WorkerConfig,
-    owner: String,
+    /// This worker's id; each claim's lease is `<id>:<claim>`.
+    id: String,
+    /// `<id>:%`: every lease of this worker.
+    leases: String,
+    claims: u64,
     claimed: Option<mpsc::Sender<Unyielded<E>>>,
-    finishes: mpsc::UnboundedReceiver<Finish>,
-    finishes_tx: mpsc::WeakUnboundedSender<Finish>,
+    finishes: mpsc::UnboundedReceiver<Finished>,
+    finishes_tx: mpsc::WeakUnboundedSender<Finished>,
     wake: watch::Receiver<u64>,
     closing: watch::Receiver<bool>,
     /// The log's last position as the last claim saw it.
@@ -254,14 +264,16 @@ pub(crate) fn worker<E: Event, DB: Backend>(
 ) -> (Worker<E, DB>, LogSource<E>) {
     let (claimed_tx, claimed) = mpsc::channel(config.prefetch.max(1));
     let (finishes_tx, finishes) = mpsc::unbounded_channel();
-    let owner = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
     #[cfg(feature = "metrics")]
     let lag = metrics::gauge!("event_bus_log_lag", "listener" => config.listener.to_string());
     let worker = Worker {
         pool,
         gate,
         config,
-        owner,
+        leases: format!("{id}:%"),
+        id,
+        claims: 0,
         claimed: Some(claimed_tx),
         finishes,
         finishes_tx: finishes_tx.downgrade(),
@@ -287,11 +299,12 @@ where
 {
     /// Runs until the listener's run has ended and every finish is written.
     pub(crate) async fn run(mut self) {
-        let mut heartbeat = tokio::time::interval(self.config.lease / 3);
-        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut heartbeat_due = Instant::now() + self.config.lease / 3;
         let mut poll = tokio::time::interval(self.config.poll);
         poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut pending: Vec<Finish> = Vec::new();
+        let mut pending: Vec<Finished> = Vec::new();
+        // Written on failure at the end, before the worker gives up.
+        let mut last_tries = 5_u32;
         // Whether there may be more to claim than the last claim took.
         let mut more = true;
         // After a failed statement, nothing is tried again before this.
@@ -313,14 +326,14 @@ where
             if !pending.is_empty() && !calm {
                 let finished = {
                     let _turn = self.gate.turn(&self.pool).await;
-                    DB::finish(&self.pool, &self.config.listener, &self.owner, &pending).await
+                    DB::finish(&self.pool, &self.config.listener, &pending).await
                 };
                 match finished {
                     Ok(checkpoint) => {
                         pending.clear();
                         self.checkpointed(None, checkpoint);
                     }
-                    Err(error) if ended => {
+                    Err(error) if ended && last_tries == 0 => {
                         // Nothing is lost: the leases expire and the
                         // events are delivered again.
                         tracing::warn!(
@@ -337,9 +350,17 @@ where
                             error = %error,
                             "could not record how deliveries finished; trying again",
                         );
+                        last_tries = last_tries.saturating_sub(u32::from(ended));
                         calm_until = Some(Instant::now() + BACKOFF);
                     }
                 }
+                continue;
+            }
+            if heartbeat_due <= Instant::now() {
+                // Before anything else can keep the worker busy: a lease
+                // must not lapse while the process lives.
+                self.renew().await;
+                heartbeat_due = Instant::now() + self.config.lease / 3;
                 continue;
             }
             if ended {
@@ -395,7 +416,7 @@ where
                 permit = async { claimed.as_ref()?.reserve().await.ok() }, if full => {
                     drop(permit);
                 }
-                _ = heartbeat.tick() => self.renew().await,
+                () = tokio::time::sleep_until(heartbeat_due) => {}
             }
         }
     }
@@ -413,17 +434,18 @@ where
             return Ok(false);
         };
         self.wake.borrow_and_update();
-        let now = now();
+        self.claims += 1;
+        let lease: Arc<str> = format!("{}:{}", self.id, self.claims).into();
         let turn = self.gate.turn(&self.pool).await;
         let claim = DB::claim(
             &self.pool,
             ClaimArgs {
                 listener: &self.config.listener,
-                owner: &self.owner,
+                owner: &lease,
+                worker: &self.leases,
                 names: self.config.names.as_deref(),
                 limit,
-                now,
-                lease_until: now.saturating_add(millis_of(self.config.lease)),
+                lease: millis_of(self.config.lease),
             },
         )
         .await?;
@@ -435,6 +457,7 @@ where
                 claimed.position,
                 claimed.attempts,
                 claimed.payload,
+                &lease,
                 &finishes,
             );
             let unyielded = Unyielded(Some(next));
@@ -451,8 +474,12 @@ where
 
     /// Renews the leases of everything this process holds for the listener.
     async fn renew(&self) {
-        let until = now().saturating_add(millis_of(self.config.lease));
-        if let Err(error) = DB::renew(&self.pool, &self.config.listener, &self.owner, until).await {
+        let renewed = {
+            let _turn = self.gate.turn(&self.pool).await;
+            let until = now().saturating_add(millis_of(self.config.lease));
+            DB::renew(&self.pool, &self.config.listener, &self.leases, until).await
+        };
+        if let Err(error) = renewed {
             tracing::warn!(
                 listener = %self.config.listener,
                 error = %error,
@@ -482,7 +509,8 @@ fn decode<E: Event + DeserializeOwned>(
     position: i64,
     attempts: i64,
     payload: Vec<u8>,
-    finishes: &mpsc::UnboundedSender<Finish>,
+    lease: &Arc<str>,
+    finishes: &mpsc::UnboundedSender<Finished>,
 ) -> Result<LogDelivery<E>, Undecodable> {
     let attempt = u32::try_from(attempts.max(1)).unwrap_or(u32::MAX);
     match JsonCodec.decode::<E>(&payload) {
@@ -493,17 +521,22 @@ fn decode<E: Event + DeserializeOwned>(
                 envelope: Arc::new(Envelope::from_parts(event, metadata)),
                 position,
                 attempt,
+                lease: lease.clone(),
                 finishes: Some(finishes.clone()),
             })
         }
         Err(error) => {
             let finishes = finishes.clone();
+            let lease = lease.clone();
             let mut undecodable = Undecodable::new(&error, payload, move |reason| {
-                let _ = finishes.send(Finish::Dead {
-                    position,
-                    attempts: i64::from(attempt),
-                    error: reason,
-                    at: now(),
+                let _ = finishes.send(Finished {
+                    lease,
+                    finish: Finish::Dead {
+                        position,
+                        attempts: i64::from(attempt),
+                        error: reason,
+                        at: now(),
+                    },
                 });
                 std::future::ready(())
             })
