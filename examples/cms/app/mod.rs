@@ -21,16 +21,21 @@ pub(crate) mod write;
 
 use std::path::PathBuf;
 use std::sync::Arc;
+#[cfg(any(feature = "search", feature = "cache"))]
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::extract::rejection::QueryRejection;
 use axum::http::StatusCode;
+use event_bus::EventBus;
+#[cfg(feature = "cache")]
+use event_bus::LagPolicy;
 use event_bus::sql::AnyStore;
 #[cfg(feature = "search")]
 use event_bus::sql::{Durable, Start};
-use event_bus::{EventBus, LagPolicy, ListenerOptions, RetryPolicy};
+#[cfg(any(feature = "search", feature = "cache"))]
+use event_bus::{ListenerOptions, RetryPolicy};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
 use sqlx::AnyPool;
@@ -100,6 +105,7 @@ pub(crate) struct AppState {
 /// A failing row (a database blip) is tried again with backoff, six
 /// attempts in all; on the durable tier each is persisted, so a retry
 /// survives a restart, and then it is a dead delivery.
+#[cfg(any(feature = "search", feature = "cache"))]
 fn retrying() -> ListenerOptions {
     ListenerOptions::new().retry(
         RetryPolicy::exponential(6)
