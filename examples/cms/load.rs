@@ -68,7 +68,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         send(http.post(format!("{url}/posts/{id}/publish"))).await?;
         posts.push((id, post["slug"].as_str().unwrap_or_default().to_owned()));
     }
-    state.bus.quiesce().await;
+    state.idle().await?;
 
     println!(
         "{clients} clients for {seconds}s against {url} (SQLite, release build: {})",
@@ -130,7 +130,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     println!("  errors: {errors}");
 
     // Publish-to-searchable, one post at a time while nothing else runs.
-    state.bus.quiesce().await;
+    state.idle().await?;
     let mut latencies = Vec::new();
     for n in 0..100 {
         let word = format!("needle{n}x{}", started.elapsed().as_nanos());
@@ -167,17 +167,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         ms(quantile(&latencies, 0.50)),
         ms(quantile(&latencies, 0.99)),
     );
-    let metrics = state.bus.metrics();
-    for l in &metrics.listeners {
+    server.stop().await?;
+    let report = state.shutdown(Duration::from_secs(10)).await;
+    for l in &report.listeners {
         println!(
-            "  listener {}: handled {}, dropped {}, dead-lettered {}",
-            l.name, l.handled, l.dropped, l.dead_lettered
+            "  listener {}: handled {}, retried {}, dead-lettered {}",
+            l.name, l.handled, l.retried, l.dead_lettered
         );
     }
-
-    server.stop().await?;
-    state.writes_done().await;
-    state.bus.shutdown(Duration::from_secs(10)).await;
     Ok(())
 }
 

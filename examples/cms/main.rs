@@ -1,10 +1,11 @@
 //! The example CMS: users, posts and comments over an HTTP API, with a
 //! search index and a cache kept in sync by events.
 //!
-//! Request handlers only write to the database and emit one event
-//! (`state.events.emit_post_published_wait(&post)`); background listeners
-//! index into tantivy and invalidate the moka cache, re-reading rows from
-//! the database.
+//! Request handlers write a row and emit its event in one transaction
+//! (`tx.emit_post_published(&post)`, then `state.commit(tx)`: the durable
+//! tier's outbox); durable listeners read the events from the database's
+//! log, index into tantivy and invalidate the moka cache, re-reading rows
+//! from the database.
 //!
 //! ```text
 //! cargo run --example cms                          # SQLite in ./cms-data, port 3000
@@ -48,22 +49,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 
     app::server::serve(listener, app::router(state.clone()), async {
         let _ = tokio::signal::ctrl_c().await;
-        tracing::info!("shutting down: finishing requests, then draining the event bus");
+        tracing::info!("shutting down: finishing requests, then draining the listeners");
     })
     .await;
 
-    // Writes whose clients left may still be running: their events too.
-    state.writes_done().await;
-    let report = state.bus.shutdown(Duration::from_secs(10)).await;
-    println!("event bus: {report}");
+    // Commits whose clients left may still be running: wait for them, then
+    // let each listener handle what the log holds for it.
+    let report = state.shutdown(Duration::from_secs(10)).await;
+    println!("listeners: {report}");
     println!(
         "  {:<8} {:>9} {:>8} {:>14} {:>12}  status",
-        "listener", "handled", "dropped", "dead-lettered", "undelivered"
+        "listener", "handled", "retried", "dead-lettered", "undelivered"
     );
     for l in &report.listeners {
+        let undelivered = l.lag.map_or_else(|| "?".to_owned(), |lag| lag.to_string());
         println!(
             "  {:<8} {:>9} {:>8} {:>14} {:>12}  {}",
-            l.name, l.handled, l.dropped, l.dead_lettered, l.undelivered, l.status
+            l.name, l.handled, l.retried, l.dead_lettered, undelivered, l.status
         );
     }
     Ok(())
@@ -85,7 +87,7 @@ async fn print_welcome(
     }
     println!("More: GET /posts, /users (paged: ?after=ID&limit=N), /health, /admin/dead-letters.");
     println!(
-        "Metrics: {url}/metrics (Prometheus), {url}/metrics/json. Ctrl-C drains the event bus and exits."
+        "Metrics: {url}/metrics (Prometheus), {url}/metrics/json. Ctrl-C drains the listeners and exits."
     );
     Ok(())
 }

@@ -87,14 +87,13 @@ impl Cms {
             .expect("the index was not built within 30s");
     }
 
-    /// Stops the server and drains the bus, as Ctrl-C does.
-    pub(crate) async fn stop(self) -> event_bus::ShutdownReport {
+    /// Stops the server and drains the listeners, as Ctrl-C does.
+    pub(crate) async fn stop(self) -> app::listeners::Report {
         tokio::time::timeout(Duration::from_secs(30), self.server.stop())
             .await
             .expect("the server did not stop within 30s")
             .unwrap();
-        self.state.writes_done().await;
-        self.state.bus.shutdown(Duration::from_secs(10)).await
+        self.state.shutdown(Duration::from_secs(10)).await
     }
 
     pub(crate) async fn send(&self, request: reqwest::RequestBuilder) -> Answer {
@@ -139,14 +138,15 @@ impl Cms {
             .await
     }
 
-    /// Waits until every write has run and every listener is idle.
+    /// Waits until every write has run and every listener has handled
+    /// what the log holds for it (the store's `idle`).
     pub(crate) async fn quiesce(&self) {
         tokio::time::timeout(Duration::from_secs(30), async {
             self.state.writes_done().await;
-            self.state.bus.quiesce().await;
+            self.state.idle().await.unwrap();
         })
         .await
-        .expect("the writes and the bus did not settle within 30s");
+        .expect("the writes and the listeners did not settle within 30s");
     }
 
     pub(crate) async fn user(&self, username: &str) -> i64 {
@@ -217,10 +217,12 @@ impl Postgres {
         }
     }
 
-    /// Closes `cms`'s connections and drops the database.
+    /// Stops `cms`'s listeners, closes its connections and drops the
+    /// database.
     pub(crate) async fn drop(self, cms: &Cms) {
         use sqlx::Executor;
 
+        cms.state.store.shutdown(Duration::from_secs(10)).await;
         cms.state.db.close().await;
         // FORCE: a server process can outlive its closed client connection
         // by more than the 5 seconds a plain DROP waits for it.

@@ -1,16 +1,19 @@
-//! Dead letters: `GET /admin/dead-letters` lists the events a listener gave
-//! up on, `POST /admin/dead-letters/redrive` emits them again; and the
-//! reconciler, which repairs the row of every search dead letter at once.
+//! Dead deliveries: `GET /admin/dead-letters` lists the events a listener
+//! gave up on, as the store keeps them (in the database, so they outlive a
+//! restart), and `POST /admin/dead-letters/redrive` hands them to their
+//! listeners again, each as a first attempt. Listeners re-read rows, so a
+//! redriven event writes the row as it is now.
 
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
 use axum::extract::State;
 use axum::{Json, Router, routing};
-use event_bus::Publish;
 use serde_json::{Value, json};
 
 use super::AppState;
+use super::error::ApiError;
+use super::write::store_error;
 
 pub(crate) fn routes() -> Router<Arc<AppState>> {
     Router::new()
@@ -18,17 +21,23 @@ pub(crate) fn routes() -> Router<Arc<AppState>> {
         .route("/admin/dead-letters/redrive", routing::post(redrive))
 }
 
-async fn list(State(state): State<Arc<AppState>>) -> Json<Value> {
-    let letters: Vec<Value> = state
-        .bus
-        .dead_letters()
-        .snapshot()
+/// Every dead delivery of the database, oldest first: `listener` is the
+/// listener's name where this process runs its group, else the group.
+async fn list(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    let dead = state.store.dead_letters(None).await.map_err(store_error)?;
+    let letters: Vec<Value> = dead
         .iter()
         .map(|letter| {
+            let name = state
+                .listeners
+                .by_group(&letter.listener)
+                .map_or_else(|| letter.listener.clone(), |l| l.name().to_owned());
             json!({
-                "id": letter.envelope.id().to_string(),
-                "listener": &*letter.listener,
-                "event": letter.envelope.name(),
+                "id": letter.id.to_string(),
+                "listener": name,
+                "group": letter.listener,
+                "position": letter.position,
+                "event": letter.name,
                 "error": letter.error,
                 "attempts": letter.attempts,
                 "failed_at_ms": letter.failed_at
@@ -37,66 +46,23 @@ async fn list(State(state): State<Arc<AppState>>) -> Json<Value> {
             })
         })
         .collect();
-    Json(json!({
-        "dead_letters": letters,
-        "evicted": state.bus.metrics().dead_letters_evicted,
-    }))
+    Ok(Json(json!({ "dead_letters": letters })))
 }
 
-/// Takes every dead letter out of the store and emits its event again, to
-/// every listener that wants it: they re-read rows, so a repeat is harmless.
-async fn redrive(State(state): State<Arc<AppState>>) -> Json<Value> {
-    let letters = state.bus.dead_letters().take();
-    let count = letters.len();
-    for letter in letters {
-        state
-            .events
-            .publish_wait(letter.envelope.event().clone())
-            .await;
+/// Redrives every dead delivery, group by group; answers how many.
+async fn redrive(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    let dead = state.store.dead_letters(None).await.map_err(store_error)?;
+    let mut groups: Vec<&str> = dead.iter().map(|d| d.listener.as_str()).collect();
+    groups.sort_unstable();
+    groups.dedup();
+    let mut count = 0;
+    for group in groups {
+        count += state
+            .store
+            .redrive(group, None)
+            .await
+            .map_err(store_error)?;
     }
-    tracing::info!(count, "dead letters redriven");
-    Json(json!({ "redriven": count }))
-}
-
-/// Attempts of the reconciler per dead letter, 200ms apart and doubling.
-const RECONCILE_ATTEMPTS: u32 = 6;
-
-/// Repairs the search index for each event its listener gave up on: re-reads
-/// that row and writes it, retrying with backoff. One that still fails is
-/// logged and counted (`/health`); the next rebuild or a redrive repairs it.
-#[cfg(feature = "search")]
-pub(crate) fn reconcile(state: &AppState) {
-    let mut letters = state.bus.dead_letters().subscribe();
-    let index = state.search.clone();
-    let db = state.db.clone();
-    tokio::spawn(async move {
-        while let Some(letter) = letters.recv().await {
-            if &*letter.listener != "search" {
-                continue;
-            }
-            let mut pause = std::time::Duration::from_millis(200);
-            for attempt in 1..=RECONCILE_ATTEMPTS {
-                match index.reconcile(&db, letter.envelope.event()).await {
-                    Ok(()) => {
-                        index
-                            .reconciled
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        tracing::info!(event = %letter.envelope.id(), "search row reconciled after a dead letter");
-                        break;
-                    }
-                    Err(error) if attempt == RECONCILE_ATTEMPTS => {
-                        index
-                            .unreconciled
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        tracing::error!(event = %letter.envelope.id(), %error, "search row not reconciled");
-                    }
-                    Err(error) => {
-                        tracing::warn!(event = %letter.envelope.id(), %error, attempt, "reconcile failed; retrying");
-                        tokio::time::sleep(pause).await;
-                        pause *= 2;
-                    }
-                }
-            }
-        }
-    });
+    tracing::info!(count, "dead deliveries redriven");
+    Ok(Json(json!({ "redriven": count })))
 }

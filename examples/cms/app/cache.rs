@@ -3,10 +3,11 @@
 //! miss; the handlers are the same.
 //!
 //! Read-your-writes: a write marks the keys its event will invalidate as in
-//! flux before it emits ([`Events`](super::Events)), and the invalidator
-//! clears the mark when it handles the event. A read of a key in flux goes to
-//! the database and caches nothing, so a client that reads right after its
-//! write sees it, even while the invalidator is behind.
+//! flux when it emits, before it commits ([`Write`](super::write::Write)),
+//! and the invalidator clears the mark when it handles the event (a write
+//! that does not commit takes its marks back). A read of a key in flux goes
+//! to the database and caches nothing, so a client that reads right after
+//! its write sees it, even while the invalidator is behind.
 
 use axum::Json;
 use axum::response::{IntoResponse, Response};
@@ -119,6 +120,17 @@ mod enabled {
         in_flux: HashMap<CacheKey, usize>,
     }
 
+    impl Guard {
+        fn unmark(&mut self, key: &CacheKey) {
+            if let Some(count) = self.in_flux.get_mut(key) {
+                *count -= 1;
+                if *count == 0 {
+                    self.in_flux.remove(key);
+                }
+            }
+        }
+    }
+
     impl Cache {
         pub(crate) fn new(capacity: u64) -> Self {
             Self {
@@ -179,12 +191,20 @@ mod enabled {
             guard.generation += 1;
             for key in keys {
                 self.entries.invalidate(&key);
-                if let Some(count) = guard.in_flux.get_mut(&key) {
-                    *count -= 1;
-                    if *count == 0 {
-                        guard.in_flux.remove(&key);
-                    }
-                }
+                guard.unmark(&key);
+            }
+        }
+
+        /// Takes back the marks of [`expect`](Self::expect): the write that
+        /// emitted `event` did not commit, so no invalidation will come.
+        pub(crate) fn unexpect(&self, event: &AppEvent) {
+            let keys = CacheKey::stale_after(event);
+            if keys.is_empty() {
+                return;
+            }
+            let mut guard = self.guard();
+            for key in keys {
+                guard.unmark(&key);
             }
         }
 
@@ -204,6 +224,16 @@ mod enabled {
     /// Invalidates the entries each event changes. It cannot fail, so it
     /// loses an event only if the bus drops it, which its backpressure
     /// policy (see `app::build`) prevents for what the handlers emit.
+    ///
+    /// It runs on this process's bus, not on the durable tier: the cache is
+    /// this process's memory, so what matters is that the invalidation of
+    /// this process's writes reaches it at once (a durable listener would
+    /// come a claim and a finish later, and then again for every event
+    /// redelivered), and a crash, the one thing that loses what the bus
+    /// holds, empties the cache too. Writes of other processes on the same
+    /// database do not reach it; a durable listener of a group of its own
+    /// per process would carry them, but could not tell them from this
+    /// process's own, which it would invalidate a second time, late.
     pub(crate) struct CacheInvalidator(pub Arc<Cache>);
 
     impl Listener<AppEvent> for CacheInvalidator {

@@ -1,11 +1,15 @@
 //! The database: SQLite by default, PostgreSQL when `DATABASE_URL` says so,
 //! through sqlx's `Any` driver. Every statement is parameterised; the SQL
 //! below is the same on both (`$n` placeholders in order, `RETURNING`).
+//!
+//! Each function runs on any executor: the pool for a read, a write's
+//! transaction (`&mut *tx`, see [`Write`](super::write::Write)) for what
+//! must commit with its event.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use sqlx::any::{AnyPoolOptions, AnyRow, install_default_drivers};
+use sqlx::any::{AnyExecutor, AnyPoolOptions, AnyRow, install_default_drivers};
 use sqlx::migrate::Migrator;
 use sqlx::{AnyPool, Executor, Row};
 
@@ -97,7 +101,11 @@ const USER: &str = "id, username, email, created_at, updated_at";
 const POST: &str = "id, author_id, title, slug, body, published, created_at, updated_at";
 const COMMENT: &str = "id, post_id, author_id, body, created_at";
 
-pub(crate) async fn insert_user(db: &AnyPool, username: &str, email: &str) -> sqlx::Result<User> {
+pub(crate) async fn insert_user(
+    db: impl AnyExecutor<'_>,
+    username: &str,
+    email: &str,
+) -> sqlx::Result<User> {
     let now = now();
     sqlx::query_as(&format!(
         "INSERT INTO users (username, email, created_at, updated_at) VALUES ($1, $2, $3, $4) RETURNING {USER}"
@@ -110,21 +118,26 @@ pub(crate) async fn insert_user(db: &AnyPool, username: &str, email: &str) -> sq
     .await
 }
 
-pub(crate) async fn user(db: &AnyPool, id: i64) -> sqlx::Result<Option<User>> {
+pub(crate) async fn user(db: impl AnyExecutor<'_>, id: i64) -> sqlx::Result<Option<User>> {
     sqlx::query_as(&format!("SELECT {USER} FROM users WHERE id = $1"))
         .bind(id)
         .fetch_optional(db)
         .await
 }
 
-pub(crate) async fn users(db: &AnyPool) -> sqlx::Result<Vec<User>> {
+#[allow(dead_code)] // for the tests
+pub(crate) async fn users(db: impl AnyExecutor<'_>) -> sqlx::Result<Vec<User>> {
     sqlx::query_as(&format!("SELECT {USER} FROM users ORDER BY id"))
         .fetch_all(db)
         .await
 }
 
 /// Up to `limit` users with an id above `after`, by id.
-pub(crate) async fn users_page(db: &AnyPool, after: i64, limit: i64) -> sqlx::Result<Vec<User>> {
+pub(crate) async fn users_page(
+    db: impl AnyExecutor<'_>,
+    after: i64,
+    limit: i64,
+) -> sqlx::Result<Vec<User>> {
     sqlx::query_as(&format!(
         "SELECT {USER} FROM users WHERE id > $1 ORDER BY id LIMIT $2"
     ))
@@ -134,7 +147,10 @@ pub(crate) async fn users_page(db: &AnyPool, after: i64, limit: i64) -> sqlx::Re
     .await
 }
 
-pub(crate) async fn user_by_name(db: &AnyPool, username: &str) -> sqlx::Result<Option<User>> {
+pub(crate) async fn user_by_name(
+    db: impl AnyExecutor<'_>,
+    username: &str,
+) -> sqlx::Result<Option<User>> {
     sqlx::query_as(&format!("SELECT {USER} FROM users WHERE username = $1"))
         .bind(username)
         .fetch_optional(db)
@@ -148,7 +164,7 @@ pub(crate) async fn ping(db: &AnyPool) -> sqlx::Result<()> {
 }
 
 pub(crate) async fn update_user(
-    db: &AnyPool,
+    db: impl AnyExecutor<'_>,
     id: i64,
     username: &str,
     email: &str,
@@ -165,7 +181,7 @@ pub(crate) async fn update_user(
 }
 
 /// Whether the user wrote any post or comment (and so cannot be deleted).
-pub(crate) async fn user_has_content(db: &AnyPool, id: i64) -> sqlx::Result<bool> {
+pub(crate) async fn user_has_content(db: impl AnyExecutor<'_>, id: i64) -> sqlx::Result<bool> {
     let (count,): (i64,) = sqlx::query_as(
         "SELECT (SELECT COUNT(*) FROM posts WHERE author_id = $1) + (SELECT COUNT(*) FROM comments WHERE author_id = $2)",
     )
@@ -176,7 +192,7 @@ pub(crate) async fn user_has_content(db: &AnyPool, id: i64) -> sqlx::Result<bool
     Ok(count > 0)
 }
 
-pub(crate) async fn delete_user(db: &AnyPool, id: i64) -> sqlx::Result<Option<User>> {
+pub(crate) async fn delete_user(db: impl AnyExecutor<'_>, id: i64) -> sqlx::Result<Option<User>> {
     sqlx::query_as(&format!("DELETE FROM users WHERE id = $1 RETURNING {USER}"))
         .bind(id)
         .fetch_optional(db)
@@ -184,7 +200,7 @@ pub(crate) async fn delete_user(db: &AnyPool, id: i64) -> sqlx::Result<Option<Us
 }
 
 pub(crate) async fn insert_post(
-    db: &AnyPool,
+    db: impl AnyExecutor<'_>,
     author_id: i64,
     title: &str,
     slug: &str,
@@ -206,28 +222,36 @@ pub(crate) async fn insert_post(
     .await
 }
 
-pub(crate) async fn post(db: &AnyPool, id: i64) -> sqlx::Result<Option<Post>> {
+pub(crate) async fn post(db: impl AnyExecutor<'_>, id: i64) -> sqlx::Result<Option<Post>> {
     sqlx::query_as(&format!("SELECT {POST} FROM posts WHERE id = $1"))
         .bind(id)
         .fetch_optional(db)
         .await
 }
 
-pub(crate) async fn post_by_slug(db: &AnyPool, slug: &str) -> sqlx::Result<Option<Post>> {
+pub(crate) async fn post_by_slug(
+    db: impl AnyExecutor<'_>,
+    slug: &str,
+) -> sqlx::Result<Option<Post>> {
     sqlx::query_as(&format!("SELECT {POST} FROM posts WHERE slug = $1"))
         .bind(slug)
         .fetch_optional(db)
         .await
 }
 
-pub(crate) async fn posts(db: &AnyPool) -> sqlx::Result<Vec<Post>> {
+#[allow(dead_code)] // for the tests
+pub(crate) async fn posts(db: impl AnyExecutor<'_>) -> sqlx::Result<Vec<Post>> {
     sqlx::query_as(&format!("SELECT {POST} FROM posts ORDER BY id"))
         .fetch_all(db)
         .await
 }
 
 /// Up to `limit` posts with an id above `after`, by id.
-pub(crate) async fn posts_page(db: &AnyPool, after: i64, limit: i64) -> sqlx::Result<Vec<Post>> {
+pub(crate) async fn posts_page(
+    db: impl AnyExecutor<'_>,
+    after: i64,
+    limit: i64,
+) -> sqlx::Result<Vec<Post>> {
     sqlx::query_as(&format!(
         "SELECT {POST} FROM posts WHERE id > $1 ORDER BY id LIMIT $2"
     ))
@@ -239,7 +263,7 @@ pub(crate) async fn posts_page(db: &AnyPool, after: i64, limit: i64) -> sqlx::Re
 
 /// The slugs that are `base` or `base-…`. A slug is made of `a-z`, `0-9` and
 /// `-`, none of which `LIKE` treats specially.
-pub(crate) async fn slugs_like(db: &AnyPool, base: &str) -> sqlx::Result<Vec<String>> {
+pub(crate) async fn slugs_like(db: impl AnyExecutor<'_>, base: &str) -> sqlx::Result<Vec<String>> {
     let rows: Vec<(String,)> =
         sqlx::query_as("SELECT slug FROM posts WHERE slug = $1 OR slug LIKE $2")
             .bind(base)
@@ -253,7 +277,7 @@ pub(crate) async fn slugs_like(db: &AnyPool, base: &str) -> sqlx::Result<Vec<Str
 /// (lowercase), best first by recency: what search answers from while the
 /// index is being built.
 pub(crate) async fn find_posts(
-    db: &AnyPool,
+    db: impl AnyExecutor<'_>,
     terms: &[String],
     limit: i64,
 ) -> sqlx::Result<Vec<Post>> {
@@ -273,7 +297,7 @@ pub(crate) async fn find_posts(
 
 /// Users whose name holds every one of `terms`, as [`find_posts`].
 pub(crate) async fn find_users(
-    db: &AnyPool,
+    db: impl AnyExecutor<'_>,
     terms: &[String],
     limit: i64,
 ) -> sqlx::Result<Vec<User>> {
@@ -298,7 +322,7 @@ fn like_escaped(term: &str) -> String {
 }
 
 pub(crate) async fn update_post(
-    db: &AnyPool,
+    db: impl AnyExecutor<'_>,
     id: i64,
     title: &str,
     body: &str,
@@ -314,7 +338,7 @@ pub(crate) async fn update_post(
     .await
 }
 
-pub(crate) async fn publish_post(db: &AnyPool, id: i64) -> sqlx::Result<Option<Post>> {
+pub(crate) async fn publish_post(db: impl AnyExecutor<'_>, id: i64) -> sqlx::Result<Option<Post>> {
     sqlx::query_as(&format!(
         "UPDATE posts SET published = $1, updated_at = $2 WHERE id = $3 RETURNING {POST}"
     ))
@@ -326,7 +350,7 @@ pub(crate) async fn publish_post(db: &AnyPool, id: i64) -> sqlx::Result<Option<P
 }
 
 /// Deletes the post; its comments go with it (`ON DELETE CASCADE`).
-pub(crate) async fn delete_post(db: &AnyPool, id: i64) -> sqlx::Result<Option<Post>> {
+pub(crate) async fn delete_post(db: impl AnyExecutor<'_>, id: i64) -> sqlx::Result<Option<Post>> {
     sqlx::query_as(&format!("DELETE FROM posts WHERE id = $1 RETURNING {POST}"))
         .bind(id)
         .fetch_optional(db)
@@ -334,7 +358,7 @@ pub(crate) async fn delete_post(db: &AnyPool, id: i64) -> sqlx::Result<Option<Po
 }
 
 pub(crate) async fn insert_comment(
-    db: &AnyPool,
+    db: impl AnyExecutor<'_>,
     post_id: i64,
     author_id: i64,
     body: &str,
@@ -350,7 +374,7 @@ pub(crate) async fn insert_comment(
     .await
 }
 
-pub(crate) async fn comments(db: &AnyPool, post_id: i64) -> sqlx::Result<Vec<Comment>> {
+pub(crate) async fn comments(db: impl AnyExecutor<'_>, post_id: i64) -> sqlx::Result<Vec<Comment>> {
     sqlx::query_as(&format!(
         "SELECT {COMMENT} FROM comments WHERE post_id = $1 ORDER BY id"
     ))
@@ -359,7 +383,10 @@ pub(crate) async fn comments(db: &AnyPool, post_id: i64) -> sqlx::Result<Vec<Com
     .await
 }
 
-pub(crate) async fn delete_comment(db: &AnyPool, id: i64) -> sqlx::Result<Option<Comment>> {
+pub(crate) async fn delete_comment(
+    db: impl AnyExecutor<'_>,
+    id: i64,
+) -> sqlx::Result<Option<Comment>> {
     sqlx::query_as(&format!(
         "DELETE FROM comments WHERE id = $1 RETURNING {COMMENT}"
     ))

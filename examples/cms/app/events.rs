@@ -1,14 +1,21 @@
 //! The CMS's domain events. Payloads are light: the ids and the few fields a
 //! listener routes on. Listeners re-read rows from the database, so a late or
-//! repeated event can never write stale data anywhere.
+//! repeated event can never write stale data anywhere; and that is what makes
+//! the durable tier's at-least-once delivery, and a replay, harmless.
+//!
+//! They are written to the store's log in JSON (serde), in the transaction
+//! of the row they are about.
 
 use event_bus::DomainEvent;
+use serde::{Deserialize, Serialize};
 
 use super::db::{Comment, Post, User};
 
-/// Deletions are high priority: a deleted user or post leaves the search
-/// index and the cache before any routine update still queued.
-#[derive(Debug, Clone, DomainEvent)]
+/// Deletions are high priority on a bus, where a deleted user or post would
+/// leave the search index and the cache before any routine update still
+/// queued; the durable tier, which the CMS runs its listeners on, hands each
+/// listener its events in commit order instead.
+#[derive(Debug, Clone, DomainEvent, Serialize, Deserialize)]
 pub(crate) enum AppEvent {
     UserCreated(UserEventData),
     UserUpdated(UserEventData),
@@ -23,7 +30,7 @@ pub(crate) enum AppEvent {
     CommentDeleted(CommentEventData),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct UserEventData {
     pub(crate) id: i64,
 }
@@ -34,7 +41,7 @@ impl From<&User> for UserEventData {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct PostEventData {
     pub(crate) id: i64,
     /// Posts are cached under their slug as well as their id.
@@ -50,7 +57,7 @@ impl From<&Post> for PostEventData {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct CommentEventData {
     /// Comments are cached per post.
     pub(crate) post_id: i64,

@@ -10,9 +10,9 @@ use tokio::sync::watch;
 /// Where the CMS waits, if a gate is set there; none by default.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Hooks {
-    /// The index rebuild at start waits here once it has read the database
-    /// and before it writes the index: searches answer from the database
-    /// meanwhile, and what the listener indexes meanwhile is redone after.
+    /// The replay that fills an index opened empty waits here at each
+    /// batch until the gate opens, before it writes the index: searches
+    /// answer from the database meanwhile.
     pub(crate) rebuild: Option<Gate>,
     /// Each search of the index waits here on the blocking pool, holding
     /// its slot of the few that may run at once.

@@ -1,5 +1,7 @@
-//! The CMS: an axum API over a SQL database whose handlers write and emit one
-//! event each; listeners keep the search index and the cache in step.
+//! The CMS: an axum API over a SQL database whose handlers write a row and
+//! emit its event in one transaction (the durable tier's outbox); a durable
+//! listener, reading the store's log, keeps the search index in step, and
+//! one on this process's bus the cache.
 
 pub(crate) mod admin;
 pub(crate) mod cache;
@@ -7,6 +9,7 @@ pub(crate) mod db;
 pub(crate) mod error;
 pub(crate) mod events;
 pub(crate) mod hooks;
+pub(crate) mod listeners;
 pub(crate) mod posts;
 pub(crate) mod search;
 pub(crate) mod server;
@@ -14,16 +17,25 @@ pub(crate) mod system;
 pub(crate) mod telemetry;
 pub(crate) mod users;
 pub(crate) mod welcome;
+pub(crate) mod write;
 
 use std::path::PathBuf;
 use std::sync::Arc;
+#[cfg(any(feature = "search", feature = "cache"))]
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::extract::rejection::QueryRejection;
 use axum::http::StatusCode;
-use event_bus::{EventBus, LagPolicy, ListenerOptions, Publish, RetryPolicy};
+use event_bus::EventBus;
+#[cfg(feature = "cache")]
+use event_bus::LagPolicy;
+use event_bus::sql::AnyStore;
+#[cfg(feature = "search")]
+use event_bus::sql::{Durable, Start};
+#[cfg(any(feature = "search", feature = "cache"))]
+use event_bus::{ListenerOptions, RetryPolicy};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
 use sqlx::AnyPool;
@@ -31,6 +43,7 @@ use tower_http::timeout::TimeoutLayer;
 
 use self::error::ApiError;
 use self::events::AppEvent;
+use self::listeners::Listeners;
 
 /// The largest request body, answered 413 past it.
 pub(crate) const BODY_LIMIT: usize = 1024 * 1024;
@@ -43,7 +56,7 @@ pub(crate) struct Config {
     pub(crate) data_dir: PathBuf,
     /// A `sqlite:` or `postgres:` URL; default `sqlite://{data_dir}/cms.db`.
     pub(crate) database_url: Option<String>,
-    /// Where a test holds the CMS mid-way (the index rebuild, searches);
+    /// Where a test holds the CMS mid-way (the index's replay, searches);
     /// nothing is held by default, and never from the environment.
     pub(crate) hooks: hooks::Hooks,
 }
@@ -72,9 +85,14 @@ impl Config {
 /// What every handler shares.
 pub(crate) struct AppState {
     pub(crate) db: AnyPool,
+    /// The durable tier on `db`: the outbox the handlers write their events
+    /// in, and the log the listeners read.
+    pub(crate) store: AnyStore<AppEvent>,
+    /// The listeners this process runs on the store.
+    pub(crate) listeners: Listeners,
+    /// This process's bus: every event committed here, emitted after its
+    /// commit, for the listeners whose state is this process's memory.
     pub(crate) bus: EventBus<AppEvent>,
-    /// What the handlers emit on.
-    pub(crate) events: Events,
     pub(crate) prometheus: PrometheusHandle,
     /// The writes running on tasks of their own.
     writes: tokio_util::task::TaskTracker,
@@ -84,59 +102,50 @@ pub(crate) struct AppState {
     pub(crate) cache: Arc<cache::Cache>,
 }
 
-/// The handlers' publisher: the bus, with the cache told first which keys
-/// each event will make stale, so a read right after a write sees it.
-/// `state.events.emit_post_updated_wait(&post).await` waits while a
-/// listener's queue is full, and so loses nothing.
-pub(crate) struct Events {
-    bus: EventBus<AppEvent>,
-    #[cfg(feature = "cache")]
-    cache: Arc<cache::Cache>,
+/// A failing row (a database blip) is tried again with backoff, six
+/// attempts in all; on the durable tier each is persisted, so a retry
+/// survives a restart, and then it is a dead delivery.
+#[cfg(any(feature = "search", feature = "cache"))]
+fn retrying() -> ListenerOptions {
+    ListenerOptions::new().retry(
+        RetryPolicy::exponential(6)
+            .initial_backoff(Duration::from_millis(50))
+            .max_backoff(Duration::from_secs(2)),
+    )
 }
 
-impl Events {
-    fn expect(&self, event: &AppEvent) {
-        #[cfg(feature = "cache")]
-        self.cache.expect(event);
-        #[cfg(not(feature = "cache"))]
-        let _ = event;
-    }
-}
-
-impl Publish<AppEvent> for Events {
-    fn publish(&self, event: AppEvent) {
-        self.expect(&event);
-        self.bus.emit(event);
-    }
-
-    fn publish_wait(&self, event: AppEvent) -> impl Future<Output = ()> + Send {
-        self.expect(&event);
-        self.bus.emit_wait(event)
-    }
-}
-
-/// The options of the listeners that keep a copy of the database: never
-/// drop (handlers emit with `emit_wait`), retry a failing row with backoff.
+/// The options of a listener on the bus that keeps a copy of the database:
+/// never drop (handlers emit with `emit_wait`), retry as [`retrying`].
+#[cfg(feature = "cache")]
 fn lossless() -> ListenerOptions {
-    ListenerOptions::new()
+    retrying()
         .capacity(4096)
         .lag_policy(LagPolicy::Backpressure)
-        .retry(
-            RetryPolicy::exponential(6)
-                .initial_backoff(Duration::from_millis(50))
-                .max_backoff(Duration::from_secs(2)),
-        )
 }
 
-/// Opens the database and the index, and starts the listeners; the index is
-/// rebuilt in the background.
+/// Opens the database, the store and the index, and starts the listeners.
+///
+/// - The search listener runs on the durable tier, on a group of its own
+///   per data directory ([`listeners::instance`]): the index is a local
+///   directory, so each instance must see every event its database commits,
+///   whichever process committed it, and must never miss one (a crash
+///   before its index commit leaves the event to be delivered again). The
+///   CMS never prunes the log: it is what refills an index opened empty.
+/// - The cache invalidator runs on this process's bus, fed after each
+///   commit ([`AppState::commit`]): the cache is this process's memory, so
+///   the invalidation of this process's writes must reach it before the
+///   write answers (a read right after sees it), and what the bus loses in
+///   a crash is what the crash loses of the cache anyway. Writes of other
+///   processes on the same database do not reach it: see `cache`.
 pub(crate) async fn build(
     config: &Config,
 ) -> Result<Arc<AppState>, Box<dyn std::error::Error + Send + Sync>> {
-    // Before the bus: its listeners register their counters at spawn.
+    // Before the listeners: they register their counters at spawn.
     let prometheus = telemetry::prometheus();
     std::fs::create_dir_all(&config.data_dir)?;
     let db = db::connect(&config.database_url()).await?;
+    let store = AnyStore::<AppEvent>::new(db.clone()).await?;
+    let listeners = Listeners::default();
     let bus = EventBus::new();
 
     #[cfg(feature = "search")]
@@ -145,17 +154,25 @@ pub(crate) async fn build(
             &config.data_dir.join("search"),
             config.hooks.clone(),
         )?);
-        // One index commit per batch: a burst of edits costs a few commits,
-        // not one each. Spawned before the rebuild, so that nothing emitted
-        // while it runs is missed.
-        bus.spawn_with(
-            search::SearchIndexer {
-                db: db.clone(),
-                index: index.clone(),
-            },
-            lossless(),
-        );
-        index.rebuild_in_background(db.clone());
+        let group = format!("search-{}", listeners::instance(&config.data_dir)?);
+        // An index opened empty (new, or deleted, or unreadable) is filled
+        // again by its group reading the log from its first event; an index
+        // that holds documents goes on from its group's checkpoint, which
+        // moves only past what it committed.
+        if index.needs_replay() {
+            store.replay(&group, Start::Beginning).await?;
+        }
+        let durable = Durable::new().group(group.clone()).start(Start::Beginning);
+        let indexer = search::SearchIndexer {
+            db: db.clone(),
+            index: index.clone(),
+        };
+        let spawned = listeners
+            .spawn(&store, indexer, retrying(), durable)
+            .await?;
+        if index.needs_replay() {
+            index.ready_once_replayed(store.clone(), spawned);
+        }
         index
     };
     #[cfg(feature = "cache")]
@@ -165,13 +182,10 @@ pub(crate) async fn build(
         cache
     };
 
-    let state = Arc::new(AppState {
-        events: Events {
-            bus: bus.clone(),
-            #[cfg(feature = "cache")]
-            cache: cache.clone(),
-        },
+    Ok(Arc::new(AppState {
         db,
+        store,
+        listeners,
         bus,
         prometheus,
         writes: tokio_util::task::TaskTracker::new(),
@@ -179,10 +193,7 @@ pub(crate) async fn build(
         search,
         #[cfg(feature = "cache")]
         cache,
-    });
-    #[cfg(feature = "search")]
-    admin::reconcile(&state);
-    Ok(state)
+    }))
 }
 
 /// Every route of the API, with its limits.
@@ -207,9 +218,10 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
 impl AppState {
     /// Runs a write to its end on a task of its own, whether or not the
     /// request that started it is still waiting: a client that disconnects
-    /// (or the request timeout) drops the handler, never a write between its
-    /// commit and its event. Shutdown waits for these tasks
-    /// ([`AppState::writes_done`]) before it drains the bus.
+    /// (or the request timeout) drops the handler, never a transaction
+    /// mid-statement or mid-commit, nor a write between its commit and its
+    /// bus events. Shutdown waits for these tasks
+    /// ([`AppState::writes_done`]) before it stops the listeners.
     pub(crate) async fn detached<T: Send + 'static>(
         &self,
         write: impl Future<Output = Result<T, ApiError>> + Send + 'static,

@@ -1,10 +1,10 @@
-//! `/posts` and their comments: handlers write the database and emit one
-//! event; the search index and the cache follow through listeners.
+//! `/posts` and their comments: handlers write a row and emit its event in
+//! one transaction ([`Write`](super::write::Write)); the search index and
+//! the cache follow through listeners.
 //!
-//! Every write runs to its end on a task of its own
-//! ([`AppState::detached`]), so a
-//! client that hangs up mid-request cannot leave a committed row without its
-//! event.
+//! A row and its event commit together or not at all; and every write runs
+//! to its end on a task of its own ([`AppState::detached`]), so a client
+//! that hangs up mid-request cannot stop a transaction half way.
 
 use std::sync::Arc;
 
@@ -12,6 +12,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::{Json, Router, routing};
 use serde::Deserialize;
+use sqlx::any::AnyExecutor;
 
 use super::cache::{CacheKey, Cached};
 use super::db::{self, Comment, Post};
@@ -82,15 +83,20 @@ pub(crate) async fn create_post(state: &AppState, input: NewPost) -> Result<Post
     // writer that keeps losing that race to others creating the same title
     // (they all compute the same next suffix) takes a random suffix instead,
     // which no racer shares.
+    // A failed insert leaves its transaction to roll back (PostgreSQL takes
+    // no statement after an error in one): each try has a transaction of
+    // its own.
     for attempt in 0..SLUG_ATTEMPTS {
+        let mut tx = state.write().await?;
         let slug = if attempt < NUMBERED_SLUG_ATTEMPTS {
-            free_slug(&state.db, title).await?
+            free_slug(&mut *tx, title).await?
         } else {
             random_slug(title, attempt)
         };
-        match db::insert_post(&state.db, author_id, title, &slug, body).await {
+        match db::insert_post(&mut *tx, author_id, title, &slug, body).await {
             Ok(post) => {
-                state.events.emit_post_created_wait(&post).await;
+                tx.emit_post_created(&post);
+                state.commit(tx).await?;
                 return Ok(post);
             }
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => continue,
@@ -178,10 +184,10 @@ async fn read(
 }
 
 /// A post by id or by slug, from the database.
-async fn find(state: &AppState, key: &str) -> Result<Post, ApiError> {
+async fn find(db: impl AnyExecutor<'_>, key: &str) -> Result<Post, ApiError> {
     let post = match key.parse::<i64>() {
-        Ok(id) => db::post(&state.db, id).await?,
-        Err(_) => db::post_by_slug(&state.db, key).await?,
+        Ok(id) => db::post(db, id).await?,
+        Err(_) => db::post_by_slug(db, key).await?,
     };
     post.ok_or_else(|| no_post(key))
 }
@@ -194,7 +200,8 @@ async fn update(
     state
         .clone()
         .detached(async move {
-            let current = find(&state, &key).await?;
+            let mut tx = state.write().await?;
+            let current = find(&mut *tx, &key).await?;
             let title = match &changes.title {
                 Some(title) => valid_title(title)?,
                 None => &current.title,
@@ -203,10 +210,11 @@ async fn update(
                 Some(body) => valid_body(body)?,
                 None => &current.body,
             };
-            let post = db::update_post(&state.db, current.id, title, body)
+            let post = db::update_post(&mut *tx, current.id, title, body)
                 .await?
                 .ok_or_else(|| no_post(&key))?;
-            state.events.emit_post_updated_wait(&post).await;
+            tx.emit_post_updated(&post);
+            state.commit(tx).await?;
             Ok(Json(post))
         })
         .await
@@ -220,7 +228,7 @@ async fn publish(
     state
         .clone()
         .detached(async move {
-            let id = find(&state, &key).await?.id;
+            let id = find(&state.db, &key).await?.id;
             publish_post(&state, id).await.map(Json)
         })
         .await
@@ -228,10 +236,12 @@ async fn publish(
 
 /// Publishes a post; also used by `--seed`.
 pub(crate) async fn publish_post(state: &AppState, id: i64) -> Result<Post, ApiError> {
-    let post = db::publish_post(&state.db, id)
+    let mut tx = state.write().await?;
+    let post = db::publish_post(&mut *tx, id)
         .await?
         .ok_or_else(|| no_post(&id.to_string()))?;
-    state.events.emit_post_published_wait(&post).await;
+    tx.emit_post_published(&post);
+    state.commit(tx).await?;
     Ok(post)
 }
 
@@ -240,7 +250,7 @@ pub(crate) async fn publish_post(state: &AppState, id: i64) -> Result<Post, ApiE
 async fn post_id_of(state: &AppState, key: &str) -> Result<i64, ApiError> {
     match key.parse::<i64>() {
         Ok(id) => Ok(id),
-        Err(_) => Ok(find(state, key).await?.id),
+        Err(_) => Ok(find(&state.db, key).await?.id),
     }
 }
 
@@ -253,10 +263,12 @@ async fn delete(
     state
         .clone()
         .detached(async move {
-            let post = db::delete_post(&state.db, id)
+            let mut tx = state.write().await?;
+            let post = db::delete_post(&mut *tx, id)
                 .await?
                 .ok_or_else(|| no_post(&id.to_string()))?;
-            state.events.emit_post_deleted_wait(&post).await;
+            tx.emit_post_deleted(&post);
+            state.commit(tx).await?;
             Ok(StatusCode::NO_CONTENT)
         })
         .await
@@ -281,17 +293,20 @@ async fn create_comment(
     state
         .clone()
         .detached(async move {
-            if db::post(&state.db, post_id).await?.is_none() {
+            let mut tx = state.write().await?;
+            if db::post(&mut *tx, post_id).await?.is_none() {
                 return Err(no_post(&id));
             }
-            if db::user(&state.db, input.author_id).await?.is_none() {
+            if db::user(&mut *tx, input.author_id).await?.is_none() {
                 return Err(no_author(input.author_id));
             }
-            let comment = match db::insert_comment(&state.db, post_id, input.author_id, &body).await
+            let comment = match db::insert_comment(&mut *tx, post_id, input.author_id, &body).await
             {
                 Ok(comment) => comment,
-                // The post or the author was deleted since the checks above.
+                // The post or the author was deleted since the checks above
+                // (by a transaction that committed first, on PostgreSQL).
                 Err(sqlx::Error::Database(e)) if e.is_foreign_key_violation() => {
+                    drop(tx);
                     return Err(if db::post(&state.db, post_id).await?.is_none() {
                         no_post(&id)
                     } else {
@@ -300,7 +315,8 @@ async fn create_comment(
                 }
                 Err(e) => return Err(e.into()),
             };
-            state.events.emit_comment_created_wait(&comment).await;
+            tx.emit_comment_created(&comment);
+            state.commit(tx).await?;
             Ok((StatusCode::CREATED, Json(comment)))
         })
         .await
@@ -330,10 +346,12 @@ async fn delete_comment(
     state
         .clone()
         .detached(async move {
-            let comment = db::delete_comment(&state.db, id)
+            let mut tx = state.write().await?;
+            let comment = db::delete_comment(&mut *tx, id)
                 .await?
                 .ok_or_else(|| ApiError::NotFound(format!("no comment {id}")))?;
-            state.events.emit_comment_deleted_wait(&comment).await;
+            tx.emit_comment_deleted(&comment);
+            state.commit(tx).await?;
             Ok(StatusCode::NO_CONTENT)
         })
         .await
@@ -371,7 +389,7 @@ fn valid_body(body: &str) -> Result<&str, ApiError> {
 
 /// The slug a post titled `title` gets now: [`slugify`]'s, or the first of
 /// `-2`, `-3`, … after it that no post has.
-pub(crate) async fn free_slug(db: &sqlx::AnyPool, title: &str) -> Result<String, ApiError> {
+pub(crate) async fn free_slug(db: impl AnyExecutor<'_>, title: &str) -> Result<String, ApiError> {
     let base = slugify(title);
     let taken = db::slugs_like(db, &base).await?;
     Ok(next_free(&base, &taken))

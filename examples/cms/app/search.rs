@@ -1,13 +1,14 @@
 //! Full-text search (feature `search`): a tantivy index in the data
-//! directory, kept in step with the database by a batch listener that
-//! re-reads each row it is told about and writes a whole batch in one index
-//! commit. Without the feature, `GET /search` answers 501; the handlers are
-//! the same.
+//! directory, kept in step with the database by a durable batch listener
+//! that re-reads each row it is told about and writes a whole batch in one
+//! index commit. Without the feature, `GET /search` answers 501; the
+//! handlers are the same.
 //!
-//! The index is rebuilt from the database in the background at every start
-//! (an unreadable index is deleted first); until it is ready, searches
-//! answer from the database. Queries are bounded before they are parsed,
-//! and run on the blocking pool, a few at a time, under a deadline.
+//! The index is rebuilt by replaying the store's log: an index that is
+//! empty or unreadable (deleted first) is filled again from the log's first
+//! event; until the listener has caught up with the log as it was then,
+//! searches answer from the database. Queries are bounded before they are
+//! parsed, and run on the blocking pool, a few at a time, under a deadline.
 
 use serde::Serialize;
 
@@ -145,12 +146,12 @@ pub(crate) use enabled::{SearchIndex, SearchIndexer};
 
 #[cfg(feature = "search")]
 mod enabled {
-    use std::collections::{HashMap, HashSet};
+    use std::collections::HashMap;
     use std::path::Path;
-    use std::sync::atomic::AtomicU64;
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
+    use event_bus::sql::{AnyStore, DurableListener};
     use event_bus::{Batch, BatchError, BatchListener, HandlerError, KindSet};
     use sqlx::AnyPool;
     use tantivy::collector::TopDocs;
@@ -207,32 +208,20 @@ mod enabled {
         }
     }
 
-    /// The writer, and what a rebuild in progress must redo once its
-    /// snapshot is in: the rows the listener wrote meanwhile.
-    struct Writer {
-        writer: IndexWriter,
-        rebuilding: bool,
-        dirty: HashSet<Row>,
-    }
-
     /// The index: a writer behind a lock (tantivy allows one), and a reader
-    /// reloaded after every commit so a search right after `quiesce` sees it.
+    /// reloaded after every commit so a search right after the store is
+    /// idle sees it.
     pub(crate) struct SearchIndex {
         index: Index,
         reader: IndexReader,
-        writer: Mutex<Writer>,
+        writer: Mutex<IndexWriter>,
         fields: Fields,
+        /// Whether it must be filled again from the log: it was empty or
+        /// unreadable when opened.
+        needs_replay: bool,
         ready: watch::Sender<bool>,
         searches: Arc<Semaphore>,
-        /// Held from reading a row to writing it, by the listener and the
-        /// reconciler alike: whoever writes a row last read it last, so a
-        /// reconcile cannot put back a state older than the listener's.
-        ordered: tokio::sync::Mutex<()>,
-        /// Rows a dead letter made the reconciler re-read, and those it
-        /// could not.
-        pub(crate) reconciled: AtomicU64,
-        pub(crate) unreconciled: AtomicU64,
-        /// Where the rebuild and the searches wait, if a test says so.
+        /// Where the replay and the searches wait, if a test says so.
         hooks: Hooks,
         /// In the tests: how many row reads fail next, as a database blip
         /// would.
@@ -259,12 +248,14 @@ mod enabled {
 
     impl SearchIndex {
         /// Opens the index in `dir`, or, if it cannot be read, deletes it and
-        /// starts an empty one: the rebuild refills it from the database.
+        /// starts an empty one. An index opened empty (new, deleted, or
+        /// unreadable) [needs a replay](Self::needs_replay) and is not ready
+        /// until it is done; any other is ready at once.
         pub(crate) fn open(dir: &Path, hooks: Hooks) -> tantivy::Result<Self> {
             match Self::open_in(dir, hooks.clone()) {
                 Ok(index) => Ok(index),
                 Err(error) => {
-                    tracing::warn!(%error, dir = %dir.display(), "search index unreadable; rebuilding it from the database");
+                    tracing::warn!(%error, dir = %dir.display(), "search index unreadable; rebuilding it from the event log");
                     std::fs::remove_dir_all(dir)?;
                     Self::open_in(dir, hooks)
                 }
@@ -289,20 +280,19 @@ mod enabled {
                 .reload_policy(ReloadPolicy::Manual)
                 .try_into()?;
             let writer = index.writer_with_num_threads(1, 32_000_000)?;
+            // An empty index may be a new one or one whose files were
+            // deleted: either way only a replay can tell what it should
+            // hold, and replaying into an index that is rightly empty costs
+            // little.
+            let needs_replay = reader.searcher().num_docs() == 0;
             Ok(Self {
                 index,
                 reader,
-                writer: Mutex::new(Writer {
-                    writer,
-                    rebuilding: false,
-                    dirty: HashSet::new(),
-                }),
+                writer: Mutex::new(writer),
                 fields,
-                ready: watch::Sender::new(false),
+                needs_replay,
+                ready: watch::Sender::new(!needs_replay),
                 searches: Arc::new(Semaphore::new(SEARCHES)),
-                ordered: tokio::sync::Mutex::new(()),
-                reconciled: AtomicU64::new(0),
-                unreconciled: AtomicU64::new(0),
                 hooks,
                 #[cfg(test)]
                 failing_reads: std::sync::atomic::AtomicU32::new(0),
@@ -312,6 +302,35 @@ mod enabled {
         /// Whether the index holds every row (searches use it).
         pub(crate) fn is_ready(&self) -> bool {
             *self.ready.borrow()
+        }
+
+        /// Whether the index was opened empty, to be filled from the log's
+        /// first event.
+        pub(crate) fn needs_replay(&self) -> bool {
+            self.needs_replay
+        }
+
+        /// Makes the index ready once `listener`, replaying, has read the
+        /// log up to where it ends now: every row an event named by then is
+        /// in the index as it was read then or later, and what comes after
+        /// is the listener's ordinary lag. Until then searches answer from
+        /// the database.
+        pub(crate) fn ready_once_replayed(
+            self: &Arc<Self>,
+            store: AnyStore<AppEvent>,
+            listener: DurableListener,
+        ) {
+            let this = self.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = caught_up(&store, listener.group()) => {
+                        tracing::info!(documents = this.documents(), "search index ready");
+                        this.ready.send_replace(true);
+                    }
+                    // Stopped first (shutdown): the next start replays.
+                    () = listener.finished() => {}
+                }
+            });
         }
 
         /// Waits until the index is ready, for the tests.
@@ -326,13 +345,13 @@ mod enabled {
         /// the async threads.
         async fn write(
             self: &Arc<Self>,
-            change: impl FnOnce(&mut Writer, &Fields) -> tantivy::Result<()> + Send + 'static,
+            change: impl FnOnce(&mut IndexWriter, &Fields) -> tantivy::Result<()> + Send + 'static,
         ) -> tantivy::Result<()> {
             let this = self.clone();
             let task = tokio::task::spawn_blocking(move || {
                 let mut writer = this.writer.lock().unwrap_or_else(|e| e.into_inner());
                 change(&mut writer, &this.fields)?;
-                writer.writer.commit()?;
+                writer.commit()?;
                 this.reader.reload()
             });
             match task.await {
@@ -343,29 +362,15 @@ mod enabled {
 
         /// Replaces or removes the document of each row, in one commit.
         async fn apply(self: &Arc<Self>, changes: Vec<Change>) -> tantivy::Result<()> {
-            self.apply_as(changes, false).await
-        }
-
-        /// [`apply`](Self::apply); unless `rebuild` says the rebuild is
-        /// redoing them, the rows are marked dirty while a rebuild runs.
-        async fn apply_as(
-            self: &Arc<Self>,
-            changes: Vec<Change>,
-            rebuild: bool,
-        ) -> tantivy::Result<()> {
             if changes.is_empty() {
                 return Ok(());
             }
-            self.write(move |w, f| {
+            self.write(move |writer, f| {
                 for change in changes {
-                    if w.rebuilding && !rebuild {
-                        w.dirty.insert(change.row);
-                    }
-                    w.writer
-                        .delete_term(Term::from_field_text(f.key, &change.row.key()));
+                    writer.delete_term(Term::from_field_text(f.key, &change.row.key()));
                     match change.current {
-                        Some(Current::User(user)) => w.writer.add_document(f.user(user))?,
-                        Some(Current::Post(post)) => w.writer.add_document(f.post(post))?,
+                        Some(Current::User(user)) => writer.add_document(f.user(user))?,
+                        Some(Current::Post(post)) => writer.add_document(f.post(post))?,
                         None => continue,
                     };
                 }
@@ -395,22 +400,6 @@ mod enabled {
                     .filter(|post| post.published)
                     .map(Current::Post),
             })
-        }
-
-        /// Re-reads the row `event` is about and writes it to the index: the
-        /// repair for an event the listener gave up on.
-        pub(crate) async fn reconcile(
-            self: &Arc<Self>,
-            db: &AnyPool,
-            event: &AppEvent,
-        ) -> Result<(), HandlerError> {
-            let Some(row) = Row::of(event) else {
-                return Ok(());
-            };
-            let _ordered = self.ordered.lock().await;
-            let current = self.current(db, row).await?;
-            self.apply(vec![Change { row, current }]).await?;
-            Ok(())
         }
 
         pub(crate) async fn search(
@@ -537,81 +526,32 @@ mod enabled {
                 score,
             }
         }
+    }
 
-        /// Rebuilds the index from the database on a task of its own, again
-        /// and again with a growing pause while the database fails; searches
-        /// answer from the database until it is done. The listener must be
-        /// running already: what it writes meanwhile is redone after the
-        /// snapshot.
-        pub(crate) fn rebuild_in_background(self: &Arc<Self>, db: AnyPool) {
-            let this = self.clone();
-            tokio::spawn(async move {
-                let mut pause = Duration::from_millis(100);
-                loop {
-                    match this.rebuild(&db).await {
-                        Ok(documents) => {
-                            tracing::info!(documents, "search index ready");
-                            this.ready.send_replace(true);
+    /// How often the replay's progress is read.
+    const REPLAY_POLL: Duration = Duration::from_millis(20);
+
+    /// Returns once `group`'s checkpoint has reached the log's end as it was
+    /// at the first look.
+    async fn caught_up(store: &AnyStore<AppEvent>, group: &str) {
+        let mut end = None;
+        loop {
+            match store.progress().await {
+                Ok(progress) => {
+                    if let Some(p) = progress.iter().find(|p| p.listener == group) {
+                        let end = *end.get_or_insert(p.checkpoint + p.lag);
+                        if p.checkpoint >= end {
                             return;
                         }
-                        Err(error) => {
-                            tracing::warn!(%error, ?pause, "search index rebuild failed; retrying");
-                            tokio::time::sleep(pause).await;
-                            pause = (pause * 2).min(Duration::from_secs(10));
-                        }
                     }
                 }
-            });
-        }
-
-        /// Brings the index in line with every row: what the bus could not
-        /// deliver before a crash is repaired at start.
-        async fn rebuild(self: &Arc<Self>, db: &AnyPool) -> Result<u64, HandlerError> {
-            self.writer
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .rebuilding = true;
-            let users = db::users(db).await?;
-            let posts: Vec<Post> = db::posts(db)
-                .await?
-                .into_iter()
-                .filter(|p| p.published)
-                .collect();
-            if let Some(gate) = &self.hooks.rebuild {
-                gate.pass().await;
+                Err(error) => {
+                    tracing::warn!(%error, "could not read the search replay's progress; trying again");
+                }
             }
-            self.write(move |w, f| {
-                w.writer.delete_all_documents()?;
-                for user in users {
-                    w.writer.add_document(f.user(user))?;
-                }
-                for post in posts {
-                    w.writer.add_document(f.post(post))?;
-                }
-                Ok(())
-            })
-            .await?;
-            // The snapshot may have overwritten what the listener wrote since
-            // it was read: read those rows again, until none is left.
-            loop {
-                let dirty: Vec<Row> = {
-                    let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-                    if w.dirty.is_empty() {
-                        w.rebuilding = false;
-                        break;
-                    }
-                    w.dirty.drain().collect()
-                };
-                let mut changes = Vec::with_capacity(dirty.len());
-                for row in dirty {
-                    changes.push(Change {
-                        row,
-                        current: self.current(db, row).await?,
-                    });
-                }
-                self.apply_as(changes, true).await?;
-            }
-            Ok(self.documents())
+            // The store tells no one when a checkpoint moves; its own
+            // `idle` looks again the same way.
+            tokio::time::sleep(REPLAY_POLL).await;
         }
     }
 
@@ -715,8 +655,12 @@ mod enabled {
     ///
     /// A row that cannot be read fails the events that named it, which are
     /// retried with backoff; a failed commit fails the batch. An event still
-    /// failing after the last attempt is a dead letter, and the reconciler
-    /// (`app::reconcile`) re-reads its row.
+    /// failing after the last attempt is a dead delivery, kept by the store
+    /// until it is redriven (`/admin/dead-letters`).
+    ///
+    /// A durable listener with a group of its own per data directory (see
+    /// `app::build`): the index is a local directory, so each instance must
+    /// see every event, and the log is what rebuilds it.
     pub(crate) struct SearchIndexer {
         pub(crate) db: AnyPool,
         pub(crate) index: Arc<SearchIndex>,
@@ -753,7 +697,13 @@ mod enabled {
                 });
                 rows[at].1.push(position);
             }
-            let _ordered = self.index.ordered.lock().await;
+            // While the index is filled again, a test may hold the replay
+            // here, before it writes anything.
+            if !self.index.is_ready() {
+                if let Some(gate) = &self.index.hooks.rebuild {
+                    gate.pass().await;
+                }
+            }
             let mut changes = Vec::with_capacity(rows.len());
             let mut failed: Option<BatchError> = None;
             for (row, positions) in rows {

@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
 use axum::{Json, Router, routing};
-use event_bus::{BusMetrics, ListenerStatus};
+use event_bus::ListenerStatus;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -54,7 +54,9 @@ async fn search(
     ))
 }
 
-/// The Prometheus text format: the bus's counters and the CMS's.
+/// The Prometheus text format: the listeners' counters, the log's lag per
+/// group (`event_bus_log_lag`), the events emitted on the bus after their
+/// commit, and the CMS's own.
 async fn prometheus(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -62,64 +64,68 @@ async fn prometheus(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     )
 }
 
-/// The bus's metrics snapshot, as JSON.
-async fn metrics(State(state): State<Arc<AppState>>) -> Json<BusMetrics> {
-    Json(state.bus.metrics())
+/// The events this process committed (each emitted on its bus after its
+/// commit), and each of its listeners: its counts in this process and, for
+/// a durable one, its group's progress through the log.
+async fn metrics(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let (listeners, error) = state.listener_states().await;
+    Json(json!({
+        "emitted": state.bus.metrics().emitted,
+        "listeners": listeners,
+        "progress_error": error,
+    }))
 }
 
-/// A listener is lagging past this many queued events.
-const LAGGING: usize = 1000;
+/// A listener is lagging past this many events of the log or its queue.
+const LAGGING: u64 = 1000;
 
 /// 200 when the database answers and every listener runs (`"status"` says
-/// `"degraded"` if one lags or has dead letters), 503 otherwise.
+/// `"degraded"` if one lags or has dead deliveries), 503 otherwise.
 async fn health(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     let database = match tokio::time::timeout(Duration::from_secs(2), db::ping(&state.db)).await {
         Ok(Ok(())) => json!({ "ok": true }),
         Ok(Err(error)) => json!({ "ok": false, "error": error.to_string() }),
         Err(_) => json!({ "ok": false, "error": "no answer within 2s" }),
     };
-    let letters = state.bus.dead_letters().snapshot();
-    let metrics = state.bus.metrics();
-    let mut down = database["ok"] != true;
+    let (states, progress_error) = state.listener_states().await;
+    let mut down = database["ok"] != true || progress_error.is_some();
     let mut degraded = false;
-    let listeners: Vec<Value> = metrics
-        .listeners
+    let listeners: Vec<Value> = states
         .iter()
         .map(|l| {
-            let dead_letters = letters.iter().filter(|d| *d.listener == l.name).count();
-            let lagging = l.queue_depth > LAGGING;
-            let failing = dead_letters > 0;
+            let lagging = l.lag.is_some_and(|lag| lag > LAGGING);
+            let failing = l.dead_letters.is_some_and(|dead| dead > 0);
             down |= l.status != ListenerStatus::Running;
             degraded |= lagging || failing;
             json!({
                 "name": l.name,
+                "group": l.group,
                 "status": l.status,
-                "queue_depth": l.queue_depth,
+                "lag": l.lag,
+                "unfinished": l.unfinished,
                 "lagging": lagging,
                 "failing": failing,
                 "handled": l.handled,
                 "retried": l.retried,
                 "dead_lettered": l.dead_lettered,
-                "dead_letters": dead_letters,
-                "dropped": l.dropped,
+                "dead_letters": l.dead_letters,
             })
         })
         .collect();
-    #[cfg_attr(not(any(feature = "search", feature = "cache")), allow(unused_mut))]
     let mut body = json!({
         "status": if down { "down" } else if degraded { "degraded" } else { "ok" },
         "database": database,
         "listeners": listeners,
     });
+    if let Some(error) = progress_error {
+        body["progress_error"] = json!(error);
+    }
     #[cfg(feature = "search")]
     {
-        use std::sync::atomic::Ordering;
         let index = &state.search;
         body["search_index"] = json!({
             "ready": index.is_ready(),
             "documents": index.documents(),
-            "reconciled": index.reconciled.load(Ordering::Relaxed),
-            "unreconciled": index.unreconciled.load(Ordering::Relaxed),
         });
     }
     #[cfg(feature = "cache")]

@@ -1,4 +1,4 @@
-//! Metrics in the Prometheus text format: the bus's counters (the
+//! Metrics in the Prometheus text format: the listeners' counters (the
 //! `event-bus` crate's `metrics` feature), the CMS's own, and per-request
 //! counts and latencies, all through the `metrics` facade and recorded by
 //! `metrics-exporter-prometheus`.
@@ -11,9 +11,9 @@ use axum::middleware::Next;
 use axum::response::Response;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-/// Installs the process's recorder, once: the bus registers its counters
-/// with whatever recorder is installed when a listener is spawned, so this
-/// runs before the bus is made. Every `AppState` of the process shares it.
+/// Installs the process's recorder, once: a listener registers its counters
+/// with whatever recorder is installed when it is spawned, so this runs
+/// before the listeners are. Every `AppState` of the process shares it.
 pub(crate) fn prometheus() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE

@@ -1,4 +1,5 @@
-//! `/users`: handlers write the database and emit one event; nothing else.
+//! `/users`: handlers write a row and emit its event in one transaction;
+//! nothing else.
 
 use std::sync::Arc;
 
@@ -58,10 +59,12 @@ async fn list(
 pub(crate) async fn create_user(state: &AppState, input: NewUser) -> Result<User, ApiError> {
     let username = valid_username(&input.username)?;
     let email = valid_email(&input.email)?;
-    let user = db::insert_user(&state.db, username, email)
+    let mut tx = state.write().await?;
+    let user = db::insert_user(&mut *tx, username, email)
         .await
         .map_err(|e| taken(e, format!("username `{username}` is taken")))?;
-    state.events.emit_user_created_wait(&user).await;
+    tx.emit_user_created(&user);
+    state.commit(tx).await?;
     Ok(user)
 }
 
@@ -86,7 +89,8 @@ async fn update(
     state
         .clone()
         .detached(async move {
-            let current = db::user(&state.db, id).await?.ok_or_else(|| no_user(id))?;
+            let mut tx = state.write().await?;
+            let current = db::user(&mut *tx, id).await?.ok_or_else(|| no_user(id))?;
             let username = match &changes.username {
                 Some(username) => valid_username(username)?,
                 None => &current.username,
@@ -95,11 +99,12 @@ async fn update(
                 Some(email) => valid_email(email)?,
                 None => &current.email,
             };
-            let user = db::update_user(&state.db, id, username, email)
+            let user = db::update_user(&mut *tx, id, username, email)
                 .await
                 .map_err(|e| taken(e, format!("username `{username}` is taken")))?
                 .ok_or_else(|| no_user(id))?;
-            state.events.emit_user_updated_wait(&user).await;
+            tx.emit_user_updated(&user);
+            state.commit(tx).await?;
             Ok(Json(user))
         })
         .await
@@ -118,10 +123,11 @@ async fn delete(
     state
         .clone()
         .detached(async move {
-            if db::user_has_content(&state.db, id).await? {
+            let mut tx = state.write().await?;
+            if db::user_has_content(&mut *tx, id).await? {
                 return Err(in_use());
             }
-            let user = match db::delete_user(&state.db, id).await {
+            let user = match db::delete_user(&mut *tx, id).await {
                 Ok(user) => user.ok_or_else(|| no_user(id))?,
                 // A post or comment by the user came since the check.
                 Err(sqlx::Error::Database(e)) if e.is_foreign_key_violation() => {
@@ -129,7 +135,8 @@ async fn delete(
                 }
                 Err(e) => return Err(e.into()),
             };
-            state.events.emit_user_deleted_wait(&user).await;
+            tx.emit_user_deleted(&user);
+            state.commit(tx).await?;
             Ok(StatusCode::NO_CONTENT)
         })
         .await

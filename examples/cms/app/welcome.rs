@@ -132,6 +132,6 @@ pub(crate) async fn seed(state: &AppState) -> Result<(), ApiError> {
             publish_post(state, post.id).await?;
         }
     }
-    state.bus.quiesce().await;
+    state.idle().await.map_err(super::write::store_error)?;
     Ok(())
 }
