@@ -23,6 +23,12 @@ use crate::runner::{Delivery, Retry, Source, Undecodable};
 /// How many finishes one transaction writes at most.
 const FINISHES_PER_WRITE: usize = 1024;
 
+/// How many finishes are written at once without waiting for more.
+const FLUSH_AT: usize = 128;
+
+/// How long a finish waits for others to be written with.
+const LINGER: Duration = Duration::from_millis(2);
+
 /// How long the worker waits after a failed statement before it tries
 /// again.
 const BACKOFF: Duration = Duration::from_millis(200);
@@ -311,10 +317,15 @@ where
         let mut calm_until: Option<Instant> = None;
         let mut ended = false;
         let mut draining = false;
+        // When the oldest unwritten finish came.
+        let mut first_pending: Option<Instant> = None;
         while !ended || !pending.is_empty() {
             while pending.len() < FINISHES_PER_WRITE {
                 match self.finishes.try_recv() {
-                    Ok(finish) => pending.push(finish),
+                    Ok(finish) => {
+                        first_pending.get_or_insert_with(Instant::now);
+                        pending.push(finish);
+                    }
                     Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => {
                         ended = true;
@@ -323,7 +334,13 @@ where
                 }
             }
             let calm = calm_until.is_some_and(|until| Instant::now() < until);
-            if !pending.is_empty() && !calm {
+            // Finishes wait a moment for company: one transaction writes
+            // many, and nothing is promised of when an ack is written.
+            let due = ended
+                || draining
+                || pending.len() >= FLUSH_AT
+                || first_pending.is_some_and(|first| first.elapsed() >= LINGER);
+            if !pending.is_empty() && !calm && due {
                 let finished = {
                     let _turn = self.gate.turn(&self.pool).await;
                     DB::finish(&self.pool, &self.config.listener, &pending).await
@@ -331,6 +348,7 @@ where
                 match finished {
                     Ok(checkpoint) => {
                         pending.clear();
+                        first_pending = None;
                         self.checkpointed(None, checkpoint);
                     }
                     Err(error) if ended && last_tries == 0 => {
@@ -380,7 +398,10 @@ where
                 self.claimed = None;
             }
             let room = self.claimed.as_ref().map_or(0, mpsc::Sender::capacity);
-            if more && room > 0 && !calm {
+            // A claim is a transaction: it waits until it can take half a
+            // prefetch (or is draining, or ran dry last time), not one event.
+            let worth = (self.config.prefetch / 2).max(1);
+            if more && room >= worth && !calm {
                 match self.claim(room.min(self.config.prefetch)).await {
                     Ok(full) => more = full,
                     Err(error) => {
@@ -395,14 +416,20 @@ where
                 continue;
             }
             let claiming = self.claimed.is_some();
-            let full = claiming && room == 0 && more;
+            let full = claiming && room < worth && more;
             let claimed = self.claimed.clone();
             tokio::select! {
                 biased;
                 finish = self.finishes.recv() => match finish {
-                    Some(finish) => pending.push(finish),
+                    Some(finish) => {
+                        first_pending.get_or_insert_with(Instant::now);
+                        pending.push(finish);
+                    }
                     None => ended = true,
                 },
+                () = tokio::time::sleep_until(
+                    first_pending.map_or_else(Instant::now, |first| first + LINGER)
+                ), if first_pending.is_some() && !calm => {}
                 _ = self.closing.changed(), if claiming => {}
                 _ = tokio::time::sleep_until(calm_until.unwrap_or_else(Instant::now)), if calm => {
                     calm_until = None;
@@ -413,7 +440,7 @@ where
                     }
                 }
                 _ = poll.tick(), if claiming && !full => more = true,
-                permit = async { claimed.as_ref()?.reserve().await.ok() }, if full => {
+                permit = async { claimed.as_ref()?.reserve_many(worth).await.ok() }, if full => {
                     drop(permit);
                 }
                 () = tokio::time::sleep_until(heartbeat_due) => {}
