@@ -22,7 +22,9 @@
 //! - **Order**: a listener is handed its events in log order (commit
 //!   order). With a concurrency of 1 and one process, it handles them in
 //!   that order, a retried event holding back the ones after it. With more
-//!   (concurrency, processes), they finish out of order.
+//!   (concurrency, processes), they finish out of order. An event handed
+//!   out again (its process died, or it was redriven) comes when it is
+//!   due, after events its listener has already been handed.
 //! - **Checkpoints** move past the lowest unfinished position only: the
 //!   checkpoint is the position below which every event is finished.
 //! - **Failures are states**: a failed attempt is recorded with its error,
