@@ -493,15 +493,22 @@ where
             options,
         })
         .await;
-    let counts = core.counts();
-    RunReport {
-        name: core.name.to_string(),
-        handled: counts.handled,
-        failed: counts.retried + counts.dead_lettered,
-        retried: counts.retried,
-        dead_lettered: counts.dead_lettered,
-        panicked: counts.panicked,
-        status: core.outcome(),
+    RunReport::of(&core)
+}
+
+impl RunReport {
+    /// What the run of `core` did so far.
+    pub(crate) fn of(core: &ListenerCore) -> Self {
+        let counts = core.counts();
+        Self {
+            name: core.name.to_string(),
+            handled: counts.handled,
+            failed: counts.retried + counts.dead_lettered,
+            retried: counts.retried,
+            dead_lettered: counts.dead_lettered,
+            panicked: counts.panicked,
+            status: core.outcome(),
+        }
     }
 }
 

@@ -138,9 +138,6 @@ pub(super) mod sealed {
 
     /// The statements of [`Backend`], per database.
     pub trait Sealed: Database {
-        /// The channel of PostgreSQL's `NOTIFY` after an outbox commit.
-        const CHANNEL: &'static str = "event_bus";
-
         /// Whether the database takes one writer at a time (SQLite): then
         /// the store's own writers queue on a gate in the process rather
         /// than in the database's busy handler, which sleeps.
@@ -768,6 +765,19 @@ macro_rules! backend {
 /// on SQLite the transaction holds the database's write lock already.
 #[cfg(any(feature = "sqlite", feature = "any"))]
 const LOCK_SQLITE: &str = "SELECT head FROM event_bus_listeners WHERE listener = $1";
+/// The channel of PostgreSQL's `NOTIFY` after an outbox commit.
+#[cfg(any(feature = "postgres", feature = "any"))]
+const CHANNEL: &str = "event_bus";
+
+/// Taken by every transaction that writes events on PostgreSQL: see
+/// `postgres::serialize`.
+#[cfg(any(feature = "postgres", feature = "any"))]
+const SERIALIZE_POSTGRES: &str = "SELECT pg_advisory_xact_lock($1)";
+
+/// Wakes every listening session when the transaction commits.
+#[cfg(any(feature = "postgres", feature = "any"))]
+const NOTIFY_POSTGRES: &str = "SELECT pg_notify($1, '')";
+
 #[cfg(any(feature = "postgres", feature = "any"))]
 const LOCK_POSTGRES: &str = "SELECT head FROM event_bus_listeners WHERE listener = $1 FOR UPDATE";
 
@@ -833,7 +843,6 @@ mod postgres {
     use sqlx::{PgConnection, Pool, Postgres, Transaction};
 
     use super::super::schema;
-    use super::sealed::Sealed;
 
     pub(super) fn one_writer(_: &Pool<Postgres>) -> bool {
         false
@@ -859,7 +868,7 @@ mod postgres {
     /// take this lock (until they end), so that they commit in the order
     /// of their positions.
     pub(super) async fn serialize(conn: &mut PgConnection) -> sqlx::Result<()> {
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        sqlx::query(super::SERIALIZE_POSTGRES)
             .bind(schema::POSTGRES_LOCK)
             .execute(conn)
             .await
@@ -918,7 +927,7 @@ mod postgres {
         Fut: std::future::Future<Output = sqlx::Result<sqlx::postgres::PgListener>>,
     {
         let mut listener = connect().await?;
-        listener.listen(<Postgres as Sealed>::CHANNEL).await?;
+        listener.listen(super::CHANNEL).await?;
         bump();
         loop {
             // `recv` reconnects by itself after a lost connection, and
@@ -930,8 +939,8 @@ mod postgres {
 
     /// Delivered to every listening session when the transaction commits.
     pub(super) async fn notify(conn: &mut PgConnection) -> sqlx::Result<()> {
-        sqlx::query("SELECT pg_notify($1, '')")
-            .bind(<Postgres as Sealed>::CHANNEL)
+        sqlx::query(super::NOTIFY_POSTGRES)
+            .bind(super::CHANNEL)
             .execute(conn)
             .await
             .map(drop)
@@ -998,7 +1007,7 @@ mod any {
     /// As `postgres::serialize` on PostgreSQL; nothing on SQLite.
     pub(super) async fn serialize(conn: &mut AnyConnection) -> sqlx::Result<()> {
         if is_postgres(conn) {
-            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            sqlx::query(super::SERIALIZE_POSTGRES)
                 .bind(schema::POSTGRES_LOCK)
                 .execute(conn)
                 .await?;
@@ -1009,8 +1018,8 @@ mod any {
     /// As `postgres::notify` on PostgreSQL; nothing on SQLite.
     pub(super) async fn notify(conn: &mut AnyConnection) -> sqlx::Result<()> {
         if is_postgres(conn) {
-            sqlx::query("SELECT pg_notify($1, '')")
-                .bind("event_bus")
+            sqlx::query(super::NOTIFY_POSTGRES)
+                .bind(super::CHANNEL)
                 .execute(conn)
                 .await?;
         }

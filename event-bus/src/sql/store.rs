@@ -197,7 +197,7 @@ impl DurableListener {
 
     /// What it did in this process so far.
     pub fn report(&self) -> RunReport {
-        report(&self.core)
+        RunReport::of(&self.core)
     }
 
     /// Whether it runs: `Running` until its task ends.
@@ -221,19 +221,6 @@ impl DurableListener {
     pub async fn finished(&self) {
         let mut done = self.done.clone();
         let _ = done.wait_for(|done| *done).await;
-    }
-}
-
-fn report(core: &ListenerCore) -> RunReport {
-    let counts = core.counts();
-    RunReport {
-        name: core.name.to_string(),
-        handled: counts.handled,
-        failed: counts.retried + counts.dead_lettered,
-        retried: counts.retried,
-        dead_lettered: counts.dead_lettered,
-        panicked: counts.panicked,
-        status: core.outcome(),
     }
 }
 
@@ -739,7 +726,7 @@ where
             if tokio::time::timeout_at(write_until, worker).await.is_err() {
                 worker_abort.abort();
             }
-            reports.push(report(&core));
+            reports.push(RunReport::of(&core));
         }
         reports
     }
