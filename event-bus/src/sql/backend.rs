@@ -34,24 +34,26 @@ pub struct Claimed {
     pub position: i64,
     pub attempts: i64,
     pub payload: Vec<u8>,
+    /// The last position of the claim whose range covers it; `None` when
+    /// a delivery row does (a retry taken again, a redrive, an event
+    /// given back).
+    pub range: Option<i64>,
 }
 
 /// What a claim found.
 #[derive(Debug)]
 pub struct Claim {
     pub claimed: Vec<Claimed>,
-    /// Whether it took as many as it was asked for: there may be more.
+    /// Whether there may be more to claim at once: it took as many as it
+    /// was asked for, or took over another process's claim.
     pub full: bool,
     /// The log's last position when it looked.
     pub last_position: i64,
-    /// The listener's checkpoint after it.
-    pub checkpoint: i64,
 }
 
 /// What a claim asks for.
 #[derive(Debug)]
 pub struct ClaimArgs<'a> {
-    pub listener: &'a str,
     /// The lease this claim takes: `<worker>:<claim>`, so that a finish
     /// of an earlier claim of the same position (forgotten by a replay)
     /// matches nothing.
@@ -67,17 +69,50 @@ pub struct ClaimArgs<'a> {
     pub lease: i64,
 }
 
+/// One transaction of a worker: what was finished, then (if asked) the
+/// next claim.
+#[derive(Debug)]
+pub struct Step<'a> {
+    pub listener: &'a str,
+    /// Finishes, in the order they came.
+    pub finishes: &'a [Finished],
+    /// The claims whose events were finished, as they are left.
+    pub ranges: &'a [RangeLeft<'a>],
+    pub claim: Option<ClaimArgs<'a>>,
+}
+
+/// A claim of this worker after some of its events were finished.
+#[derive(Debug)]
+pub struct RangeLeft<'a> {
+    pub owner: &'a str,
+    pub up_to: i64,
+    /// The position before its lowest unfinished event, and how many are
+    /// unfinished; `None` once all are finished (the claim goes).
+    pub left: Option<(i64, i64)>,
+}
+
+/// What a step wrote and claimed.
+#[derive(Debug)]
+pub struct Stepped {
+    /// The listener's checkpoint after it.
+    pub checkpoint: i64,
+    pub claim: Option<Claim>,
+}
+
 /// A finish of the delivery leased as `lease`.
 #[derive(Debug)]
 pub struct Finished {
     pub lease: std::sync::Arc<str>,
+    /// The last position of the claim whose range covers the delivery;
+    /// `None` when a delivery row does.
+    pub range: Option<i64>,
     pub finish: Finish,
 }
 
-/// How a delivery was finished, applied in the next batch of finishes.
+/// How a delivery was finished, applied in the next step.
 #[derive(Debug)]
 pub enum Finish {
-    /// Handled: the delivery row goes.
+    /// Handled: its claim moves past it, or its row goes.
     Ack(i64),
     /// Failed, to be attempted again no sooner than `next_try_at`;
     /// `attempts` is the failed attempt's number (the next is counted when
@@ -95,11 +130,25 @@ pub enum Finish {
         error: String,
         at: i64,
     },
-    /// Dropped unfinished (the listener was stopped): another process, or
-    /// the next run, takes it at once, its attempt counted.
-    Abandon(i64),
-    /// Given back unattempted: taken again with the same attempt.
-    Release(i64),
+    /// Dropped unfinished (the listener was stopped) as attempt
+    /// `attempts`: another process, or the next run, takes it at once, as
+    /// the next (an event with a row of its own keeps the row's count: a
+    /// retry dropped while it waited comes back as the attempt it was).
+    Abandon { position: i64, attempts: i64 },
+    /// Given back unattempted: taken again as attempt `attempts + 1`.
+    Release { position: i64, attempts: i64 },
+}
+
+impl Finish {
+    pub(crate) fn position(&self) -> i64 {
+        match *self {
+            Self::Ack(position)
+            | Self::Retry { position, .. }
+            | Self::Dead { position, .. }
+            | Self::Abandon { position, .. }
+            | Self::Release { position, .. } => position,
+        }
+    }
 }
 
 /// A dead delivery as stored.
@@ -168,16 +217,12 @@ pub(super) mod sealed {
             reset: bool,
         ) -> impl Future<Output = sqlx::Result<()>> + Send;
 
-        fn claim(
+        /// Writes what was finished and, if asked, claims what is next,
+        /// in one transaction.
+        fn step(
             pool: &Pool<Self>,
-            args: ClaimArgs<'_>,
-        ) -> impl Future<Output = sqlx::Result<Claim>> + Send;
-
-        fn finish(
-            pool: &Pool<Self>,
-            listener: &str,
-            finishes: &[Finished],
-        ) -> impl Future<Output = sqlx::Result<i64>> + Send;
+            step: Step<'_>,
+        ) -> impl Future<Output = sqlx::Result<Stepped>> + Send;
 
         /// Renews every lease of `worker` (a `LIKE` pattern).
         fn renew(
@@ -236,12 +281,28 @@ fn placeholders(from: usize, n: usize) -> String {
         .join(", ")
 }
 
-/// The listener's checkpoint: just below its lowest unfinished position, or
-/// its head when nothing is unfinished. Dead deliveries do not hold it.
-const CHECKPOINT: &str = "UPDATE event_bus_listeners SET checkpoint = COALESCE(
-        (SELECT MIN(position) - 1 FROM event_bus_deliveries WHERE listener = $1 AND state <> 'dead'),
-        head)
-    WHERE listener = $1 RETURNING checkpoint";
+/// The listener's checkpoint: the lowest of its head, the position below
+/// its lowest unfinished delivery row, and the lowest `done_to` of its
+/// claims. Dead deliveries do not hold it. `$least` is the dialect's
+/// scalar minimum.
+macro_rules! checkpoint {
+    ($least:literal) => {
+        concat!(
+            "UPDATE event_bus_listeners SET checkpoint = ",
+            $least,
+            "(head,
+                COALESCE((SELECT MIN(position) - 1 FROM event_bus_deliveries
+                          WHERE listener = $1 AND state <> 'dead'), head),
+                COALESCE((SELECT MIN(done_to) FROM event_bus_claims WHERE listener = $1), head))
+            WHERE listener = $1 RETURNING checkpoint"
+        )
+    };
+}
+
+#[cfg(any(feature = "sqlite", feature = "any"))]
+const CHECKPOINT_SQLITE: &str = checkpoint!("MIN");
+#[cfg(any(feature = "postgres", feature = "any"))]
+const CHECKPOINT_POSTGRES: &str = checkpoint!("LEAST");
 
 /// Deliveries due again: given back, or whose lease expired (their process
 /// died: never this worker's own, which it holds while it lives), and whose
@@ -255,13 +316,266 @@ const RECLAIM: &str = "UPDATE event_bus_deliveries
         ORDER BY position LIMIT $5)
     RETURNING position, attempts";
 
+/// Takes over the first claim whose lease expired (its process died: never
+/// this worker's own), its events as the next attempt.
+const TAKE_OVER: &str = "UPDATE event_bus_claims
+    SET owner = $2, lease_until = $3, attempts = attempts + 1
+    WHERE listener = $1 AND up_to = (
+        SELECT up_to FROM event_bus_claims
+        WHERE listener = $1 AND lease_until <= $4 AND owner NOT LIKE $5
+        ORDER BY up_to LIMIT 1)
+    RETURNING done_to, up_to, attempts, unfinished";
+
+/// A finished event of a claim that did not succeed gets a row of its own,
+/// if the claim is still the finisher's (`$3`) and covers it: `$9` is 1 to
+/// keep the claim's lease (a retry in place), 0 to give it up.
+const ROW_OF_CLAIMED: &str = "INSERT INTO event_bus_deliveries
+    (listener, position, state, attempts, owner, lease_until, next_try_at, last_error, failed_at)
+    SELECT $1, $2, $4, $5, $6, lease_until * $9, $7, $8, $10 FROM event_bus_claims
+    WHERE listener = $1 AND up_to = $11 AND owner = $3 AND done_to < $2
+    ON CONFLICT (listener, position) DO NOTHING";
+
+/// The part of the log one claim reads, ordered: `{filter}` restricts the
+/// names; positions a delivery row covers are left to it.
+fn page_sql(filter: &str) -> String {
+    format!(
+        "SELECT position, payload FROM event_bus_events
+         WHERE position > $1 AND position <= $2{filter}
+           AND NOT EXISTS (SELECT 1 FROM event_bus_deliveries d
+                           WHERE d.listener = $4 AND d.position = event_bus_events.position)
+         ORDER BY position LIMIT $3"
+    )
+}
+
+/// ` AND name IN ($5, …)` for `names`, or nothing for every name.
+fn name_filter(names: Option<&[&'static str]>) -> String {
+    names.map_or_else(String::new, |names| {
+        format!(" AND name IN ({})", placeholders(5, names.len().max(1)))
+    })
+}
+
 /// Milliseconds since the Unix epoch, now.
 fn now() -> i64 {
     super::worker::millis(std::time::SystemTime::now())
 }
 
+/// Binds the names of a name filter (`name_filter`) to `query`.
+macro_rules! bind_names {
+    ($query:expr, $names:expr) => {{
+        let mut query = $query;
+        if let Some(names) = $names {
+            if names.is_empty() {
+                query = query.bind("");
+            }
+            for name in names {
+                query = query.bind(*name);
+            }
+        }
+        query
+    }};
+}
+
+/// A claim, in the transaction on `$conn` that holds the listener's row
+/// (whose head is `$head`): deliveries due again, then another process's
+/// expired claim, then the log after the head. Evaluates to its `Claim`.
+macro_rules! claim {
+    ($conn:expr, $listener:expr, $head:expr, $args:expr) => {{
+        let conn = $conn;
+        let listener: &str = $listener;
+        let head: i64 = $head;
+        let args: ClaimArgs<'_> = $args;
+        // The lease counts from now, once the claim holds the row: not
+        // from before it waited for it.
+        let now = now();
+        let lease_until = now.saturating_add(args.lease);
+        let limit = i64::try_from(args.limit).unwrap_or(i64::MAX);
+        let reclaimed: Vec<(i64, i64)> = sqlx::query_as(RECLAIM)
+            .bind(listener)
+            .bind(args.owner)
+            .bind(lease_until)
+            .bind(now)
+            .bind(limit)
+            .bind(args.worker)
+            .fetch_all(&mut *conn)
+            .await?;
+        let mut claimed = Vec::with_capacity(args.limit);
+        let attempts: std::collections::BTreeMap<i64, i64> = reclaimed.into_iter().collect();
+        let positions: Vec<i64> = attempts.keys().copied().collect();
+        for chunk in positions.chunks(INSERT_CHUNK) {
+            let sql = format!(
+                "SELECT position, payload FROM event_bus_events WHERE position IN ({}) ORDER BY position",
+                placeholders(1, chunk.len())
+            );
+            let mut query = sqlx::query(&sql);
+            for position in chunk {
+                query = query.bind(*position);
+            }
+            for row in query.fetch_all(&mut *conn).await? {
+                let position: i64 = row.get(0);
+                claimed.push(Claimed {
+                    position,
+                    attempts: attempts.get(&position).copied().unwrap_or(1),
+                    payload: row.get(1),
+                    range: None,
+                });
+            }
+        }
+        let filter = name_filter(args.names);
+        let page = page_sql(&filter);
+        let mut full = false;
+        if claimed.len() < args.limit {
+            let taken: Option<(i64, i64, i64, i64)> = sqlx::query_as(TAKE_OVER)
+                .bind(listener)
+                .bind(args.owner)
+                .bind(lease_until)
+                .bind(now)
+                .bind(args.worker)
+                .fetch_optional(&mut *conn)
+                .await?;
+            if let Some((done_to, up_to, attempts, unfinished)) = taken {
+                // There may be more claims to take over.
+                full = true;
+                let room = args.limit - claimed.len();
+                let rows = bind_names!(
+                    sqlx::query(&page)
+                        .bind(done_to)
+                        .bind(up_to)
+                        .bind(i64::try_from(room).unwrap_or(i64::MAX))
+                        .bind(listener),
+                    args.names
+                )
+                .fetch_all(&mut *conn)
+                .await?;
+                let taken = i64::try_from(rows.len()).unwrap_or(i64::MAX);
+                let last = rows.last().map(|row| row.get::<i64, _>(0));
+                let end = match last {
+                    // Nothing of it is left to handle.
+                    None => {
+                        sqlx::query("DELETE FROM event_bus_claims WHERE listener = $1 AND up_to = $2")
+                            .bind(listener)
+                            .bind(up_to)
+                            .execute(&mut *conn)
+                            .await?;
+                        up_to
+                    }
+                    // More than there is room for: the rest stays a claim
+                    // of nobody's, for the next claim here or elsewhere.
+                    Some(last) if rows.len() == room && last < up_to => {
+                        sqlx::query(
+                            "UPDATE event_bus_claims SET up_to = $3, unfinished = $4
+                             WHERE listener = $1 AND up_to = $2",
+                        )
+                        .bind(listener)
+                        .bind(up_to)
+                        .bind(last)
+                        .bind(taken)
+                        .execute(&mut *conn)
+                        .await?;
+                        sqlx::query(
+                            "INSERT INTO event_bus_claims
+                             (listener, up_to, done_to, unfinished, attempts, owner, lease_until)
+                             VALUES ($1, $2, $3, $4, $5, '', 0)",
+                        )
+                        .bind(listener)
+                        .bind(up_to)
+                        .bind(last)
+                        .bind(unfinished.saturating_sub(taken).max(1))
+                        .bind(attempts - 1)
+                        .execute(&mut *conn)
+                        .await?;
+                        last
+                    }
+                    Some(_) => {
+                        sqlx::query(
+                            "UPDATE event_bus_claims SET unfinished = $3
+                             WHERE listener = $1 AND up_to = $2",
+                        )
+                        .bind(listener)
+                        .bind(up_to)
+                        .bind(taken)
+                        .execute(&mut *conn)
+                        .await?;
+                        up_to
+                    }
+                };
+                for row in rows {
+                    claimed.push(Claimed {
+                        position: row.get(0),
+                        attempts,
+                        payload: row.get(1),
+                        range: Some(end),
+                    });
+                }
+            }
+        }
+        // Bounded by the last position now, so that what is committed
+        // meanwhile is not stepped over.
+        let last_position: i64 =
+            sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM event_bus_events")
+                .fetch_one(&mut *conn)
+                .await?;
+        let room = args.limit - claimed.len();
+        let mut new_head = head;
+        if room > 0 && last_position > head {
+            let rows = bind_names!(
+                sqlx::query(&page)
+                    .bind(head)
+                    .bind(last_position)
+                    .bind(i64::try_from(room).unwrap_or(i64::MAX))
+                    .bind(listener),
+                args.names
+            )
+            .fetch_all(&mut *conn)
+            .await?;
+            let first = rows.first().map(|row| row.get::<i64, _>(0));
+            let last = rows.last().map(|row| row.get::<i64, _>(0));
+            new_head = match last {
+                Some(last) if rows.len() == room => last,
+                _ => last_position,
+            };
+            if let (Some(first), Some(last)) = (first, last) {
+                // One row for the whole page: the events are this claim's
+                // until they are finished.
+                sqlx::query(
+                    "INSERT INTO event_bus_claims
+                     (listener, up_to, done_to, unfinished, attempts, owner, lease_until)
+                     VALUES ($1, $2, $3, $4, 1, $5, $6)",
+                )
+                .bind(listener)
+                .bind(last)
+                .bind(first - 1)
+                .bind(i64::try_from(rows.len()).unwrap_or(i64::MAX))
+                .bind(args.owner)
+                .bind(lease_until)
+                .execute(&mut *conn)
+                .await?;
+                for row in rows {
+                    claimed.push(Claimed {
+                        position: row.get(0),
+                        attempts: 1,
+                        payload: row.get(1),
+                        range: Some(last),
+                    });
+                }
+            }
+        }
+        if new_head != head {
+            sqlx::query("UPDATE event_bus_listeners SET head = $2 WHERE listener = $1")
+                .bind(listener)
+                .bind(new_head)
+                .execute(&mut *conn)
+                .await?;
+        }
+        Claim {
+            full: full || claimed.len() == args.limit,
+            claimed,
+            last_position,
+        }
+    }};
+}
+
 macro_rules! backend {
-    ($db:ty, one_writer = $one_writer:path, schema = $schema:path, lock = $lock:path, begin = $begin:path, serialize = $serialize:path, notify = $notify:path, listen = $listen:path) => {
+    ($db:ty, one_writer = $one_writer:path, schema = $schema:path, lock = $lock:path, checkpoint = $checkpoint:path, begin = $begin:path, serialize = $serialize:path, notify = $notify:path, listen = $listen:path) => {
         impl Backend for $db {}
 
         impl sealed::Sealed for $db {
@@ -353,6 +667,10 @@ macro_rules! backend {
                     .bind(listener)
                     .execute(&mut *tx)
                     .await?;
+                    sqlx::query("DELETE FROM event_bus_claims WHERE listener = $1")
+                        .bind(listener)
+                        .execute(&mut *tx)
+                        .await?;
                 } else {
                     sqlx::query(
                         "INSERT INTO event_bus_listeners (listener, head, checkpoint) VALUES ($1, $2, $2)
@@ -366,150 +684,98 @@ macro_rules! backend {
                 tx.commit().await
             }
 
-            async fn claim(pool: &Pool<Self>, args: ClaimArgs<'_>) -> sqlx::Result<Claim> {
+            async fn step(pool: &Pool<Self>, step: Step<'_>) -> sqlx::Result<Stepped> {
+                let listener = step.listener;
                 let mut tx = $begin(pool).await?;
                 let head: i64 = sqlx::query_scalar($lock(pool))
-                    .bind(args.listener)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                // The lease counts from now, once the claim holds the row:
-                // not from before it waited for it.
-                let now = now();
-                let lease_until = now.saturating_add(args.lease);
-                let limit = i64::try_from(args.limit).unwrap_or(i64::MAX);
-                let reclaimed: Vec<(i64, i64)> = sqlx::query_as(RECLAIM)
-                    .bind(args.listener)
-                    .bind(args.owner)
-                    .bind(lease_until)
-                    .bind(now)
-                    .bind(limit)
-                    .bind(args.worker)
-                    .fetch_all(&mut *tx)
-                    .await?;
-                let mut claimed = Vec::new();
-                for (position, attempts) in reclaimed {
-                    let payload: Vec<u8> = sqlx::query_scalar(
-                        "SELECT payload FROM event_bus_events WHERE position = $1",
-                    )
-                    .bind(position)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                    claimed.push(Claimed {
-                        position,
-                        attempts,
-                        payload,
-                    });
-                }
-                // Bounded by the last position now, so that what is
-                // committed meanwhile is not stepped over.
-                let last_position: i64 =
-                    sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM event_bus_events")
-                        .fetch_one(&mut *tx)
-                        .await?;
-                let room = args.limit - claimed.len();
-                let mut new_head = head;
-                if room > 0 && last_position > head {
-                    let names = args.names.unwrap_or(&[]);
-                    let filter = if args.names.is_some() {
-                        format!(" AND name IN ({})", placeholders(4, names.len().max(1)))
-                    } else {
-                        String::new()
-                    };
-                    let sql = format!(
-                        "SELECT position, payload FROM event_bus_events
-                         WHERE position > $1 AND position <= $2{filter}
-                         ORDER BY position LIMIT $3"
-                    );
-                    let mut query = sqlx::query(&sql)
-                        .bind(head)
-                        .bind(last_position)
-                        .bind(i64::try_from(room).unwrap_or(i64::MAX));
-                    if args.names.is_some() {
-                        if names.is_empty() {
-                            query = query.bind("");
-                        }
-                        for name in names {
-                            query = query.bind(*name);
-                        }
-                    }
-                    let rows = query.fetch_all(&mut *tx).await?;
-                    new_head = if rows.len() == room {
-                        rows.last().map_or(last_position, |row| row.get(0))
-                    } else {
-                        last_position
-                    };
-                    if !rows.is_empty() {
-                        // The rows just read: the same range and filter.
-                        let sql = format!(
-                            "INSERT INTO event_bus_deliveries
-                             (listener, position, state, attempts, owner, lease_until, next_try_at)
-                             SELECT $1, position, 'leased', 1, $2, $3, 0 FROM event_bus_events
-                             WHERE position > $4 AND position <= $5{}",
-                            if args.names.is_some() {
-                                format!(" AND name IN ({})", placeholders(6, names.len().max(1)))
-                            } else {
-                                String::new()
-                            }
-                        );
-                        let mut query = sqlx::query(&sql)
-                            .bind(args.listener)
-                            .bind(args.owner)
-                            .bind(lease_until)
-                            .bind(head)
-                            .bind(new_head);
-                        if args.names.is_some() {
-                            if names.is_empty() {
-                                query = query.bind("");
-                            }
-                            for name in names {
-                                query = query.bind(*name);
-                            }
-                        }
-                        query.execute(&mut *tx).await?;
-                    }
-                    for row in rows {
-                        claimed.push(Claimed {
-                            position: row.get(0),
-                            attempts: 1,
-                            payload: row.get(1),
-                        });
-                    }
-                }
-                if new_head != head {
-                    sqlx::query("UPDATE event_bus_listeners SET head = $2 WHERE listener = $1")
-                        .bind(args.listener)
-                        .bind(new_head)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                let checkpoint: i64 = sqlx::query_scalar(CHECKPOINT)
-                    .bind(args.listener)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-                Ok(Claim {
-                    full: claimed.len() == args.limit,
-                    claimed,
-                    last_position,
-                    checkpoint,
-                })
-            }
-
-            async fn finish(
-                pool: &Pool<Self>,
-                listener: &str,
-                finishes: &[Finished],
-            ) -> sqlx::Result<i64> {
-                let mut tx = $begin(pool).await?;
-                let _head: i64 = sqlx::query_scalar($lock(pool))
                     .bind(listener)
                     .fetch_one(&mut *tx)
                     .await?;
-                // Acks by lease: one statement per claim they came from.
+                // What failed or was given back, in the order it came: an
+                // event of a claim gets a row of its own, a row is updated.
+                for finished in step.finishes {
+                    let owner: &str = &finished.lease;
+                    let position = finished.finish.position();
+                    let query = match (&finished.finish, finished.range) {
+                        (Finish::Ack(_), _) => continue,
+                        (finish, Some(up_to)) => {
+                            let (state, attempts, keep, next_try_at, error, failed_at) =
+                                match finish {
+                                    Finish::Ack(_) => continue,
+                                    Finish::Retry { attempts, next_try_at, error, .. } => {
+                                        ("leased", *attempts, true, *next_try_at, Some(error.as_str()), None)
+                                    }
+                                    Finish::Dead { attempts, error, at, .. } => {
+                                        ("dead", *attempts, false, 0, Some(error.as_str()), Some(*at))
+                                    }
+                                    Finish::Abandon { attempts, .. }
+                                    | Finish::Release { attempts, .. } => {
+                                        ("pending", *attempts, false, 0, None, None)
+                                    }
+                                };
+                            sqlx::query(ROW_OF_CLAIMED)
+                                .bind(listener)
+                                .bind(position)
+                                .bind(owner)
+                                .bind(state)
+                                .bind(attempts)
+                                .bind(keep.then_some(owner))
+                                .bind(next_try_at)
+                                .bind(error)
+                                .bind(i64::from(keep))
+                                .bind(failed_at)
+                                .bind(up_to)
+                        }
+                        (Finish::Retry { attempts, next_try_at, error, .. }, None) => sqlx::query(
+                            "UPDATE event_bus_deliveries
+                             SET attempts = $4, next_try_at = $5, last_error = $6
+                             WHERE listener = $1 AND position = $2 AND owner = $3",
+                        )
+                        .bind(listener)
+                        .bind(position)
+                        .bind(owner)
+                        .bind(*attempts)
+                        .bind(*next_try_at)
+                        .bind(error.as_str()),
+                        (Finish::Dead { attempts, error, at, .. }, None) => sqlx::query(
+                            "UPDATE event_bus_deliveries
+                             SET state = 'dead', owner = NULL, lease_until = 0,
+                                 attempts = $4, last_error = $5, failed_at = $6
+                             WHERE listener = $1 AND position = $2 AND owner = $3",
+                        )
+                        .bind(listener)
+                        .bind(position)
+                        .bind(owner)
+                        .bind(*attempts)
+                        .bind(error.as_str())
+                        .bind(*at),
+                        // Its row keeps the attempts it has: those of the
+                        // last that failed, or of the claim that took it.
+                        (Finish::Abandon { .. }, None) => sqlx::query(
+                            "UPDATE event_bus_deliveries
+                             SET state = 'pending', owner = NULL, lease_until = 0
+                             WHERE listener = $1 AND position = $2 AND owner = $3",
+                        )
+                        .bind(listener)
+                        .bind(position)
+                        .bind(owner),
+                        (Finish::Release { attempts, .. }, None) => sqlx::query(
+                            "UPDATE event_bus_deliveries
+                             SET state = 'pending', owner = NULL, lease_until = 0, attempts = $4
+                             WHERE listener = $1 AND position = $2 AND owner = $3",
+                        )
+                        .bind(listener)
+                        .bind(position)
+                        .bind(owner)
+                        .bind(*attempts),
+                    };
+                    query.execute(&mut *tx).await?;
+                }
+                // Handled rows go, one statement per claim they came from.
                 let mut acked: std::collections::BTreeMap<&str, Vec<i64>> = Default::default();
-                for finished in finishes {
-                    if let Finish::Ack(position) = finished.finish {
-                        acked.entry(&finished.lease).or_default().push(position);
+                for finished in step.finishes {
+                    if let (Finish::Ack(position), None) = (&finished.finish, finished.range) {
+                        acked.entry(&finished.lease).or_default().push(*position);
                     }
                 }
                 for (owner, positions) in acked {
@@ -526,68 +792,38 @@ macro_rules! backend {
                         query.execute(&mut *tx).await?;
                     }
                 }
-                for finished in finishes {
-                    let owner: &str = &finished.lease;
-                    let query = match &finished.finish {
-                        Finish::Ack(_) => continue,
-                        Finish::Retry {
-                            position,
-                            attempts,
-                            next_try_at,
-                            error,
-                        } => sqlx::query(
-                            "UPDATE event_bus_deliveries
-                             SET attempts = $4, next_try_at = $5, last_error = $6
-                             WHERE listener = $1 AND position = $2 AND owner = $3",
+                // Claims move past what is finished, and go once all is.
+                for range in step.ranges {
+                    let query = match range.left {
+                        Some((done_to, unfinished)) => sqlx::query(
+                            "UPDATE event_bus_claims SET done_to = $4, unfinished = $5
+                             WHERE listener = $1 AND up_to = $2 AND owner = $3",
                         )
                         .bind(listener)
-                        .bind(*position)
-                        .bind(owner)
-                        .bind(*attempts)
-                        .bind(*next_try_at)
-                        .bind(error.as_str()),
-                        Finish::Dead {
-                            position,
-                            attempts,
-                            error,
-                            at,
-                        } => sqlx::query(
-                            "UPDATE event_bus_deliveries
-                             SET state = 'dead', owner = NULL, lease_until = 0,
-                                 attempts = $4, last_error = $5, failed_at = $6
-                             WHERE listener = $1 AND position = $2 AND owner = $3",
+                        .bind(range.up_to)
+                        .bind(range.owner)
+                        .bind(done_to)
+                        .bind(unfinished),
+                        None => sqlx::query(
+                            "DELETE FROM event_bus_claims
+                             WHERE listener = $1 AND up_to = $2 AND owner = $3",
                         )
                         .bind(listener)
-                        .bind(*position)
-                        .bind(owner)
-                        .bind(*attempts)
-                        .bind(error.as_str())
-                        .bind(*at),
-                        Finish::Abandon(position) => sqlx::query(
-                            "UPDATE event_bus_deliveries
-                             SET state = 'pending', owner = NULL, lease_until = 0
-                             WHERE listener = $1 AND position = $2 AND owner = $3",
-                        )
-                        .bind(listener)
-                        .bind(*position)
-                        .bind(owner),
-                        Finish::Release(position) => sqlx::query(
-                            "UPDATE event_bus_deliveries
-                             SET state = 'pending', owner = NULL, lease_until = 0, attempts = attempts - 1
-                             WHERE listener = $1 AND position = $2 AND owner = $3",
-                        )
-                        .bind(listener)
-                        .bind(*position)
-                        .bind(owner),
+                        .bind(range.up_to)
+                        .bind(range.owner),
                     };
                     query.execute(&mut *tx).await?;
                 }
-                let checkpoint: i64 = sqlx::query_scalar(CHECKPOINT)
+                let claim = match step.claim {
+                    Some(args) => Some(claim!(&mut *tx, listener, head, args)),
+                    None => None,
+                };
+                let checkpoint: i64 = sqlx::query_scalar($checkpoint(pool))
                     .bind(listener)
                     .fetch_one(&mut *tx)
                     .await?;
                 tx.commit().await?;
-                Ok(checkpoint)
+                Ok(Stepped { checkpoint, claim })
             }
 
             async fn renew(
@@ -596,16 +832,27 @@ macro_rules! backend {
                 worker: &str,
                 lease_until: i64,
             ) -> sqlx::Result<u64> {
-                let done = sqlx::query(
+                let mut tx = $begin(pool).await?;
+                let claims = sqlx::query(
+                    "UPDATE event_bus_claims SET lease_until = $3
+                     WHERE listener = $1 AND owner LIKE $2",
+                )
+                .bind(listener)
+                .bind(worker)
+                .bind(lease_until)
+                .execute(&mut *tx)
+                .await?;
+                let rows = sqlx::query(
                     "UPDATE event_bus_deliveries SET lease_until = $3
                      WHERE listener = $1 AND owner LIKE $2 AND state = 'leased'",
                 )
                 .bind(listener)
                 .bind(worker)
                 .bind(lease_until)
-                .execute(pool)
+                .execute(&mut *tx)
                 .await?;
-                Ok(done.rows_affected())
+                tx.commit().await?;
+                Ok(claims.rows_affected() + rows.rows_affected())
             }
 
             async fn dead(pool: &Pool<Self>, listener: Option<&str>) -> sqlx::Result<Vec<DeadRow>> {
@@ -658,7 +905,7 @@ macro_rules! backend {
                 .bind(position)
                 .execute(&mut *tx)
                 .await?;
-                sqlx::query(CHECKPOINT)
+                sqlx::query($checkpoint(pool))
                     .bind(listener)
                     .fetch_one(&mut *tx)
                     .await?;
@@ -691,7 +938,9 @@ macro_rules! backend {
                 let rows = sqlx::query(
                     "SELECT l.listener, l.head, l.checkpoint,
                         (SELECT COUNT(*) FROM event_bus_deliveries d
-                         WHERE d.listener = l.listener AND d.state <> 'dead'),
+                         WHERE d.listener = l.listener AND d.state <> 'dead')
+                        + CAST(COALESCE((SELECT SUM(c.unfinished) FROM event_bus_claims c
+                                         WHERE c.listener = l.listener), 0) AS BIGINT),
                         (SELECT COUNT(*) FROM event_bus_deliveries d
                          WHERE d.listener = l.listener AND d.state = 'dead')
                      FROM event_bus_listeners l ORDER BY l.listener",
@@ -726,10 +975,12 @@ macro_rules! backend {
 
             async fn forget(pool: &Pool<Self>, listener: &str) -> sqlx::Result<bool> {
                 let mut tx = $begin(pool).await?;
-                sqlx::query("DELETE FROM event_bus_deliveries WHERE listener = $1")
-                    .bind(listener)
-                    .execute(&mut *tx)
-                    .await?;
+                for table in ["event_bus_deliveries", "event_bus_claims"] {
+                    sqlx::query(&format!("DELETE FROM {table} WHERE listener = $1"))
+                        .bind(listener)
+                        .execute(&mut *tx)
+                        .await?;
+                }
                 let done = sqlx::query("DELETE FROM event_bus_listeners WHERE listener = $1")
                     .bind(listener)
                     .execute(&mut *tx)
@@ -799,6 +1050,10 @@ mod sqlite {
         super::LOCK_SQLITE
     }
 
+    pub(super) fn checkpoint(_: &Pool<Sqlite>) -> &'static str {
+        super::CHECKPOINT_SQLITE
+    }
+
     /// A writer from the start: a deferred transaction that reads first
     /// fails with `SQLITE_BUSY`, without waiting, when another wrote
     /// meanwhile.
@@ -832,6 +1087,7 @@ backend!(
     one_writer = sqlite::one_writer,
     schema = sqlite::schema,
     lock = sqlite::lock,
+    checkpoint = sqlite::checkpoint,
     begin = sqlite::begin,
     serialize = sqlite::serialize,
     notify = sqlite::notify,
@@ -854,6 +1110,10 @@ mod postgres {
 
     pub(super) fn lock(_: &Pool<Postgres>) -> &'static str {
         super::LOCK_POSTGRES
+    }
+
+    pub(super) fn checkpoint(_: &Pool<Postgres>) -> &'static str {
+        super::CHECKPOINT_POSTGRES
     }
 
     pub(super) async fn begin(
@@ -953,6 +1213,7 @@ backend!(
     one_writer = postgres::one_writer,
     schema = postgres::schema,
     lock = postgres::lock,
+    checkpoint = postgres::checkpoint,
     begin = postgres::begin,
     serialize = postgres::serialize,
     notify = postgres::notify,
@@ -993,6 +1254,14 @@ mod any {
             super::LOCK_SQLITE
         } else {
             super::LOCK_POSTGRES
+        }
+    }
+
+    pub(super) fn checkpoint(pool: &Pool<Any>) -> &'static str {
+        if is_sqlite(pool) {
+            super::CHECKPOINT_SQLITE
+        } else {
+            super::CHECKPOINT_POSTGRES
         }
     }
 
@@ -1058,6 +1327,7 @@ backend!(
     one_writer = any::one_writer,
     schema = any::schema,
     lock = any::lock,
+    checkpoint = any::checkpoint,
     begin = any::begin,
     serialize = any::serialize,
     notify = any::notify,

@@ -3,6 +3,7 @@
 //! through a [`LogSource`], writes how each was finished, and renews the
 //! leases of what this process holds while it lives.
 
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,7 +15,7 @@ use sqlx::Pool;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 
-use super::backend::{Backend, ClaimArgs, Finish, Finished};
+use super::backend::{Backend, ClaimArgs, Claimed, Finish, Finished, RangeLeft, Step};
 use crate::codec::JsonCodec;
 use crate::envelope::Envelope;
 use crate::event::Event;
@@ -57,8 +58,62 @@ pub(crate) struct Unyielded<E>(Option<Result<LogDelivery<E>, Undecodable>>);
 impl<E> Drop for Unyielded<E> {
     fn drop(&mut self) {
         if let Some(Ok(mut delivery)) = self.0.take() {
-            delivery.send(Finish::Release(delivery.position));
+            delivery.finisher.release();
         }
+    }
+}
+
+/// How one delivery of one event is finished: once, through the worker.
+/// Dropped unfinished, the event is given back with its attempt counted.
+struct Finisher {
+    position: i64,
+    attempt: u32,
+    /// The lease the claim took: what its finish must match.
+    lease: Arc<str>,
+    /// The last position of the claim that covers it; `None` when a
+    /// delivery row does.
+    range: Option<i64>,
+    finishes: Option<mpsc::UnboundedSender<Finished>>,
+}
+
+impl Finisher {
+    /// Hands `finish` to the worker; the delivery is finished after.
+    fn send(&mut self, finish: Finish) {
+        if let Some(finishes) = self.finishes.take() {
+            // The worker outlives every delivery's sender: it ends only
+            // once they are all gone.
+            let _ = finishes.send(Finished {
+                lease: self.lease.clone(),
+                range: self.range,
+                finish,
+            });
+        }
+    }
+
+    fn dead(&mut self, error: String) {
+        self.send(Finish::Dead {
+            position: self.position,
+            attempts: i64::from(self.attempt),
+            error,
+            at: now(),
+        });
+    }
+
+    /// Gives the delivery back unattempted.
+    fn release(&mut self) {
+        self.send(Finish::Release {
+            position: self.position,
+            attempts: i64::from(self.attempt) - 1,
+        });
+    }
+}
+
+impl Drop for Finisher {
+    fn drop(&mut self) {
+        self.send(Finish::Abandon {
+            position: self.position,
+            attempts: i64::from(self.attempt),
+        });
     }
 }
 
@@ -70,18 +125,14 @@ impl<E> Drop for Unyielded<E> {
 /// back with its attempt counted.
 pub struct LogDelivery<E> {
     envelope: Arc<Envelope<E>>,
-    position: i64,
-    attempt: u32,
-    /// The lease the claim took: what its finish must match.
-    lease: Arc<str>,
-    finishes: Option<mpsc::UnboundedSender<Finished>>,
+    finisher: Finisher,
 }
 
 impl<E> std::fmt::Debug for LogDelivery<E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LogDelivery")
-            .field("position", &self.position)
-            .field("attempt", &self.attempt)
+            .field("position", &self.finisher.position)
+            .field("attempt", &self.finisher.attempt)
             .finish_non_exhaustive()
     }
 }
@@ -90,25 +141,7 @@ impl<E> LogDelivery<E> {
     /// The event's position in the log.
     #[must_use]
     pub fn position(&self) -> u64 {
-        self.position.unsigned_abs()
-    }
-
-    /// Hands `finish` to the worker; the delivery is finished after.
-    fn send(&mut self, finish: Finish) {
-        if let Some(finishes) = self.finishes.take() {
-            // The worker outlives every delivery's sender: it ends only
-            // once they are all gone.
-            let _ = finishes.send(Finished {
-                lease: self.lease.clone(),
-                finish,
-            });
-        }
-    }
-}
-
-impl<E> Drop for LogDelivery<E> {
-    fn drop(&mut self) {
-        self.send(Finish::Abandon(self.position));
+        self.finisher.position.unsigned_abs()
     }
 }
 
@@ -118,46 +151,46 @@ impl<E: Event> Delivery<E> for LogDelivery<E> {
     }
 
     fn attempt(&self) -> u32 {
-        self.attempt
+        self.finisher.attempt
     }
 
     async fn ack(mut self) {
-        self.send(Finish::Ack(self.position));
+        let position = self.finisher.position;
+        self.finisher.send(Finish::Ack(position));
     }
 
     async fn retry(mut self, delay: Duration, error: &str) -> Retry<Self> {
-        let attempt = self.attempt.saturating_add(1);
-        let finishes = self.finishes.clone();
-        self.send(Finish::Retry {
-            position: self.position,
-            attempts: i64::from(self.attempt),
+        let finisher = &mut self.finisher;
+        let again = Finisher {
+            position: finisher.position,
+            attempt: finisher.attempt.saturating_add(1),
+            lease: finisher.lease.clone(),
+            // From now on the delivery has a row of its own.
+            range: None,
+            finishes: finisher.finishes.clone(),
+        };
+        finisher.send(Finish::Retry {
+            position: finisher.position,
+            attempts: i64::from(finisher.attempt),
             next_try_at: now().saturating_add(millis_of(delay)),
             error: error.to_owned(),
         });
         // The lease stays this process's: the runner waits out the delay
         // and attempts it again, in order. Should the process die meanwhile,
-        // the retry is taken from the row once the lease has expired and
+        // the retry is taken from its row once the lease has expired and
         // the delay has passed, as the attempt after the one that failed.
         Retry::InPlace(Self {
             envelope: self.envelope.clone(),
-            position: self.position,
-            attempt,
-            lease: self.lease.clone(),
-            finishes,
+            finisher: again,
         })
     }
 
     async fn terminate(mut self, reason: &str) {
-        self.send(Finish::Dead {
-            position: self.position,
-            attempts: i64::from(self.attempt),
-            error: reason.to_owned(),
-            at: now(),
-        });
+        self.finisher.dead(reason.to_owned());
     }
 
     async fn release(mut self) {
-        self.send(Finish::Release(self.position));
+        self.finisher.release();
     }
 }
 
@@ -253,6 +286,11 @@ pub(crate) struct Worker<E, DB: Backend> {
     closing: watch::Receiver<bool>,
     /// The log's last position as the last claim saw it.
     last_position: i64,
+    /// The events of this worker's claims not yet finished, by claim
+    /// (its lease and last position).
+    held: HashMap<(Arc<str>, i64), BTreeSet<i64>>,
+    /// The claims with events finished since the last step.
+    touched: BTreeSet<(Arc<str>, i64)>,
     #[cfg(feature = "metrics")]
     lag: metrics::Gauge,
 }
@@ -286,6 +324,8 @@ pub(crate) fn worker<E: Event, DB: Backend>(
         wake,
         closing: closing.clone(),
         last_position: 0,
+        held: HashMap::new(),
+        touched: BTreeSet::new(),
         #[cfg(feature = "metrics")]
         lag,
     };
@@ -333,23 +373,44 @@ where
                     }
                 }
             }
+            if heartbeat_due <= Instant::now() {
+                // Before anything else can keep the worker busy: a lease
+                // must not lapse while the process lives.
+                self.renew().await;
+                heartbeat_due = Instant::now() + self.config.lease / 3;
+                continue;
+            }
             let calm = calm_until.is_some_and(|until| Instant::now() < until);
+            if !ended && self.closing_now() && !draining {
+                // A drain: claim up to the log's end, then end the source.
+                draining = true;
+                more = true;
+            }
+            if draining && !more {
+                // The source ends once it has yielded what is claimed.
+                self.claimed = None;
+            }
+            let room = self.claimed.as_ref().map_or(0, mpsc::Sender::capacity);
+            // A claim is a transaction: it waits until it can take half a
+            // prefetch (or is draining, or ran dry last time), not one event.
+            let worth = (self.config.prefetch / 2).max(1);
+            let claim = !ended && more && room >= worth;
             // Finishes wait a moment for company: one transaction writes
-            // many, and nothing is promised of when an ack is written.
+            // many, and nothing is promised of when an ack is written. A
+            // claim takes them along.
             let due = ended
                 || draining
                 || pending.len() >= FLUSH_AT
                 || first_pending.is_some_and(|first| first.elapsed() >= LINGER);
-            if !pending.is_empty() && !calm && due {
-                let finished = {
-                    let _turn = self.gate.turn(&self.pool).await;
-                    DB::finish(&self.pool, &self.config.listener, &pending).await
-                };
-                match finished {
-                    Ok(checkpoint) => {
+            if !calm && (claim || (due && !pending.is_empty())) {
+                let limit = claim.then(|| room.min(self.config.prefetch));
+                match self.step(&pending, limit).await {
+                    Ok(full) => {
                         pending.clear();
                         first_pending = None;
-                        self.checkpointed(None, checkpoint);
+                        if claim {
+                            more = full;
+                        }
                     }
                     Err(error) if ended && last_tries == 0 => {
                         // Nothing is lost: the leases expire and the
@@ -366,7 +427,8 @@ where
                         tracing::warn!(
                             listener = %self.config.listener,
                             error = %error,
-                            "could not record how deliveries finished; trying again",
+                            unwritten = pending.len(),
+                            "could not claim deliveries or record how they finished; trying again",
                         );
                         last_tries = last_tries.saturating_sub(u32::from(ended));
                         calm_until = Some(Instant::now() + BACKOFF);
@@ -374,44 +436,10 @@ where
                 }
                 continue;
             }
-            if heartbeat_due <= Instant::now() {
-                // Before anything else can keep the worker busy: a lease
-                // must not lapse while the process lives.
-                self.renew().await;
-                heartbeat_due = Instant::now() + self.config.lease / 3;
-                continue;
-            }
             if ended {
                 if calm {
                     tokio::time::sleep_until(calm_until.unwrap_or_else(Instant::now)).await;
                     calm_until = None;
-                }
-                continue;
-            }
-            if self.closing_now() && !draining {
-                // A drain: claim up to the log's end, then end the source.
-                draining = true;
-                more = true;
-            }
-            if draining && !more {
-                // The source ends once it has yielded what is claimed.
-                self.claimed = None;
-            }
-            let room = self.claimed.as_ref().map_or(0, mpsc::Sender::capacity);
-            // A claim is a transaction: it waits until it can take half a
-            // prefetch (or is draining, or ran dry last time), not one event.
-            let worth = (self.config.prefetch / 2).max(1);
-            if more && room >= worth && !calm {
-                match self.claim(room.min(self.config.prefetch)).await {
-                    Ok(full) => more = full,
-                    Err(error) => {
-                        tracing::warn!(
-                            listener = %self.config.listener,
-                            error = %error,
-                            "could not claim deliveries; trying again",
-                        );
-                        calm_until = Some(Instant::now() + BACKOFF);
-                    }
                 }
                 continue;
             }
@@ -452,42 +480,82 @@ where
         self.claimed.is_some() && *self.closing.borrow()
     }
 
-    /// Claims up to `limit` deliveries and hands them to the source;
-    /// whether it took as many as it could.
-    async fn claim(&mut self, limit: usize) -> sqlx::Result<bool> {
-        let Some(finishes) = self.finishes_tx.upgrade() else {
-            // The run has ended: nothing is claimed for it.
-            self.claimed = None;
+    /// One transaction: writes the `finished` and, given a limit, claims up
+    /// to it and hands what it claimed to the source; whether there may be
+    /// more to claim at once.
+    async fn step(&mut self, finished: &[Finished], limit: Option<usize>) -> sqlx::Result<bool> {
+        for finished in finished {
+            if let Some(up_to) = finished.range {
+                let claim = (finished.lease.clone(), up_to);
+                if let Some(events) = self.held.get_mut(&claim) {
+                    events.remove(&finished.finish.position());
+                    self.touched.insert(claim);
+                }
+            }
+        }
+        let ranges: Vec<RangeLeft<'_>> = self
+            .touched
+            .iter()
+            .map(|claim| RangeLeft {
+                owner: &claim.0,
+                up_to: claim.1,
+                left: self.held.get(claim).and_then(|events| {
+                    Some((
+                        events.first()? - 1,
+                        i64::try_from(events.len()).unwrap_or(i64::MAX),
+                    ))
+                }),
+            })
+            .collect();
+        // Nothing is claimed for a run that has ended.
+        let finishes = limit.and_then(|_| self.finishes_tx.upgrade());
+        let lease: Option<Arc<str>> = finishes.as_ref().map(|_| {
+            self.wake.borrow_and_update();
+            format!("{}:{}", self.id, self.claims + 1).into()
+        });
+        let claim = limit.zip(lease.as_deref()).map(|(limit, owner)| ClaimArgs {
+            owner,
+            worker: &self.leases,
+            names: self.config.names.as_deref(),
+            limit,
+            lease: millis_of(self.config.lease),
+        });
+        let stepped = {
+            let _turn = self.gate.turn(&self.pool).await;
+            DB::step(
+                &self.pool,
+                Step {
+                    listener: &self.config.listener,
+                    finishes: finished,
+                    ranges: &ranges,
+                    claim,
+                },
+            )
+            .await?
+        };
+        drop(ranges);
+        for claim in std::mem::take(&mut self.touched) {
+            if self.held.get(&claim).is_some_and(BTreeSet::is_empty) {
+                self.held.remove(&claim);
+            }
+        }
+        let last_position = stepped.claim.as_ref().map(|claim| claim.last_position);
+        self.checkpointed(last_position, stepped.checkpoint);
+        let (Some(claim), Some(finishes), Some(lease)) = (stepped.claim, finishes, lease) else {
+            if limit.is_some() {
+                self.claimed = None;
+            }
             return Ok(false);
         };
-        self.wake.borrow_and_update();
         self.claims += 1;
-        let lease: Arc<str> = format!("{}:{}", self.id, self.claims).into();
-        let turn = self.gate.turn(&self.pool).await;
-        let claim = DB::claim(
-            &self.pool,
-            ClaimArgs {
-                listener: &self.config.listener,
-                owner: &lease,
-                worker: &self.leases,
-                names: self.config.names.as_deref(),
-                limit,
-                lease: millis_of(self.config.lease),
-            },
-        )
-        .await?;
-        drop(turn);
-        self.checkpointed(Some(claim.last_position), claim.checkpoint);
-        let full = claim.full;
         for claimed in claim.claimed {
-            let next = decode::<E>(
-                claimed.position,
-                claimed.attempts,
-                claimed.payload,
-                &lease,
-                &finishes,
-            );
-            let unyielded = Unyielded(Some(next));
+            if let Some(up_to) = claimed.range {
+                self.held
+                    .entry((lease.clone(), up_to))
+                    .or_default()
+                    .insert(claimed.position);
+            }
+            let unyielded = Unyielded(Some(decode::<E>(claimed, &lease, &finishes)));
             if let Some(sender) = &self.claimed {
                 // The claim took no more than the channel has room for,
                 // and only this task sends.
@@ -496,7 +564,7 @@ where
                 }
             }
         }
-        Ok(full)
+        Ok(claim.full)
     }
 
     /// Renews the leases of everything this process holds for the listener.
@@ -531,40 +599,40 @@ where
     }
 }
 
-/// The delivery of the claimed `payload`, or why it does not decode.
+/// The delivery of what was claimed, or why its payload does not decode.
 fn decode<E: Event + DeserializeOwned>(
-    position: i64,
-    attempts: i64,
-    payload: Vec<u8>,
+    claimed: Claimed,
     lease: &Arc<str>,
     finishes: &mpsc::UnboundedSender<Finished>,
 ) -> Result<LogDelivery<E>, Undecodable> {
+    let Claimed {
+        position,
+        attempts,
+        payload,
+        range,
+    } = claimed;
     let attempt = u32::try_from(attempts.max(1)).unwrap_or(u32::MAX);
+    let mut finisher = Finisher {
+        position,
+        attempt,
+        lease: lease.clone(),
+        range,
+        finishes: Some(finishes.clone()),
+    };
     match JsonCodec.decode::<E>(&payload) {
         Ok(envelope) => {
             let (event, metadata) = envelope.into_parts();
             let metadata = metadata.with_sequence(position.unsigned_abs());
             Ok(LogDelivery {
                 envelope: Arc::new(Envelope::from_parts(event, metadata)),
-                position,
-                attempt,
-                lease: lease.clone(),
-                finishes: Some(finishes.clone()),
+                finisher,
             })
         }
         Err(error) => {
-            let finishes = finishes.clone();
-            let lease = lease.clone();
+            // Terminated, it is dead; dropped unterminated (the run was
+            // aborted), abandoned.
             let mut undecodable = Undecodable::new(&error, payload, move |reason| {
-                let _ = finishes.send(Finished {
-                    lease,
-                    finish: Finish::Dead {
-                        position,
-                        attempts: i64::from(attempt),
-                        error: reason,
-                        at: now(),
-                    },
-                });
+                finisher.dead(reason);
                 std::future::ready(())
             })
             .with_attempt(attempt);
