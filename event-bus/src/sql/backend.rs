@@ -47,6 +47,8 @@ pub struct Claim {
     /// Whether there may be more to claim at once: it took as many as it
     /// was asked for, or took over another process's claim.
     pub full: bool,
+    /// Whether it took deliveries due again or an expired claim.
+    pub reclaimed: bool,
     /// The log's last position when it looked.
     pub last_position: i64,
 }
@@ -67,6 +69,8 @@ pub struct ClaimArgs<'a> {
     /// How long the lease lasts, in milliseconds from when the claim
     /// holds the listener's row.
     pub lease: i64,
+    /// Whether to look for deliveries due again and expired claims first.
+    pub reclaim: bool,
 }
 
 /// One transaction of a worker: what was finished, then (if asked) the
@@ -281,19 +285,19 @@ fn placeholders(from: usize, n: usize) -> String {
         .join(", ")
 }
 
-/// The listener's checkpoint: the lowest of its head, the position below
-/// its lowest unfinished delivery row, and the lowest `done_to` of its
-/// claims. Dead deliveries do not hold it. `$least` is the dialect's
-/// scalar minimum.
+/// Sets the listener's head to `$2`, and its checkpoint to the lowest of
+/// the head, the position below its lowest unfinished delivery row, and the
+/// lowest `done_to` of its claims. Dead deliveries do not hold it. `$least`
+/// is the dialect's scalar minimum.
 macro_rules! checkpoint {
     ($least:literal) => {
         concat!(
-            "UPDATE event_bus_listeners SET checkpoint = ",
+            "UPDATE event_bus_listeners SET head = $2, checkpoint = ",
             $least,
-            "(head,
+            "($2,
                 COALESCE((SELECT MIN(position) - 1 FROM event_bus_deliveries
-                          WHERE listener = $1 AND state <> 'dead'), head),
-                COALESCE((SELECT MIN(done_to) FROM event_bus_claims WHERE listener = $1), head))
+                          WHERE listener = $1 AND state <> 'dead'), $2),
+                COALESCE((SELECT MIN(done_to) FROM event_bus_claims WHERE listener = $1), $2))
             WHERE listener = $1 RETURNING checkpoint"
         )
     };
@@ -335,8 +339,27 @@ const ROW_OF_CLAIMED: &str = "INSERT INTO event_bus_deliveries
     WHERE listener = $1 AND up_to = $11 AND owner = $3 AND done_to < $2
     ON CONFLICT (listener, position) DO NOTHING";
 
-/// The part of the log one claim reads, ordered: `{filter}` restricts the
-/// names; positions a delivery row covers are left to it.
+/// The log after the head, as one claim reads it: the log's last position
+/// (in every row, and in one row of nulls if nothing is to be read) and the
+/// first events after `$1` of the names `{filter}` allows (from `$4`), in
+/// order, up to `$2` of them (positions a delivery row of listener `$3`
+/// covers are left to it). One statement, so that the last position and
+/// the events are of one moment.
+fn next_page_sql(filter: &str) -> String {
+    format!(
+        "SELECT m.last, e.position, e.payload
+         FROM (SELECT COALESCE(MAX(position), 0) AS last FROM event_bus_events) AS m
+         LEFT JOIN (SELECT position, payload FROM event_bus_events
+                    WHERE position > $1{filter}
+                      AND NOT EXISTS (SELECT 1 FROM event_bus_deliveries d
+                                      WHERE d.listener = $3 AND d.position = event_bus_events.position)
+                    ORDER BY position LIMIT $2) AS e ON 1 = 1
+         ORDER BY e.position"
+    )
+}
+
+/// The events of a claim taken over, after `$1` up to `$2`, as
+/// `next_page_sql` reads them.
 fn page_sql(filter: &str) -> String {
     format!(
         "SELECT position, payload FROM event_bus_events
@@ -347,10 +370,10 @@ fn page_sql(filter: &str) -> String {
     )
 }
 
-/// ` AND name IN ($5, …)` for `names`, or nothing for every name.
-fn name_filter(names: Option<&[&'static str]>) -> String {
+/// ` AND name IN ($from, …)` for `names`, or nothing for every name.
+fn name_filter(names: Option<&[&'static str]>, from: usize) -> String {
     names.map_or_else(String::new, |names| {
-        format!(" AND name IN ({})", placeholders(5, names.len().max(1)))
+        format!(" AND name IN ({})", placeholders(from, names.len().max(1)))
     })
 }
 
@@ -377,7 +400,8 @@ macro_rules! bind_names {
 
 /// A claim, in the transaction on `$conn` that holds the listener's row
 /// (whose head is `$head`): deliveries due again, then another process's
-/// expired claim, then the log after the head. Evaluates to its `Claim`.
+/// expired claim, then the log after the head. Evaluates to its `Claim`
+/// and the listener's new head.
 macro_rules! claim {
     ($conn:expr, $listener:expr, $head:expr, $args:expr) => {{
         let conn = $conn;
@@ -389,15 +413,20 @@ macro_rules! claim {
         let now = now();
         let lease_until = now.saturating_add(args.lease);
         let limit = i64::try_from(args.limit).unwrap_or(i64::MAX);
-        let reclaimed: Vec<(i64, i64)> = sqlx::query_as(RECLAIM)
-            .bind(listener)
-            .bind(args.owner)
-            .bind(lease_until)
-            .bind(now)
-            .bind(limit)
-            .bind(args.worker)
-            .fetch_all(&mut *conn)
-            .await?;
+        let reclaimed: Vec<(i64, i64)> = if args.reclaim {
+            sqlx::query_as(RECLAIM)
+                .bind(listener)
+                .bind(args.owner)
+                .bind(lease_until)
+                .bind(now)
+                .bind(limit)
+                .bind(args.worker)
+                .fetch_all(&mut *conn)
+                .await?
+        } else {
+            Vec::new()
+        };
+        let mut took = !reclaimed.is_empty();
         let mut claimed = Vec::with_capacity(args.limit);
         let attempts: std::collections::BTreeMap<i64, i64> = reclaimed.into_iter().collect();
         let positions: Vec<i64> = attempts.keys().copied().collect();
@@ -420,10 +449,9 @@ macro_rules! claim {
                 });
             }
         }
-        let filter = name_filter(args.names);
-        let page = page_sql(&filter);
+        let page = page_sql(&name_filter(args.names, 5));
         let mut full = false;
-        if claimed.len() < args.limit {
+        if args.reclaim && claimed.len() < args.limit {
             let taken: Option<(i64, i64, i64, i64)> = sqlx::query_as(TAKE_OVER)
                 .bind(listener)
                 .bind(args.owner)
@@ -435,6 +463,7 @@ macro_rules! claim {
             if let Some((done_to, up_to, attempts, unfinished)) = taken {
                 // There may be more claims to take over.
                 full = true;
+                took = true;
                 let room = args.limit - claimed.len();
                 let rows = bind_names!(
                     sqlx::query(&page)
@@ -508,74 +537,80 @@ macro_rules! claim {
                 }
             }
         }
-        // Bounded by the last position now, so that what is committed
-        // meanwhile is not stepped over.
-        let last_position: i64 =
-            sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM event_bus_events")
-                .fetch_one(&mut *conn)
-                .await?;
         let room = args.limit - claimed.len();
-        let mut new_head = head;
-        if room > 0 && last_position > head {
-            let rows = bind_names!(
-                sqlx::query(&page)
+        let next_page = next_page_sql(&name_filter(args.names, 4));
+        let rows = if room > 0 {
+            bind_names!(
+                sqlx::query(&next_page)
                     .bind(head)
-                    .bind(last_position)
                     .bind(i64::try_from(room).unwrap_or(i64::MAX))
                     .bind(listener),
                 args.names
             )
             .fetch_all(&mut *conn)
+            .await?
+        } else {
+            // Only the last position.
+            sqlx::query("SELECT COALESCE(MAX(position), 0) FROM event_bus_events")
+                .fetch_all(&mut *conn)
+                .await?
+        };
+        let last_position: i64 = rows.first().map_or(head, |row| row.get(0));
+        let page: Vec<(i64, Vec<u8>)> = if room > 0 {
+            rows.iter()
+                .filter_map(|row| {
+                    Some((
+                        row.get::<Option<i64>, _>(1)?,
+                        row.get::<Option<Vec<u8>>, _>(2)?,
+                    ))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let new_head = match page.last() {
+            Some(&(last, _)) if page.len() == room => last,
+            _ => last_position.max(head),
+        };
+        if let (Some(&(first, _)), Some(&(last, _))) = (page.first(), page.last()) {
+            // One row for the whole page: the events are this claim's until
+            // they are finished.
+            sqlx::query(
+                "INSERT INTO event_bus_claims
+                 (listener, up_to, done_to, unfinished, attempts, owner, lease_until)
+                 VALUES ($1, $2, $3, $4, 1, $5, $6)",
+            )
+            .bind(listener)
+            .bind(last)
+            .bind(first - 1)
+            .bind(i64::try_from(page.len()).unwrap_or(i64::MAX))
+            .bind(args.owner)
+            .bind(lease_until)
+            .execute(&mut *conn)
             .await?;
-            let first = rows.first().map(|row| row.get::<i64, _>(0));
-            let last = rows.last().map(|row| row.get::<i64, _>(0));
-            new_head = match last {
-                Some(last) if rows.len() == room => last,
-                _ => last_position,
-            };
-            if let (Some(first), Some(last)) = (first, last) {
-                // One row for the whole page: the events are this claim's
-                // until they are finished.
-                sqlx::query(
-                    "INSERT INTO event_bus_claims
-                     (listener, up_to, done_to, unfinished, attempts, owner, lease_until)
-                     VALUES ($1, $2, $3, $4, 1, $5, $6)",
-                )
-                .bind(listener)
-                .bind(last)
-                .bind(first - 1)
-                .bind(i64::try_from(rows.len()).unwrap_or(i64::MAX))
-                .bind(args.owner)
-                .bind(lease_until)
-                .execute(&mut *conn)
-                .await?;
-                for row in rows {
-                    claimed.push(Claimed {
-                        position: row.get(0),
-                        attempts: 1,
-                        payload: row.get(1),
-                        range: Some(last),
-                    });
-                }
+            for (position, payload) in page {
+                claimed.push(Claimed {
+                    position,
+                    attempts: 1,
+                    payload,
+                    range: Some(last),
+                });
             }
         }
-        if new_head != head {
-            sqlx::query("UPDATE event_bus_listeners SET head = $2 WHERE listener = $1")
-                .bind(listener)
-                .bind(new_head)
-                .execute(&mut *conn)
-                .await?;
-        }
-        Claim {
-            full: full || claimed.len() == args.limit,
-            claimed,
-            last_position,
-        }
+        (
+            Claim {
+                full: full || claimed.len() == args.limit,
+                reclaimed: took,
+                claimed,
+                last_position,
+            },
+            new_head,
+        )
     }};
 }
 
 macro_rules! backend {
-    ($db:ty, one_writer = $one_writer:path, schema = $schema:path, lock = $lock:path, checkpoint = $checkpoint:path, begin = $begin:path, serialize = $serialize:path, notify = $notify:path, listen = $listen:path) => {
+    ($db:ty, one_writer = $one_writer:path, schema = $schema:path, lock = $lock:path, checkpoint = $checkpoint:path, begin = $begin:path, serialize = $serialize:path, insert = $insert:path, listen = $listen:path) => {
         impl Backend for $db {}
 
         impl sealed::Sealed for $db {
@@ -609,7 +644,6 @@ macro_rules! backend {
                     if events.is_empty() {
                         return Ok(Vec::new());
                     }
-                    $serialize(&mut *conn).await?;
                     let mut positions = Vec::with_capacity(events.len());
                     // One statement per chunk; the rows are numbered in the
                     // order of their VALUES.
@@ -618,9 +652,7 @@ macro_rules! backend {
                             .map(|i| format!("(${}, ${}, ${}, $1)", 3 * i + 2, 3 * i + 3, 3 * i + 4))
                             .collect::<Vec<_>>()
                             .join(", ");
-                        let sql = format!(
-                            "INSERT INTO event_bus_events (id, name, payload, recorded_at) VALUES {values} RETURNING position"
-                        );
+                        let sql = $insert(&*conn, &values);
                         let mut query = sqlx::query_scalar::<_, i64>(&sql).bind(now);
                         for event in chunk {
                             query = query.bind(&event.id).bind(event.name).bind(&event.payload);
@@ -629,7 +661,6 @@ macro_rules! backend {
                         written.sort_unstable();
                         positions.extend(written);
                     }
-                    $notify(&mut *conn).await?;
                     Ok(positions)
                 }
             }
@@ -814,12 +845,16 @@ macro_rules! backend {
                     };
                     query.execute(&mut *tx).await?;
                 }
-                let claim = match step.claim {
-                    Some(args) => Some(claim!(&mut *tx, listener, head, args)),
-                    None => None,
+                let (claim, head) = match step.claim {
+                    Some(args) => {
+                        let (claim, head) = claim!(&mut *tx, listener, head, args);
+                        (Some(claim), head)
+                    }
+                    None => (None, head),
                 };
                 let checkpoint: i64 = sqlx::query_scalar($checkpoint(pool))
                     .bind(listener)
+                    .bind(head)
                     .fetch_one(&mut *tx)
                     .await?;
                 tx.commit().await?;
@@ -888,7 +923,7 @@ macro_rules! backend {
                 position: Option<i64>,
             ) -> sqlx::Result<u64> {
                 let mut tx = $begin(pool).await?;
-                let Some(_head): Option<i64> = sqlx::query_scalar($lock(pool))
+                let Some(head): Option<i64> = sqlx::query_scalar($lock(pool))
                     .bind(listener)
                     .fetch_optional(&mut *tx)
                     .await?
@@ -907,6 +942,7 @@ macro_rules! backend {
                 .await?;
                 sqlx::query($checkpoint(pool))
                     .bind(listener)
+                    .bind(head)
                     .fetch_one(&mut *tx)
                     .await?;
                 tx.commit().await?;
@@ -1025,9 +1061,30 @@ const CHANNEL: &str = "event_bus";
 #[cfg(any(feature = "postgres", feature = "any"))]
 const SERIALIZE_POSTGRES: &str = "SELECT pg_advisory_xact_lock($1)";
 
-/// Wakes every listening session when the transaction commits.
+/// Writes the events of `values` (rows of id, name, payload and time).
+#[cfg(any(feature = "sqlite", feature = "any"))]
+fn insert_sqlite(values: &str) -> String {
+    format!(
+        "INSERT INTO event_bus_events (id, name, payload, recorded_at) VALUES {values}
+         RETURNING position"
+    )
+}
+
+/// As `insert_sqlite`, in one statement with what a transaction that
+/// writes events takes first (see `postgres::serialize`) and the `NOTIFY`
+/// that wakes every listening session when it commits: one round trip.
 #[cfg(any(feature = "postgres", feature = "any"))]
-const NOTIFY_POSTGRES: &str = "SELECT pg_notify($1, '')";
+fn insert_postgres(values: &str) -> String {
+    format!(
+        "WITH serialized AS (SELECT pg_advisory_xact_lock({lock})),
+              notified AS (SELECT pg_notify('{CHANNEL}', ''))
+         INSERT INTO event_bus_events (id, name, payload, recorded_at)
+         SELECT v.id, v.name, v.payload, v.recorded_at
+         FROM (VALUES {values}) AS v (id, name, payload, recorded_at), serialized, notified
+         RETURNING position",
+        lock = super::schema::POSTGRES_LOCK,
+    )
+}
 
 #[cfg(any(feature = "postgres", feature = "any"))]
 const LOCK_POSTGRES: &str = "SELECT head FROM event_bus_listeners WHERE listener = $1 FOR UPDATE";
@@ -1067,10 +1124,9 @@ mod sqlite {
         Ok(())
     }
 
-    /// Other processes poll: SQLite has no notifications.
-    #[allow(clippy::unused_async)]
-    pub(super) async fn notify(_: &mut SqliteConnection) -> sqlx::Result<()> {
-        Ok(())
+    /// No notification: other processes poll (SQLite has none).
+    pub(super) fn insert(_: &SqliteConnection, values: &str) -> String {
+        super::insert_sqlite(values)
     }
 
     pub(super) fn listen(
@@ -1090,7 +1146,7 @@ backend!(
     checkpoint = sqlite::checkpoint,
     begin = sqlite::begin,
     serialize = sqlite::serialize,
-    notify = sqlite::notify,
+    insert = sqlite::insert,
     listen = sqlite::listen
 );
 
@@ -1197,13 +1253,8 @@ mod postgres {
         }
     }
 
-    /// Delivered to every listening session when the transaction commits.
-    pub(super) async fn notify(conn: &mut PgConnection) -> sqlx::Result<()> {
-        sqlx::query(super::NOTIFY_POSTGRES)
-            .bind(super::CHANNEL)
-            .execute(conn)
-            .await
-            .map(drop)
+    pub(super) fn insert(_: &PgConnection, values: &str) -> String {
+        super::insert_postgres(values)
     }
 }
 
@@ -1216,7 +1267,7 @@ backend!(
     checkpoint = postgres::checkpoint,
     begin = postgres::begin,
     serialize = postgres::serialize,
-    notify = postgres::notify,
+    insert = postgres::insert,
     listen = postgres::listen
 );
 
@@ -1284,15 +1335,12 @@ mod any {
         Ok(())
     }
 
-    /// As `postgres::notify` on PostgreSQL; nothing on SQLite.
-    pub(super) async fn notify(conn: &mut AnyConnection) -> sqlx::Result<()> {
+    pub(super) fn insert(conn: &AnyConnection, values: &str) -> String {
         if is_postgres(conn) {
-            sqlx::query(super::NOTIFY_POSTGRES)
-                .bind(super::CHANNEL)
-                .execute(conn)
-                .await?;
+            super::insert_postgres(values)
+        } else {
+            super::insert_sqlite(values)
         }
-        Ok(())
     }
 
     /// On PostgreSQL with the `postgres` feature, as `postgres::listen`,
@@ -1330,6 +1378,6 @@ backend!(
     checkpoint = any::checkpoint,
     begin = any::begin,
     serialize = any::serialize,
-    notify = any::notify,
+    insert = any::insert,
     listen = any::listen
 );

@@ -291,6 +291,10 @@ pub(crate) struct Worker<E, DB: Backend> {
     held: HashMap<(Arc<str>, i64), BTreeSet<i64>>,
     /// The claims with events finished since the last step.
     touched: BTreeSet<(Arc<str>, i64)>,
+    /// When the next claim looks for deliveries due again and expired
+    /// claims: every poll interval (at most a lease), and at once after it
+    /// found some or this worker gave one back.
+    reclaim_due: Instant,
     #[cfg(feature = "metrics")]
     lag: metrics::Gauge,
 }
@@ -326,6 +330,7 @@ pub(crate) fn worker<E: Event, DB: Backend>(
         last_position: 0,
         held: HashMap::new(),
         touched: BTreeSet::new(),
+        reclaim_due: Instant::now(),
         #[cfg(feature = "metrics")]
         lag,
     };
@@ -485,6 +490,12 @@ where
     /// more to claim at once.
     async fn step(&mut self, finished: &[Finished], limit: Option<usize>) -> sqlx::Result<bool> {
         for finished in finished {
+            if matches!(
+                finished.finish,
+                Finish::Abandon { .. } | Finish::Release { .. }
+            ) {
+                self.reclaim_due = Instant::now();
+            }
             if let Some(up_to) = finished.range {
                 let claim = (finished.lease.clone(), up_to);
                 if let Some(events) = self.held.get_mut(&claim) {
@@ -519,7 +530,9 @@ where
             names: self.config.names.as_deref(),
             limit,
             lease: millis_of(self.config.lease),
+            reclaim: Instant::now() >= self.reclaim_due,
         });
+        let reclaiming = claim.as_ref().is_some_and(|claim| claim.reclaim);
         let stepped = {
             let _turn = self.gate.turn(&self.pool).await;
             DB::step(
@@ -548,6 +561,12 @@ where
             return Ok(false);
         };
         self.claims += 1;
+        if claim.reclaimed {
+            // There may be more due.
+        } else if reclaiming {
+            let every = self.config.poll.min(self.config.lease);
+            self.reclaim_due = Instant::now() + every;
+        }
         for claimed in claim.claimed {
             if let Some(up_to) = claimed.range {
                 self.held
