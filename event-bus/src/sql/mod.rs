@@ -24,9 +24,15 @@
 //!   that order, a retried event holding back the ones after it. With more
 //!   (concurrency, processes), they finish out of order. An event handed
 //!   out again (its process died, or it was redriven) comes when it is
-//!   due, after events its listener has already been handed.
+//!   due, after events its listener has already been handed: a listener
+//!   looks for those every [`Durable::poll_interval`] (at most every
+//!   lease).
 //! - **Checkpoints** move past the lowest unfinished position only: the
 //!   checkpoint is the position below which every event is finished.
+//! - **Cost**: a claim is one row for a page of events, and handling an
+//!   event writes nothing of its own (its claim moves past it in the next
+//!   transaction, which also claims what is next); only a failure or an
+//!   event given back gets a row ([`schema`] has the tables).
 //! - **Failures are states**: a failed attempt is recorded with its error,
 //!   the attempt count and the time of the next try (the listener's
 //!   [`RetryPolicy`](crate::RetryPolicy)); a retry survives a restart. After

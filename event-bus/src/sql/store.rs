@@ -618,7 +618,8 @@ where
     /// Gives the dead delivery of `listener` at `position` (or, with
     /// `None`, every dead delivery of `listener`) a new start: it is handed
     /// to the listener again, as a first attempt, with its retry policy
-    /// afresh. Returns how many were redriven.
+    /// afresh, when it next looks for redeliveries (every
+    /// [`Durable::poll_interval`]). Returns how many were redriven.
     ///
     /// # Errors
     ///
