@@ -81,8 +81,8 @@ async fn store_at(path: &std::path::Path) -> SqliteStore<Shop> {
 
 fn tmpdir() -> tempfile::TempDir {
     // On disk (fsync is real), not tmpfs.
-    std::fs::create_dir_all("/work/wt-review/target/review-tmp").unwrap();
-    tempfile::tempdir_in("/work/wt-review/target/review-tmp").unwrap()
+    // On disk, in the target directory.
+    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap()
 }
 
 async fn commit(store: &SqliteStore<Shop>, orders: impl IntoIterator<Item = u64>) -> Vec<u64> {

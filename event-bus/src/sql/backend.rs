@@ -311,20 +311,36 @@ const CHECKPOINT_POSTGRES: &str = checkpoint!("LEAST");
 /// Deliveries due again: given back, or whose lease expired (their process
 /// died: never this worker's own, which it holds while it lives), and whose
 /// retry time has come.
+///
+/// The conditions are checked again on the rows themselves: on PostgreSQL
+/// a row renewed while the statement waited for it is not taken.
 const RECLAIM: &str = "UPDATE event_bus_deliveries
     SET state = 'leased', owner = $2, lease_until = $3, attempts = attempts + 1
-    WHERE listener = $1 AND position IN (
+    WHERE listener = $1 AND state <> 'dead' AND lease_until <= $4 AND next_try_at <= $4
+      AND position IN (
         SELECT position FROM event_bus_deliveries
         WHERE listener = $1 AND state <> 'dead' AND lease_until <= $4 AND next_try_at <= $4
           AND (owner IS NULL OR owner NOT LIKE $6)
         ORDER BY position LIMIT $5)
     RETURNING position, attempts";
 
+/// The owner of a dead delivery discarded while a claim still covers it:
+/// kept (so that a take-over of the claim leaves it out), never listed.
+const DISCARDED: &str = "discarded";
+
+/// Whether a claim of the delivery row's listener still covers its
+/// position (in a statement on `event_bus_deliveries`).
+const COVERED: &str = "SELECT 1 FROM event_bus_claims c
+    WHERE c.listener = event_bus_deliveries.listener
+      AND c.done_to < event_bus_deliveries.position
+      AND event_bus_deliveries.position <= c.up_to";
+
 /// Takes over the first claim whose lease expired (its process died: never
-/// this worker's own), its events as the next attempt.
+/// this worker's own), its events as the next attempt; as `RECLAIM`, the
+/// lease is checked again on the row itself.
 const TAKE_OVER: &str = "UPDATE event_bus_claims
     SET owner = $2, lease_until = $3, attempts = attempts + 1
-    WHERE listener = $1 AND up_to = (
+    WHERE listener = $1 AND lease_until <= $4 AND up_to = (
         SELECT up_to FROM event_bus_claims
         WHERE listener = $1 AND lease_until <= $4 AND owner NOT LIKE $5
         ORDER BY up_to LIMIT 1)
@@ -569,6 +585,9 @@ macro_rules! claim {
             Vec::new()
         };
         let new_head = match page.last() {
+            // Nothing was read (the room was taken by redeliveries): the
+            // head stays where it was.
+            _ if room == 0 => head,
             Some(&(last, _)) if page.len() == room => last,
             _ => last_position.max(head),
         };
@@ -896,7 +915,7 @@ macro_rules! backend {
                             e.id, e.name, e.payload
                      FROM event_bus_deliveries d
                      JOIN event_bus_events e ON e.position = d.position
-                     WHERE d.state = 'dead' AND ($1 IS NULL OR d.listener = $1)
+                     WHERE d.state = 'dead' AND d.owner IS NULL AND ($1 IS NULL OR d.listener = $1)
                      ORDER BY d.failed_at, d.position, d.listener",
                 )
                 .bind(listener)
@@ -934,7 +953,8 @@ macro_rules! backend {
                     "UPDATE event_bus_deliveries
                      SET state = 'pending', attempts = 0, owner = NULL, lease_until = 0,
                          next_try_at = 0, failed_at = NULL
-                     WHERE listener = $1 AND state = 'dead' AND ($2 IS NULL OR position = $2)",
+                     WHERE listener = $1 AND state = 'dead' AND owner IS NULL
+                       AND ($2 IS NULL OR position = $2)",
                 )
                 .bind(listener)
                 .bind(position)
@@ -954,15 +974,38 @@ macro_rules! backend {
                 listener: &str,
                 position: Option<i64>,
             ) -> sqlx::Result<u64> {
-                let done = sqlx::query(
+                let mut tx = $begin(pool).await?;
+                let Some(_head): Option<i64> = sqlx::query_scalar($lock(pool))
+                    .bind(listener)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                else {
+                    return Ok(0);
+                };
+                // Within a claim still open, the row is what keeps the
+                // event out of it (should the claim be taken over): it
+                // stays, as nobody's.
+                let kept = sqlx::query(&format!(
+                    "UPDATE event_bus_deliveries SET owner = '{DISCARDED}'
+                     WHERE listener = $1 AND state = 'dead' AND owner IS NULL
+                       AND ($2 IS NULL OR position = $2)
+                       AND EXISTS ({COVERED})"
+                ))
+                .bind(listener)
+                .bind(position)
+                .execute(&mut *tx)
+                .await?;
+                let deleted = sqlx::query(
                     "DELETE FROM event_bus_deliveries
-                     WHERE listener = $1 AND state = 'dead' AND ($2 IS NULL OR position = $2)",
+                     WHERE listener = $1 AND state = 'dead' AND owner IS NULL
+                       AND ($2 IS NULL OR position = $2)",
                 )
                 .bind(listener)
                 .bind(position)
-                .execute(pool)
+                .execute(&mut *tx)
                 .await?;
-                Ok(done.rows_affected())
+                tx.commit().await?;
+                Ok(kept.rows_affected() + deleted.rows_affected())
             }
 
             async fn progress(pool: &Pool<Self>) -> sqlx::Result<(i64, Vec<ProgressRow>)> {
@@ -978,7 +1021,7 @@ macro_rules! backend {
                         + CAST(COALESCE((SELECT SUM(c.unfinished) FROM event_bus_claims c
                                          WHERE c.listener = l.listener), 0) AS BIGINT),
                         (SELECT COUNT(*) FROM event_bus_deliveries d
-                         WHERE d.listener = l.listener AND d.state = 'dead')
+                         WHERE d.listener = l.listener AND d.state = 'dead' AND d.owner IS NULL)
                      FROM event_bus_listeners l ORDER BY l.listener",
                 )
                 .fetch_all(&mut *tx)
@@ -998,14 +1041,23 @@ macro_rules! backend {
             }
 
             async fn prune(pool: &Pool<Self>) -> sqlx::Result<u64> {
+                let mut tx = $begin(pool).await?;
+                // Discarded deliveries whose claims are gone.
+                sqlx::query(&format!(
+                    "DELETE FROM event_bus_deliveries
+                     WHERE owner = '{DISCARDED}' AND NOT EXISTS ({COVERED})"
+                ))
+                .execute(&mut *tx)
+                .await?;
                 let done = sqlx::query(
                     "DELETE FROM event_bus_events
                      WHERE position <= (SELECT MIN(checkpoint) FROM event_bus_listeners)
                        AND NOT EXISTS (SELECT 1 FROM event_bus_deliveries d
                                        WHERE d.position = event_bus_events.position)",
                 )
-                .execute(pool)
+                .execute(&mut *tx)
                 .await?;
+                tx.commit().await?;
                 Ok(done.rows_affected())
             }
 

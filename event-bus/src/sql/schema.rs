@@ -23,7 +23,10 @@
 //!   or was given back, which its claim no longer covers: `leased` by a
 //!   process (retried in place by `owner`, until `lease_until`), `pending`
 //!   (to be taken again: given back, abandoned, or redriven), or `dead`
-//!   (its last attempt failed: `last_error`, `failed_at`). `attempts`
+//!   (its last attempt failed: `last_error`, `failed_at`; a dead delivery
+//!   discarded while its claim is still open stays, owned by
+//!   `discarded`, until [`prune`](super::Store::prune) finds the claim
+//!   gone). `attempts`
 //!   counts the attempts handed out; `next_try_at` is when a retry is due.
 //!   Times are milliseconds since the Unix epoch, by the clock of the
 //!   process that wrote them.
