@@ -385,7 +385,7 @@ async fn a_process_dying_in_a_retry_in_place_hands_that_attempt_again() {
     let retry = RetryPolicy::exponential(5)
         .initial_backoff(Duration::from_millis(50))
         .jitter(false);
-    let retry2 = retry.clone();
+    let retry2 = retry;
     let process = Process::start(&path, move |store| async move {
         store
             .spawn_with(
@@ -966,7 +966,7 @@ async fn a_retry_in_place_then_abort_comes_back_as_its_attempt() {
     let running = store
         .spawn_with(
             first.clone(),
-            ListenerOptions::new().retry(retry.clone()),
+            ListenerOptions::new().retry(retry),
             short(16),
         )
         .await
