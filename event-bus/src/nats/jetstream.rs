@@ -2,7 +2,6 @@
 //! publisher and this process's listeners.
 
 use std::fmt;
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -12,7 +11,6 @@ use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::{Config as StreamConfig, StorageType};
 use async_nats::{HeaderMap, Subject};
-use futures_util::FutureExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -29,7 +27,7 @@ use crate::event::{Event, EventKind, KindSet};
 use crate::listener::{ListenerOptions, Scope};
 use crate::metrics::ListenerStatus;
 use crate::publish::Publish;
-use crate::runner::{ListenerCore, Run, RunReport, Spawnable, panicked};
+use crate::runner::{ListenerCore, Run, RunReport, Spawnable, spawn_run};
 
 /// The default `ack_wait`: how long the server waits for a finish before
 /// it delivers a message again.
@@ -697,28 +695,13 @@ where
             held.clone(),
         );
         let core = Arc::new(ListenerCore::new(name, options.retry));
-        let (done_tx, done) = watch::channel(false);
         let run = listener.run(Run {
             core: core.clone(),
             source,
             sink: Streamed,
             options,
         });
-        let ended = core.clone();
-        let task = tokio::spawn(async move {
-            let _done = Done(done_tx);
-            match AssertUnwindSafe(run).catch_unwind().await {
-                Ok(()) => ended.end(ListenerStatus::Drained),
-                Err(payload) => {
-                    tracing::error!(
-                        listener = %ended.name,
-                        error = %panicked(&*payload),
-                        "the listener's runtime panicked; the listener stopped (what it held is delivered again)",
-                    );
-                    ended.end(ListenerStatus::Crashed);
-                }
-            }
-        });
+        let (task, done) = spawn_run(core.clone(), run);
         let pump = tokio::spawn(pump.run());
         let handle = JetStreamListener {
             core: core.clone(),
@@ -966,14 +949,5 @@ async fn publisher(
                 }
             }
         }
-    }
-}
-
-/// Marks a listener's task ended when dropped: on return, panic or abort.
-struct Done(watch::Sender<bool>);
-
-impl Drop for Done {
-    fn drop(&mut self) {
-        self.0.send_replace(true);
     }
 }

@@ -51,6 +51,8 @@
 mod attempt;
 mod batch;
 mod core;
+#[cfg(any(feature = "sql", feature = "nats"))]
+mod spawn;
 mod supervisor;
 
 use std::fmt;
@@ -69,6 +71,8 @@ use crate::listener::{Listener, ListenerOptions};
 use crate::metrics::ListenerStatus;
 
 pub(crate) use self::core::{ListenerCore, ListenerCounts};
+#[cfg(any(feature = "sql", feature = "nats"))]
+pub(crate) use self::spawn::spawn_run;
 pub(crate) use self::supervisor::{Supervisor, panicked};
 pub use crate::dead_letter::{DeadLetterSink, UndecodableLetter};
 
