@@ -300,3 +300,64 @@ pub enum StoreError {
     #[error("the store is shutting down")]
     Closed,
 }
+
+/// Error returned by the distributed tier's
+/// [`JetStream`](crate::nats::JetStream).
+#[cfg(feature = "nats")]
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NatsError {
+    /// The NATS server could not be reached at connect. Check the URL and
+    /// that the server runs with JetStream enabled (`nats-server -js`).
+    #[error("could not connect to the NATS server")]
+    Connect(#[source] async_nats::ConnectError),
+    /// A JetStream API request (`what`) failed or timed out: the server is
+    /// down, restarting, or refused the request. Trying again later may
+    /// succeed.
+    #[error("jetstream request failed: {what}")]
+    Request {
+        /// What was asked of the server.
+        what: &'static str,
+        /// What the client said.
+        #[source]
+        source: Box<dyn StdError + Send + Sync>,
+    },
+    /// The server did not acknowledge a publish within the publish retry
+    /// span: the event may or may not be in the stream. Publishing it
+    /// again is safe: its id is its `Nats-Msg-Id`, so the stream keeps one
+    /// copy within its duplicate window.
+    #[error("the event was not acknowledged by the stream")]
+    Publish(#[source] Box<dyn StdError + Send + Sync>),
+    /// The event could not be encoded: fix the event type's `Serialize`.
+    #[error("an event could not be encoded")]
+    Encode(#[from] EncodeError),
+    /// The stream's duplicate window is shorter than the span over which a
+    /// publish is retried, so a retried publish could be stored twice.
+    /// Lengthen the stream's window or shorten
+    /// [`publish_retry`](crate::nats::Config::publish_retry).
+    #[error(
+        "the stream's duplicate window ({window:?}) is shorter than the publish retry span ({span:?})"
+    )]
+    DuplicateWindow {
+        /// The stream's duplicate window.
+        window: std::time::Duration,
+        /// The publish retry span.
+        span: std::time::Duration,
+    },
+    /// The handle is shutting down: nothing is published or spawned on it.
+    #[error("the jetstream tier is shutting down")]
+    Closed,
+}
+
+#[cfg(feature = "nats")]
+impl NatsError {
+    pub(crate) fn request(
+        what: &'static str,
+        source: impl Into<Box<dyn StdError + Send + Sync>>,
+    ) -> Self {
+        Self::Request {
+            what,
+            source: source.into(),
+        }
+    }
+}

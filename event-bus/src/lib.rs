@@ -620,6 +620,8 @@ mod listener;
 mod memory;
 mod meta;
 pub mod metrics;
+#[cfg(feature = "nats")]
+pub mod nats;
 mod publish;
 pub mod runner;
 #[cfg(feature = "sql")]

@@ -51,6 +51,8 @@
 mod attempt;
 mod batch;
 mod core;
+#[cfg(any(feature = "sql", feature = "nats"))]
+mod spawn;
 mod supervisor;
 
 use std::fmt;
@@ -69,6 +71,8 @@ use crate::listener::{Listener, ListenerOptions};
 use crate::metrics::ListenerStatus;
 
 pub(crate) use self::core::{ListenerCore, ListenerCounts};
+#[cfg(any(feature = "sql", feature = "nats"))]
+pub(crate) use self::spawn::spawn_run;
 pub(crate) use self::supervisor::{Supervisor, panicked};
 pub use crate::dead_letter::{DeadLetterSink, UndecodableLetter};
 
@@ -299,6 +303,13 @@ pub trait Spawnable<E: Event, M>: Send + Sync + 'static {
     #[doc(hidden)]
     fn listener_interests(&self) -> KindSet<E::Kind>;
 
+    /// Whether it is handed batches: a tier bounds what it has out at once
+    /// by `concurrency`, times `max_batch` for a batch listener.
+    #[doc(hidden)]
+    fn listener_batches(&self) -> bool {
+        false
+    }
+
     /// Runs the listener over `run`'s source until it ends or is stopped.
     #[doc(hidden)]
     fn run<S: Source<E>, K: DeadLetterSink<E>>(
@@ -373,6 +384,10 @@ impl<E: Event, L: BatchListener<E>> Spawnable<E, InBatches> for L {
 
     fn listener_interests(&self) -> KindSet<E::Kind> {
         self.interests()
+    }
+
+    fn listener_batches(&self) -> bool {
+        true
     }
 
     fn run<S: Source<E>, K: DeadLetterSink<E>>(

@@ -2,12 +2,10 @@
 //! its dead deliveries.
 
 use std::fmt;
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use futures_util::FutureExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sqlx::{Pool, Transaction};
@@ -26,7 +24,7 @@ use crate::event::{Event, EventKind, KindSet};
 use crate::listener::{ListenerOptions, Scope};
 use crate::meta::Meta;
 use crate::metrics::ListenerStatus;
-use crate::runner::{ListenerCore, Run, RunReport, Spawnable, panicked};
+use crate::runner::{ListenerCore, Run, RunReport, Spawnable, spawn_run};
 
 /// The lease a process holds on what it is handling, by default: renewed
 /// every third of it while the process lives, it expires this long after
@@ -490,28 +488,13 @@ where
             delivered.clone(),
         );
         let core = Arc::new(ListenerCore::new(name, options.retry));
-        let (done_tx, done) = watch::channel(false);
         let run = listener.run(Run {
             core: core.clone(),
             source,
             sink: Dead,
             options,
         });
-        let ended = core.clone();
-        let task = tokio::spawn(async move {
-            let _done = Done(done_tx);
-            match AssertUnwindSafe(run).catch_unwind().await {
-                Ok(()) => ended.end(ListenerStatus::Drained),
-                Err(payload) => {
-                    tracing::error!(
-                        listener = %ended.name,
-                        error = %panicked(&*payload),
-                        "the durable listener's runtime panicked; the listener stopped (what it held is delivered again)",
-                    );
-                    ended.end(ListenerStatus::Crashed);
-                }
-            }
-        });
+        let (task, done) = spawn_run(core.clone(), run);
         let worker = tokio::spawn(worker.run());
         let handle = DurableListener {
             core: core.clone(),
@@ -730,15 +713,6 @@ where
             reports.push(RunReport::of(&core));
         }
         reports
-    }
-}
-
-/// Marks a listener's task ended when dropped: on return, panic or abort.
-struct Done(watch::Sender<bool>);
-
-impl Drop for Done {
-    fn drop(&mut self) {
-        self.0.send_replace(true);
     }
 }
 

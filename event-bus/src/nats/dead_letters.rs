@@ -1,0 +1,325 @@
+//! The dead-letter stream: what listeners gave up on, written as messages
+//! of `<STREAM>_DLQ` on `<prefix>_dlq.<listener>`, listed, redriven and
+//! discarded from there.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_nats::jetstream::consumer::pull::Config as PullConfig;
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy};
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::publish::PublishAck;
+use async_nats::{HeaderMap, Subject};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde::de::DeserializeOwned;
+use uuid::Uuid;
+
+use super::names;
+use crate::codec::JsonCodec;
+use crate::envelope::Envelope;
+use crate::error::NatsError;
+use crate::event::Event;
+
+/// How long a listing waits for the dead-letter stream's messages.
+const LIST_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The most messages one listing request asks for.
+const LIST_BATCH: usize = 256;
+
+/// Publishes a message and waits for the stream's ack, trying again (the
+/// message id makes a retry land once) until `span` has passed.
+pub(crate) async fn publish_acked(
+    context: &async_nats::jetstream::Context,
+    subject: Subject,
+    message: PublishMessage,
+    span: Duration,
+) -> Result<PublishAck, NatsError> {
+    let started = tokio::time::Instant::now();
+    let mut pause = Duration::from_millis(20);
+    loop {
+        let attempt = match context.send_publish(subject.clone(), message.clone()).await {
+            Ok(ack) => ack.await.map_err(unacked),
+            Err(error) => Err(unacked(error)),
+        };
+        match attempt {
+            Ok(ack) => return Ok(ack),
+            Err(error) if started.elapsed() + pause > span => return Err(error),
+            Err(error) => {
+                tracing::debug!(subject = %subject, error = %error, "a publish was not acknowledged; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+fn unacked(error: impl std::error::Error + Send + Sync + 'static) -> NatsError {
+    NatsError::Publish(Box::new(error))
+}
+
+/// One listener's dead letters: where they are written.
+#[derive(Clone)]
+pub(crate) struct Letters {
+    pub(crate) context: async_nats::jetstream::Context,
+    /// The listener's name as dead letters and redrives address it.
+    pub(crate) key: Arc<str>,
+    /// `<prefix>_dlq.<token of key>`.
+    pub(crate) subject: Subject,
+    pub(crate) span: Duration,
+}
+
+/// A message whose last attempt failed.
+pub(crate) struct Failure<'a> {
+    pub(crate) subject: &'a Subject,
+    pub(crate) headers: Option<&'a HeaderMap>,
+    pub(crate) payload: Bytes,
+    pub(crate) sequence: u64,
+    pub(crate) attempts: u32,
+    pub(crate) error: &'a str,
+}
+
+impl Letters {
+    pub(crate) fn listener(&self) -> &str {
+        &self.key
+    }
+
+    /// Writes `failure` to the dead-letter stream, once: its message id is
+    /// the event's stream sequence and the listener.
+    pub(crate) async fn write(&self, failure: Failure<'_>) -> Result<(), NatsError> {
+        let mut headers = HeaderMap::new();
+        if let Some(traceparent) = failure
+            .headers
+            .and_then(|original| original.get(names::TRACEPARENT))
+        {
+            headers.insert(names::TRACEPARENT, traceparent.as_str());
+        }
+        headers.insert(names::LISTENER, names::header_value(&self.key));
+        headers.insert(names::ATTEMPTS, failure.attempts.to_string());
+        headers.insert(names::ERROR, names::header_value(failure.error));
+        headers.insert(names::SUBJECT, failure.subject.as_str());
+        headers.insert(names::SEQUENCE, failure.sequence.to_string());
+        let failed_at = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |since| since.as_millis());
+        headers.insert(names::FAILED_AT, failed_at.to_string());
+        let message = PublishMessage::build()
+            .payload(failure.payload)
+            .headers(headers)
+            .message_id(format!("{}:{}", failure.sequence, self.key));
+        publish_acked(&self.context, self.subject.clone(), message, self.span).await?;
+        Ok(())
+    }
+}
+
+/// An event a listener gave up on, as the dead-letter stream keeps it.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct DeadMessage<E> {
+    /// The listener that gave up: its group, or `<name>@<instance>` for an
+    /// instance listener.
+    pub listener: String,
+    /// The letter's sequence in the dead-letter stream: what
+    /// [`redrive`](super::JetStream::redrive) and
+    /// [`discard`](super::JetStream::discard) take.
+    pub sequence: u64,
+    /// The event's sequence in the event stream.
+    pub stream_sequence: u64,
+    /// The event's id, when it could be read.
+    pub id: Option<Uuid>,
+    /// The event's name, when it could be read.
+    pub name: Option<String>,
+    /// The event, or `None` if it does not decode into `E`.
+    pub envelope: Option<Arc<Envelope<E>>>,
+    /// The event's bytes, as they were published.
+    pub payload: Bytes,
+    /// How many attempts were made.
+    pub attempts: u32,
+    /// The last attempt's error (or why the event did not decode).
+    pub error: String,
+    /// When the listener gave up.
+    pub failed_at: SystemTime,
+    /// The subject the event was published on.
+    pub subject: String,
+    traceparent: Option<String>,
+}
+
+fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
+    headers
+        .and_then(|headers| headers.get(name))
+        .map(|value| value.as_str())
+}
+
+impl<E: Event + DeserializeOwned> DeadMessage<E> {
+    fn of(message: &async_nats::jetstream::Message) -> Self {
+        let sequence = message.info().map_or(0, |info| info.stream_sequence);
+        let headers = message.headers.as_ref();
+        let decoded = JsonCodec.decode::<E>(&message.payload);
+        let (id, name) = match &decoded {
+            Ok(envelope) => (Some(envelope.id()), Some(envelope.name().to_owned())),
+            Err(error) => (error.id(), error.name().map(str::to_owned)),
+        };
+        let millis = header(headers, names::FAILED_AT)
+            .and_then(|at| at.parse::<u64>().ok())
+            .unwrap_or(0);
+        Self {
+            listener: header(headers, names::LISTENER)
+                .unwrap_or_default()
+                .to_owned(),
+            sequence,
+            stream_sequence: header(headers, names::SEQUENCE)
+                .and_then(|sequence| sequence.parse().ok())
+                .unwrap_or(0),
+            id,
+            name,
+            envelope: decoded.ok().map(Arc::new),
+            payload: message.payload.clone(),
+            attempts: header(headers, names::ATTEMPTS)
+                .and_then(|attempts| attempts.parse().ok())
+                .unwrap_or(0),
+            error: header(headers, names::ERROR).unwrap_or_default().to_owned(),
+            failed_at: SystemTime::UNIX_EPOCH + Duration::from_millis(millis),
+            subject: header(headers, names::SUBJECT)
+                .unwrap_or_default()
+                .to_owned(),
+            traceparent: header(headers, names::TRACEPARENT).map(str::to_owned),
+        }
+    }
+}
+
+/// The dead-letter stream of a tier.
+#[derive(Clone)]
+pub(crate) struct DeadLetterStream {
+    pub(crate) context: async_nats::jetstream::Context,
+    pub(crate) stream: String,
+    /// `<prefix>_dlq`.
+    pub(crate) subjects: String,
+    pub(crate) span: Duration,
+}
+
+impl DeadLetterStream {
+    /// The subject of `listener`'s letters.
+    pub(crate) fn subject_of(&self, listener: &str) -> String {
+        format!("{}.{}", self.subjects, names::token(listener))
+    }
+
+    /// The letters of `listener`, or of all, oldest first.
+    pub(crate) async fn list<E: Event + DeserializeOwned>(
+        &self,
+        listener: Option<&str>,
+    ) -> Result<Vec<DeadMessage<E>>, NatsError> {
+        let filter =
+            listener.map_or_else(|| format!("{}.>", self.subjects), |l| self.subject_of(l));
+        let stream = self
+            .context
+            .get_stream(&self.stream)
+            .await
+            .map_err(|error| NatsError::request("read the dead-letter stream", error))?;
+        let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
+            .create_consumer(PullConfig {
+                deliver_policy: DeliverPolicy::All,
+                ack_policy: AckPolicy::None,
+                filter_subject: filter,
+                inactive_threshold: Duration::from_secs(30),
+                ..PullConfig::default()
+            })
+            .await
+            .map_err(|error| NatsError::request("list the dead letters", error))?;
+        let mut left = consumer
+            .info()
+            .await
+            .map_err(|error| NatsError::request("list the dead letters", error))?
+            .num_pending;
+        let deadline = tokio::time::Instant::now() + LIST_DEADLINE;
+        let mut letters = Vec::new();
+        while left > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(NatsError::request(
+                    "list the dead letters",
+                    "the dead-letter stream did not deliver every letter in time",
+                ));
+            }
+            let mut batch = consumer
+                .fetch()
+                .max_messages(LIST_BATCH)
+                .expires(Duration::from_secs(1))
+                .messages()
+                .await
+                .map_err(|error| NatsError::request("list the dead letters", error))?;
+            while let Some(message) = batch.next().await {
+                let Ok(message) = message else { break };
+                let letter = DeadMessage::of(&message);
+                let pending = message
+                    .info()
+                    .map_or(left.saturating_sub(1), |info| info.pending);
+                if listener.is_none_or(|l| letter.listener == l) {
+                    letters.push(letter);
+                }
+                left = pending;
+                if left == 0 {
+                    break;
+                }
+            }
+        }
+        let name = consumer.cached_info().name.clone();
+        // The consumer goes by itself when inactive; deleting it is a
+        // courtesy.
+        let _ = stream.delete_consumer(&name).await;
+        Ok(letters)
+    }
+
+    /// Publishes `letters` again, each to its listener alone, and removes
+    /// them from the dead-letter stream. Returns how many were redriven.
+    pub(crate) async fn redrive<E>(&self, letters: Vec<DeadMessage<E>>) -> Result<u64, NatsError> {
+        let stream = self
+            .context
+            .get_stream(&self.stream)
+            .await
+            .map_err(|error| NatsError::request("read the dead-letter stream", error))?;
+        let mut redriven = 0;
+        for letter in letters {
+            let mut headers = HeaderMap::new();
+            headers.insert(names::REDRIVE, letter.listener.as_str());
+            if let Some(traceparent) = &letter.traceparent {
+                headers.insert(names::TRACEPARENT, traceparent.as_str());
+            }
+            let message = PublishMessage::build()
+                .payload(letter.payload.clone())
+                .headers(headers)
+                .message_id(format!("redrive:{}:{}", self.stream, letter.sequence));
+            publish_acked(
+                &self.context,
+                Subject::from(letter.subject.as_str()),
+                message,
+                self.span,
+            )
+            .await?;
+            stream
+                .delete_message(letter.sequence)
+                .await
+                .map_err(|error| NatsError::request("remove a redriven dead letter", error))?;
+            redriven += 1;
+        }
+        Ok(redriven)
+    }
+
+    /// Removes `letters` from the dead-letter stream.
+    pub(crate) async fn discard<E>(&self, letters: Vec<DeadMessage<E>>) -> Result<u64, NatsError> {
+        let stream = self
+            .context
+            .get_stream(&self.stream)
+            .await
+            .map_err(|error| NatsError::request("read the dead-letter stream", error))?;
+        let mut discarded = 0;
+        for letter in letters {
+            if stream
+                .delete_message(letter.sequence)
+                .await
+                .map_err(|error| NatsError::request("discard a dead letter", error))?
+            {
+                discarded += 1;
+            }
+        }
+        Ok(discarded)
+    }
+}

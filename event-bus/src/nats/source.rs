@@ -1,0 +1,554 @@
+//! One listener's link to its JetStream consumer: a pump task that pulls
+//! messages (no more than `max_ack_pending` are out at once), decodes them
+//! and hands them to the runner through a [`ConsumerSource`]; and the
+//! [`JetStreamDelivery`] whose finish is an ack, a nak with a delay, a
+//! term or a keep-alive on the message.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::consumer::pull::{Config as PullConfig, MessagesErrorKind};
+use async_nats::jetstream::message::AckKind;
+use async_nats::{HeaderMap, Subject};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde::de::DeserializeOwned;
+use tokio::sync::{mpsc, watch};
+
+use super::dead_letters::{Failure, Letters};
+use super::names;
+use crate::codec::JsonCodec;
+use crate::envelope::Envelope;
+use crate::event::{Event, EventKind, KindSet};
+use crate::runner::{Delivery, Retry, Source, Undecodable};
+use crate::trace::TraceParent;
+
+/// The fewest messages one pull request asks for.
+const PULL_BATCH: usize = 128;
+
+/// How long one pull request waits on the server for messages.
+const EXPIRES: Duration = Duration::from_secs(5);
+
+/// How often the server says an open pull request is alive.
+const HEARTBEAT: Duration = Duration::from_secs(2);
+
+/// How long the pump waits after a failed request before it tries again.
+const BACKOFF: Duration = Duration::from_millis(250);
+
+/// How long an ack (or term) waits for the server to confirm it.
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How a dead letter that could not be written is tried again: the message
+/// comes back after this.
+const UNWRITTEN_DELAY: Duration = Duration::from_secs(1);
+
+type Item<E> = Result<JetStreamDelivery<E>, Undecodable>;
+
+/// How to reach one message on the server: the client and its ack subject.
+#[derive(Clone)]
+struct Reply {
+    client: async_nats::Client,
+    subject: Subject,
+}
+
+impl Reply {
+    /// Sends `kind` without waiting for the server.
+    async fn send(&self, kind: AckKind) {
+        if let Err(error) = self
+            .client
+            .publish(self.subject.clone(), Bytes::from(kind))
+            .await
+        {
+            tracing::debug!(error = %error, "could not send an acknowledgement; the message will be delivered again");
+        }
+    }
+
+    /// Sends `kind` and waits until the server confirms it: `false` if it
+    /// did not (the message is then delivered again after `ack_wait`).
+    async fn confirm(&self, kind: AckKind) -> bool {
+        let request = self.client.request(self.subject.clone(), Bytes::from(kind));
+        match tokio::time::timeout(ACK_TIMEOUT, request).await {
+            Ok(Ok(_)) => true,
+            Ok(Err(error)) => {
+                tracing::debug!(error = %error, "an acknowledgement was not confirmed; the message may be delivered again");
+                false
+            }
+            Err(_) => {
+                tracing::debug!(
+                    "an acknowledgement was not confirmed in time; the message may be delivered again"
+                );
+                false
+            }
+        }
+    }
+
+    /// Sends `kind` from a task of its own: for what cannot await.
+    fn spawn(&self, kind: AckKind) {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let reply = self.clone();
+            runtime.spawn(async move { reply.send(kind).await });
+        }
+    }
+}
+
+/// The message as it came, for its dead letter.
+struct Raw {
+    subject: Subject,
+    headers: Option<HeaderMap>,
+    payload: Bytes,
+    sequence: u64,
+}
+
+/// Counts a message handed to the runner until it is finished: with the
+/// consumer's `num_ack_pending`, what tells a drain whether messages are
+/// still on their way to this process.
+struct Held(Arc<AtomicU64>);
+
+impl Held {
+    fn new(held: &Arc<AtomicU64>) -> Self {
+        held.fetch_add(1, Ordering::Relaxed);
+        Self(held.clone())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One message of the stream delivered to one listener, for one attempt.
+///
+/// Its [`attempt`](Delivery::attempt) is the server's delivery count, so it
+/// holds across processes and restarts. Dropped unfinished (the listener
+/// was stopped mid-handler), the message is left to the server, which
+/// delivers it again once its `ack_wait` has passed, its attempt one
+/// higher.
+pub struct JetStreamDelivery<E> {
+    envelope: Arc<Envelope<E>>,
+    attempt: u32,
+    reply: Option<Reply>,
+    raw: Arc<Raw>,
+    letters: Letters,
+    ack_wait: Duration,
+    held: Option<Held>,
+}
+
+impl<E> std::fmt::Debug for JetStreamDelivery<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JetStreamDelivery")
+            .field("sequence", &self.raw.sequence)
+            .field("attempt", &self.attempt)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<E> JetStreamDelivery<E> {
+    /// The message's sequence number in the stream.
+    #[must_use]
+    pub fn stream_sequence(&self) -> u64 {
+        self.raw.sequence
+    }
+}
+
+impl<E: Event> Delivery<E> for JetStreamDelivery<E> {
+    fn envelope(&self) -> &Arc<Envelope<E>> {
+        &self.envelope
+    }
+
+    fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    async fn ack(mut self) {
+        if let Some(reply) = self.reply.take() {
+            // On a task of its own, and not waited for: the runner counts
+            // the event handled before it acks, so a listener stopped
+            // between two acks of a batch must not take back the second.
+            // The shutdown waits until the server has them (`held`).
+            let held = self.held.take();
+            tokio::spawn(async move {
+                reply.confirm(AckKind::Ack).await;
+                drop(held);
+            });
+        }
+    }
+
+    async fn retry(mut self, delay: Duration, _error: &str) -> Retry<Self> {
+        if let Some(reply) = self.reply.take() {
+            reply.send(AckKind::Nak(Some(delay))).await;
+        }
+        Retry::Redelivered
+    }
+
+    async fn terminate(mut self, reason: &str) {
+        if let Some(reply) = self.reply.take() {
+            // On a task of its own, as an ack: the runner has counted the
+            // dead letter, so a stop must not cut its writing short.
+            let (letters, raw, attempt) = (self.letters.clone(), self.raw.clone(), self.attempt);
+            let (reason, held) = (reason.to_owned(), self.held.take());
+            tokio::spawn(async move {
+                terminate(&letters, &raw, reply, attempt, reason).await;
+                drop(held);
+            });
+        }
+    }
+
+    fn in_progress(&self) {
+        if let Some(reply) = &self.reply {
+            reply.spawn(AckKind::Progress);
+        }
+    }
+
+    fn progress_interval(&self) -> Option<Duration> {
+        Some(self.ack_wait / 3)
+    }
+
+    async fn release(mut self) {
+        if let Some(reply) = self.reply.take() {
+            reply.send(AckKind::Nak(None)).await;
+        }
+    }
+}
+
+/// Writes the dead letter of `raw`, then terminates the message; if the
+/// letter could not be written, the message comes back to be terminated
+/// again rather than being dropped unrecorded.
+async fn terminate(letters: &Letters, raw: &Raw, reply: Reply, attempts: u32, error: String) {
+    let failure = Failure {
+        subject: &raw.subject,
+        headers: raw.headers.as_ref(),
+        payload: raw.payload.clone(),
+        sequence: raw.sequence,
+        attempts,
+        error: &error,
+    };
+    match letters.write(failure).await {
+        Ok(()) => {
+            reply.confirm(AckKind::Term).await;
+        }
+        Err(write) => {
+            tracing::error!(
+                listener = %letters.listener(),
+                sequence = raw.sequence,
+                error = %write,
+                "could not write a dead letter; the event will be delivered again",
+            );
+            reply.send(AckKind::Nak(Some(UNWRITTEN_DELAY))).await;
+        }
+    }
+}
+
+/// A listener's [`Source`]: what its pump pulled, in stream order.
+pub(crate) struct ConsumerSource<E> {
+    pulled: mpsc::Receiver<Item<E>>,
+    delivered: Arc<AtomicU64>,
+    closing: watch::Receiver<bool>,
+}
+
+impl<E: Event> Source<E> for ConsumerSource<E> {
+    type Delivery = JetStreamDelivery<E>;
+
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Item<E>>> {
+        // tokio's channel takes part in the cooperative budget.
+        let next = self.pulled.poll_recv(cx);
+        if let Poll::Ready(Some(Ok(_))) = &next {
+            self.delivered.fetch_add(1, Ordering::Relaxed);
+        }
+        next
+    }
+
+    fn is_draining(&self) -> bool {
+        *self.closing.borrow()
+    }
+
+    fn draining(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut closing = self.closing.clone();
+        async move {
+            let _ = closing.wait_for(|closing| *closing).await;
+        }
+    }
+}
+
+/// What woke the pump.
+enum Step<T> {
+    /// The source is gone: the listener's run ended.
+    Gone,
+    /// The tier started draining.
+    Drain,
+    /// A drain's time to look whether anything is left for it.
+    Check,
+    /// The pull stream's next item.
+    Next(Option<T>),
+}
+
+/// What a pump needs to know of its listener.
+pub(crate) struct PumpConfig<E: Event> {
+    pub(crate) listener: Arc<str>,
+    /// The name redriven events are addressed to it by.
+    pub(crate) key: Arc<str>,
+    pub(crate) prefix: Arc<str>,
+    pub(crate) interests: KindSet<E::Kind>,
+    pub(crate) batch: usize,
+    pub(crate) ack_wait: Duration,
+}
+
+/// Pulls one consumer's messages for one listener in this process.
+pub(crate) struct Pump<E: Event> {
+    client: async_nats::Client,
+    stream: async_nats::jetstream::stream::Stream,
+    consumer: PullConsumer,
+    consumer_config: PullConfig,
+    config: PumpConfig<E>,
+    letters: Letters,
+    pulled: mpsc::Sender<Item<E>>,
+    closing: watch::Receiver<bool>,
+    /// Messages handed over and not yet finished.
+    held: Arc<AtomicU64>,
+}
+
+/// How often a drain looks again whether messages are on their way.
+const DRAIN_CHECK: Duration = Duration::from_millis(20);
+
+/// Makes a listener's pump and the source it feeds.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn pump<E: Event>(
+    client: async_nats::Client,
+    stream: async_nats::jetstream::stream::Stream,
+    consumer: PullConsumer,
+    consumer_config: PullConfig,
+    config: PumpConfig<E>,
+    letters: Letters,
+    closing: watch::Receiver<bool>,
+    delivered: Arc<AtomicU64>,
+    held: Arc<AtomicU64>,
+) -> (Pump<E>, ConsumerSource<E>) {
+    let (pulled_tx, pulled) = mpsc::channel(config.batch.max(1));
+    let pump = Pump {
+        client,
+        stream,
+        consumer,
+        consumer_config,
+        config,
+        letters,
+        pulled: pulled_tx,
+        closing: closing.clone(),
+        held,
+    };
+    let source = ConsumerSource {
+        pulled,
+        delivered,
+        closing,
+    };
+    (pump, source)
+}
+
+impl<E: Event + DeserializeOwned> Pump<E> {
+    /// Pulls until the listener's run ends, or, once the tier drains,
+    /// until the consumer has nothing more for it; then ends the source.
+    pub(crate) async fn run(mut self) {
+        let mut draining = false;
+        let mut backoff = false;
+        loop {
+            if backoff {
+                tokio::select! {
+                    () = tokio::time::sleep(BACKOFF) => {}
+                    () = self.pulled.closed() => return,
+                }
+                backoff = false;
+            }
+            if draining && !self.has_pending().await {
+                return;
+            }
+            let messages = self
+                .consumer
+                .stream()
+                // The consumer's `max_ack_pending` bounds what is out; a
+                // pull asks for more, so that the next message comes as
+                // soon as one is acked, without a request of its own.
+                .max_messages_per_batch(self.config.batch.max(PULL_BATCH))
+                .expires(EXPIRES)
+                .heartbeat(HEARTBEAT)
+                .messages()
+                .await;
+            let mut messages = match messages {
+                Ok(messages) => messages,
+                Err(error) => {
+                    tracing::warn!(listener = %self.config.listener, error = %error, "could not pull from the consumer; trying again");
+                    self.recreate().await;
+                    backoff = true;
+                    continue;
+                }
+            };
+            loop {
+                let step = tokio::select! {
+                    biased;
+                    () = self.pulled.closed() => Step::Gone,
+                    _ = self.closing.wait_for(|closing| *closing), if !draining => Step::Drain,
+                    next = messages.next() => Step::Next(next),
+                    () = tokio::time::sleep(DRAIN_CHECK), if draining => Step::Check,
+                };
+                match step {
+                    Step::Gone => return,
+                    Step::Drain => {
+                        draining = true;
+                        if !self.has_pending().await {
+                            return;
+                        }
+                    }
+                    Step::Check => {
+                        if !self.has_pending().await {
+                            return;
+                        }
+                    }
+                    Step::Next(Some(Ok(message))) => {
+                        if !self.hand_over(message).await {
+                            return;
+                        }
+                    }
+                    Step::Next(Some(Err(error))) => {
+                        if error.kind() == MessagesErrorKind::ConsumerDeleted {
+                            tracing::warn!(listener = %self.config.listener, "the consumer was deleted; creating it again");
+                            self.recreate().await;
+                            break;
+                        }
+                        tracing::debug!(listener = %self.config.listener, error = %error, "pulling from the consumer");
+                    }
+                    Step::Next(None) => {
+                        backoff = true;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether the consumer has messages this process may still be handed:
+    /// not yet delivered, or delivered and not held here (on their way to
+    /// this process, or held by another of the group, or waiting out a
+    /// retry's delay). `true` when the server cannot say: a drain then
+    /// pulls on, until its deadline.
+    async fn has_pending(&mut self) -> bool {
+        match self.consumer.info().await {
+            Ok(info) => {
+                let out = u64::try_from(info.num_ack_pending).unwrap_or(u64::MAX);
+                info.num_pending > 0 || out > self.held.load(Ordering::Relaxed)
+            }
+            Err(_) => true,
+        }
+    }
+
+    /// Creates the consumer again, as it was configured: after the server
+    /// lost it (a restart on memory storage, a deletion by hand).
+    async fn recreate(&mut self) {
+        match self
+            .stream
+            .create_consumer(self.consumer_config.clone())
+            .await
+        {
+            Ok(consumer) => self.consumer = consumer,
+            Err(error) => {
+                tracing::warn!(listener = %self.config.listener, error = %error, "could not create the consumer again; trying again");
+            }
+        }
+    }
+
+    /// Hands `message` to the source, or acks it at once when it is not for
+    /// this listener; `false` once the source is gone.
+    async fn hand_over(&self, message: async_nats::jetstream::Message) -> bool {
+        let (attempt, sequence) = match message.info() {
+            Ok(info) => (
+                u32::try_from(info.delivered.max(1)).unwrap_or(u32::MAX),
+                info.stream_sequence,
+            ),
+            Err(_) => (1, 0),
+        };
+        let message = message.message;
+        let Some(subject) = message.reply.clone() else {
+            return true;
+        };
+        let reply = Reply {
+            client: self.client.clone(),
+            subject,
+        };
+        if !self.is_for_me(&message) {
+            reply.send(AckKind::Ack).await;
+            return true;
+        }
+        let held = Held::new(&self.held);
+        let raw = Arc::new(Raw {
+            subject: message.subject.clone(),
+            headers: message.headers.clone(),
+            payload: message.payload.clone(),
+            sequence,
+        });
+        let item = match JsonCodec.decode::<E>(&raw.payload) {
+            Ok(envelope) => {
+                let (event, metadata) = envelope.into_parts();
+                let from_header = raw
+                    .headers
+                    .as_ref()
+                    .and_then(|headers| headers.get(names::TRACEPARENT))
+                    .and_then(|value| value.as_str().parse::<TraceParent>().ok());
+                let traceparent = metadata.traceparent().or(from_header);
+                let metadata = metadata
+                    .with_sequence(sequence)
+                    .with_traceparent(traceparent);
+                Ok(JetStreamDelivery {
+                    envelope: Arc::new(Envelope::from_parts(event, metadata)),
+                    attempt,
+                    reply: Some(reply),
+                    raw,
+                    letters: self.letters.clone(),
+                    ack_wait: self.config.ack_wait,
+                    held: Some(held),
+                })
+            }
+            Err(error) => {
+                let letters = self.letters.clone();
+                let payload = raw.payload.to_vec();
+                let name = error.name().map(str::to_owned);
+                let id = error.id();
+                let mut undecodable = Undecodable::new(&error, payload, move |reason| async move {
+                    terminate(&letters, &raw, reply, attempt, reason).await;
+                    drop(held);
+                })
+                .with_attempt(attempt);
+                if let Some(name) = name {
+                    undecodable = undecodable.with_name(name);
+                }
+                if let Some(id) = id {
+                    undecodable = undecodable.with_id(id);
+                }
+                Err(undecodable)
+            }
+        };
+        self.pulled.send(item).await.is_ok()
+    }
+
+    /// Whether `message` is for this listener: of a kind it is interested
+    /// in (an unknown name is, so that it becomes a dead letter), and not
+    /// redriven to another listener.
+    fn is_for_me(&self, message: &async_nats::Message) -> bool {
+        if let Some(redriven) = message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get(names::REDRIVE))
+        {
+            return redriven.as_str() == &*self.config.key;
+        }
+        let name = message
+            .subject
+            .as_str()
+            .strip_prefix(&*self.config.prefix)
+            .and_then(|rest| rest.strip_prefix('.'));
+        match name.and_then(E::Kind::from_name) {
+            Some(kind) => self.config.interests.contains(kind),
+            None => true,
+        }
+    }
+}
