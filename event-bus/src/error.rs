@@ -332,21 +332,29 @@ pub enum NatsError {
     #[error("an event could not be encoded")]
     Encode(#[from] EncodeError),
     /// The stream's duplicate window is shorter than the span over which a
-    /// publish is retried, so a retried publish could be stored twice.
-    /// Lengthen the stream's window or shorten
-    /// [`publish_retry`](crate::nats::Config::publish_retry).
+    /// publish is retried (by the handle, or by the outbox relay), so a
+    /// retried publish could be stored twice. Lengthen the stream's window
+    /// ([`duplicate_window`](crate::nats::Config::duplicate_window), for a
+    /// stream the tier creates) or shorten
+    /// [`publish_retry`](crate::nats::Config::publish_retry) (or the
+    /// relay's lease).
     #[error(
-        "the stream's duplicate window ({window:?}) is shorter than the publish retry span ({span:?})"
+        "the stream's duplicate window ({window:?}) is shorter than the span a publish is retried over ({span:?})"
     )]
     DuplicateWindow {
         /// The stream's duplicate window.
         window: std::time::Duration,
-        /// The publish retry span.
+        /// The span a publish is retried over.
         span: std::time::Duration,
     },
     /// The handle is shutting down: nothing is published or spawned on it.
     #[error("the jetstream tier is shutting down")]
     Closed,
+    /// The durable tier refused to spawn the outbox relay
+    /// ([`JetStream::spawn_relay`](crate::nats::JetStream::spawn_relay)).
+    #[cfg(feature = "sql")]
+    #[error("the store could not spawn the relay")]
+    Store(#[from] StoreError),
 }
 
 #[cfg(feature = "nats")]

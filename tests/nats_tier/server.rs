@@ -61,6 +61,18 @@ impl NatsServer {
         self.launch();
     }
 
+    /// Kills the server (SIGKILL), leaving it down until
+    /// [`start_again`](Self::start_again).
+    pub(crate) fn stop(&mut self) {
+        self.kill();
+    }
+
+    /// Starts a stopped server on its port and storage, waiting until it
+    /// answers.
+    pub(crate) fn start_again(&mut self) {
+        self.launch();
+    }
+
     fn launch(&mut self) {
         let deadline = Instant::now() + START_DEADLINE;
         loop {

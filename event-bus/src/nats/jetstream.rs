@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 
 use super::dead_letters::{DeadLetterStream, DeadMessage, Letters, publish_acked};
 use super::names;
+use super::relay::Relay;
 use super::source::{PumpConfig, pump};
 use crate::codec::JsonCodec;
 use crate::dead_letter::{DeadLetter, DeadLetterSink, UndecodableLetter};
@@ -544,7 +545,56 @@ where
         Ok(ack.sequence)
     }
 
-    fn message(&self, envelope: &Envelope<E>) -> Result<(Subject, PublishMessage), NatsError> {
+    /// The JetStream context publishes go through.
+    pub(crate) fn context(&self) -> &async_nats::jetstream::Context {
+        &self.shared.context
+    }
+
+    /// The outbox relay on this handle's stream: see [`Relay`] and
+    /// [`spawn_relay`](Self::spawn_relay).
+    pub fn relay(&self) -> Relay<E> {
+        Relay::new(self.clone())
+    }
+
+    /// Spawns the outbox relay on `store`: a durable listener of the group
+    /// `nats-relay` (every process that spawns it shares the work) that
+    /// publishes every event committed in the store's outbox into this
+    /// handle's stream, from `durable`'s [`Start`](crate::sql::Start) the
+    /// first time, with [`Relay::options`]. The events stay in the store's
+    /// log; its checkpoint marks what was published.
+    ///
+    /// Shut the store down before this handle, so that the relay's last
+    /// batch is published.
+    ///
+    /// # Errors
+    ///
+    /// [`NatsError::DuplicateWindow`] if the stream's duplicate window is
+    /// shorter than the span over which the relay may publish an event
+    /// again (its retries, each attempt's wait for its ack, and twice the
+    /// lease another process waits out should the relaying one die: about
+    /// two minutes with the default lease of 30 s, within the default
+    /// window of the stream the tier creates):
+    /// a copy published after the window would be stored twice.
+    /// [`NatsError::Store`] if the store could not spawn it.
+    #[cfg(feature = "sql")]
+    pub async fn spawn_relay<DB: crate::sql::Backend>(
+        &self,
+        store: &crate::sql::Store<E, DB>,
+        durable: crate::sql::Durable,
+    ) -> Result<crate::sql::DurableListener, NatsError> {
+        let options = Relay::<E>::options();
+        let span = super::relay::retry_span(&options, durable.lease_of());
+        let window = self.shared.stream.cached_info().config.duplicate_window;
+        if window < span {
+            return Err(NatsError::DuplicateWindow { window, span });
+        }
+        Ok(store.spawn_with(self.relay(), options, durable).await?)
+    }
+
+    pub(crate) fn message(
+        &self,
+        envelope: &Envelope<E>,
+    ) -> Result<(Subject, PublishMessage), NatsError> {
         let payload = JsonCodec.encode(envelope)?;
         let mut headers = HeaderMap::new();
         if let Some(traceparent) = envelope.traceparent() {

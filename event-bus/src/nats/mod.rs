@@ -20,6 +20,16 @@
 //!   [`Publish`](crate::Publish) (the derive's `emit_*` helpers), publishing
 //!   never blocks; an event not stored is logged and counted
 //!   ([`JetStream::unpublished`]), never dropped silently.
+//! - **The outbox relay** (with a `sql` feature):
+//!   [`JetStream::spawn_relay`] spawns a [`Relay`] on a durable store, a
+//!   listener of the group `nats-relay` that publishes every event the
+//!   application commits in the store's outbox into the stream, with its
+//!   own id and trace context, in log order. The store's checkpoint marks
+//!   what was published, so a commit and its publish need no distributed
+//!   transaction: an event is published at least once after its commit,
+//!   a server outage delays it (retried, each retry persisted), and a
+//!   publish made again is stored once, as the relay checks at spawn that
+//!   the stream's duplicate window covers its retries.
 //! - **At least once, per group**: a group listener
 //!   ([`Scope::Group`](crate::Scope::Group), the default) is a durable pull
 //!   consumer named after the listener (or [`Distributed::group`]): every
@@ -106,9 +116,11 @@
 mod dead_letters;
 mod jetstream;
 mod names;
+mod relay;
 mod source;
 
 pub use self::dead_letters::DeadMessage;
 pub use self::jetstream::{Config, Distributed, JetStream, JetStreamListener, Start};
+pub use self::relay::Relay;
 pub use self::source::JetStreamDelivery;
 pub use crate::error::NatsError as Error;

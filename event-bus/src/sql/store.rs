@@ -146,6 +146,12 @@ impl Durable {
         self
     }
 
+    /// The lease: see [`lease`](Self::lease).
+    #[cfg(feature = "nats")]
+    pub(crate) fn lease_of(&self) -> Duration {
+        self.lease
+    }
+
     /// How many events the process leases ahead of its handler (from 1
     /// to 65,536): more makes a claim cheaper per event, fewer shares a
     /// group's events more evenly between processes.
