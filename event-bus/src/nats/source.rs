@@ -430,13 +430,17 @@ impl<E: Event + DeserializeOwned> Pump<E> {
     /// Whether the consumer has messages this process may still be handed:
     /// not yet delivered, or delivered and not held here (on their way to
     /// this process, or held by another of the group, or waiting out a
-    /// retry's delay). `true` when the server cannot say: a drain then
+    /// retry's delay), or held here: an attempt under way may fail and come
+    /// back to be retried. `true` when the server cannot say: a drain then
     /// pulls on, until its deadline.
     async fn has_pending(&mut self) -> bool {
         match self.consumer.info().await {
             Ok(info) => {
                 let out = u64::try_from(info.num_ack_pending).unwrap_or(u64::MAX);
-                info.num_pending > 0 || out > self.held.load(Ordering::Relaxed)
+                // Read after the server answered: a message finished since
+                // is no longer held, and still out if it went back.
+                let held = self.held.load(Ordering::Relaxed);
+                info.num_pending > 0 || out > held || held > 0
             }
             Err(_) => true,
         }
