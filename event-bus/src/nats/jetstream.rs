@@ -647,8 +647,9 @@ where
         };
         let at_once = options.concurrency.max(1).saturating_mul(per_call);
         let batch = distributed.max_ack_pending.unwrap_or(at_once);
-        let consumer_config = PullConfig {
-            durable_name: Some(names::token(&key)),
+        let durable = names::token(&key);
+        let mut consumer_config = PullConfig {
+            durable_name: Some(durable.clone()),
             description: Some(format!("event-bus listener {key}")),
             deliver_policy: match distributed.start {
                 Start::Now => DeliverPolicy::New,
@@ -668,6 +669,11 @@ where
             },
             ..PullConfig::default()
         };
+        // A consumer that exists goes on from where it is: its start stays
+        // (the server refuses to change it), the rest follows the options.
+        if let Ok(existing) = self.shared.stream.consumer_info(&durable).await {
+            consumer_config.deliver_policy = existing.config.deliver_policy;
+        }
         let consumer: PullConsumer = self
             .shared
             .stream
