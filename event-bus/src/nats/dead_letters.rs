@@ -35,26 +35,51 @@ pub(crate) async fn publish_acked(
     message: PublishMessage,
     span: Duration,
 ) -> Result<PublishAck, NatsError> {
-    let started = tokio::time::Instant::now();
+    let deadline = tokio::time::Instant::now() + span;
+    let first = publish_once(context, &subject, &message).await;
+    retry_publish(context, subject, message, deadline, first).await
+}
+
+/// Goes on from a publish's `last` attempt: tries again, pausing between
+/// attempts, as long as an attempt can start by `deadline`. A deadline at
+/// most the retry span after the message's first send keeps every send
+/// within the stream's duplicate window, which covers the span: however
+/// often it is sent, the message is stored once.
+pub(crate) async fn retry_publish(
+    context: &async_nats::jetstream::Context,
+    subject: Subject,
+    message: PublishMessage,
+    deadline: tokio::time::Instant,
+    mut last: Result<PublishAck, NatsError>,
+) -> Result<PublishAck, NatsError> {
     let mut pause = Duration::from_millis(20);
     loop {
-        let attempt = match context.send_publish(subject.clone(), message.clone()).await {
-            Ok(ack) => ack.await.map_err(unacked),
-            Err(error) => Err(unacked(error)),
-        };
-        match attempt {
+        match last {
             Ok(ack) => return Ok(ack),
-            Err(error) if started.elapsed() + pause > span => return Err(error),
+            Err(error) if tokio::time::Instant::now() + pause > deadline => return Err(error),
             Err(error) => {
                 tracing::debug!(subject = %subject, error = %error, "a publish was not acknowledged; trying again");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(1));
             }
         }
+        last = publish_once(context, &subject, &message).await;
     }
 }
 
-fn unacked(error: impl std::error::Error + Send + Sync + 'static) -> NatsError {
+/// One attempt: sends the message and waits for its ack.
+async fn publish_once(
+    context: &async_nats::jetstream::Context,
+    subject: &Subject,
+    message: &PublishMessage,
+) -> Result<PublishAck, NatsError> {
+    match context.send_publish(subject.clone(), message.clone()).await {
+        Ok(ack) => ack.await.map_err(unacked),
+        Err(error) => Err(unacked(error)),
+    }
+}
+
+pub(crate) fn unacked(error: impl std::error::Error + Send + Sync + 'static) -> NatsError {
     NatsError::Publish(Box::new(error))
 }
 

@@ -11,12 +11,15 @@ use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::{Config as StreamConfig, StorageType};
 use async_nats::{HeaderMap, Subject};
+use futures_util::stream::{FuturesOrdered, StreamExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use super::dead_letters::{DeadLetterStream, DeadMessage, Letters, publish_acked};
+use super::dead_letters::{
+    DeadLetterStream, DeadMessage, Letters, publish_acked, retry_publish, unacked,
+};
 use super::names;
 use super::relay::Relay;
 use super::source::{PumpConfig, pump};
@@ -523,7 +526,10 @@ where
     /// [`NatsError::Closed`] once the handle is shutting down;
     /// [`NatsError::Encode`] if the event does not encode;
     /// [`NatsError::Publish`] if the stream did not acknowledge it within
-    /// the publish retry span (publishing it again is safe).
+    /// the publish retry span: it may have been stored. Each call gives the
+    /// event a new id, so to publish it again safely, publish one
+    /// [`Envelope`] with [`publish_envelope`](Self::publish_envelope): the
+    /// stream stores it once within its duplicate window.
     pub async fn publish(&self, event: E) -> Result<u64, NatsError> {
         self.publish_envelope(&Envelope::new(event)).await
     }
@@ -691,8 +697,9 @@ where
         };
         let at_once = options.concurrency.max(1).saturating_mul(per_call);
         let batch = distributed.max_ack_pending.unwrap_or(at_once);
-        let consumer_config = PullConfig {
-            durable_name: Some(names::token(&key)),
+        let durable = names::token(&key);
+        let mut consumer_config = PullConfig {
+            durable_name: Some(durable.clone()),
             description: Some(format!("event-bus listener {key}")),
             deliver_policy: match distributed.start {
                 Start::Now => DeliverPolicy::New,
@@ -712,6 +719,11 @@ where
             },
             ..PullConfig::default()
         };
+        // A consumer that exists goes on from where it is: its start stays
+        // (the server refuses to change it), the rest follows the options.
+        if let Ok(existing) = self.shared.stream.consumer_info(&durable).await {
+            consumer_config.deliver_policy = existing.config.deliver_policy;
+        }
         let consumer: PullConsumer = self
             .shared
             .stream
@@ -955,8 +967,10 @@ where
 }
 
 /// Publishes what [`Publish`] hands over, in order: sends up to
-/// [`IN_FLIGHT`] at once, then waits for their acks in order, retrying one
-/// that failed over `span`.
+/// [`IN_FLIGHT`] at once and waits for their acks together, then retries,
+/// in order, those that failed, each until `span` after its first send
+/// (so that the stream's duplicate window, which covers the span, stores it
+/// once however often it was sent).
 async fn publisher(
     context: async_nats::jetstream::Context,
     mut requests: mpsc::UnboundedReceiver<Publishing>,
@@ -965,36 +979,46 @@ async fn publisher(
 ) {
     let mut batch = Vec::with_capacity(IN_FLIGHT);
     while requests.recv_many(&mut batch, IN_FLIGHT).await > 0 {
-        let mut sent = Vec::with_capacity(batch.len());
+        // Each ack's wait starts when it is first polled: together, so that
+        // one lost ack does not spend the span of those after it.
+        let mut acks = FuturesOrdered::new();
         for request in batch.drain(..) {
-            let future = match &request {
+            let sent_at = tokio::time::Instant::now();
+            let sent = match &request {
                 Publishing::Event(subject, message, _) => {
                     Some(context.send_publish(subject.clone(), message.clone()).await)
                 }
                 Publishing::Flush(_) => None,
             };
-            sent.push((request, future));
+            acks.push_back(async move {
+                let acked = match sent {
+                    Some(Ok(ack)) => Some(ack.await.map_err(unacked)),
+                    Some(Err(error)) => Some(Err(unacked(error))),
+                    None => None,
+                };
+                (request, sent_at, acked)
+            });
         }
-        for (request, future) in sent {
-            match request {
-                Publishing::Event(subject, message, done) => {
-                    let acked = match future {
-                        Some(Ok(ack)) => ack.await.is_ok(),
-                        _ => false,
-                    };
-                    if !acked {
-                        if let Err(error) =
-                            publish_acked(&context, subject.clone(), message, span).await
-                        {
-                            unpublished.fetch_add(1, Ordering::Relaxed);
-                            tracing::error!(subject = %subject, error = %crate::error::chain(&error), "an event was not acknowledged by the stream; it may be lost");
-                        }
+        while let Some((request, sent_at, acked)) = acks.next().await {
+            match (request, acked) {
+                (Publishing::Event(subject, message, done), Some(first)) => {
+                    let until = sent_at + span;
+                    if let Err(error) =
+                        retry_publish(&context, subject.clone(), message, until, first).await
+                    {
+                        unpublished.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(subject = %subject, error = %crate::error::chain(&error), "an event was not acknowledged by the stream; it may be lost");
                     }
                     if let Some(done) = done {
                         let _ = done.send(());
                     }
                 }
-                Publishing::Flush(done) => {
+                (Publishing::Event(_, _, done), None) => {
+                    if let Some(done) = done {
+                        let _ = done.send(());
+                    }
+                }
+                (Publishing::Flush(done), _) => {
                     let _ = done.send(());
                 }
             }

@@ -38,7 +38,8 @@
 //!   has a consumer per process (`<name>@<instance>`), so every process
 //!   handles every event. An event not acked within `ack_wait` (its process
 //!   died) is delivered again; a handler that works longer extends it
-//!   (`AckProgress`, every third of `ack_wait`).
+//!   (`AckProgress`, every third of `ack_wait`), as the listener's pump
+//!   does for what waits for the handler (behind a slow batch).
 //! - **Bounded prefetch**: a consumer's `max_ack_pending` is what the
 //!   listener handles at once (its concurrency, times `max_batch` for a
 //!   batch listener): no more are out unfinished, so a restart has no

@@ -4,9 +4,10 @@
 //! [`JetStreamDelivery`] whose finish is an ack, a nak with a delay, a
 //! term or a keep-alive on the message.
 
+use std::collections::VecDeque;
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -243,9 +244,15 @@ async fn terminate(letters: &Letters, raw: &Raw, reply: Reply, attempts: u32, er
     }
 }
 
+/// The replies of the messages a pump handed over that the runner has not
+/// taken yet, in the order they wait: the pump keeps them alive, as the
+/// runner keeps alive what it took.
+type Waiting = Arc<Mutex<VecDeque<Reply>>>;
+
 /// A listener's [`Source`]: what its pump pulled, in stream order.
 pub(crate) struct ConsumerSource<E> {
     pulled: mpsc::Receiver<Item<E>>,
+    waiting: Waiting,
     delivered: Arc<AtomicU64>,
     closing: watch::Receiver<bool>,
 }
@@ -256,8 +263,15 @@ impl<E: Event> Source<E> for ConsumerSource<E> {
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Item<E>>> {
         // tokio's channel takes part in the cooperative budget.
         let next = self.pulled.poll_recv(cx);
-        if let Poll::Ready(Some(Ok(_))) = &next {
-            self.delivered.fetch_add(1, Ordering::Relaxed);
+        if let Poll::Ready(Some(item)) = &next {
+            // Taken: the runner keeps it alive from now on.
+            self.waiting
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop_front();
+            if item.is_ok() {
+                self.delivered.fetch_add(1, Ordering::Relaxed);
+            }
         }
         next
     }
@@ -282,6 +296,8 @@ enum Step<T> {
     Drain,
     /// A drain's time to look whether anything is left for it.
     Check,
+    /// Time to keep alive what waits for the runner.
+    KeepAlive,
     /// The pull stream's next item.
     Next(Option<T>),
 }
@@ -306,6 +322,8 @@ pub(crate) struct Pump<E: Event> {
     config: PumpConfig<E>,
     letters: Letters,
     pulled: mpsc::Sender<Item<E>>,
+    /// Messages handed over and not yet taken by the runner.
+    waiting: Waiting,
     closing: watch::Receiver<bool>,
     /// Messages handed over and not yet finished.
     held: Arc<AtomicU64>,
@@ -328,6 +346,7 @@ pub(crate) fn pump<E: Event>(
     held: Arc<AtomicU64>,
 ) -> (Pump<E>, ConsumerSource<E>) {
     let (pulled_tx, pulled) = mpsc::channel(config.batch.max(1));
+    let waiting = Waiting::default();
     let pump = Pump {
         client,
         stream,
@@ -336,11 +355,13 @@ pub(crate) fn pump<E: Event>(
         config,
         letters,
         pulled: pulled_tx,
+        waiting: waiting.clone(),
         closing: closing.clone(),
         held,
     };
     let source = ConsumerSource {
         pulled,
+        waiting,
         delivered,
         closing,
     };
@@ -353,6 +374,10 @@ impl<E: Event + DeserializeOwned> Pump<E> {
     pub(crate) async fn run(mut self) {
         let mut draining = false;
         let mut backoff = false;
+        // What waits for the runner (behind a slow batch, say) must not
+        // see its `ack_wait` pass: it would be handed out again.
+        let every = (self.config.ack_wait / 3).max(crate::runner::MIN_PROGRESS_INTERVAL);
+        let mut keep_alive = tokio::time::Instant::now() + every;
         loop {
             if backoff {
                 tokio::select! {
@@ -389,6 +414,7 @@ impl<E: Event + DeserializeOwned> Pump<E> {
                     biased;
                     () = self.pulled.closed() => Step::Gone,
                     _ = self.closing.wait_for(|closing| *closing), if !draining => Step::Drain,
+                    () = tokio::time::sleep_until(keep_alive) => Step::KeepAlive,
                     next = messages.next() => Step::Next(next),
                     () = tokio::time::sleep(DRAIN_CHECK), if draining => Step::Check,
                 };
@@ -404,6 +430,10 @@ impl<E: Event + DeserializeOwned> Pump<E> {
                         if !self.has_pending().await {
                             return;
                         }
+                    }
+                    Step::KeepAlive => {
+                        self.keep_waiting_alive().await;
+                        keep_alive = tokio::time::Instant::now() + every;
                     }
                     Step::Next(Some(Ok(message))) => {
                         if !self.hand_over(message).await {
@@ -430,15 +460,34 @@ impl<E: Event + DeserializeOwned> Pump<E> {
     /// Whether the consumer has messages this process may still be handed:
     /// not yet delivered, or delivered and not held here (on their way to
     /// this process, or held by another of the group, or waiting out a
-    /// retry's delay). `true` when the server cannot say: a drain then
+    /// retry's delay), or held here: an attempt under way may fail and come
+    /// back to be retried. `true` when the server cannot say: a drain then
     /// pulls on, until its deadline.
     async fn has_pending(&mut self) -> bool {
         match self.consumer.info().await {
             Ok(info) => {
                 let out = u64::try_from(info.num_ack_pending).unwrap_or(u64::MAX);
-                info.num_pending > 0 || out > self.held.load(Ordering::Relaxed)
+                // Read after the server answered: a message finished since
+                // is no longer held, and still out if it went back.
+                let held = self.held.load(Ordering::Relaxed);
+                info.num_pending > 0 || out > held || held > 0
             }
             Err(_) => true,
+        }
+    }
+
+    /// Tells the server that the messages waiting for the runner are still
+    /// worked on (`AckProgress`).
+    async fn keep_waiting_alive(&self) {
+        let waiting: Vec<Reply> = self
+            .waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .cloned()
+            .collect();
+        for reply in waiting {
+            reply.send(AckKind::Progress).await;
         }
     }
 
@@ -480,6 +529,7 @@ impl<E: Event + DeserializeOwned> Pump<E> {
             return true;
         }
         let held = Held::new(&self.held);
+        let waiting = reply.clone();
         let raw = Arc::new(Raw {
             subject: message.subject.clone(),
             headers: message.headers.clone(),
@@ -527,6 +577,12 @@ impl<E: Event + DeserializeOwned> Pump<E> {
                 Err(undecodable)
             }
         };
+        // Before the send: the runner may take the item at once, and takes
+        // it off the front.
+        self.waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push_back(waiting);
         self.pulled.send(item).await.is_ok()
     }
 
