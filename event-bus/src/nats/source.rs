@@ -137,7 +137,19 @@ pub struct JetStreamDelivery<E> {
     letters: Letters,
     ack_wait: Duration,
     held: Option<Held>,
+    behind: Behind,
 }
+
+/// When the last retry of a listener's event comes due: what it releases
+/// unattempted (the events after a failed one, under
+/// [`BatchFailure::StopAtFirst`](crate::BatchFailure::StopAtFirst)) comes
+/// back after it, so that they stay behind it.
+type Behind = Arc<Mutex<Option<tokio::time::Instant>>>;
+
+/// How long after the failed event a released one is handed out again:
+/// the server's redeliveries come due in their order, this keeps them
+/// apart.
+const BEHIND_MARGIN: Duration = Duration::from_millis(50);
 
 impl<E> std::fmt::Debug for JetStreamDelivery<E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -181,6 +193,11 @@ impl<E: Event> Delivery<E> for JetStreamDelivery<E> {
 
     async fn retry(mut self, delay: Duration, _error: &str) -> Retry<Self> {
         if let Some(reply) = self.reply.take() {
+            let due = tokio::time::Instant::now() + delay;
+            {
+                let mut behind = self.behind.lock().unwrap_or_else(PoisonError::into_inner);
+                *behind = Some(behind.map_or(due, |behind| behind.max(due)));
+            }
             reply.send(AckKind::Nak(Some(delay))).await;
         }
         Retry::Redelivered
@@ -209,9 +226,17 @@ impl<E: Event> Delivery<E> for JetStreamDelivery<E> {
         Some(self.ack_wait / 3)
     }
 
+    /// Given back with a `nak` whose delay puts it after the retry the
+    /// runner asked for just before (the failed event it follows), which
+    /// the server hands out first.
     async fn release(mut self) {
         if let Some(reply) = self.reply.take() {
-            reply.send(AckKind::Nak(None)).await;
+            let due = *self.behind.lock().unwrap_or_else(PoisonError::into_inner);
+            let delay = due
+                .map(|due| due.saturating_duration_since(tokio::time::Instant::now()))
+                .filter(|delay| !delay.is_zero())
+                .map(|delay| delay + BEHIND_MARGIN);
+            reply.send(AckKind::Nak(delay)).await;
         }
     }
 }
@@ -327,6 +352,7 @@ pub(crate) struct Pump<E: Event> {
     closing: watch::Receiver<bool>,
     /// Messages handed over and not yet finished.
     held: Arc<AtomicU64>,
+    behind: Behind,
 }
 
 /// How often a drain looks again whether messages are on their way.
@@ -358,6 +384,7 @@ pub(crate) fn pump<E: Event>(
         waiting: waiting.clone(),
         closing: closing.clone(),
         held,
+        behind: Behind::default(),
     };
     let source = ConsumerSource {
         pulled,
@@ -556,6 +583,7 @@ impl<E: Event + DeserializeOwned> Pump<E> {
                     letters: self.letters.clone(),
                     ack_wait: self.config.ack_wait,
                     held: Some(held),
+                    behind: self.behind.clone(),
                 })
             }
             Err(error) => {
