@@ -374,7 +374,8 @@ async fn health_reports_the_database_and_each_listener() {
         .iter()
         .map(|l| l["name"].as_str().unwrap())
         .collect();
-    let mut expected = Vec::new();
+    // The welcome mailer runs with or without search and cache.
+    let mut expected = vec!["welcome-mailer"];
     if cfg!(feature = "search") {
         expected.push("search");
         assert_eq!(health.body["search_index"]["ready"], true);
@@ -468,7 +469,7 @@ async fn metrics_answer_prometheus_text_and_json() {
         .iter()
         .map(|l| l["name"].as_str().unwrap())
         .collect();
-    let mut expected = Vec::new();
+    let mut expected = vec!["welcome-mailer"];
     if cfg!(feature = "search") {
         expected.push("search");
     }
@@ -1557,4 +1558,45 @@ async fn a_post_published_while_the_search_listener_is_stopped_is_searchable_aft
     assert_eq!(answer.body["source"], "index", "{}", answer.text);
     assert_eq!(ids(answer.body["hits"].as_array().unwrap()), [id]);
     cms.stop().await;
+}
+
+/// Without NATS the welcome mailer is a durable group listener on the
+/// store: each new user gets one welcome, even when its event is handed to
+/// the mailer again (a replay of its group from the log's start).
+#[tokio::test]
+async fn each_new_user_is_welcomed_once_even_when_the_mailer_replays() {
+    let cms = Cms::start().await;
+    let ids = [cms.user("wanda").await, cms.user("walt").await];
+    cms.quiesce().await;
+    let welcomes = |answer: &Answer| -> Vec<i64> {
+        let mut ids: Vec<i64> = answer.body["notifications"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| {
+                assert_eq!(n["kind"], "welcome");
+                assert_eq!(n["handled_by"].as_str(), Some(cms.state.instance.as_str()));
+                n["user_id"].as_i64().unwrap()
+            })
+            .collect();
+        ids.sort_unstable();
+        ids
+    };
+    assert_eq!(welcomes(&cms.get("/notifications").await), ids);
+
+    let mailer = cms.state.listeners.named("welcome-mailer").unwrap();
+    let handled = mailer.report().handled;
+    cms.state
+        .store
+        .replay("welcome-mailer", event_bus::sql::Start::Beginning)
+        .await
+        .unwrap();
+    cms.user("wendy").await;
+    cms.quiesce().await;
+    // Handed both events again, and the new one: three more handled, one
+    // more welcome.
+    assert_eq!(mailer.report().handled, handled + 3);
+    let after = welcomes(&cms.get("/notifications").await);
+    assert_eq!(after.len(), 3, "{after:?}");
+    assert_eq!(&after[..2], &ids);
 }

@@ -36,6 +36,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let state = app::build(&app::Config {
         data_dir: data.path().to_owned(),
         database_url: std::env::var("DATABASE_URL").ok(),
+        nats_url: None,
         hooks: app::hooks::Hooks::default(),
     })
     .await?;

@@ -30,7 +30,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,sqlx=warn,tantivy=warn".into()),
+                .unwrap_or_else(|_| "info,sqlx=warn,tantivy=warn,async_nats=warn".into()),
         )
         .with_target(false)
         .init();
@@ -58,13 +58,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let report = state.shutdown(Duration::from_secs(10)).await;
     println!("listeners: {report}");
     println!(
-        "  {:<8} {:>9} {:>8} {:>14} {:>12}  status",
+        "  {:<14} {:>9} {:>8} {:>14} {:>12}  status",
         "listener", "handled", "retried", "dead-lettered", "undelivered"
     );
     for l in &report.listeners {
         let undelivered = l.lag.map_or_else(|| "?".to_owned(), |lag| lag.to_string());
         println!(
-            "  {:<8} {:>9} {:>8} {:>14} {:>12}  {}",
+            "  {:<14} {:>9} {:>8} {:>14} {:>12}  {}",
             l.name, l.handled, l.retried, l.dead_lettered, undelivered, l.status
         );
     }

@@ -40,6 +40,7 @@ pub(crate) fn config_in(dir: &std::path::Path, database_url: Option<String>) -> 
     Config {
         data_dir: dir.to_owned(),
         database_url,
+        nats_url: None,
         hooks: app::hooks::Hooks::default(),
     }
 }
@@ -215,6 +216,17 @@ impl Postgres {
             url: format!("{server}/{name}"),
             name,
         }
+    }
+
+    /// Drops the database, closing what connections are left on it (of
+    /// CMS instances already stopped).
+    pub(crate) async fn drop_now(self) {
+        use sqlx::Executor;
+
+        self.admin
+            .execute(format!("DROP DATABASE {} WITH (FORCE)", self.name).as_str())
+            .await
+            .unwrap();
     }
 
     /// Stops `cms`'s listeners, closes its connections and drops the

@@ -89,7 +89,7 @@ impl AppState {
 }
 
 #[cfg(feature = "cache")]
-pub(crate) use enabled::{Cache, CacheInvalidator};
+pub(crate) use enabled::{Cache, CacheInvalidator, PeerInvalidator};
 
 #[cfg(feature = "cache")]
 mod enabled {
@@ -195,6 +195,18 @@ mod enabled {
             }
         }
 
+        /// Drops the entries `event` made stale, leaving the marks alone:
+        /// for an event another process committed (or this one, heard
+        /// again), which no mark of this process waits for.
+        fn drop_stale(&self, event: &AppEvent) {
+            let keys = CacheKey::stale_after(event);
+            let mut guard = self.guard();
+            guard.generation += 1;
+            for key in keys {
+                self.entries.invalidate(&key);
+            }
+        }
+
         /// Takes back the marks of [`expect`](Self::expect): the write that
         /// emitted `event` did not commit, so no invalidation will come.
         pub(crate) fn unexpect(&self, event: &AppEvent) {
@@ -231,10 +243,35 @@ mod enabled {
     /// come a claim and a finish later, and then again for every event
     /// redelivered), and a crash, the one thing that loses what the bus
     /// holds, empties the cache too. Writes of other processes on the same
-    /// database do not reach it; a durable listener of a group of its own
-    /// per process would carry them, but could not tell them from this
-    /// process's own, which it would invalidate a second time, late.
+    /// database reach it through [`PeerInvalidator`], with `NATS_URL`.
     pub(crate) struct CacheInvalidator(pub Arc<Cache>);
+
+    /// Invalidates the entries each event of any process changes: an
+    /// instance listener on JetStream (with `NATS_URL`), so every process
+    /// hears every write, whichever process committed it. It cannot tell
+    /// this process's own writes from the others', and invalidates those a
+    /// second time, late, which costs a miss; it leaves the marks of this
+    /// process's writes to [`CacheInvalidator`].
+    pub(crate) struct PeerInvalidator(pub Arc<Cache>);
+
+    impl Listener<AppEvent> for PeerInvalidator {
+        fn name(&self) -> &str {
+            "cache-peers"
+        }
+
+        fn interests(&self) -> KindSet<AppEventKind> {
+            Listener::interests(&CacheInvalidator(self.0.clone()))
+        }
+
+        async fn handle(
+            &self,
+            envelope: Arc<Envelope<AppEvent>>,
+            _: Meta,
+        ) -> Result<(), HandlerError> {
+            self.0.drop_stale(envelope.event());
+            Ok(())
+        }
+    }
 
     impl Listener<AppEvent> for CacheInvalidator {
         fn name(&self) -> &str {

@@ -1,13 +1,15 @@
 //! The listeners this process runs, durable ones (spawned on the store,
-//! named by the groups their checkpoints are kept under) and those of its
-//! bus, read together, with the store's progress, for `/health`,
-//! `/metrics/json` and the shutdown report.
+//! named by the groups their checkpoints are kept under), those on
+//! JetStream (with `NATS_URL`) and those of its bus, read together, with
+//! the store's progress, for `/health`, `/metrics/json` and the shutdown
+//! report.
 
 use std::fmt;
 use std::path::Path;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
+use event_bus::nats::{Distributed, JetStream, JetStreamListener};
 use event_bus::sql::{AnyStore, Durable, DurableListener, ListenerProgress};
 use event_bus::{ListenerOptions, ListenerStatus, Spawnable};
 use serde::Serialize;
@@ -15,9 +17,13 @@ use serde::Serialize;
 use super::AppState;
 use super::events::AppEvent;
 
-/// The durable listeners spawned in this process, in spawn order.
+/// The durable and JetStream listeners spawned in this process, in spawn
+/// order.
 #[derive(Default)]
-pub(crate) struct Listeners(Mutex<Vec<DurableListener>>);
+pub(crate) struct Listeners {
+    durable: Mutex<Vec<DurableListener>>,
+    distributed: Mutex<Vec<JetStreamListener>>,
+}
 
 impl Listeners {
     /// Spawns `listener` on `store` and keeps its handle.
@@ -29,7 +35,29 @@ impl Listeners {
         durable: Durable,
     ) -> Result<DurableListener, event_bus::sql::Error> {
         let spawned = store.spawn_with(listener, options, durable).await?;
-        self.0
+        self.keep(spawned.clone());
+        Ok(spawned)
+    }
+
+    /// Keeps the handle of a durable listener spawned elsewhere (the
+    /// relay).
+    pub(crate) fn keep(&self, listener: DurableListener) {
+        self.durable
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(listener);
+    }
+
+    /// Spawns `listener` on `stream` and keeps its handle.
+    pub(crate) async fn spawn_distributed<M, L: Spawnable<AppEvent, M>>(
+        &self,
+        stream: &JetStream<AppEvent>,
+        listener: L,
+        options: ListenerOptions,
+        distributed: Distributed,
+    ) -> Result<JetStreamListener, event_bus::nats::Error> {
+        let spawned = stream.spawn_with(listener, options, distributed).await?;
+        self.distributed
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(spawned.clone());
@@ -37,10 +65,25 @@ impl Listeners {
     }
 
     fn all(&self) -> Vec<DurableListener> {
-        self.0
+        self.durable
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    fn all_distributed(&self) -> Vec<JetStreamListener> {
+        self.distributed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The JetStream listener named `name`, if this process runs it.
+    #[allow(dead_code)] // for the tests
+    pub(crate) fn distributed_named(&self, name: &str) -> Option<JetStreamListener> {
+        self.all_distributed()
+            .into_iter()
+            .find(|l| l.name() == name)
     }
 
     /// The listener whose group is `group`, if this process runs it.
@@ -61,9 +104,10 @@ impl Listeners {
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct ListenerState {
     pub(crate) name: String,
-    /// `"durable"` or `"bus"`.
+    /// `"durable"`, `"jetstream"` or `"bus"`.
     pub(crate) tier: &'static str,
-    /// The group a durable listener's checkpoint is kept under.
+    /// The group a durable listener's checkpoint is kept under, or a
+    /// JetStream listener's consumer serves.
     pub(crate) group: Option<String>,
     pub(crate) status: ListenerStatus,
     pub(crate) handled: u64,
@@ -74,7 +118,8 @@ pub(crate) struct ListenerState {
     /// Events the bus dropped for it (never, for a durable one).
     pub(crate) dropped: u64,
     /// What it has yet to handle: the events of the log past its
-    /// checkpoint, or those in its queue on the bus.
+    /// checkpoint, those its consumer has not delivered, or those in its
+    /// queue on the bus.
     pub(crate) lag: Option<u64>,
     /// Deliveries in progress or waiting for their retry.
     pub(crate) unfinished: Option<u64>,
@@ -135,6 +180,7 @@ impl AppState {
                 }
             })
             .collect();
+        states.extend(self.distributed_states().await);
         let letters = self.bus.dead_letters().snapshot();
         states.extend(self.bus.metrics().listeners.iter().map(|l| ListenerState {
             name: l.name.clone(),
@@ -154,6 +200,35 @@ impl AppState {
         (states, progress.err())
     }
 
+    /// This process's JetStream listeners, with what their consumers hold
+    /// for them (`None` when the server did not say).
+    async fn distributed_states(&self) -> Vec<ListenerState> {
+        let mut states = Vec::new();
+        for listener in self.listeners.all_distributed() {
+            let report = listener.report();
+            let pending = tokio::time::timeout(PROGRESS_DEADLINE, listener.pending())
+                .await
+                .ok()
+                .and_then(Result::ok);
+            states.push(ListenerState {
+                name: listener.name().to_owned(),
+                tier: "jetstream",
+                group: Some(listener.group().to_owned()),
+                status: listener.status(),
+                handled: report.handled,
+                failed: report.failed,
+                retried: report.retried,
+                dead_lettered: report.dead_lettered,
+                panicked: report.panicked,
+                dropped: 0,
+                lag: pending.map(|(waiting, _)| waiting),
+                unfinished: pending.map(|(_, out)| out),
+                dead_letters: None,
+            });
+        }
+        states
+    }
+
     /// Waits until every listener of the store has handled (or given up
     /// on) everything committed so far, for the tests and `--seed`.
     pub(crate) async fn idle(&self) -> Result<(), event_bus::sql::Error> {
@@ -163,14 +238,19 @@ impl AppState {
     /// Finishes the writes in flight, then stops the listeners: the
     /// durable ones each handle what the log holds for it within
     /// `deadline` (what is left stays in the log for the next start), the
-    /// bus drains its queues.
+    /// bus drains its queues; then the JetStream ones drain (what is left
+    /// stays in the stream).
     pub(crate) async fn shutdown(&self, deadline: Duration) -> Report {
         self.writes_done().await;
         let (bus, store) = tokio::join!(self.bus.shutdown(deadline), self.store.shutdown(deadline));
         drop(store);
+        // After the store: the relay has published what it took.
+        if let Some(stream) = &self.nats {
+            stream.shutdown(deadline).await;
+        }
         let (mut listeners, error) = self.listener_states().await;
         // The bus's report says what it left undelivered.
-        listeners.retain(|l| l.tier == "durable");
+        listeners.retain(|l| l.tier != "bus");
         listeners.extend(bus.listeners.iter().map(|l| ListenerState {
             name: l.name.clone(),
             tier: "bus",

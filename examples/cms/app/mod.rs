@@ -1,7 +1,10 @@
 //! The CMS: an axum API over a SQL database whose handlers write a row and
 //! emit its event in one transaction (the durable tier's outbox); a durable
-//! listener, reading the store's log, keeps the search index in step, and
-//! one on this process's bus the cache.
+//! listener, reading the store's log, keeps the search index in step, one
+//! on this process's bus the cache, and a group listener sends each new
+//! user a welcome. With `NATS_URL`, the outbox is relayed into JetStream,
+//! where the welcome mailer is shared by every process and each process's
+//! cache hears of the others' writes.
 
 pub(crate) mod admin;
 pub(crate) mod cache;
@@ -10,6 +13,7 @@ pub(crate) mod error;
 pub(crate) mod events;
 pub(crate) mod hooks;
 pub(crate) mod listeners;
+pub(crate) mod mailer;
 pub(crate) mod posts;
 pub(crate) mod search;
 pub(crate) mod server;
@@ -21,7 +25,6 @@ pub(crate) mod write;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-#[cfg(any(feature = "search", feature = "cache"))]
 use std::time::Duration;
 
 use axum::Router;
@@ -31,10 +34,8 @@ use axum::http::StatusCode;
 use event_bus::EventBus;
 #[cfg(feature = "cache")]
 use event_bus::LagPolicy;
-use event_bus::sql::AnyStore;
-#[cfg(feature = "search")]
-use event_bus::sql::{Durable, Start};
-#[cfg(any(feature = "search", feature = "cache"))]
+use event_bus::nats::{Distributed, JetStream};
+use event_bus::sql::{AnyStore, Durable, Start};
 use event_bus::{ListenerOptions, RetryPolicy};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
@@ -56,18 +57,24 @@ pub(crate) struct Config {
     pub(crate) data_dir: PathBuf,
     /// A `sqlite:` or `postgres:` URL; default `sqlite://{data_dir}/cms.db`.
     pub(crate) database_url: Option<String>,
+    /// A NATS server with JetStream (`nats://127.0.0.1:4222`): the outbox
+    /// is relayed into its stream `CMS`, and the listeners that span
+    /// processes run on it. None by default.
+    pub(crate) nats_url: Option<String>,
     /// Where a test holds the CMS mid-way (the index's replay, searches);
     /// nothing is held by default, and never from the environment.
     pub(crate) hooks: hooks::Hooks,
 }
 
 impl Config {
-    /// `CMS_DATA_DIR` (default `./cms-data`) and `DATABASE_URL`.
+    /// `CMS_DATA_DIR` (default `./cms-data`), `DATABASE_URL` and
+    /// `NATS_URL`.
     pub(crate) fn from_env() -> Self {
         Self {
             data_dir: std::env::var_os("CMS_DATA_DIR")
                 .map_or_else(|| PathBuf::from("cms-data"), PathBuf::from),
             database_url: std::env::var("DATABASE_URL").ok(),
+            nats_url: std::env::var("NATS_URL").ok().filter(|url| !url.is_empty()),
             hooks: hooks::Hooks::default(),
         }
     }
@@ -88,8 +95,12 @@ pub(crate) struct AppState {
     /// The durable tier on `db`: the outbox the handlers write their events
     /// in, and the log the listeners read.
     pub(crate) store: AnyStore<AppEvent>,
-    /// The listeners this process runs on the store.
+    /// The listeners this process runs on the store and on JetStream.
     pub(crate) listeners: Listeners,
+    /// The JetStream tier, with `NATS_URL`.
+    pub(crate) nats: Option<JetStream<AppEvent>>,
+    /// This data directory's name among the processes on one database.
+    pub(crate) instance: String,
     /// This process's bus: every event committed here, emitted after its
     /// commit, for the listeners whose state is this process's memory.
     pub(crate) bus: EventBus<AppEvent>,
@@ -105,7 +116,6 @@ pub(crate) struct AppState {
 /// A failing row (a database blip) is tried again with backoff, six
 /// attempts in all; on the durable tier each is persisted, so a retry
 /// survives a restart, and then it is a dead delivery.
-#[cfg(any(feature = "search", feature = "cache"))]
 fn retrying() -> ListenerOptions {
     ListenerOptions::new().retry(
         RetryPolicy::exponential(6)
@@ -136,7 +146,13 @@ fn lossless() -> ListenerOptions {
 ///   the invalidation of this process's writes must reach it before the
 ///   write answers (a read right after sees it), and what the bus loses in
 ///   a crash is what the crash loses of the cache anyway. Writes of other
-///   processes on the same database do not reach it: see `cache`.
+///   processes on the same database reach it with `NATS_URL` (an instance
+///   listener on JetStream, `cache-peers`), and not without: see `cache`.
+/// - The welcome mailer is a group listener: on the store, or with
+///   `NATS_URL` on JetStream, shared by every process of the group.
+/// - With `NATS_URL`, the relay (a durable listener of the group
+///   `nats-relay`, shared by the processes on the database) publishes
+///   what the outbox commits into the stream.
 pub(crate) async fn build(
     config: &Config,
 ) -> Result<Arc<AppState>, Box<dyn std::error::Error + Send + Sync>> {
@@ -147,6 +163,36 @@ pub(crate) async fn build(
     let store = AnyStore::<AppEvent>::new(db.clone()).await?;
     let listeners = Listeners::default();
     let bus = EventBus::new();
+    let instance = listeners::instance(&config.data_dir)?;
+    let nats = match &config.nats_url {
+        Some(url) => {
+            let stream = JetStream::<AppEvent>::connect(url, event_bus::nats::Config::new("cms"))
+                .await?
+                .with_instance(instance.clone());
+            let relay = stream
+                .spawn_relay(&store, Durable::new().start(Start::Beginning))
+                .await?;
+            listeners.keep(relay);
+            Some(stream)
+        }
+        None => None,
+    };
+    let mailer = mailer::WelcomeMailer {
+        db: db.clone(),
+        instance: instance.clone(),
+    };
+    match &nats {
+        Some(stream) => {
+            let distributed = Distributed::new().start(event_bus::nats::Start::Beginning);
+            listeners
+                .spawn_distributed(stream, mailer, retrying(), distributed)
+                .await?;
+        }
+        None => {
+            let durable = Durable::new().start(Start::Beginning);
+            listeners.spawn(&store, mailer, retrying(), durable).await?;
+        }
+    }
 
     #[cfg(feature = "search")]
     let search = {
@@ -154,7 +200,7 @@ pub(crate) async fn build(
             &config.data_dir.join("search"),
             config.hooks.clone(),
         )?);
-        let group = format!("search-{}", listeners::instance(&config.data_dir)?);
+        let group = format!("search-{instance}");
         // An index opened empty (new, or deleted, or unreadable) is filled
         // again by its group reading the log from its first event; an index
         // that holds documents goes on from its group's checkpoint, which
@@ -179,6 +225,13 @@ pub(crate) async fn build(
     let cache = {
         let cache = Arc::new(cache::Cache::new(10_000));
         bus.spawn_with(cache::CacheInvalidator(cache.clone()), lossless());
+        if let Some(stream) = &nats {
+            let peers = cache::PeerInvalidator(cache.clone());
+            let options = retrying().scope(event_bus::Scope::Instance);
+            listeners
+                .spawn_distributed(stream, peers, options, Distributed::new())
+                .await?;
+        }
         cache
     };
 
@@ -186,6 +239,8 @@ pub(crate) async fn build(
         db,
         store,
         listeners,
+        nats,
+        instance,
         bus,
         prometheus,
         writes: tokio_util::task::TaskTracker::new(),
@@ -203,6 +258,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .merge(posts::routes())
         .merge(system::routes())
         .merge(admin::routes())
+        .merge(mailer::routes())
         .route_layer(axum::middleware::from_fn(telemetry::track))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .with_state(state)

@@ -99,6 +99,7 @@ async fn health(State(state): State<Arc<AppState>>) -> impl IntoResponse {
             degraded |= lagging || failing;
             json!({
                 "name": l.name,
+                "tier": l.tier,
                 "group": l.group,
                 "status": l.status,
                 "lag": l.lag,
@@ -114,6 +115,7 @@ async fn health(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         .collect();
     let mut body = json!({
         "status": if down { "down" } else if degraded { "degraded" } else { "ok" },
+        "instance": state.instance,
         "database": database,
         "listeners": listeners,
     });
