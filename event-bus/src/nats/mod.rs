@@ -24,7 +24,8 @@
 //!   [`JetStream::spawn_relay`] spawns a [`Relay`] on a durable store, a
 //!   listener of the group `nats-relay` that publishes every event the
 //!   application commits in the store's outbox into the stream, with its
-//!   own id and trace context, in log order. The store's checkpoint marks
+//!   own id and trace context, in log order (see [`Relay`] for what may
+//!   reorder it). The store's checkpoint marks
 //!   what was published, so a commit and its publish need no distributed
 //!   transaction: an event is published at least once after its commit,
 //!   a server outage delays it (retried, each retry persisted), and a

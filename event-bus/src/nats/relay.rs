@@ -37,8 +37,11 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// (within its duplicate window, which [`JetStream::spawn_relay`] checks
 /// covers the relay's retries).
 ///
-/// A batch's events are sent at once and their acks awaited in order, so
-/// the stream holds them in log order. An event the stream did not store
+/// A batch's events are sent at once, on one connection, and their acks
+/// awaited in order, so the stream holds what one relay publishes in log
+/// order (with several processes relaying, each its share of the log, the
+/// stream interleaves their batches, and an event published again after a
+/// failure follows those stored meanwhile). An event the stream did not store
 /// fails, with it every event after it ([`BatchFailure::StopAtFirst`] in
 /// [`options`](Self::options)), and is retried by the listener's
 /// [`RetryPolicy`]: on the durable tier each retry is persisted, and an
