@@ -226,16 +226,32 @@ where
     RF: Future<Output = (usize, Duration)>,
 {
     let (mut tiers, mut raws, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    // CPU time per event, of this process and of the server: (tier, raw).
+    let (mut here, mut there) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
     for round in 0..ROUNDS {
-        let (t, r) = if round % 2 == 0 {
-            let t = tier(round).await;
-            (t, raw(round).await)
-        } else {
-            let r = raw(round).await;
-            (tier(round).await, r)
-        };
-        let t = t.0 as f64 / t.1.as_secs_f64();
-        let r = r.0 as f64 / r.1.as_secs_f64();
+        let tier_first = round % 2 == 0;
+        let mut t = None;
+        let mut r = None;
+        for tier_now in [tier_first, !tier_first] {
+            let before = Cpu::now();
+            let (events, elapsed) = if tier_now {
+                tier(round).await
+            } else {
+                raw(round).await
+            };
+            let (client, server) = before.per_event(events);
+            let rate = events as f64 / elapsed.as_secs_f64();
+            if tier_now {
+                t = Some(rate);
+                here.0.push(client);
+                there.0.push(server);
+            } else {
+                r = Some(rate);
+                here.1.push(client);
+                there.1.push(server);
+            }
+        }
+        let (t, r) = (t.unwrap(), r.unwrap());
         tiers.push(t);
         raws.push(r);
         ratios.push(t / r);
@@ -247,11 +263,69 @@ where
         .collect::<Vec<_>>()
         .join(" ");
     println!("  {case}: ratios of the rounds {spread}");
+    let server = if SERVER_PID.get().is_some() {
+        format!(
+            ", nats-server {:.1} / {:.1} µs",
+            median(there.0),
+            median(there.1)
+        )
+    } else {
+        String::new()
+    };
+    println!(
+        "    CPU per event, tier / raw: this process {:.1} / {:.1} µs{server}",
+        median(here.0),
+        median(here.1),
+    );
     format!(
         "| {case} | {:.0} events/s | {:.0} events/s | {ratio:.2} | ≥ 0.8 |",
         median(tiers),
         median(raws)
     )
+}
+
+/// The pid of the server the bench started.
+static SERVER_PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+/// CPU time so far of this process and of the server (Linux: the sum of
+/// their threads' `schedstat`; zero elsewhere).
+struct Cpu {
+    client: Duration,
+    server: Duration,
+}
+
+impl Cpu {
+    fn now() -> Self {
+        Self {
+            client: cpu_of("self"),
+            server: SERVER_PID
+                .get()
+                .map_or(Duration::ZERO, |pid| cpu_of(&pid.to_string())),
+        }
+    }
+
+    /// Microseconds per event since `self`, of this process and of the
+    /// server.
+    fn per_event(&self, events: usize) -> (f64, f64) {
+        let now = Self::now();
+        let per = |spent: Duration| spent.as_secs_f64() * 1e6 / events as f64;
+        (
+            per(now.client.saturating_sub(self.client)),
+            per(now.server.saturating_sub(self.server)),
+        )
+    }
+}
+
+fn cpu_of(process: &str) -> Duration {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{process}/task")) else {
+        return Duration::ZERO;
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
+        .map(Duration::from_nanos)
+        .sum()
 }
 
 const AWAITED: &str = "publish, one at a time, awaiting each ack";
@@ -638,6 +712,7 @@ impl Server {
             .stderr(Stdio::null())
             .spawn()
             .expect("start nats-server (set EVENT_BUS_NATS_SERVER to its path)");
+        let _ = SERVER_PID.set(child.id());
         let server = Self::Own {
             child,
             port,
