@@ -228,6 +228,8 @@ where
     let (mut tiers, mut raws, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     // CPU time per event, of this process and of the server: (tier, raw).
     let (mut here, mut there) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
+    // Write system calls per event: (tier, raw).
+    let mut written = (Vec::new(), Vec::new());
     for round in 0..ROUNDS {
         let tier_first = round % 2 == 0;
         let mut t = None;
@@ -240,15 +242,18 @@ where
                 raw(round).await
             };
             let (client, server) = before.per_event(events);
+            let writes = before.writes_per_event(events);
             let rate = events as f64 / elapsed.as_secs_f64();
             if tier_now {
                 t = Some(rate);
                 here.0.push(client);
                 there.0.push(server);
+                written.0.push(writes);
             } else {
                 r = Some(rate);
                 here.1.push(client);
                 there.1.push(server);
+                written.1.push(writes);
             }
         }
         let (t, r) = (t.unwrap(), r.unwrap());
@@ -265,7 +270,7 @@ where
     println!("  {case}: ratios of the rounds {spread}");
     let server = if SERVER_PID.get().is_some() {
         format!(
-            ", nats-server {:.1} / {:.1} µs",
+            ", of nats-server {:.1} / {:.1} µs",
             median(there.0),
             median(there.1)
         )
@@ -273,9 +278,12 @@ where
         String::new()
     };
     println!(
-        "    CPU per event, tier / raw: this process {:.1} / {:.1} µs{server}",
+        "    per event, tier / raw: CPU of this process {:.1} / {:.1} µs{server}; \
+         writes to the socket {:.2} / {:.2}",
         median(here.0),
         median(here.1),
+        median(written.0),
+        median(written.1),
     );
     format!(
         "| {case} | {:.0} events/s | {:.0} events/s | {ratio:.2} | ≥ 0.8 |",
@@ -288,10 +296,12 @@ where
 static SERVER_PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
 
 /// CPU time so far of this process and of the server (Linux: the sum of
-/// their threads' `schedstat`; zero elsewhere).
+/// their threads' `schedstat`; zero elsewhere), and this process's write
+/// system calls (each a segment the server reads).
 struct Cpu {
     client: Duration,
     server: Duration,
+    writes: u64,
 }
 
 impl Cpu {
@@ -301,7 +311,13 @@ impl Cpu {
             server: SERVER_PID
                 .get()
                 .map_or(Duration::ZERO, |pid| cpu_of(&pid.to_string())),
+            writes: writes(),
         }
+    }
+
+    /// Write system calls per event since `self`.
+    fn writes_per_event(&self, events: usize) -> f64 {
+        writes().saturating_sub(self.writes) as f64 / events as f64
     }
 
     /// Microseconds per event since `self`, of this process and of the
@@ -314,6 +330,15 @@ impl Cpu {
             per(now.server.saturating_sub(self.server)),
         )
     }
+}
+
+/// This process's write system calls so far (`/proc/self/io`).
+fn writes() -> u64 {
+    std::fs::read_to_string("/proc/self/io")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix("syscw:")?.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 fn cpu_of(process: &str) -> Duration {
