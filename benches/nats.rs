@@ -27,7 +27,8 @@
 //!   listener spawned with `JetStream::spawn_with` (a handler that does
 //!   nothing) against a raw loop on a pull consumer of the same
 //!   configuration (explicit ack, the same `max_ack_pending`, the same
-//!   filter subject, the same pull size) that acks each message. Three
+//!   filter subject, the same pull size) that decodes (as the tier must,
+//!   to hand its handler an event) and acks each message. Three
 //!   shapes: concurrency 1 (`max_ack_pending` 1: a round trip per event,
 //!   in stream order), concurrency 16 (16), and a batch listener of
 //!   `max_batch` 100 (100; the raw loop pulls batches of 100 with
