@@ -17,6 +17,7 @@ use async_nats::jetstream::message::AckKind;
 use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, watch};
 
@@ -43,16 +44,27 @@ const BACKOFF: Duration = Duration::from_millis(250);
 /// How long an ack (or term) waits for the server to confirm it.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The most acks a listener's acker sends at once.
+const ACK_BATCH: usize = 256;
+
 /// How a dead letter that could not be written is tried again: the message
 /// comes back after this.
 const UNWRITTEN_DELAY: Duration = Duration::from_secs(1);
 
 type Item<E> = Result<JetStreamDelivery<E>, Undecodable>;
 
-/// How to reach one message on the server: the client and its ack subject.
+/// What one listener's messages reach the server through: the client, and
+/// its acker (see [`acker`]). Shared by the listener's replies.
+struct Link {
+    client: async_nats::Client,
+    acks: mpsc::UnboundedSender<(Subject, Option<Held>)>,
+}
+
+/// How to reach one message on the server: the listener's link and the
+/// message's ack subject.
 #[derive(Clone)]
 struct Reply {
-    client: async_nats::Client,
+    link: Arc<Link>,
     subject: Subject,
 }
 
@@ -60,6 +72,7 @@ impl Reply {
     /// Sends `kind` without waiting for the server.
     async fn send(&self, kind: AckKind) {
         if let Err(error) = self
+            .link
             .client
             .publish(self.subject.clone(), Bytes::from(kind))
             .await
@@ -71,19 +84,18 @@ impl Reply {
     /// Sends `kind` and waits until the server confirms it: `false` if it
     /// did not (the message is then delivered again after `ack_wait`).
     async fn confirm(&self, kind: AckKind) -> bool {
-        let request = self.client.request(self.subject.clone(), Bytes::from(kind));
-        match tokio::time::timeout(ACK_TIMEOUT, request).await {
-            Ok(Ok(_)) => true,
-            Ok(Err(error)) => {
-                tracing::debug!(error = %error, "an acknowledgement was not confirmed; the message may be delivered again");
-                false
-            }
-            Err(_) => {
-                tracing::debug!(
-                    "an acknowledgement was not confirmed in time; the message may be delivered again"
-                );
-                false
-            }
+        confirm(&self.link.client, self.subject.clone(), kind).await
+    }
+
+    /// Hands the ack to the listener's acker, which sends it and releases
+    /// `held` once the server confirmed it. Never waits.
+    fn ack(self, held: Option<Held>) {
+        if self.link.acks.send((self.subject, held)).is_err() {
+            // Only once the runtime is going away: the message is then
+            // delivered again, after its `ack_wait`.
+            tracing::debug!(
+                "could not send an acknowledgement; the message will be delivered again"
+            );
         }
     }
 
@@ -92,6 +104,78 @@ impl Reply {
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let reply = self.clone();
             runtime.spawn(async move { reply.send(kind).await });
+        }
+    }
+}
+
+/// Sends `kind` on `subject` and waits until the server confirms it:
+/// `false` if it did not (the message is then delivered again after
+/// `ack_wait`).
+async fn confirm(client: &async_nats::Client, subject: Subject, kind: AckKind) -> bool {
+    // One timer, this one, for the send and the wait: not the client's too.
+    let request = async_nats::Request::new()
+        .payload(Bytes::from(kind))
+        .timeout(None);
+    let request = client.send_request(subject, request);
+    match tokio::time::timeout(ACK_TIMEOUT, request).await {
+        Ok(Ok(_)) => true,
+        Ok(Err(error)) => {
+            tracing::debug!(error = %error, "an acknowledgement was not confirmed; the message may be delivered again");
+            false
+        }
+        Err(_) => {
+            tracing::debug!(
+                "an acknowledgement was not confirmed in time; the message may be delivered again"
+            );
+            false
+        }
+    }
+}
+
+/// Sends the acks of one listener's deliveries, and releases their `held`
+/// once the server has applied them (or did not confirm it in time: the
+/// messages are then delivered again).
+///
+/// What came at once goes out at once, in one write: plain acks, the last
+/// of them one the server confirms (`AckAck`). A consumer's acks are
+/// applied in the order they come, each confirmation after its ack, so
+/// that one confirmation covers the acks sent before it: one reply per
+/// batch rather than per ack, which, with a task per ack, cost the client
+/// and the server more than the acks. The confirmations are awaited
+/// together, while later acks go out. Ends once every delivery and the
+/// pump are gone and the last acks are confirmed.
+async fn acker(
+    client: async_nats::Client,
+    mut acks: mpsc::UnboundedReceiver<(Subject, Option<Held>)>,
+) {
+    let client = &client;
+    let mut batch = Vec::with_capacity(ACK_BATCH);
+    let mut confirming = FuturesUnordered::new();
+    let mut open = true;
+    loop {
+        tokio::select! {
+            received = acks.recv_many(&mut batch, ACK_BATCH), if open => {
+                if received == 0 {
+                    open = false;
+                }
+                let Some((last, last_held)) = batch.pop() else { continue };
+                let mut helds = Vec::with_capacity(batch.len() + 1);
+                helds.push(last_held);
+                for (subject, held) in batch.drain(..) {
+                    if let Err(error) = client.publish(subject, Bytes::from(AckKind::Ack)).await {
+                        tracing::debug!(error = %error, "could not send an acknowledgement; the message will be delivered again");
+                    }
+                    helds.push(held);
+                }
+                // Sent when first polled, by the next `confirming.next()`:
+                // after the acks above, which the client sends in order.
+                confirming.push(async move {
+                    confirm(client, last, AckKind::Ack).await;
+                    drop(helds);
+                });
+            }
+            Some(()) = confirming.next() => {}
+            else => return,
         }
     }
 }
@@ -134,7 +218,8 @@ pub struct JetStreamDelivery<E> {
     attempt: u32,
     reply: Option<Reply>,
     raw: Arc<Raw>,
-    letters: Letters,
+    /// The listener's, shared: a `Letters` holds a JetStream context.
+    letters: Arc<Letters>,
     ack_wait: Duration,
     held: Option<Held>,
     behind: Behind,
@@ -179,15 +264,12 @@ impl<E: Event> Delivery<E> for JetStreamDelivery<E> {
 
     async fn ack(mut self) {
         if let Some(reply) = self.reply.take() {
-            // On a task of its own, and not waited for: the runner counts
-            // the event handled before it acks, so a listener stopped
-            // between two acks of a batch must not take back the second.
-            // The shutdown waits until the server has them (`held`).
-            let held = self.held.take();
-            tokio::spawn(async move {
-                reply.confirm(AckKind::Ack).await;
-                drop(held);
-            });
+            // Handed to the acker's task, and not waited for: the runner
+            // counts the event handled before it acks, so a listener
+            // stopped between two acks of a batch must not take back the
+            // second. The shutdown waits until the server has them
+            // (`held`).
+            reply.ack(self.held.take());
         }
     }
 
@@ -340,12 +422,12 @@ pub(crate) struct PumpConfig<E: Event> {
 
 /// Pulls one consumer's messages for one listener in this process.
 pub(crate) struct Pump<E: Event> {
-    client: async_nats::Client,
+    link: Arc<Link>,
     stream: async_nats::jetstream::stream::Stream,
     consumer: PullConsumer,
     consumer_config: PullConfig,
     config: PumpConfig<E>,
-    letters: Letters,
+    letters: Arc<Letters>,
     pulled: mpsc::Sender<Item<E>>,
     /// Messages handed over and not yet taken by the runner.
     waiting: Waiting,
@@ -358,7 +440,8 @@ pub(crate) struct Pump<E: Event> {
 /// How often a drain looks again whether messages are on their way.
 const DRAIN_CHECK: Duration = Duration::from_millis(20);
 
-/// Makes a listener's pump and the source it feeds.
+/// Makes a listener's pump and the source it feeds, and spawns the task
+/// that sends its acks.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn pump<E: Event>(
     client: async_nats::Client,
@@ -372,14 +455,17 @@ pub(crate) fn pump<E: Event>(
     held: Arc<AtomicU64>,
 ) -> (Pump<E>, ConsumerSource<E>) {
     let (pulled_tx, pulled) = mpsc::channel(config.batch.max(1));
+    let (acks, finished) = mpsc::unbounded_channel();
+    tokio::spawn(acker(client.clone(), finished));
+    let link = Arc::new(Link { client, acks });
     let waiting = Waiting::default();
     let pump = Pump {
-        client,
+        link,
         stream,
         consumer,
         consumer_config,
         config,
-        letters,
+        letters: Arc::new(letters),
         pulled: pulled_tx,
         waiting: waiting.clone(),
         closing: closing.clone(),
@@ -548,7 +634,7 @@ impl<E: Event + DeserializeOwned> Pump<E> {
             return true;
         };
         let reply = Reply {
-            client: self.client.clone(),
+            link: self.link.clone(),
             subject,
         };
         if !self.is_for_me(&message) {
@@ -557,10 +643,11 @@ impl<E: Event + DeserializeOwned> Pump<E> {
         }
         let held = Held::new(&self.held);
         let waiting = reply.clone();
+        // Moved, not copied: the headers are a map of their own.
         let raw = Arc::new(Raw {
-            subject: message.subject.clone(),
-            headers: message.headers.clone(),
-            payload: message.payload.clone(),
+            subject: message.subject,
+            headers: message.headers,
+            payload: message.payload,
             sequence,
         });
         let item = match JsonCodec.decode::<E>(&raw.payload) {
@@ -580,14 +667,14 @@ impl<E: Event + DeserializeOwned> Pump<E> {
                     attempt,
                     reply: Some(reply),
                     raw,
-                    letters: self.letters.clone(),
+                    letters: Arc::clone(&self.letters),
                     ack_wait: self.config.ack_wait,
                     held: Some(held),
                     behind: self.behind.clone(),
                 })
             }
             Err(error) => {
-                let letters = self.letters.clone();
+                let letters = Arc::clone(&self.letters);
                 let payload = raw.payload.to_vec();
                 let name = error.name().map(str::to_owned);
                 let id = error.id();
