@@ -96,6 +96,18 @@ pub(crate) fn retry_span(options: &ListenerOptions, lease: Duration) -> Duration
         .saturating_add(lease.saturating_mul(2))
 }
 
+/// Why an event of a batch was not sent: an event before it could not be.
+#[derive(Debug)]
+struct NotSent;
+
+impl fmt::Display for NotSent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("not sent: an earlier event of its batch could not be")
+    }
+}
+
+impl std::error::Error for NotSent {}
+
 impl<E> BatchListener<E> for Relay<E>
 where
     E: Event + Serialize + DeserializeOwned,
@@ -111,6 +123,12 @@ where
         let until = tokio::time::Instant::now() + ACK_TIMEOUT;
         let mut sent = Vec::with_capacity(batch.len());
         for envelope in batch.iter() {
+            // Nothing is sent after an event that could not be: the events
+            // after it must not reach the stream ahead of its retry.
+            if sent.iter().any(Result::is_err) {
+                sent.push(Err(NatsError::Publish(Box::new(NotSent))));
+                continue;
+            }
             let attempt = match self.stream.message(envelope) {
                 Ok((subject, message)) => {
                     match tokio::time::timeout_at(until, context.send_publish(subject, message))
