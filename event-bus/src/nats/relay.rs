@@ -35,10 +35,23 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// publish need no distributed transaction: a crash between a publish and
 /// the checkpoint publishes again, and the stream stores the copy once
 /// (within its duplicate window, which [`JetStream::spawn_relay`] checks
-/// covers the relay's retries).
+/// covers the relay's retries). The window does not cover an outage: a
+/// relay that stays down (every process that spawns it) longer than the
+/// window after a publish and before its checkpoint publishes that batch
+/// again after the window, and the stream stores it twice; listeners that
+/// make their effect once by the event's id
+/// (`event_bus::sql::first_time`) are not affected.
 ///
 /// A batch's events are sent at once and their acks awaited in order, so
-/// the stream holds them in log order. An event the stream did not store
+/// the stream holds them in log order; nothing is sent after an event that
+/// could not be (it does not encode, or its send failed). An event that
+/// was sent but not acknowledged (a timeout, a lost connection) may be
+/// followed in the stream by later events of its batch, sent with it and
+/// stored: its retry stores it after them. With the relay in several
+/// processes, each publishes the part of the log it claims, at the same
+/// time as the others: the stream holds each process's batches in log
+/// order, not the whole log; spawn it in one process where that matters.
+/// An event the stream did not store
 /// fails, with it every event after it ([`BatchFailure::StopAtFirst`] in
 /// [`options`](Self::options)), and is retried by the listener's
 /// [`RetryPolicy`]: on the durable tier each retry is persisted, and an
