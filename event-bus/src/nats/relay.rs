@@ -135,10 +135,11 @@ where
         // timeout: a client that cannot reach its server waits in either.
         let until = tokio::time::Instant::now() + ACK_TIMEOUT;
         let mut sent = Vec::with_capacity(batch.len());
+        let mut unsent = false;
         for envelope in batch.iter() {
             // Nothing is sent after an event that could not be: the events
             // after it must not reach the stream ahead of its retry.
-            if sent.iter().any(Result::is_err) {
+            if unsent {
                 sent.push(Err(NatsError::Publish(Box::new(NotSent))));
                 continue;
             }
@@ -154,6 +155,7 @@ where
                 }
                 Err(error) => Err(error),
             };
+            unsent = attempt.is_err();
             sent.push(attempt);
         }
         let mut failed: Option<BatchError> = None;
