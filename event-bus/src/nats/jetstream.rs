@@ -563,7 +563,8 @@ where
     }
 
     /// Spawns the outbox relay on `store`: a durable listener of the group
-    /// `nats-relay` (every process that spawns it shares the work) that
+    /// `nats-relay` (every process that spawns it shares the work, at the
+    /// cost of log order across processes: see [`Relay`]) that
     /// publishes every event committed in the store's outbox into this
     /// handle's stream, from `durable`'s [`Start`](crate::sql::Start) the
     /// first time, with [`Relay::options`]. The events stay in the store's

@@ -24,13 +24,14 @@
 //!   [`JetStream::spawn_relay`] spawns a [`Relay`] on a durable store, a
 //!   listener of the group `nats-relay` that publishes every event the
 //!   application commits in the store's outbox into the stream, with its
-//!   own id and trace context, in log order (see [`Relay`] for what may
-//!   reorder it). The store's checkpoint marks
-//!   what was published, so a commit and its publish need no distributed
+//!   own id and trace context, in log order (from one process; relays in
+//!   several interleave their batches, see [`Relay`]). The store's
+//!   checkpoint marks what was published, so a commit and its publish need no distributed
 //!   transaction: an event is published at least once after its commit,
 //!   a server outage delays it (retried, each retry persisted), and a
 //!   publish made again is stored once, as the relay checks at spawn that
-//!   the stream's duplicate window covers its retries.
+//!   the stream's duplicate window covers its retries (not a relay down
+//!   for longer than the window, which publishes its last batch again).
 //! - **At least once, per group**: a group listener
 //!   ([`Scope::Group`](crate::Scope::Group), the default) is a durable pull
 //!   consumer named after the listener (or [`Distributed::group`]): every
@@ -46,7 +47,9 @@
 //!   batch listener): no more are out unfinished, so a restart has no
 //!   more than that to hand out again. With a concurrency of 1, a listener
 //!   handles its events in stream order, a retried one holding back the
-//!   next.
+//!   next. (Not quite for a batch listener under `StopAtFirst`: the rest of
+//!   a failed event's batch waits behind it, but events the server hands
+//!   out while it waits, when its batch had room for more, may come first.)
 //! - **Retries are the server's**: a failed attempt is a `nak` with the
 //!   listener's [`RetryPolicy`](crate::RetryPolicy) delay; the attempt a
 //!   handler sees is the server's delivery count, so it holds across

@@ -35,13 +35,23 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// publish need no distributed transaction: a crash between a publish and
 /// the checkpoint publishes again, and the stream stores the copy once
 /// (within its duplicate window, which [`JetStream::spawn_relay`] checks
-/// covers the relay's retries).
+/// covers the relay's retries). The window does not cover an outage: a
+/// relay that stays down (every process that spawns it) longer than the
+/// window after a publish and before its checkpoint publishes that batch
+/// again after the window, and the stream stores it twice; listeners that
+/// make their effect once by the event's id
+/// (`event_bus::sql::first_time`) are not affected.
 ///
-/// A batch's events are sent at once, on one connection, and their acks
-/// awaited in order, so the stream holds what one relay publishes in log
-/// order (with several processes relaying, each its share of the log, the
-/// stream interleaves their batches, and an event published again after a
-/// failure follows those stored meanwhile). An event the stream did not store
+/// A batch's events are sent at once and their acks awaited in order, so
+/// the stream holds them in log order; nothing is sent after an event that
+/// could not be (it does not encode, or its send failed). An event that
+/// was sent but not acknowledged (a timeout, a lost connection) may be
+/// followed in the stream by later events of its batch, sent with it and
+/// stored: its retry stores it after them. With the relay in several
+/// processes, each publishes the part of the log it claims, at the same
+/// time as the others: the stream holds each process's batches in log
+/// order, not the whole log; spawn it in one process where that matters.
+/// An event the stream did not store
 /// fails, with it every event after it ([`BatchFailure::StopAtFirst`] in
 /// [`options`](Self::options)), and is retried by the listener's
 /// [`RetryPolicy`]: on the durable tier each retry is persisted, and an
@@ -99,6 +109,18 @@ pub(crate) fn retry_span(options: &ListenerOptions, lease: Duration) -> Duration
         .saturating_add(lease.saturating_mul(2))
 }
 
+/// Why an event of a batch was not sent: an event before it could not be.
+#[derive(Debug)]
+struct NotSent;
+
+impl fmt::Display for NotSent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("not sent: an earlier event of its batch could not be")
+    }
+}
+
+impl std::error::Error for NotSent {}
+
 impl<E> BatchListener<E> for Relay<E>
 where
     E: Event + Serialize + DeserializeOwned,
@@ -113,7 +135,14 @@ where
         // timeout: a client that cannot reach its server waits in either.
         let until = tokio::time::Instant::now() + ACK_TIMEOUT;
         let mut sent = Vec::with_capacity(batch.len());
+        let mut unsent = false;
         for envelope in batch.iter() {
+            // Nothing is sent after an event that could not be: the events
+            // after it must not reach the stream ahead of its retry.
+            if unsent {
+                sent.push(Err(NatsError::Publish(Box::new(NotSent))));
+                continue;
+            }
             let attempt = match self.stream.message(envelope) {
                 Ok((subject, message)) => {
                     match tokio::time::timeout_at(until, context.send_publish(subject, message))
@@ -126,6 +155,7 @@ where
                 }
                 Err(error) => Err(error),
             };
+            unsent = attempt.is_err();
             sent.push(attempt);
         }
         let mut failed: Option<BatchError> = None;
