@@ -39,6 +39,11 @@
 //!   listener of concurrency 1, and, interleaved with it, raw
 //!   `send_publish` to a raw loop on a pull consumer (on a subject of its
 //!   own, so that neither sees the other's events).
+//! - **relay latency**: from an outbox commit's call (SQLite in a
+//!   temporary file, WAL) to the start of a JetStream listener's handler,
+//!   p50/p99 over [`LATENCY_SAMPLES`] events committed one at a time: the
+//!   relay (`JetStream::spawn_relay`) woken in process by the commit,
+//!   publishing, and the listener's consumer delivering.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, BufReader};
@@ -199,6 +204,9 @@ async fn run(url: &str) {
     if wanted(LATENCY) {
         latency(&bed).await;
     }
+    if wanted(RELAY_LATENCY) {
+        relay_latency(&bed).await;
+    }
     bed.tier.shutdown(Duration::from_secs(5)).await;
     for name in [format!("{stream_name}_DLQ"), stream_name] {
         let _ = bed.raw.delete_stream(&name).await;
@@ -357,6 +365,7 @@ fn cpu_of(process: &str) -> Duration {
 const AWAITED: &str = "publish, one at a time, awaiting each ack";
 const PIPELINED: &str = "publish, pipelined (emit_* then flush; raw: 256 acks outstanding)";
 const LATENCY: &str = "latency: publish call → handler start, p50 / p99";
+const RELAY_LATENCY: &str = "relay latency: outbox commit call → handler start, p50 / p99";
 
 async fn publish_awaited(bed: &Bed) -> String {
     rounds(
@@ -686,6 +695,58 @@ async fn latency(bed: &Bed) {
          | {t50:.0?} / {t99:.0?} | {r50:.0?} / {r99:.0?} | {:.2} / {:.2} (time) | — |",
         t50.as_secs_f64() / r50.as_secs_f64(),
         t99.as_secs_f64() / r99.as_secs_f64(),
+    );
+}
+
+async fn relay_latency(bed: &Bed) {
+    let dir = tempfile::tempdir().unwrap();
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(dir.path().join("outbox.db"))
+        .create_if_missing(true)
+        .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+        .synchronous(sqlx::sqlite::SqliteSynchronous::Normal);
+    let pool = sqlx::sqlite::SqlitePoolOptions::new()
+        .max_connections(4)
+        .connect_with(options)
+        .await
+        .unwrap();
+    let store = event_bus::sql::SqliteStore::<Bench>::new(pool)
+        .await
+        .unwrap();
+    let relay = bed
+        .tier
+        .spawn_relay(&store, event_bus::sql::Durable::new())
+        .await
+        .unwrap();
+    let watch = Stopwatch::default();
+    let handle = bed
+        .tier
+        .spawn_with(
+            watch.clone(),
+            ListenerOptions::new(),
+            Distributed::new().group("relay-latency"),
+        )
+        .await
+        .unwrap();
+    let mut samples = Vec::with_capacity(LATENCY_SAMPLES);
+    for _ in 0..LATENCY_SAMPLES {
+        let id = bed.id();
+        let sent = Instant::now();
+        let tx = store.begin().await.unwrap();
+        tx.emit_item_added(id, TITLE.to_owned());
+        tx.commit().await.unwrap();
+        let started = wait_for(|| watch.0.lock().unwrap().get(&id).copied()).await;
+        samples.push(started.saturating_duration_since(sent));
+    }
+    handle.abort();
+    relay.abort();
+    store.shutdown(Duration::from_secs(5)).await;
+    let (p50, p99) = (
+        percentile(&mut samples, 0.5),
+        percentile(&mut samples, 0.99),
+    );
+    println!(
+        "| {RELAY_LATENCY} ({LATENCY_SAMPLES} events, one at a time) | {p50:.1?} / {p99:.1?} | — | — | — |"
     );
 }
 
