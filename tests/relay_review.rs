@@ -450,3 +450,39 @@ async fn events_published_while_a_failed_one_waits_for_its_retry_stay_behind_it(
     stream.shutdown(Duration::from_secs(5)).await;
     assert_eq!(*failing.handled.lock().unwrap(), [0, 1, 2, 3, 4]);
 }
+
+/// Promise (`JetStream::publish`, `NatsError::TooLarge`): an event over the
+/// server's max_payload is refused at once, before it is sent, and the
+/// connection goes on publishing the next one.
+#[tokio::test]
+#[ignore = "needs nats-server"]
+async fn an_event_over_max_payload_is_refused_at_once_and_the_next_one_is_stored() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (_store, stream, seen) = setup(&server, dir.path()).await;
+    let started = std::time::Instant::now();
+    let refused = stream
+        .publish(Shop::Note {
+            order: 1,
+            text: "x".repeat(2 * 1024 * 1024),
+        })
+        .await;
+    match refused {
+        Err(event_bus::nats::Error::TooLarge { size, max }) => {
+            assert!(size > max, "{size} {max}");
+            assert_eq!(max, 1024 * 1024);
+        }
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "refused at once"
+    );
+    stream
+        .publish(Shop::OrderPlaced { order: 2 })
+        .await
+        .expect("the next event is stored");
+    until("the next event handled", || seen.has(2)).await;
+    assert!(!seen.has(1));
+    stream.shutdown(Duration::from_secs(5)).await;
+}

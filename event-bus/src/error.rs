@@ -347,6 +347,17 @@ pub enum NatsError {
         /// The span a publish is retried over.
         span: std::time::Duration,
     },
+    /// The event, encoded, is larger than the server takes in one message
+    /// (its `max_payload`, 1 MiB by default): it is not sent. Keep large
+    /// data out of events (the event names it, the handler reads it), or
+    /// raise the server's `max_payload`.
+    #[error("the event takes {size} bytes, over the server's max_payload of {max}")]
+    TooLarge {
+        /// The event's size, with room for its headers.
+        size: usize,
+        /// The server's `max_payload`.
+        max: usize,
+    },
     /// The handle is shutting down: nothing is published or spawned on it.
     #[error("the jetstream tier is shutting down")]
     Closed,

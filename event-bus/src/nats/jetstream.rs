@@ -54,6 +54,10 @@ const IN_FLIGHT: usize = 256;
 /// have its last acks.
 const FINISH_GRACE: Duration = Duration::from_secs(2);
 
+/// What a message's headers take at most, beside its payload: the
+/// `Nats-Msg-Id`, the `traceparent` and their framing.
+const HEADER_ROOM: usize = 256;
+
 /// The shortest `ack_wait` kept.
 const MIN_ACK_WAIT: Duration = Duration::from_millis(100);
 
@@ -525,6 +529,7 @@ where
     ///
     /// [`NatsError::Closed`] once the handle is shutting down;
     /// [`NatsError::Encode`] if the event does not encode;
+    /// [`NatsError::TooLarge`] if it is over the server's `max_payload`;
     /// [`NatsError::Publish`] if the stream did not acknowledge it within
     /// the publish retry span: it may have been stored. Each call gives the
     /// event a new id, so to publish it again safely, publish one
@@ -603,6 +608,13 @@ where
         envelope: &Envelope<E>,
     ) -> Result<(Subject, PublishMessage), NatsError> {
         let payload = JsonCodec.encode(envelope)?;
+        // The server takes no message over its max_payload (it closes the
+        // connection on one): refused here, at once.
+        let max = self.shared.client.server_info().max_payload;
+        let size = payload.len() + HEADER_ROOM;
+        if max > 0 && size > max {
+            return Err(NatsError::TooLarge { size, max });
+        }
         let mut headers = HeaderMap::new();
         if let Some(traceparent) = envelope.traceparent() {
             headers.insert(names::TRACEPARENT, traceparent.to_string());
