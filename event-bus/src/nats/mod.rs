@@ -60,6 +60,15 @@
 //!   decode is dead-lettered at once, with the reason. The consumer's
 //!   `max_deliver` is the policy's attempts plus one, so an event whose
 //!   last attempt was cut short still ends handled or dead-lettered.
+//!   **Known gap**: the server counts deliveries it sent, not attempts
+//!   made. A connection that stalls without closing (a partition the
+//!   client does not see) while pulls are open swallows a delivery every
+//!   `ack_wait`; past `max_deliver` of them the server stops delivering
+//!   the event and no dead letter is written (`tests/acker_review.rs`,
+//!   `deliveries_a_stalled_connection_swallows_use_up_max_deliver`, run
+//!   with `EVENT_BUS_FINDINGS=1`). Dead letters from the server's
+//!   max-deliveries advisory would close it; a longer `ack_wait` and more
+//!   attempts narrow it.
 //! - **Dead letters** are listed ([`JetStream::dead_letters`]), redriven to
 //!   their listener alone ([`JetStream::redrive`]: published again with an
 //!   `Event-Bus-Redrive` header naming it, which other listeners ack
