@@ -470,19 +470,17 @@ async fn acks_and_naks_of_one_batch_keep_their_meaning() {
     assert!(jetstream.dead_letters(None).await.expect("list").is_empty());
 }
 
-/// FINDING (not the acker's; of `max_deliver`): deliveries that a stalled
-/// connection never passes on count toward the consumer's `max_deliver`
-/// (the policy's attempts plus one: 2 with `RetryPolicy::none()`), one
-/// every `ack_wait`; once used up, the server delivers the message no
-/// more, to no process of the group, and no dead letter records it: lost,
-/// where the promise is "lost acks mean redeliveries, never loss". Runs
-/// only with `EVENT_BUS_FINDINGS` set.
+/// Found by this review, fixed by the advisory stream: deliveries that a
+/// stalled connection never passes on count toward the consumer's
+/// `max_deliver`, one every `ack_wait`; once used up, the server delivers
+/// the message no more, to no process of the group. Promise (`nats`
+/// module docs, "Retries are the server's"): such an event is a dead
+/// letter, written from the server's max-deliveries advisory, which waits
+/// in the advisory stream for a process that can take it; every event
+/// ends handled or dead-lettered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs nats-server"]
-async fn deliveries_a_stalled_connection_swallows_use_up_max_deliver() {
-    if std::env::var_os("EVENT_BUS_FINDINGS").is_none() {
-        return;
-    }
+async fn deliveries_a_stalled_connection_swallows_end_as_dead_letters() {
     const EVENTS: u64 = 200;
     let server = NatsServer::start();
     let proxy = Proxy::start(&server).await;
@@ -546,14 +544,83 @@ async fn deliveries_a_stalled_connection_swallows_use_up_max_deliver() {
     eventually("every event handled or dead-lettered", || {
         let mut all = recorder.handled();
         all.extend(next.handled());
-        all.sort_unstable();
-        all.dedup();
         let again = &again;
         async move {
-            let dead = again.dead_letters(None).await.map_or(0, |dead| dead.len());
-            all.len() + dead >= EVENTS as usize
+            let dead = again.dead_letters(None).await.unwrap_or_default();
+            all.extend(
+                dead.iter()
+                    .filter_map(|dead| dead.envelope.as_ref())
+                    .map(|envelope| envelope.event().value()),
+            );
+            all.sort_unstable();
+            all.dedup();
+            all.len() == EVENTS as usize
         }
     })
     .await;
+    let dead = again.dead_letters(Some("stalled")).await.expect("list");
+    assert!(
+        dead.iter().all(|dead| dead.error.contains("max_deliver")),
+        "every dead letter here is the server's giving up: {:?}",
+        dead.iter().map(|dead| &dead.error).collect::<Vec<_>>()
+    );
     again.shutdown(Duration::from_secs(10)).await;
+}
+
+/// Promise (`nats` module docs, "Retries are the server's"): an event whose
+/// every delivery is cut short (here its listener is stopped mid-handler,
+/// each time, up to the consumer's `max_deliver`) is not dropped by the
+/// server unrecorded: it ends in the dead-letter stream, with the
+/// deliveries as its attempts, and is never delivered to the listener
+/// again.
+#[tokio::test]
+#[ignore = "needs nats-server"]
+async fn an_event_whose_every_delivery_is_cut_short_is_a_dead_letter() {
+    let server = NatsServer::start();
+    let jetstream = connect_to(&server.url(), "cut").await;
+    // One attempt: the consumer's max_deliver is 2.
+    let options = || ListenerOptions::new().retry(RetryPolicy::none());
+    let distributed = || {
+        Distributed::new()
+            .ack_wait(Duration::from_secs(1))
+            .start(Start::Beginning)
+    };
+    publish_all(&jetstream, 0..1).await;
+    for delivery in 1..=2 {
+        let stuck = Recorder::new("cut", false);
+        let handle = jetstream
+            .spawn_with(stuck.clone(), options(), distributed())
+            .await
+            .expect("spawn");
+        eventually(&format!("delivery {delivery} in the handler"), || {
+            let entered = stuck.entered.load(Ordering::SeqCst);
+            async move { entered == 1 }
+        })
+        .await;
+        handle.abort();
+        handle.finished().await;
+    }
+    let open = Recorder::new("cut", true);
+    let _handle = jetstream
+        .spawn_with(open.clone(), options(), distributed())
+        .await
+        .expect("spawn");
+    eventually("the event's dead letter", || {
+        let jetstream = &jetstream;
+        async move {
+            jetstream
+                .dead_letters(Some("cut"))
+                .await
+                .is_ok_and(|dead| !dead.is_empty())
+        }
+    })
+    .await;
+    let dead = jetstream.dead_letters(Some("cut")).await.expect("list");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].attempts, 2);
+    assert!(dead[0].error.contains("max_deliver"), "{}", dead[0].error);
+    assert_eq!(dead[0].envelope.as_ref().map(|e| e.event().value()), Some(0));
+    // Its consumer has nothing left for it, and the handler never had it.
+    jetstream.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(open.entered.load(Ordering::SeqCst), 0);
 }

@@ -166,6 +166,16 @@ impl Children {
         let _ = child.wait();
     }
 
+    /// Sends `signal` (`STOP`, `CONT`) to a child.
+    fn signal(&self, index: usize, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.0[index].id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} child {index}");
+    }
+
     /// Panics if a child ended by itself: it failed.
     fn assert_running(&mut self) {
         for (index, child) in self.0.iter_mut().enumerate() {
@@ -406,17 +416,29 @@ async fn a_process_killed_mid_handler_leaves_its_events_to_the_other() {
     let started = std::time::Instant::now();
     let (_server, mut children, paths) =
         two_workers_and_events(dir.path(), EVENTS, WORK_MS, Some(1_000)).await;
-    // Kill whichever has handled some first, while a handler of it works.
+    // Kill whichever has handled some first, while a handler of it works:
+    // stopped first (SIGSTOP), its file is what it was doing when killed;
+    // between handlers, it goes on (SIGCONT) and is looked at again.
     let ripe =
         |output: &Output| output.handled.len() >= KILL_AFTER && !output.unfinished().is_empty();
-    let outputs = until_outputs("a child to handle some", &mut children, &paths, |outputs| {
-        outputs.iter().any(ripe)
-    })
-    .await;
-    let killed = usize::from(!ripe(&outputs[0]));
+    let mut tries = 0;
+    let (killed, killed_output) = loop {
+        let outputs = until_outputs("a child to handle some", &mut children, &paths, |outputs| {
+            outputs.iter().any(ripe)
+        })
+        .await;
+        let candidate = usize::from(!ripe(&outputs[0]));
+        children.signal(candidate, "STOP");
+        let output = read_output(&paths[candidate]);
+        if ripe(&output) {
+            children.kill(candidate);
+            break (candidate, output);
+        }
+        children.signal(candidate, "CONT");
+        tries += 1;
+        assert!(tries < 100, "no child caught mid-handler in {tries} tries");
+    };
     let survivor = 1 - killed;
-    children.kill(killed);
-    let killed_output = read_output(&paths[killed]);
     assert!(
         distinct(std::slice::from_ref(&killed_output)) < EVENTS as usize,
         "the child was killed before the group was done"

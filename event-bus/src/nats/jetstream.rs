@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::pull::Config as PullConfig;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::stream::{Config as StreamConfig, StorageType};
+use async_nats::jetstream::stream::{Config as StreamConfig, RetentionPolicy, StorageType};
 use async_nats::{HeaderMap, Subject};
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use serde::Serialize;
@@ -17,6 +17,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use super::advisories::{self, Advisories};
 use super::dead_letters::{
     DeadLetterStream, DeadMessage, Letters, publish_acked, retry_publish, unacked,
 };
@@ -242,6 +243,7 @@ pub struct JetStreamListener {
     consumer: PullConsumer,
     delivered: Arc<AtomicU64>,
     task: tokio::task::AbortHandle,
+    advisor: tokio::task::AbortHandle,
     done: watch::Receiver<bool>,
 }
 
@@ -310,6 +312,7 @@ impl JetStreamListener {
     pub fn abort(&self) {
         self.core.cancel();
         self.task.abort();
+        self.advisor.abort();
     }
 
     /// Waits until its task has ended.
@@ -331,12 +334,17 @@ struct Spawned {
     held: Arc<AtomicU64>,
     task: JoinHandle<()>,
     pump: JoinHandle<()>,
+    advisor: JoinHandle<()>,
 }
 
 struct Shared {
     client: async_nats::Client,
     context: async_nats::jetstream::Context,
     stream: async_nats::jetstream::stream::Stream,
+    /// The event stream's name.
+    name: String,
+    /// Where the server's max-deliveries advisories wait for their listener.
+    advisories: async_nats::jetstream::stream::Stream,
     prefix: Arc<str>,
     dead: DeadLetterStream,
     span: Duration,
@@ -407,8 +415,9 @@ where
     }
 
     /// The tier on `client`'s server: creates the event stream (subjects
-    /// `<prefix>.>`) and the dead-letter stream (`<prefix>_dlq.>`) if they
-    /// are not there, and checks that the event stream's duplicate window
+    /// `<prefix>.>`), the dead-letter stream (`<prefix>_dlq.>`) and the
+    /// advisory stream (the event stream's consumers' max-deliveries
+    /// advisories) if they are not there, and checks that the event stream's duplicate window
     /// covers the publish retry span.
     ///
     /// Must be called within a tokio runtime.
@@ -462,6 +471,21 @@ where
             })
             .await
             .map_err(|error| NatsError::request("create the dead-letter stream", error))?;
+        // A work queue: each listener's advisory consumer takes its own,
+        // and an advisory no process of its listener has taken yet waits.
+        let advisories = context
+            .get_or_create_stream(StreamConfig {
+                name: format!("{name}_ADV"),
+                subjects: vec![advisories::subjects_of(&name)],
+                retention: RetentionPolicy::WorkQueue,
+                storage: config.storage,
+                num_replicas: config.replicas,
+                // An advisory outliving its event could write no letter.
+                max_age: config.max_age,
+                ..StreamConfig::default()
+            })
+            .await
+            .map_err(|error| NatsError::request("create the advisory stream", error))?;
         let (closing, _) = watch::channel(false);
         let (publishing, requests) = mpsc::unbounded_channel();
         let unpublished = Arc::new(AtomicU64::new(0));
@@ -482,6 +506,8 @@ where
                 client,
                 context,
                 stream,
+                name,
+                advisories,
                 prefix: config.prefix.into(),
                 span: config.publish_retry,
                 refusing: std::sync::atomic::AtomicBool::new(false),
@@ -749,6 +775,31 @@ where
             key: key.clone(),
             span: self.shared.span,
         };
+        let advisor_config = PullConfig {
+            durable_name: Some(durable.clone()),
+            description: Some(format!("event-bus dead letters of {key}")),
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: distributed.ack_wait,
+            filter_subject: advisories::subject_of(&self.shared.name, &durable),
+            inactive_threshold: consumer_config.inactive_threshold,
+            ..PullConfig::default()
+        };
+        let advisor = self
+            .shared
+            .advisories
+            .create_consumer(advisor_config.clone())
+            .await
+            .map_err(|error| NatsError::request("create the listener's advisory consumer", error))?;
+        let advisor = Advisories::<E> {
+            consumer: advisor,
+            consumer_config: advisor_config,
+            advisories: self.shared.advisories.clone(),
+            events: self.shared.stream.clone(),
+            letters: letters.clone(),
+            prefix: self.shared.prefix.clone(),
+            interests: interests.clone(),
+        };
         let delivered = Arc::new(AtomicU64::new(0));
         let held = Arc::new(AtomicU64::new(0));
         let (pump, source) = pump::<E>(
@@ -778,12 +829,14 @@ where
         });
         let (task, done) = spawn_run(core.clone(), run);
         let pump = tokio::spawn(pump.run());
+        let advisor = tokio::spawn(advisor.run());
         let handle = JetStreamListener {
             core: core.clone(),
             key,
             consumer,
             delivered,
             task: task.abort_handle(),
+            advisor: advisor.abort_handle(),
             done,
         };
         self.shared
@@ -795,6 +848,7 @@ where
                 held,
                 task,
                 pump,
+                advisor,
             });
         Ok(handle)
     }
@@ -894,6 +948,7 @@ where
             held,
             task,
             pump,
+            advisor,
         } in spawned
         {
             let abort = task.abort_handle();
@@ -902,6 +957,7 @@ where
                 abort.abort();
             }
             pump.abort();
+            advisor.abort();
             // The acks and give-backs of what it held go on their own
             // tasks: wait for the server to have them, a moment at most.
             let finishing = async {

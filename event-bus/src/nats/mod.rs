@@ -2,9 +2,11 @@
 //! listeners in many processes (feature `nats`). Needs nats-server 2.9 or
 //! later, with JetStream enabled.
 //!
-//! A [`JetStream`] handle owns two streams: the event stream, where an
+//! A [`JetStream`] handle owns three streams: the event stream, where an
 //! event of name `user.created` is published on `<prefix>.user.created`,
-//! and the dead-letter stream `<STREAM>_DLQ` on `<prefix>_dlq.<listener>`.
+//! the dead-letter stream `<STREAM>_DLQ` on `<prefix>_dlq.<listener>`, and
+//! the advisory stream `<STREAM>_ADV`, where the server's word that it gave
+//! up delivering an event waits to become its dead letter.
 //! The same `#[listener]` code as on the bus is spawned on the handle; each
 //! listener pulls from a durable consumer of its own.
 //!
@@ -60,15 +62,17 @@
 //!   decode is dead-lettered at once, with the reason. The consumer's
 //!   `max_deliver` is the policy's attempts plus one, so an event whose
 //!   last attempt was cut short still ends handled or dead-lettered.
-//!   **Known gap**: the server counts deliveries it sent, not attempts
-//!   made. A connection that stalls without closing (a partition the
-//!   client does not see) while pulls are open swallows a delivery every
-//!   `ack_wait`; past `max_deliver` of them the server stops delivering
-//!   the event and no dead letter is written (`tests/acker_review.rs`,
-//!   `deliveries_a_stalled_connection_swallows_use_up_max_deliver`, run
-//!   with `EVENT_BUS_FINDINGS=1`). Dead letters from the server's
-//!   max-deliveries advisory would close it; a longer `ack_wait` and more
-//!   attempts narrow it.
+//!   The server counts deliveries it sent, not attempts made: deliveries
+//!   lost on their way (a connection that stalls without closing, a
+//!   partition the client does not see) or cut short count too, and past
+//!   `max_deliver` the server delivers the event no more. It says so in a
+//!   max-deliveries advisory, which the advisory stream `<STREAM>_ADV`
+//!   keeps until a process of the listener takes it; that process writes
+//!   the event's dead letter (its attempts are the deliveries, its error
+//!   names `max_deliver`). Every event a listener's consumer is handed
+//!   ends handled or in the dead-letter stream. (The letter is not counted
+//!   in a [`RunReport`](crate::runner::RunReport): no handler of this process
+//!   failed it.)
 //! - **Dead letters** are listed ([`JetStream::dead_letters`]), redriven to
 //!   their listener alone ([`JetStream::redrive`]: published again with an
 //!   `Event-Bus-Redrive` header naming it, which other listeners ack
@@ -127,6 +131,7 @@
 //! # }
 //! ```
 
+mod advisories;
 mod dead_letters;
 mod jetstream;
 mod names;

@@ -701,25 +701,36 @@ impl<E: Event + DeserializeOwned> Pump<E> {
         self.pulled.send(item).await.is_ok()
     }
 
-    /// Whether `message` is for this listener: of a kind it is interested
-    /// in (an unknown name is, so that it becomes a dead letter), and not
-    /// redriven to another listener.
+    /// Whether `message` is for this listener ([`is_for`]).
     fn is_for_me(&self, message: &async_nats::Message) -> bool {
-        if let Some(redriven) = message
-            .headers
-            .as_ref()
-            .and_then(|headers| headers.get(names::REDRIVE))
-        {
-            return redriven.as_str() == &*self.config.key;
-        }
-        let name = message
-            .subject
-            .as_str()
-            .strip_prefix(&*self.config.prefix)
-            .and_then(|rest| rest.strip_prefix('.'));
-        match name.and_then(E::Kind::from_name) {
-            Some(kind) => self.config.interests.contains(kind),
-            None => true,
-        }
+        is_for::<E>(
+            &self.config.prefix,
+            &self.config.key,
+            &self.config.interests,
+            &message.subject,
+            message.headers.as_ref(),
+        )
+    }
+}
+
+/// Whether the message on `subject` with `headers` is for the listener
+/// `key` of `interests`: of a kind it is interested in (an unknown name is,
+/// so that it becomes a dead letter), and not redriven to another listener.
+pub(crate) fn is_for<E: Event>(
+    prefix: &str,
+    key: &str,
+    interests: &KindSet<E::Kind>,
+    subject: &str,
+    headers: Option<&HeaderMap>,
+) -> bool {
+    if let Some(redriven) = headers.and_then(|headers| headers.get(names::REDRIVE)) {
+        return redriven.as_str() == key;
+    }
+    let name = subject
+        .strip_prefix(prefix)
+        .and_then(|rest| rest.strip_prefix('.'));
+    match name.and_then(E::Kind::from_name) {
+        Some(kind) => interests.contains(kind),
+        None => true,
     }
 }

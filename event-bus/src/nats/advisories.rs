@@ -1,0 +1,199 @@
+//! Dead letters from the server's max-deliveries advisories: the events a
+//! consumer stopped delivering with no attempt of the listener's ending
+//! them.
+//!
+//! The server counts deliveries it sent, not attempts a listener made: a
+//! delivery lost on its way (a connection that stalls without closing) or
+//! cut short (a process killed mid-handler) counts, and once a message has
+//! had the consumer's `max_deliver` of them the server delivers it no more.
+//! It says so once, in the advisory
+//! `$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.<stream>.<consumer>`. The
+//! advisory stream `<STREAM>_ADV` keeps those advisories (a work queue: one
+//! consumer per listener, each taking its own), so that one published
+//! while no process of the listener could hear it waits for one that can;
+//! each listener's advisory task writes the dead letter of each event its
+//! consumer gave up on, from the event stream's copy, then acks the
+//! advisory.
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::consumer::pull::{Config as PullConfig, MessagesErrorKind};
+use async_nats::jetstream::message::AckKind;
+use async_nats::jetstream::stream::{LastRawMessageErrorKind, Stream};
+use futures_util::StreamExt;
+use serde::Deserialize;
+
+use super::dead_letters::{Failure, Letters};
+use super::source::is_for;
+use crate::event::{Event, KindSet};
+
+/// The subject prefix of a consumer's max-deliveries advisories.
+const MAX_DELIVERIES: &str = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES";
+
+/// How long after a failed write (or read) an advisory comes back.
+const RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// How long a pull for advisories waits, and how often the server says it
+/// is still there.
+const EXPIRES: Duration = Duration::from_secs(30);
+const HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// The advisory stream's subjects for the event stream `stream`: the
+/// advisories of each of its consumers.
+pub(crate) fn subjects_of(stream: &str) -> String {
+    format!("{MAX_DELIVERIES}.{stream}.*")
+}
+
+/// The subject of the advisories of `consumer` of `stream`.
+pub(crate) fn subject_of(stream: &str, consumer: &str) -> String {
+    format!("{MAX_DELIVERIES}.{stream}.{consumer}")
+}
+
+/// The part of the advisory the letter needs.
+#[derive(Deserialize)]
+struct MaxDeliveries {
+    stream_seq: u64,
+    deliveries: u64,
+}
+
+/// One listener's advisory task: what it reads, and where it writes.
+pub(crate) struct Advisories<E: Event> {
+    /// The listener's consumer of the advisory stream.
+    pub(crate) consumer: PullConsumer,
+    pub(crate) consumer_config: PullConfig,
+    pub(crate) advisories: Stream,
+    /// The event stream, where the events are read from.
+    pub(crate) events: Stream,
+    pub(crate) letters: Letters,
+    pub(crate) prefix: std::sync::Arc<str>,
+    pub(crate) interests: KindSet<E::Kind>,
+}
+
+impl<E: Event> Advisories<E> {
+    /// Pulls the listener's advisories until aborted.
+    pub(crate) async fn run(mut self) {
+        loop {
+            let messages = self
+                .consumer
+                .stream()
+                .max_messages_per_batch(16)
+                .expires(EXPIRES)
+                .heartbeat(HEARTBEAT)
+                .messages()
+                .await;
+            let mut messages = match messages {
+                Ok(messages) => messages,
+                Err(error) => {
+                    tracing::debug!(listener = %self.letters.listener(), error = %error, "could not pull the listener's advisories; trying again");
+                    self.recreate().await;
+                    tokio::time::sleep(RETRY_DELAY).await;
+                    continue;
+                }
+            };
+            while let Some(next) = messages.next().await {
+                match next {
+                    Ok(message) => self.letter(message).await,
+                    Err(error) if error.kind() == MessagesErrorKind::ConsumerDeleted => {
+                        self.recreate().await;
+                        break;
+                    }
+                    Err(error) => {
+                        tracing::debug!(listener = %self.letters.listener(), error = %error, "pulling the listener's advisories");
+                    }
+                }
+            }
+            tokio::time::sleep(RETRY_DELAY).await;
+        }
+    }
+
+    /// Makes the consumer again (an instance listener's, deleted while its
+    /// process was away).
+    async fn recreate(&mut self) {
+        if let Ok(consumer) = self
+            .advisories
+            .create_consumer(self.consumer_config.clone())
+            .await
+        {
+            self.consumer = consumer;
+        }
+    }
+
+    /// Writes the dead letter the advisory `message` stands for and acks
+    /// it; naks it to come back if the letter could not be written.
+    async fn letter(&self, message: async_nats::jetstream::Message) {
+        let kind = match self.write(&message.payload).await {
+            Ok(()) => AckKind::Ack,
+            Err(()) => AckKind::Nak(Some(RETRY_DELAY)),
+        };
+        if let Err(error) = message.ack_with(kind).await {
+            // Not acked, it is delivered again: its letter is written once
+            // either way (the letter's message id).
+            tracing::debug!(listener = %self.letters.listener(), error = %error, "could not ack an advisory; it will be delivered again");
+        }
+    }
+
+    /// `Err` if the advisory is to come back: the event could not be read
+    /// or its letter not written.
+    async fn write(&self, advisory: &[u8]) -> Result<(), ()> {
+        let listener = self.letters.listener();
+        let advisory: MaxDeliveries = match serde_json::from_slice(advisory) {
+            Ok(advisory) => advisory,
+            Err(error) => {
+                tracing::error!(listener = %listener, error = %error, "a max-deliveries advisory did not parse; dropped");
+                return Ok(());
+            }
+        };
+        let sequence = advisory.stream_seq;
+        let event = match self.events.get_raw_message(sequence).await {
+            Ok(event) => event,
+            Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => {
+                tracing::error!(
+                    listener = %listener,
+                    sequence,
+                    "the server stopped delivering an event that is no longer in the stream: no dead letter can be written",
+                );
+                return Ok(());
+            }
+            Err(error) => {
+                tracing::warn!(listener = %listener, sequence, error = %error, "could not read an event the server stopped delivering; trying again");
+                return Err(());
+            }
+        };
+        // An event the listener does not handle (of another kind, or
+        // redriven to another listener) is acked unhandled when it comes:
+        // one it never came to is not its dead letter.
+        if !is_for::<E>(
+            &self.prefix,
+            self.letters.listener(),
+            &self.interests,
+            &event.subject,
+            Some(&event.headers),
+        ) {
+            return Ok(());
+        }
+        let deliveries = u32::try_from(advisory.deliveries).unwrap_or(u32::MAX);
+        let error = format!(
+            "delivered {deliveries} times with no attempt ending it (the consumer's max_deliver): \
+             the deliveries were lost on their way to the listener, or its attempts cut short"
+        );
+        let failure = Failure {
+            subject: &event.subject,
+            headers: Some(&event.headers),
+            payload: event.payload.clone(),
+            sequence,
+            attempts: deliveries,
+            error: &error,
+        };
+        match self.letters.write(failure).await {
+            Ok(()) => {
+                tracing::error!(listener = %listener, sequence, deliveries, "the server stopped delivering an event; recorded a dead letter");
+                Ok(())
+            }
+            Err(write) => {
+                tracing::warn!(listener = %listener, sequence, error = %write, "could not write the dead letter of an event the server stopped delivering; trying again");
+                Err(())
+            }
+        }
+    }
+}
