@@ -68,11 +68,23 @@ pub(crate) struct Advisories<E: Event> {
     pub(crate) letters: Letters,
     pub(crate) prefix: std::sync::Arc<str>,
     pub(crate) interests: KindSet<E::Kind>,
+    /// `true` once the listener's task has ended: so does this one.
+    pub(crate) done: tokio::sync::watch::Receiver<bool>,
 }
 
 impl<E: Event> Advisories<E> {
-    /// Pulls the listener's advisories until aborted.
+    /// Pulls the listener's advisories until the listener has ended (or
+    /// this task is aborted). An advisory cut short comes back, after its
+    /// `ack_wait`, to this or another process of the listener.
     pub(crate) async fn run(mut self) {
+        let mut done = self.done.clone();
+        tokio::select! {
+            () = self.pull() => {}
+            _ = done.wait_for(|done| *done) => {}
+        }
+    }
+
+    async fn pull(&mut self) {
         loop {
             let messages = self
                 .consumer

@@ -9,6 +9,7 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::pull::Config as PullConfig;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::publish::PublishAck;
 use async_nats::jetstream::stream::{Config as StreamConfig, RetentionPolicy, StorageType};
 use async_nats::{HeaderMap, Subject};
 use futures_util::stream::{FuturesOrdered, StreamExt};
@@ -785,21 +786,14 @@ where
             inactive_threshold: consumer_config.inactive_threshold,
             ..PullConfig::default()
         };
-        let advisor = self
+        let advisor_consumer = self
             .shared
             .advisories
             .create_consumer(advisor_config.clone())
             .await
             .map_err(|error| NatsError::request("create the listener's advisory consumer", error))?;
-        let advisor = Advisories::<E> {
-            consumer: advisor,
-            consumer_config: advisor_config,
-            advisories: self.shared.advisories.clone(),
-            events: self.shared.stream.clone(),
-            letters: letters.clone(),
-            prefix: self.shared.prefix.clone(),
-            interests: interests.clone(),
-        };
+        let advisor_letters = letters.clone();
+        let advisor_interests = interests.clone();
         let delivered = Arc::new(AtomicU64::new(0));
         let held = Arc::new(AtomicU64::new(0));
         let (pump, source) = pump::<E>(
@@ -829,6 +823,16 @@ where
         });
         let (task, done) = spawn_run(core.clone(), run);
         let pump = tokio::spawn(pump.run());
+        let advisor = Advisories::<E> {
+            consumer: advisor_consumer,
+            consumer_config: advisor_config,
+            advisories: self.shared.advisories.clone(),
+            events: self.shared.stream.clone(),
+            letters: advisor_letters,
+            prefix: self.shared.prefix.clone(),
+            interests: advisor_interests,
+            done: done.clone(),
+        };
         let advisor = tokio::spawn(advisor.run());
         let handle = JetStreamListener {
             core: core.clone(),
@@ -1035,11 +1039,11 @@ where
     }
 }
 
-/// Publishes what [`Publish`] hands over, in order: sends up to
-/// [`IN_FLIGHT`] at once and waits for their acks together, then retries,
-/// in order, those that failed, each until `span` after its first send
-/// (so that the stream's duplicate window, which covers the span, stores it
-/// once however often it was sent).
+/// Publishes what [`Publish`] hands over, in order: keeps up to
+/// [`IN_FLIGHT`] sent and awaiting their acks (a window that slides as the
+/// oldest is acked), and retries, in order, those that failed, each until
+/// `span` after its first send (so that the stream's duplicate window,
+/// which covers the span, stores it once however often it was sent).
 async fn publisher(
     context: async_nats::jetstream::Context,
     mut requests: mpsc::UnboundedReceiver<Publishing>,
@@ -1047,50 +1051,75 @@ async fn publisher(
     unpublished: Arc<AtomicU64>,
 ) {
     let mut batch = Vec::with_capacity(IN_FLIGHT);
-    while requests.recv_many(&mut batch, IN_FLIGHT).await > 0 {
-        // Each ack's wait starts when it is first polled: together, so that
-        // one lost ack does not spend the span of those after it.
-        let mut acks = FuturesOrdered::new();
-        for request in batch.drain(..) {
-            let sent_at = tokio::time::Instant::now();
-            let sent = match &request {
-                Publishing::Event(subject, message, _) => {
-                    Some(context.send_publish(subject.clone(), message.clone()).await)
+    // Each ack's wait starts when it is first polled, all of them together,
+    // so that one lost ack does not spend the span of those after it.
+    let mut acks = FuturesOrdered::new();
+    let mut open = true;
+    loop {
+        let room = IN_FLIGHT - acks.len();
+        tokio::select! {
+            biased;
+            Some((request, sent_at, acked)) = acks.next(), if !acks.is_empty() => {
+                finish(&context, request, sent_at, acked, span, &unpublished).await;
+            }
+            received = requests.recv_many(&mut batch, room), if open && room > 0 => {
+                if received == 0 {
+                    open = false;
+                    continue;
                 }
-                Publishing::Flush(_) => None,
-            };
-            acks.push_back(async move {
-                let acked = match sent {
-                    Some(Ok(ack)) => Some(ack.await.map_err(unacked)),
-                    Some(Err(error)) => Some(Err(unacked(error))),
-                    None => None,
-                };
-                (request, sent_at, acked)
-            });
-        }
-        while let Some((request, sent_at, acked)) = acks.next().await {
-            match (request, acked) {
-                (Publishing::Event(subject, message, done), Some(first)) => {
-                    let until = sent_at + span;
-                    if let Err(error) =
-                        retry_publish(&context, subject.clone(), message, until, first).await
-                    {
-                        unpublished.fetch_add(1, Ordering::Relaxed);
-                        tracing::error!(subject = %subject, error = %crate::error::chain(&error), "an event was not acknowledged by the stream; it may be lost");
-                    }
-                    if let Some(done) = done {
-                        let _ = done.send(());
-                    }
-                }
-                (Publishing::Event(_, _, done), None) => {
-                    if let Some(done) = done {
-                        let _ = done.send(());
-                    }
-                }
-                (Publishing::Flush(done), _) => {
-                    let _ = done.send(());
+                for request in batch.drain(..) {
+                    let sent_at = tokio::time::Instant::now();
+                    let sent = match &request {
+                        Publishing::Event(subject, message, _) => {
+                            Some(context.send_publish(subject.clone(), message.clone()).await)
+                        }
+                        Publishing::Flush(_) => None,
+                    };
+                    acks.push_back(async move {
+                        let acked = match sent {
+                            Some(Ok(ack)) => Some(ack.await.map_err(unacked)),
+                            Some(Err(error)) => Some(Err(unacked(error))),
+                            None => None,
+                        };
+                        (request, sent_at, acked)
+                    });
                 }
             }
+            else => return,
+        }
+    }
+}
+
+/// Ends one request of the publisher once its first send is acked or
+/// failed: retries a failed publish over what is left of `span`, counts one
+/// that never was stored, and answers whoever waits for it.
+async fn finish(
+    context: &async_nats::jetstream::Context,
+    request: Publishing,
+    sent_at: tokio::time::Instant,
+    acked: Option<Result<PublishAck, NatsError>>,
+    span: Duration,
+    unpublished: &AtomicU64,
+) {
+    match (request, acked) {
+        (Publishing::Event(subject, message, done), Some(first)) => {
+            let until = sent_at + span;
+            if let Err(error) = retry_publish(context, subject.clone(), message, until, first).await
+            {
+                unpublished.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(subject = %subject, error = %crate::error::chain(&error), "an event was not acknowledged by the stream; it may be lost");
+            }
+            if let Some(done) = done {
+                let _ = done.send(());
+            }
+        }
+        (Publishing::Event(_, _, done), None) => {
+            if let Some(done) = done {
+                let _ = done.send(());
+            }
+        }
+        (Publishing::Flush(done), _) => {
+            let _ = done.send(());
         }
     }
 }
