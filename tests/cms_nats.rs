@@ -173,3 +173,69 @@ async fn two_processes_share_the_welcome_mailer_and_hear_each_others_writes() {
     }
     database.drop_now().await;
 }
+
+/// Promise (`/admin/dead-letters`, admin.rs): with `NATS_URL`, the dead
+/// letters of the listeners on JetStream are listed beside the database's
+/// (`tier: "jetstream"`), and the redrive hands them to their listener
+/// again: a welcome the mailer gave up on (its table was away for a
+/// while) is sent once the table is back and the letter redriven.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs nats-server and PostgreSQL"]
+async fn the_mailers_dead_letters_on_jetstream_are_listed_and_redriven() {
+    use sqlx::Executor;
+
+    let server = NatsServer::start();
+    let database = Postgres::create("cms_nats_dead").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = cms_support::config_in(dir.path(), Some(database.url.clone()));
+    config.nats_url = Some(server.url());
+    let cms = Cms::launch(&config).await;
+    cms.index_ready().await;
+
+    cms.state
+        .db
+        .execute("ALTER TABLE notifications RENAME TO notifications_away")
+        .await
+        .unwrap();
+    let user = cms.user("ada").await;
+    let letters = eventually(
+        "the mailer's dead letter",
+        || cms.get("/admin/dead-letters"),
+        |answer| {
+            answer.body["dead_letters"]
+                .as_array()
+                .is_some_and(|letters| !letters.is_empty())
+        },
+    )
+    .await;
+    let letters = letters.body["dead_letters"].as_array().unwrap().clone();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letter = &letters[0];
+    assert_eq!(letter["tier"], "jetstream");
+    assert_eq!(letter["listener"], "welcome-mailer");
+    assert_eq!(letter["event"], "user.created");
+    assert_eq!(letter["attempts"], 6);
+    assert!(letter["id"].is_string(), "{letter}");
+
+    cms.state
+        .db
+        .execute("ALTER TABLE notifications_away RENAME TO notifications")
+        .await
+        .unwrap();
+    let redriven = cms.post("/admin/dead-letters/redrive", json!({})).await;
+    assert_eq!(redriven.status, StatusCode::OK, "{}", redriven.text);
+    assert_eq!(redriven.body["redriven"], 1);
+    let sent = eventually(
+        "the redriven welcome",
+        || notifications(&cms),
+        |sent| !sent.is_empty(),
+    )
+    .await;
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0]["user_id"].as_i64(), Some(user));
+    let letters = cms.get("/admin/dead-letters").await;
+    assert_eq!(letters.body["dead_letters"], json!([]), "{}", letters.text);
+
+    cms.stop().await;
+    database.drop_now().await;
+}
