@@ -619,7 +619,10 @@ async fn an_event_whose_every_delivery_is_cut_short_is_a_dead_letter() {
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].attempts, 2);
     assert!(dead[0].error.contains("max_deliver"), "{}", dead[0].error);
-    assert_eq!(dead[0].envelope.as_ref().map(|e| e.event().value()), Some(0));
+    assert_eq!(
+        dead[0].envelope.as_ref().map(|e| e.event().value()),
+        Some(0)
+    );
     // Its consumer has nothing left for it, and the handler never had it.
     jetstream.shutdown(Duration::from_secs(5)).await;
     assert_eq!(open.entered.load(Ordering::SeqCst), 0);

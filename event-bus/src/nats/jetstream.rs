@@ -791,7 +791,9 @@ where
             .advisories
             .create_consumer(advisor_config.clone())
             .await
-            .map_err(|error| NatsError::request("create the listener's advisory consumer", error))?;
+            .map_err(|error| {
+                NatsError::request("create the listener's advisory consumer", error)
+            })?;
         let advisor_letters = letters.clone();
         let advisor_interests = interests.clone();
         let delivered = Arc::new(AtomicU64::new(0));

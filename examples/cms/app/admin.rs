@@ -7,7 +7,7 @@
 //! writes the row as it is now.
 
 use std::sync::Arc;
-use std::time::UNIX_EPOCH;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
 use axum::{Json, Router, routing};
@@ -44,9 +44,7 @@ async fn list(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiErro
                 "event": letter.name,
                 "error": letter.error,
                 "attempts": letter.attempts,
-                "failed_at_ms": letter.failed_at
-                    .duration_since(UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as u64),
+                "failed_at_ms": millis(letter.failed_at),
             })
         })
         .collect();
@@ -62,13 +60,16 @@ async fn list(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiErro
                 "event": letter.name,
                 "error": letter.error,
                 "attempts": letter.attempts,
-                "failed_at_ms": letter.failed_at
-                    .duration_since(UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as u64),
+                "failed_at_ms": millis(letter.failed_at),
             })
         }));
     }
     Ok(Json(json!({ "dead_letters": letters })))
+}
+
+fn millis(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// JetStream did not answer: the client may try again.
