@@ -10,19 +10,19 @@
 #[path = "nats_tier/server.rs"]
 mod server;
 
+#[allow(dead_code)]
+#[path = "nats_tier/outbox.rs"]
+mod outbox;
+
 use std::collections::HashSet;
-use std::str::FromStr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use event_bus::DomainEvent;
 use event_bus::nats::{Config, Distributed, Error, JetStream, Start};
 use event_bus::sql::{Durable, SqliteStore};
-use event_bus::{DomainEvent, Envelope, HandlerError, Listener, Meta};
+use outbox::{Order, Seen, store_in, stored, until, within};
 use serde::{Deserialize, Serialize};
 use server::NatsServer;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
-
-const DEADLINE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, DomainEvent, Serialize, Deserialize)]
 enum Shop {
@@ -30,74 +30,12 @@ enum Shop {
     OrderShipped { order: u64 },
 }
 
-impl Shop {
+impl Order for Shop {
     fn order(&self) -> u64 {
         match self {
             Self::OrderPlaced { order } | Self::OrderShipped { order } => *order,
         }
     }
-}
-
-/// Every delivery a JetStream listener was handed: the event's id and its
-/// order number.
-#[derive(Clone, Default)]
-struct Seen(Arc<Mutex<Vec<(String, u64)>>>);
-
-impl Seen {
-    fn all(&self) -> Vec<(String, u64)> {
-        self.0.lock().unwrap().clone()
-    }
-
-    /// How many distinct events it was handed.
-    fn len(&self) -> usize {
-        let all = self.0.lock().unwrap();
-        all.iter().map(|(id, _)| id).collect::<HashSet<_>>().len()
-    }
-}
-
-impl Listener<Shop> for Seen {
-    fn name(&self) -> &str {
-        "seen"
-    }
-
-    async fn handle(&self, event: Arc<Envelope<Shop>>, _: Meta) -> Result<(), HandlerError> {
-        self.0
-            .lock()
-            .unwrap()
-            .push((event.id().to_string(), event.order()));
-        Ok(())
-    }
-}
-
-async fn within<F: std::future::Future>(what: &str, future: F) -> F::Output {
-    tokio::time::timeout(DEADLINE, future)
-        .await
-        .unwrap_or_else(|_| panic!("{what} did not happen within {DEADLINE:?}"))
-}
-
-/// Waits until `condition` holds, looking every few milliseconds: what is
-/// waited for happens on a server.
-async fn until(what: &str, mut condition: impl FnMut() -> bool) {
-    within(what, async {
-        while !condition() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
-}
-
-async fn store_in(dir: &std::path::Path) -> SqliteStore<Shop> {
-    let options = SqliteConnectOptions::from_str("sqlite://")
-        .unwrap()
-        .filename(dir.join("shop.db"))
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal);
-    let pool = SqlitePoolOptions::new()
-        .max_connections(4)
-        .connect_with(options)
-        .await
-        .unwrap();
-    SqliteStore::new(pool).await.unwrap()
 }
 
 /// The ids of the events in the store's log.
@@ -127,17 +65,10 @@ async fn commit_orders(store: &SqliteStore<Shop>, orders: std::ops::Range<u64>, 
     tx.rollback().await.unwrap();
 }
 
-/// How many messages the event stream holds.
-async fn stored(stream: &JetStream<Shop>) -> u64 {
-    let context = async_nats::jetstream::new(stream.client().clone());
-    let mut events = context.get_stream("SHOP").await.unwrap();
-    events.info().await.unwrap().state.messages
-}
-
 /// The stream holds each event of the log once (`seen`, a listener reading
 /// it from its start, was handed every one of them, and nothing else), with
 /// the ids of the log.
-async fn assert_each_once(stream: &JetStream<Shop>, seen: &Seen, logged: &HashSet<String>) {
+async fn assert_each_once(stream: &JetStream<Shop>, seen: &Seen<Shop>, logged: &HashSet<String>) {
     assert_eq!(
         stored(stream).await,
         logged.len() as u64,
@@ -155,7 +86,7 @@ async fn assert_each_once(stream: &JetStream<Shop>, seen: &Seen, logged: &HashSe
 async fn setup(
     server: &NatsServer,
     dir: &std::path::Path,
-) -> (SqliteStore<Shop>, JetStream<Shop>, Seen) {
+) -> (SqliteStore<Shop>, JetStream<Shop>, Seen<Shop>) {
     let store = store_in(dir).await;
     let stream = JetStream::<Shop>::connect(&server.url(), Config::new("shop"))
         .await

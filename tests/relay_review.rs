@@ -7,8 +7,11 @@
 #[path = "nats_tier/server.rs"]
 mod server;
 
+#[allow(dead_code)]
+#[path = "nats_tier/outbox.rs"]
+mod outbox;
+
 use std::collections::HashSet;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,14 +19,11 @@ use std::time::Duration;
 use event_bus::nats::{Config, Distributed, JetStream, Start};
 use event_bus::sql::{Durable, SqliteStore};
 use event_bus::{
-    Batch, BatchError, BatchFailure, BatchListener, DomainEvent, Envelope, HandlerError, Listener,
-    ListenerOptions, Meta, RetryPolicy,
+    Batch, BatchError, BatchFailure, BatchListener, DomainEvent, ListenerOptions, RetryPolicy,
 };
+use outbox::{DEADLINE, Order, Seen, store_in, stored, until, within};
 use serde::{Deserialize, Serialize, Serializer};
 use server::NatsServer;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
-
-const DEADLINE: Duration = Duration::from_secs(90);
 
 /// While set, order [`FLAKY`] does not serialize: as an event the relay
 /// cannot encode for a while.
@@ -48,7 +48,7 @@ enum Shop {
     Note { order: u64, text: String },
 }
 
-impl Shop {
+impl Order for Shop {
     fn order(&self) -> u64 {
         match self {
             Self::OrderPlaced { order } | Self::Note { order, .. } => *order,
@@ -56,76 +56,10 @@ impl Shop {
     }
 }
 
-#[derive(Clone, Default)]
-struct Seen(Arc<Mutex<Vec<(String, u64)>>>);
-
-impl Seen {
-    fn all(&self) -> Vec<(String, u64)> {
-        self.0.lock().unwrap().clone()
-    }
-
-    fn orders(&self) -> Vec<u64> {
-        self.all().iter().map(|(_, order)| *order).collect()
-    }
-
-    fn has(&self, order: u64) -> bool {
-        self.all().iter().any(|(_, o)| *o == order)
-    }
-}
-
-impl Listener<Shop> for Seen {
-    fn name(&self) -> &str {
-        "seen"
-    }
-
-    async fn handle(&self, event: Arc<Envelope<Shop>>, _: Meta) -> Result<(), HandlerError> {
-        self.0
-            .lock()
-            .unwrap()
-            .push((event.id().to_string(), event.order()));
-        Ok(())
-    }
-}
-
-async fn within<F: std::future::Future>(what: &str, future: F) -> F::Output {
-    tokio::time::timeout(DEADLINE, future)
-        .await
-        .unwrap_or_else(|_| panic!("{what} did not happen within {DEADLINE:?}"))
-}
-
-async fn until(what: &str, mut condition: impl FnMut() -> bool) {
-    within(what, async {
-        while !condition() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
-}
-
-async fn store_in(dir: &std::path::Path) -> SqliteStore<Shop> {
-    let options = SqliteConnectOptions::from_str("sqlite://")
-        .unwrap()
-        .filename(dir.join("shop.db"))
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal);
-    let pool = SqlitePoolOptions::new()
-        .max_connections(4)
-        .connect_with(options)
-        .await
-        .unwrap();
-    SqliteStore::new(pool).await.unwrap()
-}
-
-async fn stored(stream: &JetStream<Shop>) -> u64 {
-    let context = async_nats::jetstream::new(stream.client().clone());
-    let mut events = context.get_stream("SHOP").await.unwrap();
-    events.info().await.unwrap().state.messages
-}
-
 async fn setup(
     server: &NatsServer,
     dir: &std::path::Path,
-) -> (SqliteStore<Shop>, JetStream<Shop>, Seen) {
+) -> (SqliteStore<Shop>, JetStream<Shop>, Seen<Shop>) {
     let store = store_in(dir).await;
     let stream = JetStream::<Shop>::connect(&server.url(), Config::new("shop"))
         .await
