@@ -8,6 +8,10 @@
 #[path = "nats_tier/server.rs"]
 mod server;
 
+#[allow(dead_code)]
+#[path = "nats_tier/proxy.rs"]
+mod proxy;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,11 +23,10 @@ use event_bus::{
     Batch, BatchError, BatchListener, DomainEvent, Envelope, HandlerError, Listener,
     ListenerOptions, Meta, Publish, RetryPolicy,
 };
+use proxy::Proxy;
 use serde::{Deserialize, Serialize};
 use server::NatsServer;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 /// How long a test waits for anything that should happen.
@@ -137,73 +140,6 @@ impl Listener<Work> for Recorder {
     }
 }
 
-/// A TCP proxy between the tier's client and the server, on 127.0.0.1,
-/// that can hold back everything the server sends.
-struct Proxy {
-    port: u16,
-    held: Arc<watch::Sender<bool>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Proxy {
-    async fn start(server: &NatsServer) -> Self {
-        let upstream: u16 = server
-            .url()
-            .rsplit(':')
-            .next()
-            .and_then(|port| port.parse().ok())
-            .expect("the server's port");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
-        let port = listener.local_addr().expect("its address").port();
-        let held = Arc::new(watch::channel(false).0);
-        let shared = held.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)).await else {
-                    continue;
-                };
-                let (mut client_read, mut client_write) = client.into_split();
-                let (mut server_read, mut server_write) = server.into_split();
-                tokio::spawn(async move {
-                    let mut buffer = vec![0; 64 * 1024];
-                    while let Ok(read) = client_read.read(&mut buffer).await {
-                        if read == 0 || server_write.write_all(&buffer[..read]).await.is_err() {
-                            break;
-                        }
-                    }
-                });
-                let mut held = shared.subscribe();
-                tokio::spawn(async move {
-                    let mut buffer = vec![0; 64 * 1024];
-                    while let Ok(read) = server_read.read(&mut buffer).await {
-                        if read == 0 || held.wait_for(|held| !*held).await.is_err() {
-                            break;
-                        }
-                        if client_write.write_all(&buffer[..read]).await.is_err() {
-                            break;
-                        }
-                    }
-                });
-            }
-        });
-        Self { port, held, task }
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    fn hold(&self, held: bool) {
-        self.held.send_replace(held);
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 /// Many acks at once, from 16 handlers, then a shutdown at once: every
 /// ack the runner counted must be applied by the server when the shutdown
 /// returns (the acker's one confirmation per batch covers the batch), so
@@ -276,7 +212,7 @@ fn many_attempts() -> ListenerOptions {
 async fn confirmations_that_never_come_neither_hang_the_shutdown_nor_lose_events() {
     const EVENTS: u64 = 200;
     let server = NatsServer::start();
-    let proxy = Proxy::start(&server).await;
+    let proxy = Proxy::start(&server.url()).await;
     let jetstream = connect_to(&proxy.url(), "unconfirmed").await;
     let recorder = Recorder::new("unconfirmed", false);
     let _handle = jetstream
@@ -483,7 +419,7 @@ async fn acks_and_naks_of_one_batch_keep_their_meaning() {
 async fn deliveries_a_stalled_connection_swallows_end_as_dead_letters() {
     const EVENTS: u64 = 200;
     let server = NatsServer::start();
-    let proxy = Proxy::start(&server).await;
+    let proxy = Proxy::start(&server.url()).await;
     let jetstream = connect_to(&proxy.url(), "stalled").await;
     let recorder = Recorder::new("stalled", false);
     let _handle = jetstream

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub(crate) mod proxy;
 pub(crate) mod server;
 
 use std::collections::HashSet;
