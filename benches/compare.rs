@@ -35,6 +35,81 @@ struct Row {
     ratio: f64,
     target: &'static str,
     met: bool,
+    /// CPU time per delivered event, bus and peer, where the case runs
+    /// tasks.
+    cpu: Option<(f64, f64)>,
+}
+
+impl Row {
+    fn with_cpu(mut self, bus: &Run, peer: &Run) -> Self {
+        self.cpu = Some((bus.cpu_per_event(), peer.cpu_per_event()));
+        self
+    }
+}
+
+/// Lossless fan-out to `subscribers` from `emitters` emitting tasks: the
+/// bus (backpressure) against the fastest lossless peer.
+fn fan_out_row(
+    runtime: &tokio::runtime::Runtime,
+    subscribers: usize,
+    emitters: usize,
+    events: u64,
+) -> Row {
+    let runs: Vec<(FanOut, Run)> = FanOut::ALL
+        .iter()
+        .map(|&c| {
+            let run = median_run(|| {
+                runtime.block_on(common::fan_out_from(c, subscribers, events, emitters))
+            });
+            (c, run)
+        })
+        .collect();
+    let from = if emitters == 1 {
+        String::new()
+    } else {
+        format!(", {emitters} emitters")
+    };
+    let label = format!("N={subscribers}{from}");
+    for (contender, run) in &runs {
+        eprintln!(
+            "fan-out {label:<17} {:<24} {:>7.2} M delivered/s, {:>6.0} ns CPU/event, {} dropped",
+            contender.name(),
+            run.per_second() / 1e6,
+            run.cpu_per_event(),
+            run.dropped
+        );
+    }
+    let bus = runs
+        .iter()
+        .find(|(c, _)| *c == FanOut::BusBackpressure)
+        .unwrap()
+        .1;
+    let (peer, best) = runs
+        .iter()
+        .filter(|(c, run)| !c.is_bus() && run.dropped == 0)
+        .max_by(|a, b| a.1.per_second().total_cmp(&b.1.per_second()))
+        .unwrap();
+    let lossy = runs
+        .iter()
+        .find(|(c, _)| *c == FanOut::BusDropOldest)
+        .unwrap()
+        .1;
+    eprintln!(
+        "  (bus drop-oldest, unthrottled: {:.1} M/s delivered, {} dropped: not lossless)",
+        lossy.per_second() / 1e6,
+        lossy.dropped
+    );
+    let ratio = bus.per_second() / best.per_second();
+    Row {
+        case: format!("lossless fan-out, N = {subscribers}{from}"),
+        bus: format!("{:.1} M/s", bus.per_second() / 1e6),
+        peer: format!("{:.1} M/s ({})", best.per_second() / 1e6, peer.name()),
+        ratio,
+        target: "≥ 1.0",
+        met: ratio >= 1.0,
+        cpu: None,
+    }
+    .with_cpu(&bus, best)
 }
 
 fn main() {
@@ -45,69 +120,32 @@ fn main() {
     let mut rows = Vec::new();
 
     for subscribers in [1, 4, 16] {
-        let per_subscriber = events;
-        let runs: Vec<(FanOut, Run)> = FanOut::ALL
-            .iter()
-            .map(|&c| {
-                let run = median_run(|| {
-                    runtime.block_on(common::fan_out(c, subscribers, per_subscriber))
-                });
-                (c, run)
-            })
-            .collect();
-        for (contender, run) in &runs {
-            eprintln!(
-                "fan-out N={subscribers:<2} {:<24} {:>7.2} M delivered/s, {} dropped",
-                contender.name(),
-                run.per_second() / 1e6,
-                run.dropped
-            );
-        }
-        let bus = runs
-            .iter()
-            .find(|(c, _)| *c == FanOut::BusBackpressure)
-            .unwrap()
-            .1;
-        let (peer, best) = runs
-            .iter()
-            .filter(|(c, run)| !c.is_bus() && run.dropped == 0)
-            .max_by(|a, b| a.1.per_second().total_cmp(&b.1.per_second()))
-            .unwrap();
-        let ratio = bus.per_second() / best.per_second();
-        rows.push(Row {
-            case: format!("lossless fan-out, N = {subscribers}"),
-            bus: format!("{:.1} M/s", bus.per_second() / 1e6),
-            peer: format!("{:.1} M/s ({})", best.per_second() / 1e6, peer.name()),
-            ratio,
-            target: "≥ 1.0",
-            met: ratio >= 1.0,
-        });
-        let lossy = runs
-            .iter()
-            .find(|(c, _)| *c == FanOut::BusDropOldest)
-            .unwrap()
-            .1;
-        eprintln!(
-            "  (bus drop-oldest, unthrottled: {:.1} M/s delivered, {} dropped: not lossless)",
-            lossy.per_second() / 1e6,
-            lossy.dropped
-        );
+        rows.push(fan_out_row(&runtime, subscribers, 1, events));
+    }
+    // Several emitting tasks: the bus serialises them (its order is one
+    // for every subscriber), the peers' senders race.
+    for emitters in [2, 4] {
+        rows.push(fan_out_row(&runtime, 4, emitters, events));
     }
 
     let selective_bus = median_run(|| runtime.block_on(common::selective(true, events)));
     let selective_peer = median_run(|| runtime.block_on(common::selective(false, events)));
     let ratio = selective_bus.per_second() / selective_peer.per_second();
-    rows.push(Row {
-        case: "selective, 16 listeners × 1 of 16 kinds".into(),
-        bus: format!("{:.1} M/s", selective_bus.per_second() / 1e6),
-        peer: format!(
-            "{:.1} M/s (broadcast, filter on receive)",
-            selective_peer.per_second() / 1e6
-        ),
-        ratio,
-        target: "≥ 4.0",
-        met: ratio >= 4.0,
-    });
+    rows.push(
+        Row {
+            case: "selective, 16 listeners × 1 of 16 kinds".into(),
+            bus: format!("{:.1} M/s", selective_bus.per_second() / 1e6),
+            peer: format!(
+                "{:.1} M/s (broadcast, filter on receive)",
+                selective_peer.per_second() / 1e6
+            ),
+            ratio,
+            target: "≥ 4.0",
+            met: ratio >= 4.0,
+            cpu: None,
+        }
+        .with_cpu(&selective_bus, &selective_peer),
+    );
 
     // Emitting with nobody interested, against a raw send with no receiver.
     let data = common::payload(1);
@@ -126,6 +164,7 @@ fn main() {
         ratio,
         target: "≤ 1.5",
         met: ratio <= 1.5,
+        cpu: None,
     });
 
     // The derive's helper against the hand-written emit it stands for, on a
@@ -142,23 +181,28 @@ fn main() {
         ratio,
         target: "≤ 1.05",
         met: ratio <= 1.05,
+        cpu: None,
     });
     drop(bus);
 
     let supervised = median_run(|| runtime.block_on(common::runtime_overhead(true, events)));
     let bare = median_run(|| runtime.block_on(common::runtime_overhead(false, events)));
     let ratio = supervised.per_second() / bare.per_second();
-    rows.push(Row {
-        case: "supervised listener vs bare receive loop".into(),
-        bus: format!("{:.1} M/s", supervised.per_second() / 1e6),
-        peer: format!(
-            "{:.1} M/s (recv loop, same handler)",
-            bare.per_second() / 1e6
-        ),
-        ratio,
-        target: "≥ 0.8",
-        met: ratio >= 0.8,
-    });
+    rows.push(
+        Row {
+            case: "supervised listener vs bare receive loop".into(),
+            bus: format!("{:.1} M/s", supervised.per_second() / 1e6),
+            peer: format!(
+                "{:.1} M/s (recv loop, same handler)",
+                bare.per_second() / 1e6
+            ),
+            ratio,
+            target: "≥ 0.8",
+            met: ratio >= 0.8,
+            cpu: None,
+        }
+        .with_cpu(&supervised, &bare),
+    );
 
     // Low-load latency is mostly how fast a parked worker thread wakes,
     // which swings between runs by ten times; rounds that alternate the two
@@ -181,6 +225,7 @@ fn main() {
             ratio: bus.as_secs_f64() / peer.as_secs_f64(),
             target: "—",
             met: true,
+            cpu: None,
         });
     }
 
@@ -194,6 +239,7 @@ fn main() {
             ratio: bus / peer,
             target: "—",
             met: true,
+            cpu: None,
         });
     }
 
@@ -208,17 +254,24 @@ fn main() {
         events,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    println!("| case | bus | best peer | bus / peer | target | met |");
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "| case | bus | best peer | bus / peer | target | met | CPU per delivered event, bus / peer |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     for row in &rows {
+        let cpu = row.cpu.map_or_else(
+            || "—".to_owned(),
+            |(bus, peer)| format!("{bus:.0} / {peer:.0} ns ({:.2})", bus / peer),
+        );
         println!(
-            "| {} | {} | {} | {:.2} | {} | {} |",
+            "| {} | {} | {} | {:.2} | {} | {} | {} |",
             row.case,
             row.bus,
             row.peer,
             row.ratio,
             row.target,
-            if row.met { "yes" } else { "**no**" }
+            if row.met { "yes" } else { "**no**" },
+            cpu
         );
     }
 }
@@ -244,6 +297,7 @@ fn search_indexing(runtime: &tokio::runtime::Runtime, posts: usize) -> Row {
         ratio,
         target: "—",
         met: true,
+        cpu: None,
     }
 }
 

@@ -45,6 +45,9 @@
 //!   relay (`JetStream::spawn_relay`) woken in process by the commit,
 //!   publishing, and the listener's consumer delivering.
 
+#[path = "common/cpu.rs"]
+mod cpu;
+
 use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -59,6 +62,7 @@ use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::Stream as NatsStream;
+use cpu::cpu_of;
 use event_bus::codec::JsonCodec;
 use event_bus::nats::{Config, Distributed, JetStream, JetStreamListener, Start};
 use event_bus::{
@@ -348,18 +352,6 @@ fn writes() -> u64 {
         .lines()
         .find_map(|line| line.strip_prefix("syscw:")?.trim().parse().ok())
         .unwrap_or(0)
-}
-
-fn cpu_of(process: &str) -> Duration {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{process}/task")) else {
-        return Duration::ZERO;
-    };
-    tasks
-        .filter_map(Result::ok)
-        .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
-        .filter_map(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
-        .map(Duration::from_nanos)
-        .sum()
 }
 
 const AWAITED: &str = "publish, one at a time, awaiting each ack";

@@ -3,6 +3,8 @@
 
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+pub(crate) mod cpu;
+
 use std::hint::black_box;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -78,6 +80,8 @@ pub fn runtime() -> tokio::runtime::Runtime {
 #[derive(Debug, Clone, Copy)]
 pub struct Run {
     pub elapsed: Duration,
+    /// The process's CPU time (user and system, every thread) over the run.
+    pub cpu: Duration,
     pub delivered: u64,
     pub dropped: u64,
 }
@@ -85,6 +89,37 @@ pub struct Run {
 impl Run {
     pub fn per_second(&self) -> f64 {
         self.delivered as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// CPU nanoseconds per delivered event.
+    pub fn cpu_per_event(&self) -> f64 {
+        self.cpu.as_nanos() as f64 / self.delivered.max(1) as f64
+    }
+}
+
+/// The CPU time this process has used so far, user and system, all
+/// threads.
+pub fn cpu_time() -> Duration {
+    cpu::cpu_of("self")
+}
+
+/// Sends `events` from `emitters` emitting tasks, each running `emit` on
+/// its share; one emitter sends on the calling task, as a single producer
+/// would.
+async fn emit_from<F, Fut>(emitters: usize, events: u64, emit: F)
+where
+    F: Fn(u64) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    if emitters <= 1 {
+        return emit(events).await;
+    }
+    let emitters = emitters as u64;
+    let tasks: Vec<_> = (0..emitters)
+        .map(|i| tokio::spawn(emit(events / emitters + u64::from(i < events % emitters))))
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
     }
 }
 
@@ -159,9 +194,21 @@ async fn join(consumers: Vec<tokio::task::JoinHandle<(u64, u64)>>) -> (u64, u64)
     total
 }
 
-/// `events` events to `subscribers` subscribers, each taking all of them.
+/// `events` events to `subscribers` subscribers, each taking all of them,
+/// from one emitter.
 pub async fn fan_out(contender: FanOut, subscribers: usize, events: u64) -> Run {
+    fan_out_from(contender, subscribers, events, 1).await
+}
+
+/// [`fan_out`] from `emitters` emitting tasks, which share the events.
+pub async fn fan_out_from(
+    contender: FanOut,
+    subscribers: usize,
+    events: u64,
+    emitters: usize,
+) -> Run {
     let data = payload(1);
+    let cpu = cpu_time();
     let started = Instant::now();
     let (delivered, dropped) = match contender {
         FanOut::BusDropOldest | FanOut::BusBackpressure => {
@@ -190,31 +237,48 @@ pub async fn fan_out(contender: FanOut, subscribers: usize, events: u64) -> Run 
                     })
                 })
                 .collect();
-            if contender == FanOut::BusBackpressure {
-                for _ in 0..events {
-                    bus.emit_wait(BenchEvent::K00(data.clone())).await;
-                }
-            } else {
-                for i in 0..events {
-                    bus.emit(BenchEvent::K00(data.clone()));
-                    if i % CAPACITY as u64 == 0 {
-                        tokio::task::yield_now().await;
+            let lossless = contender == FanOut::BusBackpressure;
+            emit_from(emitters, events, |share| {
+                let (bus, data) = (bus.clone(), data.clone());
+                async move {
+                    if lossless {
+                        for _ in 0..share {
+                            bus.emit_wait(BenchEvent::K00(data.clone())).await;
+                        }
+                    } else {
+                        for i in 0..share {
+                            bus.emit(BenchEvent::K00(data.clone()));
+                            if i % CAPACITY as u64 == 0 {
+                                tokio::task::yield_now().await;
+                            }
+                        }
                     }
                 }
-            }
+            })
+            .await;
             drop(bus);
             join(consumers).await
         }
         FanOut::Broadcast => {
             let (sender, _) = tokio::sync::broadcast::channel::<UserEventData>(CAPACITY);
             let consumers = broadcast_consumers(&sender, subscribers);
-            throttled_broadcast(sender, events, move || data.clone()).await;
+            emit_from(emitters, events, |share| {
+                let (sender, data) = (sender.clone(), data.clone());
+                throttled_broadcast(sender, share, move || data.clone())
+            })
+            .await;
+            drop(sender);
             join(consumers).await
         }
         FanOut::BroadcastArc => {
             let (sender, _) = tokio::sync::broadcast::channel::<Arc<UserEventData>>(CAPACITY);
             let consumers = broadcast_consumers(&sender, subscribers);
-            throttled_broadcast(sender, events, move || Arc::new(data.clone())).await;
+            emit_from(emitters, events, |share| {
+                let (sender, data) = (sender.clone(), data.clone());
+                throttled_broadcast(sender, share, move || Arc::new(data.clone()))
+            })
+            .await;
+            drop(sender);
             join(consumers).await
         }
         FanOut::AsyncBroadcast => {
@@ -233,9 +297,15 @@ pub async fn fan_out(contender: FanOut, subscribers: usize, events: u64) -> Run 
                 })
                 .collect();
             drop(receiver);
-            for _ in 0..events {
-                sender.broadcast(Arc::new(data.clone())).await.unwrap();
-            }
+            emit_from(emitters, events, |share| {
+                let (sender, data) = (sender.clone(), data.clone());
+                async move {
+                    for _ in 0..share {
+                        sender.broadcast(Arc::new(data.clone())).await.unwrap();
+                    }
+                }
+            })
+            .await;
             drop(sender);
             join(consumers).await
         }
@@ -254,12 +324,18 @@ pub async fn fan_out(contender: FanOut, subscribers: usize, events: u64) -> Run 
                     (sender, consumer)
                 })
                 .unzip();
-            for _ in 0..events {
-                let event = Arc::new(data.clone());
-                for sender in &senders {
-                    sender.send(event.clone()).await.unwrap();
+            emit_from(emitters, events, |share| {
+                let (senders, data) = (senders.clone(), data.clone());
+                async move {
+                    for _ in 0..share {
+                        let event = Arc::new(data.clone());
+                        for sender in &senders {
+                            sender.send(event.clone()).await.unwrap();
+                        }
+                    }
                 }
-            }
+            })
+            .await;
             drop(senders);
             join(consumers).await
         }
@@ -279,18 +355,25 @@ pub async fn fan_out(contender: FanOut, subscribers: usize, events: u64) -> Run 
                     (sender, consumer)
                 })
                 .unzip();
-            for _ in 0..events {
-                let event = Arc::new(data.clone());
-                for sender in &senders {
-                    sender.send(event.clone()).await.unwrap();
+            emit_from(emitters, events, |share| {
+                let (senders, data) = (senders.clone(), data.clone());
+                async move {
+                    for _ in 0..share {
+                        let event = Arc::new(data.clone());
+                        for sender in &senders {
+                            sender.send(event.clone()).await.unwrap();
+                        }
+                    }
                 }
-            }
+            })
+            .await;
             drop(senders);
             join(consumers).await
         }
     };
     Run {
         elapsed: started.elapsed(),
+        cpu: cpu_time().saturating_sub(cpu),
         delivered,
         dropped,
     }
@@ -354,6 +437,7 @@ pub fn kinds(events: u64) -> Vec<usize> {
 pub async fn selective(bus: bool, events: u64) -> Run {
     let data = payload(1);
     let kinds = kinds(events);
+    let cpu = cpu_time();
     let started = Instant::now();
     let (delivered, dropped) = if bus {
         let bus = EventBus::<BenchEvent>::new();
@@ -411,6 +495,7 @@ pub async fn selective(bus: bool, events: u64) -> Run {
     };
     Run {
         elapsed: started.elapsed(),
+        cpu: cpu_time().saturating_sub(cpu),
         delivered,
         dropped,
     }
@@ -447,6 +532,7 @@ pub async fn runtime_overhead(supervised: bool, events: u64) -> Run {
     let options = event_bus::ListenerOptions::new()
         .capacity(CAPACITY)
         .lag_policy(LagPolicy::Backpressure);
+    let cpu = cpu_time();
     let started = Instant::now();
     if supervised {
         bus.spawn_with(count.clone(), options);
@@ -471,6 +557,7 @@ pub async fn runtime_overhead(supervised: bool, events: u64) -> Run {
     }
     Run {
         elapsed: started.elapsed(),
+        cpu: cpu_time().saturating_sub(cpu),
         delivered: count.0.load(Ordering::Relaxed),
         dropped: 0,
     }
