@@ -31,6 +31,11 @@ use crate::event::{Event, KindSet};
 /// The subject prefix of a consumer's max-deliveries advisories.
 const MAX_DELIVERIES: &str = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES";
 
+/// How long the advisory stream keeps an advisory no listener took (one of
+/// a consumer that is no listener's), when the event stream has no age
+/// limit of its own.
+pub(crate) const MAX_AGE: Duration = Duration::from_secs(30 * 24 * 60 * 60);
+
 /// How long after a failed write (or read) an advisory comes back.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 
@@ -73,19 +78,45 @@ pub(crate) struct Advisories<E: Event> {
 }
 
 impl<E: Event> Advisories<E> {
-    /// Pulls the listener's advisories until the listener has ended (or
-    /// this task is aborted). An advisory cut short comes back, after its
-    /// `ack_wait`, to this or another process of the listener.
+    /// Pulls the listener's advisories until the listener has ended, then
+    /// writes the letters of those waiting at once (its handler is done:
+    /// what it handled here is known) and ends. Aborted, an advisory cut
+    /// short comes back, after its `ack_wait`, to this or another process
+    /// of the listener.
     pub(crate) async fn run(mut self) {
-        let mut done = self.done.clone();
-        tokio::select! {
-            () = self.pull() => {}
-            _ = done.wait_for(|done| *done) => {}
+        self.pull().await;
+        self.last().await;
+    }
+
+    /// The advisories waiting once the listener has ended, until none is
+    /// left.
+    async fn last(&self) {
+        loop {
+            let Ok(mut batch) = self.consumer.fetch().max_messages(64).messages().await else {
+                return;
+            };
+            let mut any = false;
+            while let Some(Ok(message)) = batch.next().await {
+                any = true;
+                self.letter(message).await;
+            }
+            if !any {
+                return;
+            }
         }
     }
 
+    /// Whether the listener has ended.
+    fn is_done(&self) -> bool {
+        *self.done.borrow()
+    }
+
     async fn pull(&mut self) {
+        let mut done = self.done.clone();
         loop {
+            if self.is_done() {
+                return;
+            }
             let messages = self
                 .consumer
                 .stream()
@@ -103,7 +134,12 @@ impl<E: Event> Advisories<E> {
                     continue;
                 }
             };
-            while let Some(next) = messages.next().await {
+            loop {
+                let next = tokio::select! {
+                    next = messages.next() => next,
+                    _ = done.wait_for(|done| *done) => return,
+                };
+                let Some(next) = next else { break };
                 match next {
                     Ok(message) => self.letter(message).await,
                     Err(error) if error.kind() == MessagesErrorKind::ConsumerDeleted => {
@@ -134,6 +170,32 @@ impl<E: Event> Advisories<E> {
     /// Writes the dead letter the advisory `message` stands for and acks
     /// it; naks it to come back if the letter could not be written.
     async fn letter(&self, message: async_nats::jetstream::Message) {
+        // A copy delivered late (this process's connection stalled, and
+        // another took the advisory meanwhile): the work queue removed the
+        // advisory when it was acked, and its letter is written.
+        let Ok(info) = message.info() else {
+            return;
+        };
+        let (sequence, published) = (info.stream_sequence, info.published);
+        if self.taken(sequence).await {
+            let _ = message.ack().await;
+            return;
+        }
+        // Deliveries that came late through a stalled connection may still
+        // be in this process's handler: wait out an `ack_wait` from the
+        // advisory (the advisory kept meanwhile), then leave alone an
+        // event this process handled.
+        let grace = self.consumer_config.ack_wait;
+        let age =
+            Duration::try_from(time::OffsetDateTime::now_utc() - published).unwrap_or_default();
+        if let Some(wait) = grace.checked_sub(age).filter(|_| !self.is_done()) {
+            let _ = message.ack_with(AckKind::Progress).await;
+            let mut done = self.done.clone();
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                _ = done.wait_for(|done| *done) => {}
+            }
+        }
         let kind = match self.write(&message.payload).await {
             Ok(()) => AckKind::Ack,
             Err(()) => AckKind::Nak(Some(RETRY_DELAY)),
@@ -143,6 +205,15 @@ impl<E: Event> Advisories<E> {
             // either way (the letter's message id).
             tracing::debug!(listener = %self.letters.listener(), error = %error, "could not ack an advisory; it will be delivered again");
         }
+    }
+
+    /// Whether the advisory at `sequence` of the advisory stream was taken
+    /// (acked, so removed from the work queue) by another delivery of it.
+    async fn taken(&self, sequence: u64) -> bool {
+        matches!(
+            self.advisories.get_raw_message(sequence).await,
+            Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound
+        )
     }
 
     /// `Err` if the advisory is to come back: the event could not be read
@@ -157,6 +228,10 @@ impl<E: Event> Advisories<E> {
             }
         };
         let sequence = advisory.stream_seq;
+        if self.letters.handled.contains(sequence) {
+            tracing::debug!(listener = %listener, sequence, "the server stopped delivering an event this process handled late; no dead letter");
+            return Ok(());
+        }
         let event = match self.events.get_raw_message(sequence).await {
             Ok(event) => event,
             Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => {
@@ -187,7 +262,8 @@ impl<E: Event> Advisories<E> {
         let deliveries = u32::try_from(advisory.deliveries).unwrap_or(u32::MAX);
         let error = format!(
             "delivered {deliveries} times with no attempt ending it (the consumer's max_deliver): \
-             the deliveries were lost on their way to the listener, or its attempts cut short"
+             the deliveries were lost on their way to the listener, or its attempts cut short \
+             (one that reached it late may have been handled)"
         );
         let failure = Failure {
             subject: &event.subject,

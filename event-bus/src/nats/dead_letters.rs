@@ -83,6 +83,67 @@ pub(crate) fn unacked(error: impl std::error::Error + Send + Sync + 'static) -> 
     NatsError::Publish(Box::new(error))
 }
 
+/// What a letter's headers keep of its error however large its event: its
+/// error shortened to no less than this, else the event's bytes dropped.
+const MIN_ERROR: usize = 256;
+
+/// Bytes a letter leaves below the server's `max_payload`.
+const LETTER_MARGIN: usize = 64;
+
+/// The bytes `headers` take in a message's header block, a line each.
+fn header_bytes(headers: &HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(name, values)| {
+            values
+                .iter()
+                .map(|value| AsRef::<[u8]>::as_ref(name).len() + value.as_str().len() + 4)
+                .sum::<usize>()
+        })
+        .sum()
+}
+
+/// How many of a listener's latest handled events its process remembers.
+const HANDLED_KEPT: usize = 65_536;
+
+/// The stream sequences of the events a listener handled lately in this
+/// process: those its consumer gave up on while their handling was late
+/// (the deliveries came through a stalled connection) are not its dead
+/// letters.
+#[derive(Clone, Default)]
+pub(crate) struct Handled(Arc<std::sync::Mutex<HandledSet>>);
+
+#[derive(Default)]
+struct HandledSet {
+    order: std::collections::VecDeque<u64>,
+    set: std::collections::HashSet<u64>,
+}
+
+impl Handled {
+    pub(crate) fn record(&self, sequence: u64) {
+        let mut handled = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if handled.set.insert(sequence) {
+            handled.order.push_back(sequence);
+            if handled.order.len() > HANDLED_KEPT {
+                if let Some(oldest) = handled.order.pop_front() {
+                    handled.set.remove(&oldest);
+                }
+            }
+        }
+    }
+
+    pub(crate) fn contains(&self, sequence: u64) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .set
+            .contains(&sequence)
+    }
+}
+
 /// One listener's dead letters: where they are written.
 #[derive(Clone)]
 pub(crate) struct Letters {
@@ -92,6 +153,8 @@ pub(crate) struct Letters {
     /// `<prefix>_dlq.<token of key>`.
     pub(crate) subject: Subject,
     pub(crate) span: Duration,
+    /// What the listener handled lately, here.
+    pub(crate) handled: Handled,
 }
 
 /// A message whose last attempt failed.
@@ -110,8 +173,13 @@ impl Letters {
     }
 
     /// Writes `failure` to the dead-letter stream, once: its message id is
-    /// the event's stream sequence and the listener.
+    /// the event's stream sequence and the listener. A letter never goes
+    /// over the server's `max_payload` (which would close the connection):
+    /// its error is shortened to fit, and if the event itself leaves too
+    /// little room, the letter keeps its size instead of its bytes
+    /// ([`names::DROPPED`]; a redrive reads it back from the event stream).
     pub(crate) async fn write(&self, failure: Failure<'_>) -> Result<(), NatsError> {
+        let max = self.context.client().server_info().max_payload;
         let mut headers = HeaderMap::new();
         if let Some(traceparent) = failure
             .headers
@@ -121,17 +189,37 @@ impl Letters {
         }
         headers.insert(names::LISTENER, names::header_value(&self.key));
         headers.insert(names::ATTEMPTS, failure.attempts.to_string());
-        headers.insert(names::ERROR, names::header_value(failure.error));
         headers.insert(names::SUBJECT, failure.subject.as_str());
         headers.insert(names::SEQUENCE, failure.sequence.to_string());
         let failed_at = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |since| since.as_millis());
         headers.insert(names::FAILED_AT, failed_at.to_string());
+        let id = format!("{}:{}", failure.sequence, self.key);
+        // What the letter takes besides its payload and error: the header
+        // block ("NATS/1.0\r\n", a line per header, "\r\n"), its message
+        // id and error and a dropped size among them, and a margin.
+        let fixed = 12
+            + header_bytes(&headers)
+            + "Nats-Msg-Id: \r\n".len()
+            + id.len()
+            + format!("{}: \r\n{}: {}\r\n", names::ERROR, names::DROPPED, u64::MAX).len()
+            + LETTER_MARGIN;
+        let room = max.saturating_sub(fixed);
+        let mut payload = failure.payload;
+        let error_room = room.saturating_sub(payload.len()).max(MIN_ERROR);
+        headers.insert(
+            names::ERROR,
+            names::header_value_within(failure.error, error_room),
+        );
+        if payload.len() + error_room.min(failure.error.len()) > room {
+            headers.insert(names::DROPPED, payload.len().to_string());
+            payload = Bytes::new();
+        }
         let message = PublishMessage::build()
-            .payload(failure.payload)
+            .payload(payload)
             .headers(headers)
-            .message_id(format!("{}:{}", failure.sequence, self.key));
+            .message_id(id);
         publish_acked(&self.context, self.subject.clone(), message, self.span).await?;
         Ok(())
     }
@@ -156,8 +244,14 @@ pub struct DeadMessage<E> {
     pub name: Option<String>,
     /// The event, or `None` if it does not decode into `E`.
     pub envelope: Option<Arc<Envelope<E>>>,
-    /// The event's bytes, as they were published.
+    /// The event's bytes, as they were published; empty if they were too
+    /// large to keep beside the letter's headers (see `dropped`).
     pub payload: Bytes,
+    /// The event's size, when its bytes were too large to keep in the
+    /// letter under the server's `max_payload`: the event stays in the
+    /// event stream at `stream_sequence` (while the stream keeps it), and a
+    /// [`redrive`](super::JetStream::redrive) reads it from there.
+    pub dropped: Option<usize>,
     /// How many attempts were made.
     pub attempts: u32,
     /// The last attempt's error (or why the event did not decode).
@@ -199,6 +293,7 @@ impl<E: Event + DeserializeOwned> DeadMessage<E> {
             name,
             envelope: decoded.ok().map(Arc::new),
             payload: message.payload.clone(),
+            dropped: header(headers, names::DROPPED).and_then(|size| size.parse().ok()),
             attempts: header(headers, names::ATTEMPTS)
                 .and_then(|attempts| attempts.parse().ok())
                 .unwrap_or(0),
@@ -217,6 +312,9 @@ impl<E: Event + DeserializeOwned> DeadMessage<E> {
 pub(crate) struct DeadLetterStream {
     pub(crate) context: async_nats::jetstream::Context,
     pub(crate) stream: String,
+    /// The event stream, where a letter that dropped its event's bytes
+    /// reads them back.
+    pub(crate) events: String,
     /// `<prefix>_dlq`.
     pub(crate) subjects: String,
     pub(crate) span: Duration,
@@ -303,13 +401,17 @@ impl DeadLetterStream {
             .map_err(|error| NatsError::request("read the dead-letter stream", error))?;
         let mut redriven = 0;
         for letter in letters {
+            let payload = match letter.dropped {
+                None => letter.payload.clone(),
+                Some(_) => self.event_of(&letter).await?,
+            };
             let mut headers = HeaderMap::new();
             headers.insert(names::REDRIVE, letter.listener.as_str());
             if let Some(traceparent) = &letter.traceparent {
                 headers.insert(names::TRACEPARENT, traceparent.as_str());
             }
             let message = PublishMessage::build()
-                .payload(letter.payload.clone())
+                .payload(payload)
                 .headers(headers)
                 .message_id(format!("redrive:{}:{}", self.stream, letter.sequence));
             publish_acked(
@@ -326,6 +428,20 @@ impl DeadLetterStream {
             redriven += 1;
         }
         Ok(redriven)
+    }
+
+    /// The bytes of the event a letter dropped, from the event stream.
+    async fn event_of<E>(&self, letter: &DeadMessage<E>) -> Result<Bytes, NatsError> {
+        let events = self
+            .context
+            .get_stream(&self.events)
+            .await
+            .map_err(|error| NatsError::request("read the event stream", error))?;
+        let event = events
+            .get_raw_message(letter.stream_sequence)
+            .await
+            .map_err(|error| NatsError::request("read a dead letter's event back", error))?;
+        Ok(event.payload)
     }
 
     /// Removes `letters` from the dead-letter stream.

@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 
 use super::advisories::{self, Advisories};
 use super::dead_letters::{
-    DeadLetterStream, DeadMessage, Letters, publish_acked, retry_publish, unacked,
+    DeadLetterStream, DeadMessage, Handled, Letters, publish_acked, retry_publish, unacked,
 };
 use super::names;
 use super::relay::Relay;
@@ -244,7 +244,7 @@ pub struct JetStreamListener {
     consumer: PullConsumer,
     delivered: Arc<AtomicU64>,
     task: tokio::task::AbortHandle,
-    advisor: tokio::task::AbortHandle,
+    advisor: Option<tokio::task::AbortHandle>,
     done: watch::Receiver<bool>,
 }
 
@@ -313,7 +313,9 @@ impl JetStreamListener {
     pub fn abort(&self) {
         self.core.cancel();
         self.task.abort();
-        self.advisor.abort();
+        if let Some(advisor) = &self.advisor {
+            advisor.abort();
+        }
     }
 
     /// Waits until its task has ended.
@@ -335,7 +337,7 @@ struct Spawned {
     held: Arc<AtomicU64>,
     task: JoinHandle<()>,
     pump: JoinHandle<()>,
-    advisor: JoinHandle<()>,
+    advisor: Option<JoinHandle<()>>,
 }
 
 struct Shared {
@@ -344,8 +346,9 @@ struct Shared {
     stream: async_nats::jetstream::stream::Stream,
     /// The event stream's name.
     name: String,
-    /// Where the server's max-deliveries advisories wait for their listener.
-    advisories: async_nats::jetstream::stream::Stream,
+    /// Where the server's max-deliveries advisories wait for their
+    /// listener; `None` where another stream of the account keeps them.
+    advisories: Option<async_nats::jetstream::stream::Stream>,
     prefix: Arc<str>,
     dead: DeadLetterStream,
     span: Duration,
@@ -474,19 +477,36 @@ where
             .map_err(|error| NatsError::request("create the dead-letter stream", error))?;
         // A work queue: each listener's advisory consumer takes its own,
         // and an advisory no process of its listener has taken yet waits.
-        let advisories = context
+        let advisories = match context
             .get_or_create_stream(StreamConfig {
                 name: format!("{name}_ADV"),
                 subjects: vec![advisories::subjects_of(&name)],
                 retention: RetentionPolicy::WorkQueue,
                 storage: config.storage,
                 num_replicas: config.replicas,
-                // An advisory outliving its event could write no letter.
-                max_age: config.max_age,
+                // An advisory outliving its event could write no letter;
+                // one of a consumer no listener's ever takes goes in time.
+                max_age: if config.max_age.is_zero() {
+                    advisories::MAX_AGE
+                } else {
+                    config.max_age
+                },
                 ..StreamConfig::default()
             })
             .await
-            .map_err(|error| NatsError::request("create the advisory stream", error))?;
+        {
+            Ok(advisories) => Some(advisories),
+            Err(error) if is_overlap(&error) => {
+                tracing::warn!(
+                    stream = %name,
+                    "another stream keeps this stream's max-deliveries advisories: \
+                     events the server stops delivering with no attempt ending them \
+                     will not be dead-lettered",
+                );
+                None
+            }
+            Err(error) => return Err(NatsError::request("create the advisory stream", error)),
+        };
         let (closing, _) = watch::channel(false);
         let (publishing, requests) = mpsc::unbounded_channel();
         let unpublished = Arc::new(AtomicU64::new(0));
@@ -501,6 +521,7 @@ where
                 dead: DeadLetterStream {
                     context: context.clone(),
                     stream: dead_name,
+                    events: name.clone(),
                     subjects: dead_subjects,
                     span: config.publish_retry,
                 },
@@ -761,9 +782,17 @@ where
         };
         // A consumer that exists goes on from where it is: its start stays
         // (the server refuses to change it), the rest follows the options.
-        if let Ok(existing) = self.shared.stream.consumer_info(&durable).await {
-            consumer_config.deliver_policy = existing.config.deliver_policy;
-        }
+        // Only a consumer the server says is not there is a new one: one
+        // it could not say of keeps what it has.
+        let existed = match self.shared.stream.consumer_info(&durable).await {
+            Ok(existing) => {
+                consumer_config.deliver_policy = existing.config.deliver_policy;
+                true
+            }
+            Err(error) => {
+                error.kind() != async_nats::jetstream::context::ConsumerInfoErrorKind::NotFound
+            }
+        };
         let consumer: PullConsumer = self
             .shared
             .stream
@@ -775,25 +804,22 @@ where
             subject: Subject::from(self.shared.dead.subject_of(&key)),
             key: key.clone(),
             span: self.shared.span,
+            handled: Handled::default(),
         };
-        let advisor_config = PullConfig {
-            durable_name: Some(durable.clone()),
-            description: Some(format!("event-bus dead letters of {key}")),
-            deliver_policy: DeliverPolicy::All,
-            ack_policy: AckPolicy::Explicit,
-            ack_wait: distributed.ack_wait,
-            filter_subject: advisories::subject_of(&self.shared.name, &durable),
-            inactive_threshold: consumer_config.inactive_threshold,
-            ..PullConfig::default()
+        let advisor = match &self.shared.advisories {
+            Some(advisories) => Some(
+                self.advisor_of(
+                    advisories,
+                    &durable,
+                    &key,
+                    &distributed,
+                    &consumer_config,
+                    existed,
+                )
+                .await?,
+            ),
+            None => None,
         };
-        let advisor_consumer = self
-            .shared
-            .advisories
-            .create_consumer(advisor_config.clone())
-            .await
-            .map_err(|error| {
-                NatsError::request("create the listener's advisory consumer", error)
-            })?;
         let advisor_letters = letters.clone();
         let advisor_interests = interests.clone();
         let delivered = Arc::new(AtomicU64::new(0));
@@ -825,24 +851,28 @@ where
         });
         let (task, done) = spawn_run(core.clone(), run);
         let pump = tokio::spawn(pump.run());
-        let advisor = Advisories::<E> {
-            consumer: advisor_consumer,
-            consumer_config: advisor_config,
-            advisories: self.shared.advisories.clone(),
-            events: self.shared.stream.clone(),
-            letters: advisor_letters,
-            prefix: self.shared.prefix.clone(),
-            interests: advisor_interests,
-            done: done.clone(),
-        };
-        let advisor = tokio::spawn(advisor.run());
+        let advisor = advisor.map(|(consumer, consumer_config, advisories)| {
+            tokio::spawn(
+                Advisories::<E> {
+                    consumer,
+                    consumer_config,
+                    advisories,
+                    events: self.shared.stream.clone(),
+                    letters: advisor_letters,
+                    prefix: self.shared.prefix.clone(),
+                    interests: advisor_interests,
+                    done: done.clone(),
+                }
+                .run(),
+            )
+        });
         let handle = JetStreamListener {
             core: core.clone(),
             key,
             consumer,
             delivered,
             task: task.abort_handle(),
-            advisor: advisor.abort_handle(),
+            advisor: advisor.as_ref().map(JoinHandle::abort_handle),
             done,
         };
         self.shared
@@ -857,6 +887,56 @@ where
                 advisor,
             });
         Ok(handle)
+    }
+
+    /// The listener's consumer of the advisory stream, made (or updated) for
+    /// its `durable` consumer of the event stream. A consumer new to the
+    /// event stream (an instance listener's, deleted while away, say) is a
+    /// new one: the advisories of the one it replaces are dropped, as its
+    /// deliveries were.
+    async fn advisor_of(
+        &self,
+        advisories: &async_nats::jetstream::stream::Stream,
+        durable: &str,
+        key: &str,
+        distributed: &Distributed,
+        consumer_config: &PullConfig,
+        existed: bool,
+    ) -> Result<
+        (
+            PullConsumer,
+            PullConfig,
+            async_nats::jetstream::stream::Stream,
+        ),
+        NatsError,
+    > {
+        let subject = advisories::subject_of(&self.shared.name, durable);
+        if !existed {
+            advisories
+                .purge()
+                .filter(subject.clone())
+                .await
+                .map_err(|error| {
+                    NatsError::request("drop a former consumer's advisories", error)
+                })?;
+        }
+        let config = PullConfig {
+            durable_name: Some(durable.to_owned()),
+            description: Some(format!("event-bus dead letters of {key}")),
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: distributed.ack_wait,
+            filter_subject: subject,
+            inactive_threshold: consumer_config.inactive_threshold,
+            ..PullConfig::default()
+        };
+        let consumer = advisories
+            .create_consumer(config.clone())
+            .await
+            .map_err(|error| {
+                NatsError::request("create the listener's advisory consumer", error)
+            })?;
+        Ok((consumer, config, advisories.clone()))
     }
 
     /// The consumer's filter: the one subject of a listener of one kind
@@ -930,7 +1010,9 @@ where
     /// stops pulling once its consumer has nothing more for it (or at
     /// once, if it had nothing), finishes and acks what it holds within
     /// `deadline`, and is stopped after it (what it still held is given
-    /// back, to be handled again). Returns each listener's report.
+    /// back, to be handled again); the dead letters of the events its
+    /// consumer gave up on that wait for it are written, within the
+    /// deadline too. Returns each listener's report.
     ///
     /// Nothing stored is lost either way: what was not handled stays in the
     /// stream for the consumer's next run.
@@ -963,7 +1045,14 @@ where
                 abort.abort();
             }
             pump.abort();
-            advisor.abort();
+            // The advisories waiting for it are written, within the
+            // deadline; what is left comes back to its next process.
+            if let Some(advisor) = advisor {
+                let abort = advisor.abort_handle();
+                if tokio::time::timeout_at(until, advisor).await.is_err() {
+                    abort.abort();
+                }
+            }
             // The acks and give-backs of what it held go on their own
             // tasks: wait for the server to have them, a moment at most.
             let finishing = async {
@@ -978,6 +1067,17 @@ where
         let _ = tokio::time::timeout(Duration::from_secs(1), self.shared.client.flush()).await;
         reports
     }
+}
+
+/// Whether a stream could not be made because another one of the account
+/// takes (some of) its subjects.
+fn is_overlap(error: &async_nats::jetstream::context::CreateStreamError) -> bool {
+    use async_nats::jetstream::context::CreateStreamErrorKind;
+    matches!(
+        error.kind(),
+        CreateStreamErrorKind::JetStream(error)
+            if error.error_code() == async_nats::jetstream::ErrorCode::STREAM_SUBJECT_OVERLAP
+    )
 }
 
 /// The consumer's `max_deliver` for a policy of `max_attempts`: one

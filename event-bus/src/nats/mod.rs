@@ -67,16 +67,28 @@
 //!   partition the client does not see) or cut short count too, and past
 //!   `max_deliver` the server delivers the event no more. It says so in a
 //!   max-deliveries advisory, which the advisory stream `<STREAM>_ADV`
-//!   keeps until a process of the listener takes it; that process writes
-//!   the event's dead letter (its attempts are the deliveries, its error
-//!   names `max_deliver`). Every event a listener's consumer is handed
-//!   ends handled or in the dead-letter stream. (The letter is not counted
-//!   in a [`RunReport`](crate::runner::RunReport): no handler of this process
-//!   failed it.)
+//!   keeps until a process of the listener takes it (at most 30 days, or
+//!   the event stream's `max_age`); that process writes the event's dead
+//!   letter (its attempts are the deliveries, its error names
+//!   `max_deliver`) an `ack_wait` after the advisory, unless it handled the
+//!   event itself meanwhile (a delivery that came late), and a shutdown
+//!   writes those waiting for it before it returns (within its deadline).
+//!   Every event a listener's consumer is handed ends handled or in the
+//!   dead-letter stream; one handled late in another process of the group
+//!   may end in both. (The letter is not counted in a
+//!   [`RunReport`](crate::runner::RunReport): no handler of this process
+//!   failed it.) Where another stream of the account already keeps these
+//!   advisories (`$JS.EVENT.ADVISORY.>`, say), the tier starts without the
+//!   advisory stream and logs a warning: such events are then not
+//!   dead-lettered.
 //! - **Dead letters** are listed ([`JetStream::dead_letters`]), redriven to
 //!   their listener alone ([`JetStream::redrive`]: published again with an
 //!   `Event-Bus-Redrive` header naming it, which other listeners ack
-//!   unhandled) and discarded ([`JetStream::discard`]).
+//!   unhandled) and discarded ([`JetStream::discard`]). A letter stays
+//!   under the server's `max_payload`: its error is shortened to fit, and
+//!   an event too large to keep beside its headers is kept by its size
+//!   ([`DeadMessage::dropped`]) and read back from the event stream by a
+//!   redrive.
 //! - **Reconnects**: the client reconnects by itself; pulls are made
 //!   again once it has. Acks lost meanwhile mean redeliveries, never loss.
 //! - **Shutdown drains**: [`JetStream::shutdown`] refuses new publishes,

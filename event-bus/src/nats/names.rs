@@ -12,6 +12,9 @@ pub(crate) const FAILED_AT: &str = "Event-Bus-Failed-At";
 pub(crate) const SUBJECT: &str = "Event-Bus-Subject";
 pub(crate) const SEQUENCE: &str = "Event-Bus-Sequence";
 pub(crate) const TRACEPARENT: &str = "traceparent";
+/// On a dead letter whose event was too large to keep beside its headers:
+/// the event's size. The event stays in the event stream, at its sequence.
+pub(crate) const DROPPED: &str = "Event-Bus-Payload-Dropped";
 
 /// The longest error text a dead letter's header keeps.
 const MAX_HEADER: usize = 2048;
@@ -62,12 +65,18 @@ pub(crate) fn stream_of(prefix: &str) -> String {
 
 /// `text` as a header value: on one line, and at most [`MAX_HEADER`] bytes.
 pub(crate) fn header_value(text: &str) -> String {
+    header_value_within(text, MAX_HEADER)
+}
+
+/// `text` as a header value: on one line, and at most `max` bytes (cut at a
+/// character's boundary).
+pub(crate) fn header_value_within(text: &str, max: usize) -> String {
     let mut value: String = text
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
-    if value.len() > MAX_HEADER {
-        let mut end = MAX_HEADER;
+    if value.len() > max {
+        let mut end = max;
         while !value.is_char_boundary(end) {
             end -= 1;
         }

@@ -269,6 +269,7 @@ impl<E: Event> Delivery<E> for JetStreamDelivery<E> {
             // stopped between two acks of a batch must not take back the
             // second. The shutdown waits until the server has them
             // (`held`).
+            self.letters.handled.record(self.raw.sequence);
             reply.ack(self.held.take());
         }
     }
