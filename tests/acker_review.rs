@@ -12,78 +12,25 @@ mod server;
 #[path = "nats_tier/proxy.rs"]
 mod proxy;
 
+#[allow(dead_code)]
+#[path = "nats_tier/work.rs"]
+mod work;
+
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use event_bus::nats::{Config, Distributed, JetStream, Start};
+use event_bus::nats::{Distributed, Start};
 use event_bus::{
-    Batch, BatchError, BatchListener, DomainEvent, Envelope, HandlerError, Listener,
-    ListenerOptions, Meta, Publish, RetryPolicy,
+    Batch, BatchError, BatchListener, Envelope, HandlerError, Listener, ListenerOptions, Meta,
+    RetryPolicy,
 };
 use proxy::Proxy;
-use serde::{Deserialize, Serialize};
 use server::NatsServer;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
-
-/// How long a test waits for anything that should happen.
-const DEADLINE: Duration = Duration::from_secs(60);
-
-/// What the shutdown may take past its deadline: its grace for the last
-/// acks (2s), its last flush (1s), and a margin for a loaded machine.
-const SHUTDOWN_SLACK: Duration = Duration::from_secs(6);
-
-#[derive(Debug, Clone, DomainEvent, Serialize, Deserialize)]
-enum Work {
-    Item(u64),
-}
-
-impl Work {
-    fn value(&self) -> u64 {
-        match *self {
-            Self::Item(value) => value,
-        }
-    }
-}
-
-async fn connect_to(url: &str, prefix: &str) -> JetStream<Work> {
-    JetStream::connect(url, Config::new(prefix))
-        .await
-        .expect("connect to the test's nats-server")
-}
-
-async fn publish_all(jetstream: &JetStream<Work>, values: std::ops::Range<u64>) {
-    for value in values {
-        Publish::publish(jetstream, Work::Item(value));
-    }
-    tokio::time::timeout(DEADLINE, jetstream.flush())
-        .await
-        .expect("the publisher stored the events");
-}
-
-/// Looks at `check` until it holds, or panics naming `what` after
-/// [`DEADLINE`].
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        if check().await {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not happen within {DEADLINE:?}"
-        );
-        // A poll between looks, bounded by the deadline.
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
+use work::{SHUTDOWN_SLACK, Work, connect_to, eventually, publish_all};
 
 /// A listener that records each value it handled (every attempt that
 /// succeeded), and whose calls wait at a gate until it is opened.

@@ -14,7 +14,10 @@ mod server;
 #[path = "nats_tier/proxy.rs"]
 mod proxy;
 
-use std::future::Future;
+#[allow(dead_code)]
+#[path = "nats_tier/work.rs"]
+mod work;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,7 +27,7 @@ use event_bus::codec::JsonCodec;
 use event_bus::nats::{Config, Distributed, JetStream, JetStreamListener, Start};
 use event_bus::{
     Batch, BatchError, BatchListener, DomainEvent, Envelope, HandlerError, Listener,
-    ListenerOptions, Meta, Publish, RetryPolicy, Scope,
+    ListenerOptions, Meta, RetryPolicy, Scope,
 };
 use futures::StreamExt;
 use proxy::Proxy;
@@ -32,66 +35,11 @@ use serde::{Deserialize, Serialize};
 use server::NatsServer;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
-
-/// How long a test waits for anything that should happen.
-const DEADLINE: Duration = Duration::from_secs(60);
-
-/// What the shutdown may take past its deadline: its grace for the last
-/// acks (2s), its last flush (1s), and a margin for a loaded machine.
-const SHUTDOWN_SLACK: Duration = Duration::from_secs(6);
+use work::{DEADLINE, SHUTDOWN_SLACK, Work, connect_to, eventually, publish_all};
 
 /// The `ack_wait` of the listeners here: short, so that deliveries cut
 /// short come back soon.
 const ACK_WAIT: Duration = Duration::from_secs(1);
-
-#[derive(Debug, Clone, DomainEvent, Serialize, Deserialize)]
-enum Work {
-    Item(u64),
-}
-
-impl Work {
-    fn value(&self) -> u64 {
-        match *self {
-            Self::Item(value) => value,
-        }
-    }
-}
-
-async fn connect_to(url: &str, prefix: &str) -> JetStream<Work> {
-    JetStream::connect(url, Config::new(prefix))
-        .await
-        .expect("connect to the test's nats-server")
-}
-
-async fn publish_all(jetstream: &JetStream<Work>, values: std::ops::Range<u64>) {
-    for value in values {
-        Publish::publish(jetstream, Work::Item(value));
-    }
-    tokio::time::timeout(DEADLINE, jetstream.flush())
-        .await
-        .expect("the publisher stored the events");
-}
-
-/// Looks at `check` until it holds, or panics naming `what` after
-/// [`DEADLINE`].
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        if check().await {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not happen within {DEADLINE:?}"
-        );
-        // A poll between looks, bounded by the deadline.
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
 
 /// A listener that records each value it handled with its attempt, and
 /// whose calls wait at a gate until it is opened.
