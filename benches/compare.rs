@@ -4,7 +4,14 @@
 //! ```text
 //! cargo bench --bench compare -- --quick    # about a minute
 //! cargo bench --bench compare               # ten times the events
+//! cargo bench --bench compare -- --instructions   # only the counts
 //! ```
+//!
+//! After the timed table it prints instructions per delivered event, counted
+//! by `valgrind --tool=callgrind` on the bench's own binary (`--count`, one
+//! case on a current-thread runtime, see `common::count`): a run of the
+//! events minus a run of none, the same every run (`--no-instructions`
+//! leaves them out).
 
 mod common;
 
@@ -113,7 +120,24 @@ fn fan_out_row(
 }
 
 fn main() {
+    // A child under callgrind: one counted case, then out.
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|arg| arg == "--count") {
+        let (Some(contender), Some(subscribers), Some(n)) = (
+            args.get(at + 1).and_then(|id| FanOut::from_id(id)),
+            args.get(at + 2).and_then(|n| n.parse().ok()),
+            args.get(at + 3).and_then(|n| n.parse().ok()),
+        ) else {
+            panic!("usage: compare --count <contender> <subscribers> <events>");
+        };
+        black_box(common::count::run(contender, subscribers, n));
+        return;
+    }
     let quick = std::env::args().any(|arg| arg == "--quick");
+    if std::env::args().any(|arg| arg == "--instructions") {
+        instructions(if quick { 20_000 } else { 100_000 });
+        return;
+    }
     let events: u64 = if quick { 200_000 } else { 2_000_000 };
     let ops: u64 = if quick { 2_000_000 } else { 20_000_000 };
     let runtime = common::runtime();
@@ -272,6 +296,74 @@ fn main() {
             row.target,
             if row.met { "yes" } else { "**no**" },
             cpu
+        );
+    }
+    if std::env::args().any(|arg| arg == "--no-instructions") {
+        return;
+    }
+    instructions(if quick { 20_000 } else { 100_000 });
+}
+
+/// Instructions per delivered event of each lossless contender's queue,
+/// counted by callgrind on a current-thread runtime (`common::count`): the
+/// same binary and inputs count the same every run. Skipped, with a line
+/// saying so, where valgrind is not installed.
+fn instructions(events: u64) {
+    let exe = std::env::current_exe().expect("the bench's own binary");
+    let count = |contender: FanOut, subscribers: usize, n: u64| -> Option<u64> {
+        let output = std::process::Command::new("valgrind")
+            .args(["--tool=callgrind", "--callgrind-out-file=/dev/null"])
+            .arg(&exe)
+            .args(["--count", contender.id()])
+            .arg(subscribers.to_string())
+            .arg(n.to_string())
+            .output()
+            .ok()?;
+        if !output.status.success() {
+            return None;
+        }
+        String::from_utf8_lossy(&output.stderr)
+            .lines()
+            .find_map(|line| line.split("Collected :").nth(1))
+            .and_then(|count| count.trim().parse().ok())
+    };
+    let per_event = |contender: FanOut, subscribers: usize| -> Option<f64> {
+        let all = count(contender, subscribers, events)?;
+        let none = count(contender, subscribers, 0)?;
+        Some(all.saturating_sub(none) as f64 / (events * subscribers as u64) as f64)
+    };
+    if per_event(FanOut::BusBackpressure, 1).is_none() {
+        println!("\n(instruction counts skipped: valgrind did not run)");
+        return;
+    }
+    println!(
+        "\nInstructions per delivered event (callgrind, current-thread runtime, \
+         {events} events sent 512 at a time, each subscriber then taking its own):\n"
+    );
+    println!("| case | bus | best peer | bus / peer | target | met |");
+    println!("|---|---|---|---|---|---|");
+    for subscribers in [1, 4, 16] {
+        let bus = per_event(FanOut::BusBackpressure, subscribers).unwrap_or(f64::NAN);
+        let peers: Vec<(FanOut, f64)> = FanOut::ALL
+            .into_iter()
+            .filter(|contender| !contender.is_bus())
+            .filter_map(|contender| Some((contender, per_event(contender, subscribers)?)))
+            .collect();
+        for (peer, count) in &peers {
+            eprintln!(
+                "instructions N={subscribers:<2} {:<24} {count:>7.0} per delivered event (bus {bus:.0})",
+                peer.name()
+            );
+        }
+        let (peer, best) = *peers
+            .iter()
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .expect("a peer counted");
+        let ratio = bus / best;
+        println!(
+            "| lossless fan-out, N = {subscribers} | {bus:.0} | {best:.0} ({}) | {ratio:.2} | ≤ 1.0 | {} |",
+            peer.name(),
+            if ratio <= 1.0 { "yes" } else { "**no**" }
         );
     }
 }

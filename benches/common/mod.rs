@@ -3,6 +3,7 @@
 
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+pub(crate) mod count;
 pub(crate) mod cpu;
 
 use std::hint::black_box;
@@ -176,6 +177,11 @@ impl FanOut {
             FanOut::Kanal => "kanal",
             FanOut::Mpsc => "mpsc",
         }
+    }
+
+    /// The contender of an [`id`](Self::id).
+    pub fn from_id(id: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|contender| contender.id() == id)
     }
 
     pub fn is_bus(self) -> bool {
