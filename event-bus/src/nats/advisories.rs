@@ -170,13 +170,13 @@ impl<E: Event> Advisories<E> {
     /// Writes the dead letter the advisory `message` stands for and acks
     /// it; naks it to come back if the letter could not be written.
     async fn letter(&self, message: async_nats::jetstream::Message) {
-        // A copy delivered late (this process's connection stalled, and
-        // another took the advisory meanwhile): the work queue removed the
-        // advisory when it was acked, and its letter is written.
         let Ok(info) = message.info() else {
             return;
         };
         let (sequence, published) = (info.stream_sequence, info.published);
+        // A copy that came late (this process's connection stalled, and
+        // another process took the advisory meanwhile): the work queue
+        // removed the advisory when that one, its letter written, acked it.
         if self.taken(sequence).await {
             let _ = message.ack().await;
             return;

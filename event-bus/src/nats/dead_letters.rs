@@ -207,15 +207,15 @@ impl Letters {
             + LETTER_MARGIN;
         let room = max.saturating_sub(fixed);
         let mut payload = failure.payload;
-        let error_room = room.saturating_sub(payload.len()).max(MIN_ERROR);
-        headers.insert(
-            names::ERROR,
-            names::header_value_within(failure.error, error_room),
-        );
-        if payload.len() + error_room.min(failure.error.len()) > room {
+        let error_room = room
+            .saturating_sub(payload.len())
+            .clamp(MIN_ERROR, names::MAX_HEADER);
+        let error = names::header_value_within(failure.error, error_room);
+        if payload.len() + error.len() > room {
             headers.insert(names::DROPPED, payload.len().to_string());
             payload = Bytes::new();
         }
+        headers.insert(names::ERROR, error);
         let message = PublishMessage::build()
             .payload(payload)
             .headers(headers)

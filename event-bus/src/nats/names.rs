@@ -17,7 +17,7 @@ pub(crate) const TRACEPARENT: &str = "traceparent";
 pub(crate) const DROPPED: &str = "Event-Bus-Payload-Dropped";
 
 /// The longest error text a dead letter's header keeps.
-const MAX_HEADER: usize = 2048;
+pub(crate) const MAX_HEADER: usize = 2048;
 
 /// `name` as one subject token and a consumer name: letters, digits, `-`
 /// and `_` kept, anything else (`.`, `*`, `>`, spaces, `:`) as `_`, and,
