@@ -420,9 +420,9 @@ where
 
     /// The tier on `client`'s server: creates the event stream (subjects
     /// `<prefix>.>`), the dead-letter stream (`<prefix>_dlq.>`) and the
-    /// advisory stream (the event stream's consumers' max-deliveries
-    /// advisories) if they are not there, and checks that the event stream's duplicate window
-    /// covers the publish retry span.
+    /// advisory stream (the max-deliveries advisories of the event
+    /// stream's consumers) if they are not there, and checks that the
+    /// event stream's duplicate window covers the publish retry span.
     ///
     /// Must be called within a tokio runtime.
     ///
@@ -807,17 +807,19 @@ where
             handled: Handled::default(),
         };
         let advisor = match &self.shared.advisories {
-            Some(advisories) => Some(
-                self.advisor_of(
-                    advisories,
-                    &durable,
-                    &key,
-                    &distributed,
-                    &consumer_config,
-                    existed,
-                )
-                .await?,
-            ),
+            Some(advisories) => {
+                let (consumer, config) = self
+                    .advisor_of(
+                        advisories,
+                        &durable,
+                        &key,
+                        &distributed,
+                        &consumer_config,
+                        existed,
+                    )
+                    .await?;
+                Some((consumer, config, advisories.clone()))
+            }
             None => None,
         };
         let advisor_letters = letters.clone();
@@ -902,14 +904,7 @@ where
         distributed: &Distributed,
         consumer_config: &PullConfig,
         existed: bool,
-    ) -> Result<
-        (
-            PullConsumer,
-            PullConfig,
-            async_nats::jetstream::stream::Stream,
-        ),
-        NatsError,
-    > {
+    ) -> Result<(PullConsumer, PullConfig), NatsError> {
         let subject = advisories::subject_of(&self.shared.name, durable);
         if !existed {
             advisories
@@ -936,7 +931,7 @@ where
             .map_err(|error| {
                 NatsError::request("create the listener's advisory consumer", error)
             })?;
-        Ok((consumer, config, advisories.clone()))
+        Ok((consumer, config))
     }
 
     /// The consumer's filter: the one subject of a listener of one kind
