@@ -18,16 +18,21 @@ mod proxy;
 #[path = "nats_tier/work.rs"]
 mod work;
 
+#[allow(dead_code)]
+#[path = "nats_tier/advisory.rs"]
+mod advisory;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use advisory::{Recorder, consumer_info, messages_in, one_attempt, raw};
 use async_nats::jetstream::consumer::pull::Config as PullConfig;
 use event_bus::codec::JsonCodec;
 use event_bus::nats::{Config, Distributed, JetStream, JetStreamListener, Start};
 use event_bus::{
     Batch, BatchError, BatchListener, DomainEvent, Envelope, HandlerError, Listener,
-    ListenerOptions, Meta, RetryPolicy, Scope,
+    ListenerOptions, Meta, Scope,
 };
 use futures::StreamExt;
 use proxy::Proxy;
@@ -40,60 +45,6 @@ use work::{DEADLINE, SHUTDOWN_SLACK, Work, connect_to, eventually, publish_all};
 /// The `ack_wait` of the listeners here: short, so that deliveries cut
 /// short come back soon.
 const ACK_WAIT: Duration = Duration::from_secs(1);
-
-/// A listener that records each value it handled with its attempt, and
-/// whose calls wait at a gate until it is opened.
-#[derive(Clone)]
-struct Recorder {
-    name: String,
-    entered: Arc<AtomicUsize>,
-    handled: Arc<Mutex<Vec<(u64, u32)>>>,
-    gate: Arc<Semaphore>,
-}
-
-impl Recorder {
-    fn new(name: &str, open: bool) -> Self {
-        let recorder = Self {
-            name: name.to_owned(),
-            entered: Arc::default(),
-            handled: Arc::default(),
-            gate: Arc::new(Semaphore::new(0)),
-        };
-        if open {
-            recorder.gate.add_permits(Semaphore::MAX_PERMITS / 2);
-        }
-        recorder
-    }
-
-    fn entered(&self) -> usize {
-        self.entered.load(Ordering::SeqCst)
-    }
-
-    fn handled(&self) -> Vec<(u64, u32)> {
-        self.handled.lock().unwrap().clone()
-    }
-}
-
-impl Listener<Work> for Recorder {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    async fn handle(&self, event: Arc<Envelope<Work>>, meta: Meta) -> Result<(), HandlerError> {
-        self.entered.fetch_add(1, Ordering::SeqCst);
-        let _ = self.gate.acquire().await.map(|permit| permit.forget());
-        self.handled
-            .lock()
-            .unwrap()
-            .push((event.event().value(), meta.attempt()));
-        Ok(())
-    }
-}
-
-/// One attempt: the consumer's `max_deliver` is 2.
-fn one_attempt() -> ListenerOptions {
-    ListenerOptions::new().retry(RetryPolicy::none())
-}
 
 fn from_the_beginning() -> Distributed {
     Distributed::new()
@@ -120,7 +71,7 @@ async fn cut_short_once(
         spawned.push((stuck, handle));
     }
     for (stuck, _) in &spawned {
-        eventually(&format!("a delivery in {}'s handler", stuck.name), || {
+        eventually(&format!("a delivery in {}'s handler", stuck.name()), || {
             let entered = stuck.entered();
             async move { entered == 1 }
         })
@@ -130,33 +81,6 @@ async fn cut_short_once(
         handle.abort();
         handle.finished().await;
     }
-}
-
-/// A JetStream context on the server, beside the tier's.
-async fn raw(server: &NatsServer) -> async_nats::jetstream::Context {
-    let client = async_nats::connect(server.url())
-        .await
-        .expect("a raw client");
-    async_nats::jetstream::new(client)
-}
-
-/// How many messages the stream `name` holds (0 if it cannot say).
-async fn messages_in(context: &async_nats::jetstream::Context, name: &str) -> u64 {
-    let Ok(mut stream) = context.get_stream(name).await else {
-        return 0;
-    };
-    stream.info().await.map_or(0, |info| info.state.messages)
-}
-
-/// The consumer `durable` of the stream `stream`.
-async fn consumer_info(
-    context: &async_nats::jetstream::Context,
-    stream: &str,
-    durable: &str,
-) -> Option<async_nats::jetstream::consumer::Info> {
-    let stream = context.get_stream(stream).await.ok()?;
-    let mut consumer = stream.get_consumer::<PullConfig>(durable).await.ok()?;
-    consumer.info().await.ok().cloned()
 }
 
 /// Takes `times` deliveries of each of `count` messages from the consumer
@@ -287,7 +211,7 @@ async fn listeners_of_related_and_escaped_names_each_have_their_own_letters() {
         }
     })
     .await;
-    let raw = raw(&server).await;
+    let raw = raw(&server.url()).await;
     eventually("every advisory taken", || {
         let raw = &raw;
         async move { messages_in(raw, "NAMES_ADV").await == 0 }
@@ -390,7 +314,7 @@ async fn two_processes_of_a_group_write_one_letter() {
         .spawn_with(open[1].clone(), one_attempt(), from_the_beginning())
         .await
         .expect("spawn in the second");
-    let raw = raw(&server).await;
+    let raw = raw(&server.url()).await;
     eventually("the dead letter, and its advisory taken", || {
         let (first, raw) = (&first, &raw);
         async move {
@@ -426,7 +350,7 @@ async fn streams_of_an_older_version_get_the_advisory_stream() {
     old.shutdown(Duration::from_secs(1)).await;
     drop(old);
     // As an older version left them: no advisory stream.
-    let raw = raw(&server).await;
+    let raw = raw(&server.url()).await;
     raw.delete_stream("OLDER_ADV")
         .await
         .expect("delete the advisory stream");
@@ -488,7 +412,7 @@ async fn a_listener_spawned_again_with_another_ack_wait_keeps_its_advisories() {
         }
     })
     .await;
-    let raw = raw(&server).await;
+    let raw = raw(&server.url()).await;
     let info = consumer_info(&raw, "AGAIN_ADV", "again")
         .await
         .expect("the advisory consumer");
@@ -513,7 +437,7 @@ async fn an_advisory_kept_over_a_server_restart_becomes_the_letter() {
     drop(jetstream);
     // No process of the listener runs: a pull of another's has the server
     // give the event up, and its advisory waits in the stream.
-    let raw = raw(&server).await;
+    let raw = raw(&server.url()).await;
     let stream = raw.get_stream("RESTART").await.expect("the event stream");
     let consumer = stream
         .get_consumer::<PullConfig>("restart")
@@ -537,7 +461,7 @@ async fn an_advisory_kept_over_a_server_restart_becomes_the_letter() {
     .await;
     drop(raw);
     server.restart();
-    let raw = self::raw(&server).await;
+    let raw = self::raw(&server.url()).await;
     assert_eq!(messages_in(&raw, "RESTART_ADV").await, 1, "kept");
     let again = connect_to(&server.url(), "restart").await;
     let open = Recorder::new("restart", true);
@@ -569,7 +493,7 @@ async fn an_advisory_kept_over_a_server_restart_becomes_the_letter() {
 async fn an_event_redriven_to_another_listener_is_not_this_ones_letter() {
     let server = NatsServer::start();
     let jetstream = connect_to(&server.url(), "side").await;
-    let raw = raw(&server).await;
+    let raw = raw(&server.url()).await;
     // The consumer of `right`, with no pull of its left behind.
     let right = jetstream
         .spawn_with(
@@ -684,7 +608,7 @@ async fn a_stream_that_already_keeps_advisories_does_not_stop_the_tier() {
         "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.MONITORED.billing",
     ] {
         let server = NatsServer::start();
-        let raw = raw(&server).await;
+        let raw = raw(&server.url()).await;
         raw.create_stream(async_nats::jetstream::stream::Config {
             name: "MONITOR".to_owned(),
             subjects: vec![subject.to_owned()],
@@ -720,7 +644,7 @@ async fn nothing_pulls_after_the_shutdown() {
         )
         .await
         .expect("spawn");
-    let raw = raw(&server).await;
+    let raw = raw(&server.url()).await;
     eventually("the advisory task pulling", || {
         let raw = &raw;
         async move {
@@ -818,7 +742,7 @@ async fn a_batch_cut_short_every_time_is_a_letter_per_event() {
         .spawn_with(open.clone(), options(), from_the_beginning())
         .await
         .expect("spawn");
-    let raw = raw(&server).await;
+    let raw = raw(&server.url()).await;
     eventually("a letter per event, every advisory taken", || {
         let (jetstream, raw) = (&jetstream, &raw);
         async move {
@@ -872,8 +796,8 @@ async fn a_stalled_process_writes_the_letters_itself_once_it_is_back() {
     })
     .await;
     proxy.hold(true);
-    recorder.gate.add_permits(Semaphore::MAX_PERMITS / 2);
-    let raw = raw(&server).await;
+    recorder.open();
+    let raw = raw(&server.url()).await;
     eventually("advisories for most events", || {
         let raw = &raw;
         async move {
@@ -949,8 +873,8 @@ async fn advisories_pending_over_a_server_restart_reach_the_running_process() {
     })
     .await;
     proxy.hold(true);
-    recorder.gate.add_permits(Semaphore::MAX_PERMITS / 2);
-    let raw = raw(&server).await;
+    recorder.open();
+    let raw = raw(&server.url()).await;
     eventually("advisories for most events", || {
         let raw = &raw;
         async move {
@@ -995,7 +919,7 @@ async fn advisories_pending_over_a_server_restart_reach_the_running_process() {
 async fn advisories_of_a_consumer_that_is_no_listeners_do_not_stay_for_ever() {
     let server = NatsServer::start();
     let jetstream = connect_to(&server.url(), "shared").await;
-    let raw = raw(&server).await;
+    let raw = raw(&server.url()).await;
     let stream = raw.get_stream("SHARED").await.expect("the event stream");
     stream
         .create_consumer(PullConfig {
@@ -1086,7 +1010,7 @@ async fn an_event_handled_from_late_deliveries_is_no_dead_letter() {
         .expect("spawn");
     proxy.hold(true);
     publish_all(&publisher, 0..1).await;
-    let raw = raw(&server).await;
+    let raw = raw(&server.url()).await;
     eventually("the server giving the event up", || {
         let raw = &raw;
         async move {
@@ -1160,7 +1084,7 @@ async fn a_late_copy_of_a_taken_advisory_writes_no_second_letter() {
         .expect("spawn in the stalled process");
     proxy.hold(true);
     publish_all(&healthy, 0..1).await;
-    let raw = raw(&server).await;
+    let raw = raw(&server.url()).await;
     eventually("the advisory delivered into the stall", || {
         let raw = &raw;
         async move {

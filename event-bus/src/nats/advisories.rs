@@ -36,6 +36,10 @@ const MAX_DELIVERIES: &str = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES";
 /// limit of its own.
 pub(crate) const MAX_AGE: Duration = Duration::from_secs(30 * 24 * 60 * 60);
 
+/// How long at least an advisory waits after it came, for the deliveries
+/// that came with it to reach the listener's pump.
+const LATE_GRACE: Duration = Duration::from_millis(250);
+
 /// How long after a failed write (or read) an advisory comes back.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 
@@ -182,18 +186,32 @@ impl<E: Event> Advisories<E> {
             return;
         }
         // Deliveries that came late through a stalled connection may still
-        // be in this process's handler: wait out an `ack_wait` from the
-        // advisory (the advisory kept meanwhile), then leave alone an
-        // event this process handled.
+        // be on their way to this process's handler, or in it: wait out an
+        // `ack_wait` from the advisory (a moment at least from its coming
+        // here, for what came with it to reach the pump), and while the
+        // event is held here, then leave alone an event handled here.
         let grace = self.consumer_config.ack_wait;
         let age =
             Duration::try_from(time::OffsetDateTime::now_utc() - published).unwrap_or_default();
-        if let Some(wait) = grace.checked_sub(age).filter(|_| !self.is_done()) {
+        let wait = grace.saturating_sub(age).max(LATE_GRACE.min(grace));
+        if !self.is_done() {
             let _ = message.ack_with(AckKind::Progress).await;
             let mut done = self.done.clone();
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
                 _ = done.wait_for(|done| *done) => {}
+            }
+        }
+        let handled = &self.letters.handled;
+        let advisory = serde_json::from_slice::<MaxDeliveries>(&message.payload).ok();
+        if let Some(advisory) = advisory {
+            while handled.is_held(advisory.stream_seq) && !self.is_done() {
+                let _ = message.ack_with(AckKind::Progress).await;
+                let mut done = self.done.clone();
+                tokio::select! {
+                    () = handled.finished(grace / 3) => {}
+                    _ = done.wait_for(|done| *done) => {}
+                }
             }
         }
         let kind = match self.write(&message.payload).await {

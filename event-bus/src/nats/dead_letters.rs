@@ -106,25 +106,79 @@ fn header_bytes(headers: &HeaderMap) -> usize {
 /// How many of a listener's latest handled events its process remembers.
 const HANDLED_KEPT: usize = 65_536;
 
-/// The stream sequences of the events a listener handled lately in this
-/// process: those its consumer gave up on while their handling was late
-/// (the deliveries came through a stalled connection) are not its dead
-/// letters.
+/// The stream sequences of the events a listener (its group, every spawn
+/// of it in this process) handled lately here, and of those it holds now:
+/// those its consumer gave up on while their handling was late (the
+/// deliveries came through a stalled connection) are not its dead letters.
 #[derive(Clone, Default)]
-pub(crate) struct Handled(Arc<std::sync::Mutex<HandledSet>>);
+pub(crate) struct Handled(Arc<HandledState>);
+
+#[derive(Default)]
+struct HandledState {
+    sets: std::sync::Mutex<HandledSet>,
+    /// Woken when a held event is finished.
+    finished: tokio::sync::Notify,
+}
 
 #[derive(Default)]
 struct HandledSet {
     order: std::collections::VecDeque<u64>,
     set: std::collections::HashSet<u64>,
+    /// The events held here (handed to the runner, not finished), each
+    /// with how many deliveries of it are.
+    held: std::collections::HashMap<u64, usize>,
+}
+
+/// An event held here until dropped (its delivery finished or gone).
+pub(crate) struct Holding {
+    handled: Handled,
+    sequence: u64,
+}
+
+impl Drop for Holding {
+    fn drop(&mut self) {
+        {
+            let mut sets = self.handled.sets();
+            if let Some(count) = sets.held.get_mut(&self.sequence) {
+                *count -= 1;
+                if *count == 0 {
+                    sets.held.remove(&self.sequence);
+                }
+            }
+        }
+        self.handled.0.finished.notify_waiters();
+    }
 }
 
 impl Handled {
-    pub(crate) fn record(&self, sequence: u64) {
-        let mut handled = self
-            .0
+    fn sets(&self) -> std::sync::MutexGuard<'_, HandledSet> {
+        self.0
+            .sets
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Marks the event at `sequence` held until the guard is dropped.
+    pub(crate) fn hold(&self, sequence: u64) -> Holding {
+        *self.sets().held.entry(sequence).or_default() += 1;
+        Holding {
+            handled: self.clone(),
+            sequence,
+        }
+    }
+
+    /// Whether the event at `sequence` is held here now.
+    pub(crate) fn is_held(&self, sequence: u64) -> bool {
+        self.sets().held.contains_key(&sequence)
+    }
+
+    /// Waits until a held event is finished (or `timeout` passed).
+    pub(crate) async fn finished(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.0.finished.notified()).await;
+    }
+
+    pub(crate) fn record(&self, sequence: u64) {
+        let mut handled = self.sets();
         if handled.set.insert(sequence) {
             handled.order.push_back(sequence);
             if handled.order.len() > HANDLED_KEPT {
@@ -136,11 +190,7 @@ impl Handled {
     }
 
     pub(crate) fn contains(&self, sequence: u64) -> bool {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .set
-            .contains(&sequence)
+        self.sets().set.contains(&sequence)
     }
 }
 
@@ -400,20 +450,13 @@ impl DeadLetterStream {
             .await
             .map_err(|error| NatsError::request("read the dead-letter stream", error))?;
         let mut redriven = 0;
+        let max = self.context.client().server_info().max_payload;
         for letter in letters {
             let payload = match letter.dropped {
                 None => letter.payload.clone(),
                 Some(_) => self.event_of(&letter).await?,
             };
-            let mut headers = HeaderMap::new();
-            headers.insert(names::REDRIVE, letter.listener.as_str());
-            if let Some(traceparent) = &letter.traceparent {
-                headers.insert(names::TRACEPARENT, traceparent.as_str());
-            }
-            let message = PublishMessage::build()
-                .payload(payload)
-                .headers(headers)
-                .message_id(format!("redrive:{}:{}", self.stream, letter.sequence));
+            let message = redrive_message(&letter, payload, &self.stream, max)?;
             publish_acked(
                 &self.context,
                 Subject::from(letter.subject.as_str()),
@@ -462,5 +505,49 @@ impl DeadLetterStream {
             }
         }
         Ok(discarded)
+    }
+}
+
+/// The message that redrives `letter` with the event's `payload`: its
+/// listener named in [`names::REDRIVE`], its trace context, and a message
+/// id that has a retried redrive stored once. Under the server's
+/// `max_payload`, a long name gives way to its tag and then the message id
+/// goes; an event that leaves no room even so is [`NatsError::TooLarge`],
+/// and its letter stays.
+fn redrive_message<E>(
+    letter: &DeadMessage<E>,
+    payload: Bytes,
+    stream: &str,
+    max: usize,
+) -> Result<PublishMessage, NatsError> {
+    let mut headers = HeaderMap::new();
+    if let Some(traceparent) = &letter.traceparent {
+        headers.insert(names::TRACEPARENT, traceparent.as_str());
+    }
+    let id = format!("redrive:{stream}:{}", letter.sequence);
+    let id_bytes = "Nats-Msg-Id: \r\n".len() + id.len();
+    let tag = names::redrive_tag(&letter.listener);
+    let name = if payload.len()
+        + 12
+        + header_bytes(&headers)
+        + names::REDRIVE.len()
+        + 4
+        + letter.listener.len()
+        + id_bytes
+        <= max
+    {
+        letter.listener.as_str()
+    } else {
+        tag.as_str()
+    };
+    headers.insert(names::REDRIVE, name);
+    let size = payload.len() + 12 + header_bytes(&headers);
+    let message = PublishMessage::build().payload(payload).headers(headers);
+    if size + id_bytes <= max {
+        Ok(message.message_id(id))
+    } else if size <= max {
+        Ok(message)
+    } else {
+        Err(NatsError::TooLarge { size, max })
     }
 }

@@ -1,6 +1,7 @@
 //! [`JetStream`]: the distributed tier's handle on its streams, its
 //! publisher and this process's listeners.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -361,6 +362,9 @@ struct Shared {
     refused: AtomicU64,
     unpublished: Arc<AtomicU64>,
     listeners: Mutex<Vec<Spawned>>,
+    /// What each listener (by its group, every spawn of it here) handled
+    /// lately and holds now.
+    handled: Mutex<HashMap<Arc<str>, Handled>>,
 }
 
 /// The distributed tier on one NATS JetStream: the event stream, its
@@ -538,6 +542,7 @@ where
                 refused: AtomicU64::new(0),
                 unpublished,
                 listeners: Mutex::new(Vec::new()),
+                handled: Mutex::new(HashMap::new()),
             }),
             instance: format!("{:016x}", fastrand::u64(..)).into(),
             _event: std::marker::PhantomData,
@@ -804,7 +809,14 @@ where
             subject: Subject::from(self.shared.dead.subject_of(&key)),
             key: key.clone(),
             span: self.shared.span,
-            handled: Handled::default(),
+            handled: self
+                .shared
+                .handled
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(key.clone())
+                .or_default()
+                .clone(),
         };
         let advisor = match &self.shared.advisories {
             Some(advisories) => {
@@ -970,7 +982,11 @@ where
     /// # Errors
     ///
     /// [`NatsError::Request`] or [`NatsError::Publish`] if a letter could
-    /// not be read, published or removed: those redriven before it are.
+    /// not be read, published or removed: those redriven before it are;
+    /// [`NatsError::TooLarge`] for an event that, with the redrive's header
+    /// naming its listener, is over the server's `max_payload` (its letter
+    /// stays). A listener's name that leaves the event too little room is
+    /// sent as a hash of it, which its listener takes as its own.
     pub async fn redrive(&self, listener: &str, sequence: Option<u64>) -> Result<u64, NatsError> {
         let letters = self.letters_of(listener, sequence).await?;
         self.shared.dead.redrive(letters).await

@@ -70,8 +70,9 @@
 //!   keeps until a process of the listener takes it (at most 30 days, or
 //!   the event stream's `max_age`); that process writes the event's dead
 //!   letter (its attempts are the deliveries, its error names
-//!   `max_deliver`) an `ack_wait` after the advisory, unless it handled the
-//!   event itself meanwhile (a delivery that came late), and a shutdown
+//!   `max_deliver`) an `ack_wait` after the advisory and once the event
+//!   is no longer in a handler of its, unless it handled the event itself
+//!   (a delivery that came late), and a shutdown
 //!   writes those waiting for it before it returns (within its deadline).
 //!   Every event a listener's consumer is handed ends handled or in the
 //!   dead-letter stream; one handled late in another process of the group

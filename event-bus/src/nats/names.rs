@@ -41,6 +41,18 @@ pub(crate) fn token(name: &str) -> String {
     }
 }
 
+/// What a redrive names `listener` by when its name leaves the event too
+/// little room under the server's `max_payload`: `#` and a 64-bit hash of
+/// it, which the listener's pump takes as its name.
+pub(crate) fn redrive_tag(listener: &str) -> String {
+    let hash = listener
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+        });
+    format!("#{hash:016x}")
+}
+
 /// 32-bit FNV-1a: stable across builds and platforms, unlike std's hasher.
 fn fnv1a(bytes: &[u8]) -> u32 {
     bytes.iter().fold(0x811c_9dc5_u32, |hash, byte| {

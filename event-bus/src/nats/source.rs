@@ -21,7 +21,7 @@ use futures_util::stream::FuturesUnordered;
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, watch};
 
-use super::dead_letters::{Failure, Letters};
+use super::dead_letters::{Failure, Holding, Letters};
 use super::names;
 use crate::codec::JsonCodec;
 use crate::envelope::Envelope;
@@ -222,6 +222,9 @@ pub struct JetStreamDelivery<E> {
     letters: Arc<Letters>,
     ack_wait: Duration,
     held: Option<Held>,
+    /// Marks the event held here while the delivery lives (for the
+    /// listener's advisory task).
+    _holding: Holding,
     behind: Behind,
 }
 
@@ -671,6 +674,7 @@ impl<E: Event + DeserializeOwned> Pump<E> {
                     letters: Arc::clone(&self.letters),
                     ack_wait: self.config.ack_wait,
                     held: Some(held),
+                    _holding: self.letters.handled.hold(sequence),
                     behind: self.behind.clone(),
                 })
             }
@@ -725,7 +729,9 @@ pub(crate) fn is_for<E: Event>(
     headers: Option<&HeaderMap>,
 ) -> bool {
     if let Some(redriven) = headers.and_then(|headers| headers.get(names::REDRIVE)) {
-        return redriven.as_str() == key;
+        let redriven = redriven.as_str();
+        return redriven == key
+            || (redriven.starts_with('#') && redriven == names::redrive_tag(key));
     }
     let name = subject
         .strip_prefix(prefix)
