@@ -178,6 +178,14 @@ impl<E: Event> Advisories<E> {
             return;
         };
         let (sequence, published) = (info.stream_sequence, info.published);
+        let advisory: MaxDeliveries = match serde_json::from_slice(&message.payload) {
+            Ok(advisory) => advisory,
+            Err(error) => {
+                tracing::error!(listener = %self.letters.listener(), error = %error, "a max-deliveries advisory did not parse; dropped");
+                let _ = message.ack().await;
+                return;
+            }
+        };
         // A copy that came late (this process's connection stalled, and
         // another process took the advisory meanwhile): the work queue
         // removed the advisory when that one, its letter written, acked it.
@@ -203,18 +211,15 @@ impl<E: Event> Advisories<E> {
             }
         }
         let handled = &self.letters.handled;
-        let advisory = serde_json::from_slice::<MaxDeliveries>(&message.payload).ok();
-        if let Some(advisory) = advisory {
-            while handled.is_held(advisory.stream_seq) && !self.is_done() {
-                let _ = message.ack_with(AckKind::Progress).await;
-                let mut done = self.done.clone();
-                tokio::select! {
-                    () = handled.finished(grace / 3) => {}
-                    _ = done.wait_for(|done| *done) => {}
-                }
+        while handled.is_held(advisory.stream_seq) && !self.is_done() {
+            let _ = message.ack_with(AckKind::Progress).await;
+            let mut done = self.done.clone();
+            tokio::select! {
+                () = handled.finished(grace / 3) => {}
+                _ = done.wait_for(|done| *done) => {}
             }
         }
-        let kind = match self.write(&message.payload).await {
+        let kind = match self.write(&advisory).await {
             Ok(()) => AckKind::Ack,
             Err(()) => AckKind::Nak(Some(RETRY_DELAY)),
         };
@@ -236,15 +241,8 @@ impl<E: Event> Advisories<E> {
 
     /// `Err` if the advisory is to come back: the event could not be read
     /// or its letter not written.
-    async fn write(&self, advisory: &[u8]) -> Result<(), ()> {
+    async fn write(&self, advisory: &MaxDeliveries) -> Result<(), ()> {
         let listener = self.letters.listener();
-        let advisory: MaxDeliveries = match serde_json::from_slice(advisory) {
-            Ok(advisory) => advisory,
-            Err(error) => {
-                tracing::error!(listener = %listener, error = %error, "a max-deliveries advisory did not parse; dropped");
-                return Ok(());
-            }
-        };
         let sequence = advisory.stream_seq;
         if self.letters.handled.contains(sequence) {
             tracing::debug!(listener = %listener, sequence, "the server stopped delivering an event this process handled late; no dead letter");

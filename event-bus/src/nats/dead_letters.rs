@@ -90,17 +90,27 @@ const MIN_ERROR: usize = 256;
 /// Bytes a letter leaves below the server's `max_payload`.
 const LETTER_MARGIN: usize = 64;
 
-/// The bytes `headers` take in a message's header block, a line each.
+/// The header a message id is sent in.
+const MSG_ID: &str = "Nats-Msg-Id";
+
+/// The bytes of a message's header block around its lines: `NATS/1.0\r\n`
+/// before them and `\r\n` after.
+const HEADER_BLOCK: usize = "NATS/1.0\r\n\r\n".len();
+
+/// The bytes one header line `name: value\r\n` takes.
+fn line_bytes(name: &str, value: usize) -> usize {
+    name.len() + ": \r\n".len() + value
+}
+
+/// The bytes `headers` take in a message's header block, its lines and
+/// what is around them.
 fn header_bytes(headers: &HeaderMap) -> usize {
-    headers
-        .iter()
-        .map(|(name, values)| {
-            values
-                .iter()
-                .map(|value| AsRef::<[u8]>::as_ref(name).len() + value.as_str().len() + 4)
-                .sum::<usize>()
-        })
-        .sum()
+    HEADER_BLOCK
+        + headers
+            .iter()
+            .flat_map(|(name, values)| values.iter().map(move |value| (name, value)))
+            .map(|(name, value)| line_bytes(name.as_ref(), value.as_str().len()))
+            .sum::<usize>()
 }
 
 /// How many of a listener's latest handled events its process remembers.
@@ -246,14 +256,13 @@ impl Letters {
             .map_or(0, |since| since.as_millis());
         headers.insert(names::FAILED_AT, failed_at.to_string());
         let id = format!("{}:{}", failure.sequence, self.key);
-        // What the letter takes besides its payload and error: the header
-        // block ("NATS/1.0\r\n", a line per header, "\r\n"), its message
-        // id and error and a dropped size among them, and a margin.
-        let fixed = 12
-            + header_bytes(&headers)
-            + "Nats-Msg-Id: \r\n".len()
-            + id.len()
-            + format!("{}: \r\n{}: {}\r\n", names::ERROR, names::DROPPED, u64::MAX).len()
+        // What the letter takes besides its payload and error: its header
+        // block, with its message id, its error and a dropped size among
+        // them, and a margin.
+        let fixed = header_bytes(&headers)
+            + line_bytes(MSG_ID, id.len())
+            + line_bytes(names::ERROR, 0)
+            + line_bytes(names::DROPPED, u64::MAX.to_string().len())
             + LETTER_MARGIN;
         let room = max.saturating_sub(fixed);
         let mut payload = failure.payload;
@@ -525,14 +534,11 @@ fn redrive_message<E>(
         headers.insert(names::TRACEPARENT, traceparent.as_str());
     }
     let id = format!("redrive:{stream}:{}", letter.sequence);
-    let id_bytes = "Nats-Msg-Id: \r\n".len() + id.len();
+    let id_bytes = line_bytes(MSG_ID, id.len());
     let tag = names::redrive_tag(&letter.listener);
     let name = if payload.len()
-        + 12
         + header_bytes(&headers)
-        + names::REDRIVE.len()
-        + 4
-        + letter.listener.len()
+        + line_bytes(names::REDRIVE, letter.listener.len())
         + id_bytes
         <= max
     {
@@ -541,7 +547,7 @@ fn redrive_message<E>(
         tag.as_str()
     };
     headers.insert(names::REDRIVE, name);
-    let size = payload.len() + 12 + header_bytes(&headers);
+    let size = payload.len() + header_bytes(&headers);
     let message = PublishMessage::build().payload(payload).headers(headers);
     if size + id_bytes <= max {
         Ok(message.message_id(id))
