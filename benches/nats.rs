@@ -431,11 +431,14 @@ async fn publish_pipelined(bed: &Bed) -> String {
 #[derive(Default)]
 struct Tally {
     counted: AtomicU64,
+    /// Handler calls.
+    calls: AtomicU64,
     done: Mutex<Option<Instant>>,
 }
 
 impl Tally {
     fn add(&self, events: u64) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
         if self.counted.fetch_add(events, Ordering::Relaxed) + events == CONSUMED as u64 {
             *self.done.lock().unwrap() = Some(Instant::now());
         }
@@ -494,7 +497,9 @@ impl Shape {
 }
 
 async fn consume(bed: &Bed, first: u64, shape: Shape) -> String {
-    rounds(
+    // Events per handler call, each round's.
+    let sizes = &Mutex::new(Vec::new());
+    let row = rounds(
         shape.name(),
         |round| async move {
             let tally = Arc::<Tally>::default();
@@ -520,6 +525,8 @@ async fn consume(bed: &Bed, first: u64, shape: Shape) -> String {
                 }
             };
             let elapsed = tally.done().await - started;
+            let calls = tally.calls.load(Ordering::Relaxed).max(1);
+            sizes.lock().unwrap().push(CONSUMED as f64 / calls as f64);
             handle.abort();
             handle.finished().await;
             let _ = bed.stream.delete_consumer(&group).await;
@@ -581,7 +588,14 @@ async fn consume(bed: &Bed, first: u64, shape: Shape) -> String {
             (read, elapsed)
         },
     )
-    .await
+    .await;
+    if let Shape::Batch = shape {
+        let size = median(sizes.lock().unwrap().clone());
+        println!(
+            "    the tier's batch listener: {size:.1} events per batch (median of the rounds)"
+        );
+    }
+    row
 }
 
 /// A durable pull consumer as the tier makes one for a listener.

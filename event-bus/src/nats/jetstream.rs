@@ -1045,15 +1045,18 @@ where
         for Spawned {
             core,
             held,
-            task,
+            mut task,
             pump,
             advisor,
         } in spawned
         {
-            let abort = task.abort_handle();
-            if tokio::time::timeout_at(until, task).await.is_err() {
+            if tokio::time::timeout_at(until, &mut task).await.is_err() {
                 core.cancel();
-                abort.abort();
+                task.abort();
+                // Until it has ended: a runner in the middle of a poll on
+                // another thread could still take and finish an event
+                // after the count below.
+                let _ = tokio::time::timeout(FINISH_GRACE, task).await;
             }
             pump.abort();
             // The advisories waiting for it are written, within the

@@ -16,8 +16,8 @@ use async_nats::jetstream::consumer::pull::{Config as PullConfig, MessagesErrorK
 use async_nats::jetstream::message::AckKind;
 use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
-use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, watch};
 
@@ -53,11 +53,67 @@ const UNWRITTEN_DELAY: Duration = Duration::from_secs(1);
 
 type Item<E> = Result<JetStreamDelivery<E>, Undecodable>;
 
-/// What one listener's messages reach the server through: the client, and
-/// its acker (see [`acker`]). Shared by the listener's replies.
+/// What one listener's messages reach the server through: the client, its
+/// acks sent and not yet confirmed, and its acker (see [`acker`]). Shared
+/// by the listener's replies.
 struct Link {
     client: async_nats::Client,
+    sent: Arc<Sent>,
+    /// For an ack that could not be sent at once.
     acks: mpsc::UnboundedSender<(Subject, Option<Held>)>,
+}
+
+/// A listener's acks sent and not yet confirmed, which its acker confirms
+/// together (see [`acker`]).
+#[derive(Default)]
+struct Sent {
+    unconfirmed: Mutex<Unconfirmed>,
+    /// Woken by the first ack after a confirmation, and when
+    /// [`ACK_BATCH`] wait.
+    wake: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct Unconfirmed {
+    /// The last ack's subject: the confirmation is asked for on it.
+    last: Option<Subject>,
+    /// What each ack holds.
+    helds: Vec<Option<Held>>,
+}
+
+impl Sent {
+    /// Records an ack on `subject`, sent: it is confirmed with the others.
+    fn push(&self, subject: Subject, held: Option<Held>) {
+        let waiting = {
+            let mut unconfirmed = self
+                .unconfirmed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            unconfirmed.last = Some(subject);
+            unconfirmed.helds.push(held);
+            unconfirmed.helds.len()
+        };
+        if waiting == 1 || waiting >= ACK_BATCH {
+            self.wake.notify_one();
+        }
+    }
+
+    fn waiting(&self) -> usize {
+        self.unconfirmed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .helds
+            .len()
+    }
+
+    fn take(&self) -> Unconfirmed {
+        std::mem::take(
+            &mut *self
+                .unconfirmed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
+    }
 }
 
 /// How to reach one message on the server: the listener's link and the
@@ -87,10 +143,22 @@ impl Reply {
         confirm(&self.link.client, self.subject.clone(), kind).await
     }
 
-    /// Hands the ack to the listener's acker, which sends it and releases
-    /// `held` once the server confirmed it. Never waits.
+    /// Sends the ack if the client takes it at once, else hands it to the
+    /// listener's acker to send; the acker releases `held` once the server
+    /// confirmed it. Never waits: a runner stopped after this has acked.
     fn ack(self, held: Option<Held>) {
-        if self.link.acks.send((self.subject, held)).is_err() {
+        let link = &self.link;
+        let send = link
+            .client
+            .publish(self.subject.clone(), Bytes::from(AckKind::Ack));
+        // Polled once: sent, or not begun (the client's queue is full, or
+        // the task's budget spent) and dropped.
+        if let Some(sent) = send.now_or_never() {
+            if let Err(error) = sent {
+                tracing::debug!(error = %error, "could not send an acknowledgement; the message will be delivered again");
+            }
+            link.sent.push(self.subject, held);
+        } else if link.acks.send((self.subject, held)).is_err() {
             // Only once the runtime is going away: the message is then
             // delivered again, after its `ack_wait`.
             tracing::debug!(
@@ -132,50 +200,81 @@ async fn confirm(client: &async_nats::Client, subject: Subject, kind: AckKind) -
     }
 }
 
-/// Sends the acks of one listener's deliveries, and releases their `held`
-/// once the server has applied them (or did not confirm it in time: the
+/// How long an ack may go unconfirmed: the acks sent since the last
+/// confirmation are confirmed together at the latest this long after the
+/// first of them.
+const CONFIRM_AFTER: Duration = Duration::from_millis(50);
+
+/// Sends the acks of one listener's deliveries that could not be sent at
+/// once, and has the server confirm the listener's acks, releasing their
+/// `held` once it has applied them (or did not confirm it in time: the
 /// messages are then delivered again).
 ///
-/// What came at once goes out at once, in one write: plain acks, the last
-/// of them one the server confirms (`AckAck`). A consumer's acks are
-/// applied in the order they come, each confirmation after its ack, so
-/// that one confirmation covers the acks sent before it: one reply per
-/// batch rather than per ack, which, with a task per ack, cost the client
-/// and the server more than the acks. The confirmations are awaited
-/// together, while later acks go out. Ends once every delivery and the
-/// pump are gone and the last acks are confirmed.
+/// The server confirms a request (`AckAck`) on an ack subject once it has
+/// applied it, even one already acked, and applies a consumer's acks in
+/// the order they come: so that one confirmation, asked for after them
+/// (the client sends in order), covers the acks before it. It is asked for
+/// on the last ack sent, once [`ACK_BATCH`] acks wait for one, or
+/// [`CONFIRM_AFTER`] after the first of them, or at once while the tier
+/// drains and once the listener's acks end: a reply per batch or per
+/// moment rather than per ack, which at a concurrency of one (every ack
+/// the last of its batch) cost the server a reply and the client two
+/// wake-ups per event. The confirmations are awaited together, while later
+/// acks go out. Ends once every delivery and the pump are gone and the
+/// last acks are confirmed.
 async fn acker(
     client: async_nats::Client,
+    sent: Arc<Sent>,
     mut acks: mpsc::UnboundedReceiver<(Subject, Option<Held>)>,
+    closing: watch::Receiver<bool>,
 ) {
     let client = &client;
     let mut batch = Vec::with_capacity(ACK_BATCH);
+    // Armed while acks wait for a confirmation.
+    let timer = tokio::time::sleep(CONFIRM_AFTER);
+    tokio::pin!(timer);
+    let mut armed = false;
     let mut confirming = FuturesUnordered::new();
     let mut open = true;
     loop {
-        tokio::select! {
+        let confirm_now = tokio::select! {
             received = acks.recv_many(&mut batch, ACK_BATCH), if open => {
                 if received == 0 {
+                    // Every reply is gone: nothing is sent after this.
                     open = false;
                 }
-                let Some((last, last_held)) = batch.pop() else { continue };
-                let mut helds = Vec::with_capacity(batch.len() + 1);
-                helds.push(last_held);
                 for (subject, held) in batch.drain(..) {
-                    if let Err(error) = client.publish(subject, Bytes::from(AckKind::Ack)).await {
+                    if let Err(error) = client.publish(subject.clone(), Bytes::from(AckKind::Ack)).await {
                         tracing::debug!(error = %error, "could not send an acknowledgement; the message will be delivered again");
                     }
-                    helds.push(held);
+                    sent.push(subject, held);
                 }
+                !open
+            }
+            () = sent.wake.notified(), if open => {
+                sent.waiting() >= ACK_BATCH || *closing.borrow()
+            }
+            () = &mut timer, if armed => true,
+            Some(()) = confirming.next() => false,
+            else => return,
+        };
+        if confirm_now {
+            armed = false;
+            let Unconfirmed { last, helds } = sent.take();
+            if let Some(last) = last {
                 // Sent when first polled, by the next `confirming.next()`:
-                // after the acks above, which the client sends in order.
+                // after the acks it covers, which were sent before they
+                // were recorded.
                 confirming.push(async move {
                     confirm(client, last, AckKind::Ack).await;
                     drop(helds);
                 });
             }
-            Some(()) = confirming.next() => {}
-            else => return,
+        } else if !armed && sent.waiting() > 0 {
+            timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + CONFIRM_AFTER);
+            armed = true;
         }
     }
 }
@@ -267,11 +366,11 @@ impl<E: Event> Delivery<E> for JetStreamDelivery<E> {
 
     async fn ack(mut self) {
         if let Some(reply) = self.reply.take() {
-            // Handed to the acker's task, and not waited for: the runner
-            // counts the event handled before it acks, so a listener
-            // stopped between two acks of a batch must not take back the
-            // second. The shutdown waits until the server has them
-            // (`held`).
+            // Sent or handed to the acker's task, never waited for: the
+            // runner counts the event handled before it acks, so a
+            // listener stopped between two acks of a batch must not take
+            // back the second. The shutdown waits until the server has
+            // applied them (`held`).
             self.letters.handled.record(self.raw.sequence);
             reply.ack(self.held.take());
         }
@@ -460,8 +559,14 @@ pub(crate) fn pump<E: Event>(
 ) -> (Pump<E>, ConsumerSource<E>) {
     let (pulled_tx, pulled) = mpsc::channel(config.batch.max(1));
     let (acks, finished) = mpsc::unbounded_channel();
-    tokio::spawn(acker(client.clone(), finished));
-    let link = Arc::new(Link { client, acks });
+    let sent = Arc::<Sent>::default();
+    tokio::spawn(acker(
+        client.clone(),
+        sent.clone(),
+        finished,
+        closing.clone(),
+    ));
+    let link = Arc::new(Link { client, sent, acks });
     let waiting = Waiting::default();
     let pump = Pump {
         link,
