@@ -32,7 +32,9 @@
 //!   shapes: concurrency 1 (`max_ack_pending` 1: a round trip per event,
 //!   in stream order), concurrency 16 (16), and a batch listener of
 //!   `max_batch` 100 (100; the raw loop pulls batches of 100 with
-//!   `consumer.batch()` and acks each message).
+//!   `consumer.batch()` and acks each message); for the batch listener
+//!   it also prints how many events its batches held (the median of the
+//!   rounds' means).
 //! - **latency**: from the publish call to the start of the handler,
 //!   p50/p99 over [`LATENCY_SAMPLES`] events published one at a time, each
 //!   once the previous was handled: the tier's `emit_*` helper to a
