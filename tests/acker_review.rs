@@ -123,14 +123,12 @@ async fn handled_then_shut_down(recorder: Recorder, events: u64) {
     let name = recorder.name;
     let server = NatsServer::start();
     let jetstream = connect_to(&server.url(), name).await;
-    let handle = jetstream
-        .spawn_with(
-            recorder.clone(),
-            ListenerOptions::new().concurrency(16),
-            Distributed::new().start(Start::Beginning),
-        )
-        .await
-        .expect("spawn");
+    let handle = from_the_start(
+        &jetstream,
+        &recorder,
+        ListenerOptions::new().concurrency(16),
+    )
+    .await;
     publish_all(&jetstream, 0..events).await;
     eventually("every event handled", || {
         let handled = recorder.handled().len();
@@ -638,6 +636,23 @@ async fn a_confirmation_on_an_acked_message_covers_the_acks_before_it() {
 // (after 256 acks, 50 ms, at once while draining, or when the listener's
 // acks end).
 
+/// Spawns `recorder` with `options`, its consumer starting at the
+/// stream's first event.
+async fn from_the_start(
+    jetstream: &JetStream<Work>,
+    recorder: &Recorder,
+    options: ListenerOptions,
+) -> JetStreamListener {
+    jetstream
+        .spawn_with(
+            recorder.clone(),
+            options,
+            Distributed::new().start(Start::Beginning),
+        )
+        .await
+        .expect("spawn")
+}
+
 /// Waits until `first` and `next` together handled every one of `events`.
 async fn handled_between(first: &Recorder, next: &Recorder, events: u64) {
     eventually("every event handled once at least", || {
@@ -698,14 +713,7 @@ async fn short_bursts_then_an_immediate_shutdown_leave_nothing_out() {
     let server = NatsServer::start();
     let jetstream = connect_to(&server.url(), "bursts").await;
     let recorder = Recorder::new("bursts", true);
-    let handle = jetstream
-        .spawn_with(
-            recorder.clone(),
-            ListenerOptions::new(),
-            Distributed::new().start(Start::Beginning),
-        )
-        .await
-        .expect("spawn");
+    let handle = from_the_start(&jetstream, &recorder, ListenerOptions::new()).await;
     let mut next = 0;
     for burst in 0..40u64 {
         let size = burst % 7 + 1;
@@ -733,14 +741,7 @@ async fn a_shutdown_right_after_one_ack_leaves_nothing_out() {
         let server = NatsServer::start();
         let jetstream = connect_to(&server.url(), "single").await;
         let recorder = Recorder::new("single", true);
-        let handle = jetstream
-            .spawn_with(
-                recorder.clone(),
-                ListenerOptions::new(),
-                Distributed::new().start(Start::Beginning),
-            )
-            .await
-            .expect("spawn");
+        let handle = from_the_start(&jetstream, &recorder, ListenerOptions::new()).await;
         publish_all(&jetstream, round..round + 1).await;
         eventually("the event handled", || {
             let handled = recorder.handled().len();
@@ -988,14 +989,12 @@ async fn a_drain_under_load_acks_its_in_flight_work() {
     let jetstream = connect_to(&server.url(), "underload").await;
     publish_all(&jetstream, 0..EVENTS).await;
     let recorder = Recorder::eager("underload");
-    let handle = jetstream
-        .spawn_with(
-            recorder.clone(),
-            ListenerOptions::new().concurrency(16),
-            Distributed::new().start(Start::Beginning),
-        )
-        .await
-        .expect("spawn");
+    let handle = from_the_start(
+        &jetstream,
+        &recorder,
+        ListenerOptions::new().concurrency(16),
+    )
+    .await;
     eventually("some handled", || {
         let handled = recorder.handled().len();
         async move { handled >= 500 }
