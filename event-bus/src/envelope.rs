@@ -4,7 +4,7 @@
 use std::fmt;
 use std::ops::Deref;
 use std::sync::OnceLock;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tracing::Span;
 use uuid::Uuid;
@@ -65,7 +65,7 @@ impl<E: Event> Envelope<E> {
         Self {
             event,
             metadata: Metadata {
-                id: uuid_v7(wall_clock(emitted)),
+                id: uuid_v7(unix_millis(emitted)),
                 sequence: 0,
                 emitted,
                 given: None,
@@ -385,8 +385,46 @@ impl fmt::Debug for Metadata {
 /// The process-wide anchor that relates the two clocks: both read once, at
 /// the first call.
 fn anchor() -> (Instant, SystemTime) {
-    static ANCHOR: OnceLock<(Instant, SystemTime)> = OnceLock::new();
-    *ANCHOR.get_or_init(|| (Instant::now(), SystemTime::now()))
+    let Anchor {
+        instant, system, ..
+    } = anchored();
+    (instant, system)
+}
+
+/// Both clocks, read once, and the wall-clock reading as time since the
+/// Unix epoch (zero for a clock set before it), for the ids.
+#[derive(Clone, Copy)]
+struct Anchor {
+    instant: Instant,
+    system: SystemTime,
+    unix: Duration,
+}
+
+fn anchored() -> Anchor {
+    static ANCHOR: OnceLock<Anchor> = OnceLock::new();
+    *ANCHOR.get_or_init(|| {
+        let (instant, system) = (Instant::now(), SystemTime::now());
+        let unix = system
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        Anchor {
+            instant,
+            system,
+            unix,
+        }
+    })
+}
+
+/// The Unix millisecond of the monotonic instant `at`, through the anchor:
+/// one subtraction of instants, where going through [`wall_clock`] and
+/// the epoch took two more of the emit's instructions (about 60).
+fn unix_millis(at: Instant) -> u64 {
+    let Anchor { instant, unix, .. } = anchored();
+    let since_epoch = match at.checked_duration_since(instant) {
+        Some(after) => unix.saturating_add(after),
+        None => unix.saturating_sub(instant.saturating_duration_since(at)),
+    };
+    u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// The monotonic instant of the wall-clock time `at`, through the anchor;
@@ -409,16 +447,13 @@ fn wall_clock(at: Instant) -> SystemTime {
     }
 }
 
-/// A UUID v7 for an event emitted at `at`: its millisecond in the first 48
-/// bits, then 74 random bits from a thread-local generator.
+/// A UUID v7 for an event emitted at the Unix millisecond `millis`: it in
+/// the first 48 bits, then 74 random bits from a thread-local generator.
 ///
 /// `Uuid::now_v7` would take a process-wide lock and make a `getrandom`
 /// system call per event, which costs more than the rest of an emit; the
 /// bus's sequence number already orders events within a millisecond.
-fn uuid_v7(at: SystemTime) -> Uuid {
-    let millis = at
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |since| since.as_millis() as u64);
+fn uuid_v7(millis: u64) -> Uuid {
     let mut random = [0; 10];
     fastrand::fill(&mut random);
     uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid()
@@ -434,7 +469,6 @@ impl<E> Deref for Envelope<E> {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
 
     use super::*;
 
@@ -494,6 +528,27 @@ mod tests {
         assert_eq!(rebuilt.metadata(), &metadata);
         assert_eq!((rebuilt.id(), rebuilt.sequence()), (id, 5));
         assert_eq!(rebuilt.traceparent(), None);
+    }
+
+    #[test]
+    fn an_id_carries_the_millisecond_of_its_emit_time() {
+        let envelope = Envelope::new(Ping(0));
+        let at = envelope
+            .emitted_at()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap();
+        let (seconds, nanos) = envelope.id().get_timestamp().expect("a v7 id").to_unix();
+        let millis = u128::from(seconds) * 1_000 + u128::from(nanos / 1_000_000);
+        assert_eq!(millis, at.as_millis());
+        // An instant before the anchor, as through the wall clock.
+        let before = anchored().instant.checked_sub(Duration::from_secs(3));
+        if let Some(before) = before {
+            let through_wall_clock = wall_clock(before)
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_millis();
+            assert_eq!(u128::from(unix_millis(before)), through_wall_clock);
+        }
     }
 
     #[test]
