@@ -417,7 +417,7 @@ fn anchored() -> Anchor {
 
 /// The Unix millisecond of the monotonic instant `at`, through the anchor:
 /// one subtraction of instants, where going through [`wall_clock`] and
-/// the epoch took two more of the emit's instructions (about 60).
+/// then the epoch took two (about 60 instructions more per emit).
 fn unix_millis(at: Instant) -> u64 {
     let Anchor { instant, unix, .. } = anchored();
     let since_epoch = match at.checked_duration_since(instant) {
@@ -469,7 +469,6 @@ impl<E> Deref for Envelope<E> {
 
 #[cfg(test)]
 mod tests {
-
     use super::*;
 
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
