@@ -819,8 +819,9 @@ pub(crate) struct WakeList {
 }
 
 impl WakeList {
-    /// Small, because the list is made and dropped on every emit; a fan-out
-    /// to more parked consumers than this wakes them in groups.
+    /// Small, because the list is made and dropped on every emit that wakes
+    /// a consumer; a fan-out to more parked consumers than this wakes them
+    /// in groups.
     const CAPACITY: usize = 8;
 
     pub(crate) fn new() -> Self {

@@ -150,7 +150,9 @@ impl<E: Event> Shared<E> {
         mut envelope: Arc<Envelope<E>>,
         reserved: &[Reservation<E>],
     ) {
-        let mut wakers = WakeList::new();
+        // Made at the first waker: most emits find their consumers awake,
+        // and dropping an empty list still checks each of its slots.
+        let mut wakers: Option<WakeList> = None;
         router.emitted[kind] += 1;
         self.export.emitted(kind);
         router.sequence += 1;
@@ -164,11 +166,13 @@ impl<E: Event> Shared<E> {
         for queue in &router.routes[kind] {
             let holds_room = reserved.iter().any(|r| r.take(queue.id));
             if let Some(waker) = queue.push(envelope.clone(), holds_room, &mut evicted) {
-                wakers.push(waker);
+                wakers.get_or_insert_with(WakeList::new).push(waker);
             }
         }
         drop(router);
-        wakers.wake_all();
+        if let Some(mut wakers) = wakers {
+            wakers.wake_all();
+        }
         drop(evicted);
     }
 
