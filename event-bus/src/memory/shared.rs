@@ -150,8 +150,9 @@ impl<E: Event> Shared<E> {
         mut envelope: Arc<Envelope<E>>,
         reserved: &[Reservation<E>],
     ) {
-        // Made at the first waker: most emits find their consumers awake,
-        // and dropping an empty list still checks each of its slots.
+        // Made at the first waker: an emit whose consumers are awake wakes
+        // nobody, and an empty list still cost its making and, at its
+        // drop, a check of each of its slots.
         let mut wakers: Option<WakeList> = None;
         router.emitted[kind] += 1;
         self.export.emitted(kind);
