@@ -383,16 +383,8 @@ impl fmt::Debug for Metadata {
 }
 
 /// The process-wide anchor that relates the two clocks: both read once, at
-/// the first call.
-fn anchor() -> (Instant, SystemTime) {
-    let Anchor {
-        instant, system, ..
-    } = anchored();
-    (instant, system)
-}
-
-/// Both clocks, read once, and the wall-clock reading as time since the
-/// Unix epoch (zero for a clock set before it), for the ids.
+/// the first call, and the wall-clock reading also as time since the Unix
+/// epoch (zero for a clock set before it), for the ids.
 #[derive(Clone, Copy)]
 struct Anchor {
     instant: Instant,
@@ -400,7 +392,7 @@ struct Anchor {
     unix: Duration,
 }
 
-fn anchored() -> Anchor {
+fn anchor() -> Anchor {
     static ANCHOR: OnceLock<Anchor> = OnceLock::new();
     *ANCHOR.get_or_init(|| {
         let (instant, system) = (Instant::now(), SystemTime::now());
@@ -419,7 +411,7 @@ fn anchored() -> Anchor {
 /// one subtraction of instants, where going through [`wall_clock`] and
 /// then the epoch took two (about 60 instructions more per emit).
 fn unix_millis(at: Instant) -> u64 {
-    let Anchor { instant, unix, .. } = anchored();
+    let Anchor { instant, unix, .. } = anchor();
     let since_epoch = match at.checked_duration_since(instant) {
         Some(after) => unix.saturating_add(after),
         None => unix.saturating_sub(instant.saturating_duration_since(at)),
@@ -430,7 +422,9 @@ fn unix_millis(at: Instant) -> u64 {
 /// The monotonic instant of the wall-clock time `at`, through the anchor;
 /// the anchor's instant when the monotonic clock cannot represent it.
 fn monotonic(at: SystemTime) -> Instant {
-    let (instant, system) = anchor();
+    let Anchor {
+        instant, system, ..
+    } = anchor();
     match at.duration_since(system) {
         Ok(after) => instant.checked_add(after),
         Err(before) => instant.checked_sub(before.duration()),
@@ -440,15 +434,18 @@ fn monotonic(at: SystemTime) -> Instant {
 
 /// The wall-clock time of the monotonic instant `at`, through the anchor.
 fn wall_clock(at: Instant) -> SystemTime {
-    let (instant, system) = anchor();
+    let Anchor {
+        instant, system, ..
+    } = anchor();
     match at.checked_duration_since(instant) {
         Some(after) => system + after,
         None => system - instant.saturating_duration_since(at),
     }
 }
 
-/// A UUID v7 for an event emitted at the Unix millisecond `millis`: it in
-/// the first 48 bits, then 74 random bits from a thread-local generator.
+/// A UUID v7 for an event emitted at the Unix millisecond `millis`: the
+/// millisecond in the first 48 bits, then 74 random bits from a
+/// thread-local generator.
 ///
 /// `Uuid::now_v7` would take a process-wide lock and make a `getrandom`
 /// system call per event, which costs more than the rest of an emit; the
@@ -540,7 +537,7 @@ mod tests {
         let millis = u128::from(seconds) * 1_000 + u128::from(nanos / 1_000_000);
         assert_eq!(millis, at.as_millis());
         // An instant before the anchor, as through the wall clock.
-        let before = anchored().instant.checked_sub(Duration::from_secs(3));
+        let before = anchor().instant.checked_sub(Duration::from_secs(3));
         if let Some(before) = before {
             let through_wall_clock = wall_clock(before)
                 .duration_since(SystemTime::UNIX_EPOCH)
